@@ -1,0 +1,17 @@
+"""rankdial: low-rank adaptation (LoRA, QLoRA) you can see and trust, in Hugging Face PEFT's file format."""
+
+from .adapters import convert_bin_adapter, load_adapter, read_adapter_config, save_adapter
+from .config import LoraConfig
+from .errors import AdapterError, AdapterFileError, ConfigError, MergeError, RankdialError, TargetError
+from .lora import (LoraLayer, active_adapters, adapter_names, delete_adapter, disabled, inject, merge, merge_and_unload,
+                   set_active, trainable_parameters, unmerge)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "LoraLayer",
+    "inject", "trainable_parameters", "set_active", "active_adapters", "adapter_names", "delete_adapter",
+    "disabled", "merge", "unmerge", "merge_and_unload",
+    "save_adapter", "load_adapter", "read_adapter_config", "convert_bin_adapter",
+    "RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError",
+]

@@ -1,0 +1,183 @@
+"""Save and load adapter folders in Hugging Face PEFT's format, atomically and with every check up front.
+
+Loading reads only JSON and safetensors, so it never executes code from a file; a pickle
+`adapter_model.bin` is refused unless the caller opts in (then read with torch.load(weights_only=True)).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import LoraConfig
+from ..errors import AdapterError, AdapterFileError
+from ..files import atomic_dir
+from ..lora.inject import Plan, adapter_configs, apply_plan, check_adapter_name, plan_targets
+from ..lora.layer import LoraLayer
+from ..lora.model import active_adapters, adapter_names, lora_layers
+from ..lora.modules_to_save import ModulesToSave
+from .peft_format import (CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, config_from_peft, config_to_peft,
+                          lora_key, saved_key)
+
+
+def _pick_adapter(model: nn.Module, adapter: str | None) -> str:
+    names = adapter_names(model)
+    if adapter is None:
+        active = active_adapters(model)
+        adapter = active[0] if len(active) == 1 else ("default" if "default" in names else None)
+        if adapter is None:
+            raise AdapterError(f"say which adapter to save: this model has {names or 'none'}")
+    if adapter not in names:
+        raise AdapterError(f"unknown adapter {adapter!r}; this model has {names or 'no adapters (inject() one first)'}")
+    return adapter
+
+
+def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter` under PEFT's file keys (copies on CPU, contiguous)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            out[lora_key(path, "A")] = module.lora_A[adapter].weight
+            out[lora_key(path, "B")] = module.lora_B[adapter].weight
+        elif isinstance(module, ModulesToSave) and adapter in module.modules_to_save:
+            for param, tensor in module.modules_to_save[adapter].state_dict().items():
+                out[saved_key(path, param)] = tensor
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None) -> Path:
+    """Write `adapter` (default: the active one) to folder `path` as adapter_config.json + adapter_model.safetensors.
+
+    The folder is written beside the target and renamed into place, so an existing adapter at `path` is
+    replaced whole or not at all.
+    """
+    adapter = _pick_adapter(model, adapter)
+    tensors = adapter_state_dict(model, adapter)
+    bad = _non_finite(tensors)
+    if bad:
+        raise AdapterFileError(f"adapter {adapter!r} holds NaN/Inf in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                               "not saving it. The training diverged: lower the learning rate or resume from a good checkpoint")
+    paths = [p for p, layer in lora_layers(model) if adapter in layer.lora_A]
+    config = config_to_peft(model, adapter_configs(model)[adapter], paths)
+    with atomic_dir(path, marker=CONFIG_NAME) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def read_adapter_config(path: str | Path) -> LoraConfig:
+    """The LoraConfig stored in an adapter folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterFileError(f"adapter folder {folder} does not exist or is not a folder; "
+                               "pass the folder that holds adapter_config.json")
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        raise AdapterFileError(f"{folder} has no {CONFIG_NAME} (it holds {sorted(p.name for p in folder.iterdir())}); "
+                               "is this an adapter folder?")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{file} is not valid JSON ({err}); restore it or save the adapter again") from err
+    return config_from_peft(data, str(file))
+
+
+def read_adapter_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder, from safetensors (or, only if allowed, a weights-only pickle)."""
+    folder = Path(path)
+    file = folder / WEIGHTS_NAME
+    if file.is_file():
+        try:
+            return load_file(str(file))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterFileError(f"{file} is truncated or corrupt ({err}); save the adapter again or restore "
+                                   "it from a copy") from err
+    pickled = folder / PICKLE_WEIGHTS_NAME
+    if pickled.is_file() and not allow_pickle:
+        raise AdapterFileError(
+            f"{pickled} is a pickle file, which can run code when loaded, so rankdial refuses it. Convert it once "
+            f"with `rankdial convert-bin {folder}` (it reads tensors only, with torch.load(weights_only=True)), "
+            "or pass allow_pickle=True")
+    if pickled.is_file():
+        try:
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a bad pickle; all mean the same to the user
+            raise AdapterFileError(f"{pickled} could not be read as tensors ({err})") from err
+    raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME} (it holds {sorted(p.name for p in folder.iterdir())})")
+
+
+def expected_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
+    """Every file key an adapter with this plan must have, with its shape."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in plan.targets:
+        shapes[lora_key(t.path, "A")] = (t.r, t.d_in)
+        shapes[lora_key(t.path, "B")] = (t.d_out, t.r)
+    for path in plan.saved:
+        module = model.get_submodule(path)
+        original = module.original_module if isinstance(module, ModulesToSave) else module
+        shapes.update({saved_key(path, k): tuple(v.shape) for k, v in original.state_dict().items()})
+    return shapes
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise one AdapterFileError listing every missing key, unexpected key, wrong shape and non-finite tensor."""
+    problems = []
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    for key in sorted(set(shapes) & set(tensors)):
+        if tuple(tensors[key].shape) != shapes[key]:
+            problems.append(f"{key}: the file has shape {list(tensors[key].shape)}, the model needs {list(shapes[key])}")
+    bad = _non_finite(tensors)
+    if bad:
+        problems.append(f"NaN/Inf values in {bad}")
+    if problems:
+        raise AdapterFileError(f"{source} does not fit this model (is it for another base model?):\n  - "
+                               + "\n  - ".join(problems))
+
+
+def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", trainable: bool = False,
+                 allow_pickle: bool = False) -> LoraConfig:
+    """Inject the adapter saved at `path` into `model` under the name `adapter` and load its weights.
+
+    Every check (name, config, file integrity, keys, shapes, NaN/Inf) runs before the model is touched.
+    The first adapter of a model becomes active; use set_active() for later ones.
+    """
+    config = read_adapter_config(path)
+    tensors = read_adapter_weights(path, allow_pickle)
+    check_adapter_name(model, adapter)
+    plan = plan_targets(model, config)
+    _check_tensors(tensors, expected_shapes(model, plan), str(Path(path)))
+    apply_plan(model, config, plan, adapter, trainable)
+    with torch.no_grad():
+        for path_, module in model.named_modules():
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                module.lora_A[adapter].weight.copy_(tensors[lora_key(path_, "A")])
+                module.lora_B[adapter].weight.copy_(tensors[lora_key(path_, "B")])
+            elif isinstance(module, ModulesToSave) and adapter in module.modules_to_save:
+                copy = module.modules_to_save[adapter]
+                copy.load_state_dict({k: tensors[saved_key(path_, k)] for k in copy.state_dict()})
+    return config
+
+
+def convert_bin_adapter(path: str | Path) -> Path:
+    """Rewrite a folder's pickle adapter_model.bin as adapter_model.safetensors (tensors only, no code run)."""
+    folder = Path(path)
+    tensors = read_adapter_weights(folder, allow_pickle=True)
+    target = folder / WEIGHTS_NAME
+    tmp = folder / f".{WEIGHTS_NAME}.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(target)
+    return target

@@ -1,0 +1,137 @@
+"""LoraConfig: what to adapt and how, validated at construction. Field names are Hugging Face PEFT's."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adaptation settings (Hu et al. 2021, arXiv:2106.09685).
+
+    Args:
+        r: rank of ΔW = B·A (typical 8-64).
+        lora_alpha: scale numerator; ΔW is scaled by lora_alpha/r (lora_alpha/√r with use_rslora).
+        lora_dropout: dropout on the adapter's input during training.
+        target_modules: a list of names (exact module path, or the part after a dot: "q_proj"), a regex
+            string (full match on the module path), or "all-linear" (every linear except the output head).
+        exclude_modules: list or regex of modules never to adapt, with the same matching rules.
+        layers_to_transform: only adapt modules in these layer indices (the number after "layers.", "h.", ...).
+        layers_pattern: the name(s) that precede the layer index, e.g. "layers"; None finds it automatically.
+        rank_pattern / alpha_pattern: {regex matched on a suffix of the module path: rank or alpha}.
+        use_rslora: scale by lora_alpha/√r (Kalajdzievski 2023, arXiv:2312.03732).
+        modules_to_save: modules trained in full and saved with the adapter (e.g. a classification head).
+        init_lora_weights: True gives A Kaiming-uniform and B = 0 (training starts at the base model);
+            False gives both random (useful for tests).
+        fan_in_fan_out: set automatically for GPT-2's Conv1D, which stores its weight as (d_in, d_out).
+        bias: only "none" is supported.
+        task_type, base_model_name_or_path: recorded in adapter_config.json.
+
+    Raises:
+        ConfigError: naming every invalid field at once.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = ALL_LINEAR
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool = True
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple, str)):
+            self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        problems = _problems(self)
+        if problems:
+            raise ConfigError("invalid LoraConfig:\n  - " + "\n  - ".join(problems))
+
+    def scaling(self, r: int, alpha: float) -> float:
+        """The factor s in h = W₀x + s·BAx: alpha/r, or alpha/√r with rsLoRA."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_alpha(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _regex_problem(name: str, pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return f"{name} {pattern!r} is not a valid regular expression ({err}); escape special characters or pass a list of names"
+    return None
+
+
+def _names_problem(name: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        problem = None if value == ALL_LINEAR and name == "target_modules" else _regex_problem(name, value)
+        return [problem] if problem else []
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return [] if value or name != "target_modules" else ["target_modules is an empty list; name at least one module, e.g. ['q_proj', 'v_proj'], or use 'all-linear'"]
+    return [f"{name} must be a list of module names or a regex string, got {value!r}"]
+
+
+def _problems(cfg: LoraConfig) -> list[str]:
+    p: list[str] = []
+    if not _is_rank(cfg.r):
+        p.append(f"r must be a positive integer, got {cfg.r!r} (typical: 8-64)")
+    if not _is_alpha(cfg.lora_alpha):
+        p.append(f"lora_alpha must be a positive finite number, got {cfg.lora_alpha!r} (typical: r or 2*r)")
+    if not (isinstance(cfg.lora_dropout, (int, float)) and 0.0 <= cfg.lora_dropout < 1.0):
+        p.append(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout!r} (typical: 0.0-0.1)")
+    if cfg.target_modules is None:
+        p.append("target_modules is required: a list like ['q_proj', 'v_proj'], a regex, or 'all-linear'")
+    p += _names_problem("target_modules", cfg.target_modules)
+    p += _names_problem("exclude_modules", cfg.exclude_modules)
+    if cfg.modules_to_save is not None and not all(isinstance(m, str) and m for m in cfg.modules_to_save):
+        p.append(f"modules_to_save must be a list of module names, got {cfg.modules_to_save!r}")
+    if cfg.layers_to_transform is not None and not (
+        isinstance(cfg.layers_to_transform, list)
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in cfg.layers_to_transform)
+    ):
+        p.append(f"layers_to_transform must be a non-negative int or a list of them, got {cfg.layers_to_transform!r}")
+    for key, value in (cfg.rank_pattern or {}).items():
+        p += [q for q in [_regex_problem("rank_pattern key", key)] if q]
+        if not _is_rank(value):
+            p.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+    for key, value in (cfg.alpha_pattern or {}).items():
+        p += [q for q in [_regex_problem("alpha_pattern key", key)] if q]
+        if not _is_alpha(value):
+            p.append(f"alpha_pattern[{key!r}] must be a positive finite number, got {value!r}")
+    if cfg.bias != "none":
+        p.append(f"bias={cfg.bias!r} is not supported; use bias='none' (train biases via modules_to_save instead)")
+    if not isinstance(cfg.init_lora_weights, bool):
+        p.append(f"init_lora_weights must be True or False, got {cfg.init_lora_weights!r} (other PEFT init schemes are not supported)")
+    return p

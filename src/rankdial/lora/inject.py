@@ -1,0 +1,254 @@
+"""Injection: find the target linears of any PyTorch model, wrap them in LoraLayer, freeze the base.
+
+Matching follows Hugging Face PEFT so that one adapter_config.json means the same model surgery in both:
+a list entry matches a module path exactly or as the part after a dot; a string is a regex that must match
+the whole path; "all-linear" takes every nn.Linear / Conv1D except the output head.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field, replace
+
+from torch import nn
+
+from ..config import ALL_LINEAR, LoraConfig
+from ..errors import AdapterError, ConfigError, TargetError
+from .layer import LoraLayer, linear_dims
+from .modules_to_save import ModulesToSave
+
+CONFIGS_ATTR = "_rankdial_adapters"  # {adapter name: LoraConfig}, kept on the root module
+SEQ_CLS_HEADS = ("score", "classifier")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One linear that an adapter will wrap, with the rank and alpha it gets there."""
+
+    path: str
+    d_in: int
+    d_out: int
+    fan_in_fan_out: bool
+    r: int
+    alpha: float
+
+
+@dataclass
+class Plan:
+    """What inject() would do, computed without touching the model."""
+
+    targets: list[Target] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)  # paths of modules_to_save
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The {adapter name: LoraConfig} of every adapter injected into `model` (empty if none)."""
+    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+
+
+def named_wrappers(model: nn.Module):
+    """Yield (path, module) for every LoraLayer and ModulesToSave in the model."""
+    for path, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            yield path, module
+
+
+def matches(spec: list[str] | str, path: str) -> bool:
+    """PEFT's rule: a regex string matches the whole path; a list entry matches it exactly or after a dot."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)
+
+
+def pattern_value(patterns: dict, path: str, default):
+    """The value of the first key of rank_pattern/alpha_pattern that matches a dot-bounded suffix of path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The first layer number in a path, e.g. 3 in 'model.layers.3.self_attn.q_proj'."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", path)
+        return int(found.group(1)) if found else None
+    for name in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        found = re.match(rf"(?:^|.*?\.){name}\.(\d+)\.", path)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _unwrapped(model: nn.Module):
+    """(path, module) for every module, seeing a LoraLayer/ModulesToSave as the module it wraps."""
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(prefix + ".") for prefix in inside):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            inside.append(path)
+            module = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+        yield path, module
+
+
+def _head_modules(model: nn.Module, config: LoraConfig) -> list[nn.Module]:
+    """The output head(s) that 'all-linear' leaves alone, as PEFT does."""
+    heads = []
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is not None:
+        heads.append(head.base_layer if isinstance(head, LoraLayer) else head)
+    elif config.task_type == "SEQ_CLS":
+        heads += [getattr(model, name) for name in SEQ_CLS_HEADS if isinstance(getattr(model, name, None), nn.Module)]
+    return heads
+
+
+def _is_saved(config: LoraConfig, path: str) -> bool:
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in config.modules_to_save or [])
+
+
+def plan_targets(model: nn.Module, config: LoraConfig) -> Plan:
+    """Resolve `config` against `model`: which linears get which rank, which modules are saved in full.
+
+    Raises:
+        TargetError: nothing matched (with the closest names the model has), or a match is not a linear.
+        ConfigError: a rank does not fit a layer (every such layer listed).
+    """
+    plan, problems, wrong_type = Plan(), [], []
+    heads = [id(h) for h in _head_modules(model, config)] if config.target_modules == ALL_LINEAR else []
+    for path, module in _unwrapped(model):
+        if config.modules_to_save and matches(config.modules_to_save, path):
+            plan.saved.append(path)
+        dims = linear_dims(module)
+        if config.target_modules == ALL_LINEAR:
+            hit = dims is not None and id(module) not in heads
+        else:
+            hit = matches(config.target_modules, path)
+        if not hit or _is_saved(config, path):
+            continue
+        if config.exclude_modules and matches(config.exclude_modules, path):
+            continue
+        if config.layers_to_transform is not None and layer_index(path, config.layers_pattern) not in config.layers_to_transform:
+            continue
+        if dims is None:
+            wrong_type.append(f"{path} ({type(module).__name__})")
+            continue
+        d_in, d_out, fan_in_fan_out = dims
+        r = pattern_value(config.rank_pattern, path, config.r)
+        alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+        if r > min(d_in, d_out):
+            problems.append(f"r={r} for {path} exceeds min(d_in={d_in}, d_out={d_out}) = {min(d_in, d_out)}; "
+                            f"use r <= {min(d_in, d_out)} (set it for this module with rank_pattern)")
+        plan.targets.append(Target(path, d_in, d_out, fan_in_fan_out, r, alpha))
+    if wrong_type:
+        raise TargetError("target_modules matched modules that are not nn.Linear or Conv1D: " + ", ".join(wrong_type)
+                          + "; target their linear sub-layers instead (e.g. 'q_proj') or exclude them")
+    _check_saved_found(model, config, plan)
+    if not plan.targets:
+        raise TargetError(_nothing_matched(model, config))
+    if problems:
+        raise ConfigError("rank does not fit the layer:\n  - " + "\n  - ".join(problems))
+    return plan
+
+
+def _check_saved_found(model: nn.Module, config: LoraConfig, plan: Plan) -> None:
+    missing = [m for m in config.modules_to_save or [] if not any(matches([m], p) for p in plan.saved)]
+    if missing:
+        names = sorted({p.rsplit(".", 1)[-1] for p, _ in _unwrapped(model)})
+        close = sorted({c for m in missing for c in difflib.get_close_matches(m, names, n=5, cutoff=0.5)})
+        raise TargetError(f"modules_to_save {missing} matched no module of {type(model).__name__}; "
+                          f"closest names it has: {close or names[:20]}")
+
+
+def _nothing_matched(model: nn.Module, config: LoraConfig) -> str:
+    """A message listing the linear layer names the model does have, closest first."""
+    linear_paths = [p for p, m in _unwrapped(model) if linear_dims(m) is not None]
+    names = sorted({p.rsplit(".", 1)[-1] for p in linear_paths})
+    wanted = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
+    close = []
+    for want in wanted:
+        close += difflib.get_close_matches(want.rsplit(".", 1)[-1], names, n=3, cutoff=0.4)
+        close += difflib.get_close_matches(want, linear_paths, n=3, cutoff=0.6)
+    filters = [f for f in ("exclude_modules", "layers_to_transform", "modules_to_save") if getattr(config, f)]
+    hint = f" after applying {', '.join(filters)}" if filters else ""
+    return (f"target_modules {config.target_modules!r} matched no linear layer of {type(model).__name__}{hint}. "
+            f"Closest names it has: {sorted(set(close)) or '(none close)'}; all its linear layer names: {names}")
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def check_adapter_name(model: nn.Module, name: str) -> None:
+    """Raise AdapterError if `name` is not a usable new adapter name for this model."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r} (e.g. 'default', 'sql')")
+    if name in adapter_configs(model):
+        raise AdapterError(f"adapter {name!r} is already in this model (adapters: {sorted(adapter_configs(model))}); "
+                           "choose another name or call delete_adapter(model, name) first")
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", trainable: bool = True) -> dict[str, nn.Module]:
+    """Wrap the target linears of `model` in place with adapter `adapter`; freeze everything but adapters.
+
+    The first adapter injected into a model becomes active; later ones wait for set_active().
+
+    Returns:
+        {module path: the original module} for each module this call replaced.
+    Raises:
+        AdapterError, TargetError, ConfigError: before the model is touched.
+    """
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"inject() takes a rankdial.LoraConfig, got {type(config).__name__}")
+    check_adapter_name(model, adapter)
+    return apply_plan(model, config, plan_targets(model, config), adapter, trainable)
+
+
+def apply_plan(model: nn.Module, config: LoraConfig, plan: Plan, adapter: str, trainable: bool) -> dict[str, nn.Module]:
+    """Carry out a Plan from plan_targets(): wrap, add the adapter, freeze the base."""
+    replaced: dict[str, nn.Module] = {}
+    for t in plan.targets:
+        layer = model.get_submodule(t.path)
+        if not isinstance(layer, LoraLayer):
+            replaced[t.path] = layer
+            layer = LoraLayer(layer)
+            _set_submodule(model, t.path, layer)
+        layer.add_adapter(adapter, t.r, t.alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+    for path in plan.saved:
+        wrapper = model.get_submodule(path)
+        if not isinstance(wrapper, ModulesToSave):
+            replaced[path] = wrapper
+            wrapper = ModulesToSave(wrapper)
+            _set_submodule(model, path, wrapper)
+        wrapper.add_adapter(adapter)
+    configs = adapter_configs(model)
+    configs[adapter] = replace(config, fan_in_fan_out=any(t.fan_in_fan_out for t in plan.targets))
+    if len(configs) == 1:
+        for _, wrapper in named_wrappers(model):
+            wrapper.set_active([adapter])
+    freeze_base(model)
+    for p in adapter_parameters(model, adapter):
+        p.requires_grad_(trainable)
+    return replaced
+
+
+def adapter_parameters(model: nn.Module, adapter: str):
+    """Every parameter that belongs to `adapter` (its A and B matrices and its modules_to_save copies)."""
+    for _, wrapper in named_wrappers(model):
+        if isinstance(wrapper, LoraLayer) and adapter in wrapper.lora_A:
+            yield wrapper.lora_A[adapter].weight
+            yield wrapper.lora_B[adapter].weight
+        elif isinstance(wrapper, ModulesToSave) and adapter in wrapper.modules_to_save:
+            yield from wrapper.modules_to_save[adapter].parameters()
+
+
+def freeze_base(model: nn.Module) -> None:
+    """requires_grad=False on every parameter that belongs to no adapter."""
+    owned = {id(p) for name in adapter_configs(model) for p in adapter_parameters(model, name)}
+    for p in model.parameters():
+        if id(p) not in owned:
+            p.requires_grad_(False)

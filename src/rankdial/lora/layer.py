@@ -1,0 +1,232 @@
+"""The LoRA layer: a frozen linear map plus low-rank updates (Hu et al. 2021, arXiv:2106.09685).
+
+    h = W₀x + Σ_a s_a · B_a A_a dropout_a(x),   s_a = α_a / r_a   (α_a / √r_a with rsLoRA)
+
+A_a: (r, d_in) starts Kaiming-uniform, B_a: (d_out, r) starts at zero, so a new adapter leaves the
+output exactly where the base put it. `LoraLayer.forward` is the reference; `_FusedLora` is the fast path
+for the common training case (one active adapter, no dropout, frozen dense base), held equal to the
+reference by tests.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import AdapterError, MergeError
+
+
+def _conv1d_class() -> type | None:
+    """GPT-2's Conv1D, if transformers is loaded (a model cannot hold one otherwise)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(d_in, d_out, fan_in_fan_out) for an nn.Linear or a Conv1D; None for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        d_in, d_out = module.weight.shape  # Conv1D stores (d_in, d_out)
+        return d_in, d_out, True
+    return None
+
+
+class LoraLayer(nn.Module):
+    """Wraps a linear layer: x ↦ W₀x + Σ_active (α/r)·B·A·dropout(x).
+
+    Several named adapters can live in one layer; `active` lists those that add their term.
+    Parameters are named as in PEFT: `lora_A.<adapter>.weight` (r, d_in), `lora_B.<adapter>.weight` (d_out, r).
+
+    Args:
+        base_layer: an nn.Linear or transformers' Conv1D; it is kept, frozen, as `base_layer`.
+
+    Raises:
+        TypeError: for any other module type.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        dims = linear_dims(base_layer)
+        if dims is None:
+            raise TypeError(f"LoraLayer wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.in_features, self.out_features, self.fan_in_fan_out = dims
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self._unmerged_active: tuple[str, ...] = ()
+
+    # -- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool = True) -> None:
+        """Add adapter `name` (inactive); A Kaiming-uniform and B zero unless init_lora_weights is False."""
+        if name in self.lora_A:
+            raise AdapterError(f"adapter {name!r} already exists in this layer; pick another name or delete it first")
+        weight = self.base_layer.weight
+        # Half-precision bases keep their adapters in fp32 (as PEFT's autocast_adapter_dtype does): updates of
+        # size lr·grad vanish when rounded to bf16.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        if not weight.dtype.is_floating_point:
+            dtype = torch.float32
+        A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
+        B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))  # the same init as nn.Linear and PEFT
+        if init_lora_weights:
+            nn.init.zeros_(B.weight)
+        else:
+            nn.init.normal_(B.weight, std=1.0 / math.sqrt(r))
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self._refresh()
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter `name` (unmerging it first if it is merged)."""
+        self._require(name)
+        if name in self.merged:
+            self.unmerge([name])
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[name]
+        del self.scaling[name]
+        self.active = [a for a in self.active if a != name]
+        self._refresh()
+
+    def set_active(self, names: list[str]) -> None:
+        """Make exactly these adapters (those this layer holds) add their term."""
+        self.active = [n for n in names if n in self.lora_A]
+        self._refresh()
+
+    def rank(self, name: str) -> int:
+        return self.lora_A[name].weight.shape[0]
+
+    def _require(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise AdapterError(f"unknown adapter {name!r}; this layer has {sorted(self.lora_A)}")
+
+    def _refresh(self) -> None:
+        self._unmerged_active = tuple(a for a in self.active if a not in self.merged)
+
+    # -- merge ------------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s·B·A in the base weight's layout (transposed for Conv1D), computed in fp32."""
+        self._require(name)
+        A = self.lora_A[name].weight.float()
+        B = self.lora_B[name].weight.float()
+        delta = (B @ A) * self.scaling[name]  # (d_out, d_in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, names: list[str] | None = None, module_path: str = "") -> None:
+        """Add s·BA of each named (default: active) adapter into W₀ in place; merging twice is a no-op.
+
+        Raises MergeError, leaving W₀ untouched, if the merged weight would hold NaN or Inf.
+        """
+        weight = self.base_layer.weight
+        for name in self.active if names is None else names:
+            self._require(name)
+            if name in self.merged:
+                continue
+            merged = weight.float() + self.delta_weight(name).to(weight.device)
+            if not torch.isfinite(merged).all():
+                raise MergeError(
+                    f"merging adapter {name!r} into {module_path or 'a layer'} would put NaN/Inf in the base weight; "
+                    "the adapter weights are corrupt or diverged: reload a good checkpoint (the base is unchanged)")
+            with torch.no_grad():
+                weight.copy_(merged.to(weight.dtype))
+            self.merged.append(name)
+        self._refresh()
+
+    def unmerge(self, names: list[str] | None = None) -> None:
+        """Subtract merged adapters (default: all merged) from W₀, restoring it up to rounding."""
+        weight = self.base_layer.weight
+        for name in list(reversed(self.merged)) if names is None else names:
+            if name not in self.merged:
+                continue
+            with torch.no_grad():
+                weight.copy_((weight.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
+            self.merged.remove(name)
+        self._refresh()
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapters = () if self.disabled else self._unmerged_active
+        if not adapters:
+            return self.base_layer(x)
+        if len(adapters) == 1 and self._fusable(x, adapters[0]):
+            name = adapters[0]
+            base = self.base_layer
+            weight = base.weight.T if self.fan_in_fan_out else base.weight
+            return _FusedLora.apply(x, weight, base.bias, self.lora_A[name].weight,
+                                    self.lora_B[name].weight, self.scaling[name])
+        return self.reference_forward(x, adapters)
+
+    def reference_forward(self, x: torch.Tensor, adapters: tuple[str, ...]) -> torch.Tensor:
+        """The formula written plainly: base(x) + Σ s·B(A(dropout(x)))."""
+        h = self.base_layer(x)
+        for name in adapters:
+            A, B = self.lora_A[name], self.lora_B[name]
+            z = B(A(self.lora_dropout[name](x.to(A.weight.dtype))))
+            h = h + (z * self.scaling[name]).to(h.dtype)
+        return h
+
+    def _fusable(self, x: torch.Tensor, name: str) -> bool:
+        """The fused path covers one adapter, no active dropout, a frozen dense base, one dtype, no autocast."""
+        weight = self.base_layer.weight
+        bias = self.base_layer.bias
+        return (
+            (not self.training or isinstance(self.lora_dropout[name], nn.Identity))
+            and not weight.requires_grad
+            and (bias is None or not bias.requires_grad)
+            and x.dtype == weight.dtype == self.lora_A[name].weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and type(self.base_layer).forward in (nn.Linear.forward, getattr(_conv1d_class(), "forward", None))
+        )
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.rank(n) for n in self.lora_A}
+        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self.active}, merged={self.merged}"
+
+
+class _FusedLora(torch.autograd.Function):
+    """h = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with W and b frozen, in one autograd node.
+
+    Shapes: x (N, d_in), W (d_out, d_in), A (r, d_in), B (d_out, r). The backward computes exactly
+    dL/dx = g·W + s·(g·B)·A, dL/dA = s·(g·B)ᵀ·x, dL/dB = s·gᵀ·(x·Aᵀ), accumulating into one buffer
+    instead of summing separate autograd branches.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        xa = x2 @ A.T  # (N, r)
+        h = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T  # (N, d_out)
+        h.addmm_(xa, B.T, alpha=scale)
+        ctx.save_for_backward(x2, xa, weight, A, B)
+        ctx.scale = scale
+        ctx.has_bias = bias is not None
+        return h.view(*x.shape[:-1], h.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, xa, weight, A, B = ctx.saved_tensors
+        s = ctx.scale
+        g = grad.reshape(-1, grad.shape[-1])  # (N, d_out)
+        g_xa = (g @ B).mul_(s)  # (N, r)
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(g_xa, A)  # (N, d_in)
+            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
+        if ctx.needs_input_grad[3]:
+            grad_A = g_xa.T @ x2  # (r, d_in)
+        if ctx.needs_input_grad[4]:
+            grad_B = (g.T @ xa).mul_(s)  # (d_out, r)
+        return grad_x, None, None, grad_A, grad_B, None

