@@ -17,7 +17,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError
 from ..files import atomic_dir
-from ..lora.inject import Plan, adapter_configs, apply_plan, check_adapter_name, plan_targets
+from ..lora.inject import Plan, adapter_configs, apply_plan, check_adapter_name, plan_targets, with_task_heads
 from ..lora.layer import LoraLayer
 from ..lora.model import active_adapters, adapter_names, lora_layers
 from ..lora.modules_to_save import ModulesToSave
@@ -155,7 +155,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", t
     Every check (name, config, file integrity, keys, shapes, NaN/Inf) runs before the model is touched.
     The first adapter of a model becomes active; use set_active() for later ones.
     """
-    config = read_adapter_config(path)
+    config = with_task_heads(model, read_adapter_config(path))
     tensors = read_adapter_weights(path, allow_pickle)
     check_adapter_name(model, adapter)
     plan = plan_targets(model, config)

@@ -105,6 +105,20 @@ def _head_modules(model: nn.Module, config: LoraConfig) -> list[nn.Module]:
     return heads
 
 
+def with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """For task_type SEQ_CLS the new classification head trains in full, as PEFT arranges: add it to modules_to_save."""
+    if config.task_type != "SEQ_CLS":
+        return config
+    heads = [n for n in SEQ_CLS_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+    extra = [h for h in heads if h not in (config.modules_to_save or [])]
+    return replace(config, modules_to_save=(config.modules_to_save or []) + extra) if extra else config
+
+
+def _saved_match(config: LoraConfig, path: str) -> bool:
+    """PEFT selects modules_to_save by a plain suffix test ("norm" also takes "input_layernorm"); so do we."""
+    return any(path.endswith(m) for m in config.modules_to_save or [])
+
+
 def _is_saved(config: LoraConfig, path: str) -> bool:
     return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in config.modules_to_save or [])
 
@@ -119,7 +133,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> Plan:
     plan, problems, wrong_type = Plan(), [], []
     heads = [id(h) for h in _head_modules(model, config)] if config.target_modules == ALL_LINEAR else []
     for path, module in _unwrapped(model):
-        if config.modules_to_save and matches(config.modules_to_save, path):
+        if _saved_match(config, path) and not any(path.startswith(s + ".") for s in plan.saved):
             plan.saved.append(path)
         dims = linear_dims(module)
         if config.target_modules == ALL_LINEAR:
@@ -154,7 +168,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> Plan:
 
 
 def _check_saved_found(model: nn.Module, config: LoraConfig, plan: Plan) -> None:
-    missing = [m for m in config.modules_to_save or [] if not any(matches([m], p) for p in plan.saved)]
+    missing = [m for m in config.modules_to_save or [] if not any(p.endswith(m) for p in plan.saved)]
     if missing:
         names = sorted({p.rsplit(".", 1)[-1] for p, _ in _unwrapped(model)})
         close = sorted({c for m in missing for c in difflib.get_close_matches(m, names, n=5, cutoff=0.5)})
@@ -205,6 +219,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"inject() takes a rankdial.LoraConfig, got {type(config).__name__}")
     check_adapter_name(model, adapter)
+    config = with_task_heads(model, config)
     return apply_plan(model, config, plan_targets(model, config), adapter, trainable)
 
 
