@@ -1,0 +1,226 @@
+"""Adapter folders: bit-exact round trips, atomic writes, and a clear error for every bad file."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import rankdial as rd
+import rankdial.adapters.io as adapter_io
+from rankdial.lora import lora_layers
+from conftest import model_output, tiny_model, token_batch
+
+
+def trained(seed=3, **kwargs):
+    model = tiny_model("llama")
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    rd.inject(model, rd.LoraConfig(**{**cfg, **kwargs}))
+    return model
+
+
+def adapter_tensors(model, adapter="default"):
+    return adapter_io.adapter_state_dict(model, adapter)
+
+
+def test_save_load_round_trips_bit_exactly(tmp_path):
+    model = trained(modules_to_save=["lm_head"])
+    rd.save_adapter(model, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = tiny_model("llama")
+    rd.load_adapter(fresh, tmp_path / "a")
+    saved, loaded = adapter_tensors(model), adapter_tensors(fresh)
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    ids = token_batch()
+    assert torch.equal(model_output(fresh, ids), model_output(model, ids))
+
+
+def test_file_layout_is_peft(tmp_path):
+    model = trained()
+    rd.save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (32, 4)
+
+
+def test_all_linear_is_spelled_out_for_other_tools(tmp_path):
+    model = tiny_model("llama")
+    rd.inject(model, rd.LoraConfig(r=2))
+    rd.save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_loaded_adapter_is_frozen_unless_trainable(tmp_path):
+    rd.save_adapter(trained(), tmp_path / "a")
+    frozen, live = tiny_model("llama"), tiny_model("llama")
+    rd.load_adapter(frozen, tmp_path / "a")
+    rd.load_adapter(live, tmp_path / "a", trainable=True)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert {n for n, p in live.named_parameters() if p.requires_grad} == {n for n, _ in live.named_parameters() if ".lora_" in n}
+
+
+def test_a_crash_mid_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
+    good = trained(seed=1)
+    rd.save_adapter(good, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+
+    def crash(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(adapter_io, "save_file", crash)
+    with torch.no_grad():
+        for _, layer in lora_layers(good):
+            layer.lora_B["default"].weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        rd.save_adapter(good, tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary folder left behind
+
+
+def test_save_replaces_an_existing_adapter_but_never_a_foreign_folder(tmp_path):
+    rd.save_adapter(trained(), tmp_path / "a")
+    rd.save_adapter(trained(r=2), tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 2
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("mine")
+    with pytest.raises(rd.RankdialError, match="non-empty folder without adapter_config.json"):
+        rd.save_adapter(trained(), tmp_path / "docs")
+    assert (tmp_path / "docs" / "notes.txt").read_text() == "mine"
+
+
+# -- bad files: each a clear error, and the model untouched ---------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    rd.save_adapter(trained(), tmp_path / "a")
+    return tmp_path / "a"
+
+
+def load_fails(folder, match, **kwargs):
+    model = tiny_model("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((rd.AdapterFileError, rd.AdapterError, rd.TargetError)) as err:
+        rd.load_adapter(model, folder, **kwargs)
+    assert state.keys() == model.state_dict().keys(), "a failed load must leave the model untouched"
+    assert not rd.adapter_names(model)
+    assert __import__("re").search(match, str(err.value), __import__("re").S), str(err.value)
+    return str(err.value)
+
+
+def rewrite(folder, fn):
+    file = folder / "adapter_model.safetensors"
+    tensors = fn(load_file(file))
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_shapes_that_do_not_fit_name_module_and_both_shapes(saved):
+    rewrite(saved, lambda t: {**t, "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight": torch.zeros(4, 31)})
+    load_fails(saved, r"model\.layers\.1\.self_attn\.v_proj\.lora_A\.weight: the file has shape \[4, 31\], the model needs \[4, 32\]")
+
+
+def test_missing_and_unexpected_keys_are_all_listed_at_once(saved):
+    def damage(t):
+        t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+        t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")
+        t["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+        return t
+    rewrite(saved, damage)
+    message = load_fails(saved, "missing keys \\(2\\).*unexpected keys \\(1\\)")
+    assert "layers.0.self_attn.q_proj.lora_A" in message and "layers.1.self_attn.v_proj.lora_B" in message
+    assert "layers.7.self_attn.q_proj" in message
+
+
+def test_nan_or_inf_in_adapter_weights(saved):
+    def poison(t):
+        key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+        t[key] = t[key].clone()
+        t[key][0, 0] = float("inf")
+        return t
+    rewrite(saved, poison)
+    load_fails(saved, "NaN/Inf values in .*layers.0.self_attn.v_proj.lora_B")
+
+
+@pytest.mark.parametrize("cut", [5, 60, -10])
+def test_truncated_or_corrupt_safetensors(saved, cut):
+    file = saved / "adapter_model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:cut] if cut > 0 else data[:cut])
+    load_fails(saved, "truncated or corrupt")
+
+
+def test_garbage_safetensors_header(saved):
+    (saved / "adapter_model.safetensors").write_bytes(b"\xff" * 8 + b"not json at all" * 4)
+    load_fails(saved, "truncated or corrupt")
+
+
+def test_pickle_adapter_is_refused_by_default_and_converts_without_running_code(saved, tmp_path):
+    tensors = load_file(saved / "adapter_model.safetensors")
+    (saved / "adapter_model.safetensors").unlink()
+    torch.save(tensors, saved / "adapter_model.bin")
+    load_fails(saved, "pickle file.*rankdial convert-bin")
+    rd.convert_bin_adapter(saved)
+    model = tiny_model("llama")
+    rd.load_adapter(model, saved)
+    assert torch.equal(adapter_tensors(model)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"],
+                       tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_a_malicious_pickle_never_runs(saved, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (saved / "adapter_model.safetensors").unlink()
+    (saved / "adapter_model.bin").write_bytes(pickle.dumps({"x": _Exploit()}))
+    load_fails(saved, "pickle file")
+    load_fails(saved, "could not be read as tensors", allow_pickle=True)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_config_problems(saved, tmp_path):
+    load_fails(tmp_path / "nowhere", "does not exist")
+    (saved / "adapter_config.json").write_text("{not json")
+    load_fails(saved, "not valid JSON")
+    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["q_proj"]}))
+    load_fails(saved, "peft_type='IA3'")
+    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": True}))
+    load_fails(saved, "use_dora")
+    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 0, "target_modules": ["q_proj"]}))
+    load_fails(saved, "r must be a positive integer, got 0")
+    (saved / "adapter_config.json").unlink()
+    load_fails(saved, "no adapter_config.json")
+
+
+def test_adapter_for_another_model_names_the_targets(saved):
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn"]}))
+    load_fails(saved, "matched no linear layer.*q_proj")
+
+
+def test_adapter_name_already_used_or_unknown(saved):
+    model = tiny_model("llama")
+    rd.load_adapter(model, saved, adapter="sql")
+    with pytest.raises(rd.AdapterError, match="'sql' is already"):
+        rd.load_adapter(model, saved, adapter="sql")
+    with pytest.raises(rd.AdapterError, match="unknown adapter 'chat'"):
+        rd.save_adapter(model, saved.parent / "b", adapter="chat")
+
+
+def test_saving_a_diverged_adapter_is_refused(tmp_path):
+    model = trained()
+    with torch.no_grad():
+        next(layer for _, layer in lora_layers(model)).lora_A["default"].weight.fill_(float("nan"))
+    with pytest.raises(rd.AdapterFileError, match="NaN/Inf"):
+        rd.save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
