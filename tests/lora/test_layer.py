@@ -61,7 +61,7 @@ def test_scaling_alpha_over_r_and_rslora():
 def test_fused_path_equals_reference_forward_and_grads(seed, shape, conv1d, bias):
     layer = make_layer(seed=seed, conv1d=conv1d, bias=bias)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 10), requires_grad=True)
-    assert layer._fusable(x, "a")
+    assert layer._fusable(x)
     grad_out = torch.randn(*shape[:-1], 11)
 
     def run(fn):
@@ -81,14 +81,18 @@ def test_fast_path_is_skipped_where_it_does_not_apply():
     layer = make_layer()
     x = torch.randn(2, 13)
     layer.base_layer.weight.requires_grad_(True)
-    assert not layer._fusable(x, "a")  # an unfrozen base trains through autograd
+    assert not layer._fusable(x)  # an unfrozen base trains through autograd
     layer.base_layer.weight.requires_grad_(False)
     layer.lora_dropout["a"] = nn.Dropout(0.5)
+    layer._refresh()
     layer.train()
-    assert not layer._fusable(x, "a")
+    assert not layer._fusable(x)  # dropout on the adapter input: the reference path
     layer.eval()
-    assert layer._fusable(x, "a")
-    assert not layer._fusable(x.double(), "a")
+    assert layer._fusable(x)
+    assert not layer._fusable(x.double())
+    layer.add_adapter("b", 2, 2.0)
+    layer.set_active(["a", "b"])
+    assert layer._single is None  # two adapters: the reference path
 
 
 def test_two_active_adapters_add_their_terms():

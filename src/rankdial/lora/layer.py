@@ -64,7 +64,7 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
-        self._unmerged_active: tuple[str, ...] = ()
+        self._refresh()
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
@@ -114,7 +114,14 @@ class LoraLayer(nn.Module):
             raise AdapterError(f"unknown adapter {name!r}; this layer has {sorted(self.lora_A)}")
 
     def _refresh(self) -> None:
+        """Recompute what forward() needs from the adapter state, so each call does the least work."""
         self._unmerged_active = tuple(a for a in self.active if a not in self.merged)
+        self._single = None
+        plain_base = type(self.base_layer).forward in (nn.Linear.forward, getattr(_conv1d_class(), "forward", None))
+        if len(self._unmerged_active) == 1 and plain_base:
+            name = self._unmerged_active[0]
+            self._single = (self.base_layer, self.lora_A[name], self.lora_B[name], self.scaling[name])
+            self._single_dropout_free = isinstance(self.lora_dropout[name], nn.Identity)
 
     # -- merge ------------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -161,12 +168,10 @@ class LoraLayer(nn.Module):
         adapters = () if self.disabled else self._unmerged_active
         if not adapters:
             return self.base_layer(x)
-        if len(adapters) == 1 and self._fusable(x, adapters[0]):
-            name = adapters[0]
-            base = self.base_layer
-            weight = base.weight.T if self.fan_in_fan_out else base.weight
-            return _FusedLora.apply(x, weight, base.bias, self.lora_A[name].weight,
-                                    self.lora_B[name].weight, self.scaling[name])
+        if self._single is not None and self._fusable(x):
+            base, A, B, scale = self._single
+            weight = base.weight.t() if self.fan_in_fan_out else base.weight
+            return _FusedLora.apply(x, weight, base.bias, A.weight, B.weight, scale)
         return self.reference_forward(x, adapters)
 
     def reference_forward(self, x: torch.Tensor, adapters: tuple[str, ...]) -> torch.Tensor:
@@ -178,17 +183,15 @@ class LoraLayer(nn.Module):
             h = h + (z * self.scaling[name]).to(h.dtype)
         return h
 
-    def _fusable(self, x: torch.Tensor, name: str) -> bool:
+    def _fusable(self, x: torch.Tensor) -> bool:
         """The fused path covers one adapter, no active dropout, a frozen dense base, one dtype, no autocast."""
-        weight = self.base_layer.weight
-        bias = self.base_layer.bias
+        base, A, _, _ = self._single
         return (
-            (not self.training or isinstance(self.lora_dropout[name], nn.Identity))
-            and not weight.requires_grad
-            and (bias is None or not bias.requires_grad)
-            and x.dtype == weight.dtype == self.lora_A[name].weight.dtype
+            (not self.training or self._single_dropout_free)
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and x.dtype == base.weight.dtype == A.weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
-            and type(self.base_layer).forward in (nn.Linear.forward, getattr(_conv1d_class(), "forward", None))
         )
 
     def extra_repr(self) -> str:
@@ -207,13 +210,12 @@ class _FusedLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale):
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-        xa = x2 @ A.T  # (N, r)
-        h = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T  # (N, d_out)
-        h.addmm_(xa, B.T, alpha=scale)
+        xa = x2 @ A.t()  # (N, r)
+        h = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, d_out)
+        h.addmm_(xa, B.t(), alpha=scale)
         ctx.save_for_backward(x2, xa, weight, A, B)
         ctx.scale = scale
-        ctx.has_bias = bias is not None
-        return h.view(*x.shape[:-1], h.shape[-1])
+        return h.view(x.shape[:-1] + h.shape[-1:])
 
     @staticmethod
     def backward(ctx, grad):
@@ -224,9 +226,9 @@ class _FusedLora(torch.autograd.Function):
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             grad_x = (g @ weight).addmm_(g_xa, A)  # (N, d_in)
-            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
+            grad_x = grad_x.view(grad.shape[:-1] + grad_x.shape[-1:])
         if ctx.needs_input_grad[3]:
-            grad_A = g_xa.T @ x2  # (r, d_in)
+            grad_A = g_xa.t() @ x2  # (r, d_in)
         if ctx.needs_input_grad[4]:
-            grad_B = (g.T @ xa).mul_(s)  # (d_out, r)
+            grad_B = (g.t() @ xa).mul_(s)  # (d_out, r)
         return grad_x, None, None, grad_A, grad_B, None
