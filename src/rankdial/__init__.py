@@ -5,13 +5,16 @@ from .config import LoraConfig
 from .errors import AdapterError, AdapterFileError, ConfigError, MergeError, RankdialError, TargetError
 from .lora import (LoraLayer, active_adapters, adapter_names, delete_adapter, disabled, inject, merge, merge_and_unload,
                    set_active, trainable_parameters, unmerge)
+from .lora.model import merge_and_requantize
+from .quant import NF4Linear, NF4Tensor, dequantize_nf4, quantize_model, quantize_nf4
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "LoraLayer",
     "inject", "trainable_parameters", "set_active", "active_adapters", "adapter_names", "delete_adapter",
-    "disabled", "merge", "unmerge", "merge_and_unload",
+    "disabled", "merge", "unmerge", "merge_and_unload", "merge_and_requantize",
+    "quantize_model", "quantize_nf4", "dequantize_nf4", "NF4Tensor", "NF4Linear",
     "save_adapter", "load_adapter", "read_adapter_config", "convert_bin_adapter",
     "RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError",
 ]

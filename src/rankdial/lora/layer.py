@@ -11,30 +11,12 @@ reference by tests.
 from __future__ import annotations
 
 import math
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterError, MergeError
-
-
-def _conv1d_class() -> type | None:
-    """GPT-2's Conv1D, if transformers is loaded (a model cannot hold one otherwise)."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
-
-
-def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
-    """(d_in, d_out, fan_in_fan_out) for an nn.Linear or a Conv1D; None for any other module."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False
-    conv1d = _conv1d_class()
-    if conv1d is not None and isinstance(module, conv1d):
-        d_in, d_out = module.weight.shape  # Conv1D stores (d_in, d_out)
-        return d_in, d_out, True
-    return None
+from ..quant.linear import NF4Linear, _conv1d_class, linear_dims
 
 
 class LoraLayer(nn.Module):
@@ -49,6 +31,8 @@ class LoraLayer(nn.Module):
     Raises:
         TypeError: for any other module type.
     """
+
+    _rankdial_wrapper = True  # other tools (quantize_model) reach the base only through replace_base()
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -72,14 +56,12 @@ class LoraLayer(nn.Module):
         """Add adapter `name` (inactive); A Kaiming-uniform and B zero unless init_lora_weights is False."""
         if name in self.lora_A:
             raise AdapterError(f"adapter {name!r} already exists in this layer; pick another name or delete it first")
-        weight = self.base_layer.weight
+        device, dtype = self._base_device_dtype()
         # Half-precision bases keep their adapters in fp32 (as PEFT's autocast_adapter_dtype does): updates of
         # size lr·grad vanish when rounded to bf16.
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        if not weight.dtype.is_floating_point:
-            dtype = torch.float32
-        A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
-        B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))  # the same init as nn.Linear and PEFT
         if init_lora_weights:
             nn.init.zeros_(B.weight)
@@ -88,6 +70,23 @@ class LoraLayer(nn.Module):
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self._refresh()
+
+    def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        base = self.base_layer
+        if isinstance(base, NF4Linear):
+            return base.packed.device, base.compute_dtype or base.weight_dtype
+        return base.weight.device, base.weight.dtype
+
+    def replace_base(self, module: nn.Module) -> None:
+        """Swap the frozen base (e.g. for its NF4 version); dimensions must match and nothing may be merged."""
+        if linear_dims(module) is None or linear_dims(module)[:2] != (self.in_features, self.out_features):
+            raise MergeError(f"replacement base {type(module).__name__} does not have this layer's shape "
+                             f"({self.in_features} -> {self.out_features})")
+        if self.merged:
+            raise MergeError(f"adapters {self.merged} are merged into the base; unmerge before replacing it")
+        self.base_layer = module
+        self.fan_in_fan_out = linear_dims(module)[2]
         self._refresh()
 
     def delete_adapter(self, name: str) -> None:
@@ -137,6 +136,11 @@ class LoraLayer(nn.Module):
 
         Raises MergeError, leaving W₀ untouched, if the merged weight would hold NaN or Inf.
         """
+        if isinstance(self.base_layer, NF4Linear) and (names is None or names):
+            raise MergeError(
+                f"the base of {module_path or 'this layer'} is 4-bit NF4: merging in place would round the adapter "
+                "away. Use merge_and_unload(model) for a 16/32-bit merged model, or "
+                "merge_and_requantize(model) to go back to NF4 with the rounding error reported")
         weight = self.base_layer.weight
         for name in self.active if names is None else names:
             self._require(name)
@@ -151,6 +155,21 @@ class LoraLayer(nn.Module):
                 weight.copy_(merged.to(weight.dtype))
             self.merged.append(name)
         self._refresh()
+
+    def merged_weight(self, module_path: str = "") -> torch.Tensor:
+        """W₀ + Σ s·BA over the active unmerged adapters, in fp32 and the (d_out, d_in) layout; W₀ is not changed."""
+        base = self.base_layer
+        if isinstance(base, NF4Linear):
+            weight = base.dequantized_weight(torch.float32)
+        else:
+            weight = (base.weight.t() if self.fan_in_fan_out else base.weight).float()
+        for name in self._unmerged_active:
+            delta = self.delta_weight(name)
+            weight = weight + (delta.t() if self.fan_in_fan_out else delta).to(weight.device)
+        if not torch.isfinite(weight).all():
+            raise MergeError(f"merging adapters {list(self._unmerged_active)} into {module_path or 'a layer'} gives "
+                             "NaN/Inf weights; the adapter weights are corrupt or diverged (the model is unchanged)")
+        return weight
 
     def unmerge(self, names: list[str] | None = None) -> None:
         """Subtract merged adapters (default: all merged) from W₀, restoring it up to rounding."""

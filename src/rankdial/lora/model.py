@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import AdapterError, MergeError
+from ..quant.linear import NF4Linear
+from ..quant.nf4 import quantize_nf4
 from .inject import adapter_configs, named_wrappers
 from .layer import LoraLayer
 from .modules_to_save import ModulesToSave
@@ -58,7 +61,11 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
         wrapper.set_active(names)
 
 
-def merge(model: nn.Module, adapters: str | list[str] | None = None) -> None:
+def _is_4bit(layer: LoraLayer) -> bool:
+    return isinstance(layer.base_layer, NF4Linear)
+
+
+def merge(model: nn.Module, adapters: str | list[str] | None = None, _skip_4bit: bool = False) -> None:
     """Add s·BA of the active (or named) adapters into the base weights in place; idempotent.
 
     All-or-nothing: if any layer would get a non-finite weight, every layer merged by this call is
@@ -68,6 +75,8 @@ def merge(model: nn.Module, adapters: str | list[str] | None = None) -> None:
     done: list[tuple[LoraLayer, list[str]]] = []
     try:
         for path, layer in lora_layers(model):
+            if _skip_4bit and _is_4bit(layer):
+                continue
             todo = [n for n in (layer.active if names is None else names) if n in layer.lora_A and n not in layer.merged]
             layer.merge(todo, module_path=path)
             done.append((layer, todo))
@@ -83,18 +92,40 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapters and put plain modules back: returns the model with the base's own key names."""
-    merge(model)
+def _dense_linear(layer: LoraLayer, weight: torch.Tensor) -> nn.Linear:
+    """A plain nn.Linear holding `weight` (d_out, d_in) and the base's bias, in the dtype W₀ was stored in."""
+    base = layer.base_layer
+    dtype = base.weight_dtype if isinstance(base, NF4Linear) else base.weight.dtype
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+    return linear.requires_grad_(False)
+
+
+def _unload(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """Put plain modules back: merged linears for LoRA layers, the active copy for modules_to_save."""
     for path, wrapper in list(named_wrappers(model)):
         if isinstance(wrapper, LoraLayer):
-            plain = wrapper.base_layer
+            plain = replacements.get(path, wrapper.base_layer)
         else:
             plain = wrapper.modules_to_save[wrapper.active] if wrapper.active else wrapper.original_module
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, plain)
     model.__dict__.pop("_rankdial_adapters", None)
     return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters and put plain modules back: returns the model with the base's own key names.
+
+    A 4-bit (NF4) base is merged honestly: its dequantized weight plus the adapter becomes a plain nn.Linear
+    in the dtype the weight was quantized from (16 or 32 bit); nothing is rounded back to 4 bits.
+    """
+    dense = {p: _dense_linear(layer, layer.merged_weight(p)) for p, layer in lora_layers(model) if _is_4bit(layer)}
+    merge(model, _skip_4bit=True)
+    return _unload(model, dense)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -172,3 +203,41 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return ParameterReport(trainable, total, rows)
+
+
+@dataclass
+class RequantizeReport:
+    """The rounding error that re-quantizing merged weights to NF4 introduced, per layer and overall."""
+
+    rows: list[tuple[str, float, float]]  # (module path, max |error|, ‖error‖ / ‖W‖)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((r[1] for r in self.rows), default=0.0)
+
+    @property
+    def max_relative_error(self) -> float:
+        return max((r[2] for r in self.rows), default=0.0)
+
+    def __str__(self) -> str:
+        return (f"re-quantized {len(self.rows)} merged layers to NF4: max |error| {self.max_abs_error:.3g}, "
+                f"worst relative error {self.max_relative_error:.3g} (‖Q(W)-W‖/‖W‖)")
+
+
+def merge_and_requantize(model: nn.Module) -> tuple[nn.Module, RequantizeReport]:
+    """Like merge_and_unload, but 4-bit layers go back to NF4 (same block size and double quantization).
+
+    Rounding W₀ + ΔW to 4 bits loses part of ΔW; the report says how much, layer by layer.
+    """
+    rows, quantized = [], {}
+    for path, layer in lora_layers(model):
+        if not _is_4bit(layer):
+            continue
+        base, weight = layer.base_layer, layer.merged_weight(path)
+        nf4 = quantize_nf4(weight.to(base.weight_dtype), base.blocksize, base.nested_absmax is not None)
+        new = NF4Linear(nf4, base.bias, base.compute_dtype)
+        error = new.dequantized_weight(torch.float32) - weight
+        rows.append((path, error.abs().max().item(), (error.norm() / weight.norm().clamp(min=1e-30)).item()))
+        quantized[path] = new
+    merge(model, _skip_4bit=True)
+    return _unload(model, quantized), RequantizeReport(rows)

@@ -17,6 +17,8 @@ from ..errors import AdapterError
 class ModulesToSave(nn.Module):
     """x ↦ copy_a(x) for the active adapter a, else original(x)."""
 
+    _rankdial_wrapper = True  # other tools (quantize_model) leave what is inside alone
+
     def __init__(self, original_module: nn.Module):
         super().__init__()
         self.original_module = original_module

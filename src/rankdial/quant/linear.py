@@ -1,0 +1,224 @@
+"""NF4Linear: a frozen linear layer whose weight lives in 4-bit NF4, and quantize_model() to swap them in.
+
+The forward dequantizes the weight a bounded chunk of rows at a time (never a full fp32 copy of a large
+weight), multiplies in the compute dtype and casts back; the backward does the same for dL/dx. The weight
+gets no gradient: QLoRA trains adapters beside it. Dequantization uses bitsandbytes' compiled kernel when
+that package is installed (the format is bit-identical, and so are the results) and pure PyTorch otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import RankdialError
+from .nf4 import NF4Tensor, dequantize_range, quantize_nf4
+
+CHUNK_ELEMENTS = 1 << 22  # 4M weights (16 MB in fp32) dequantized at a time
+_KERNEL = os.environ.get("RANKDIAL_NF4_KERNEL", "auto")  # auto | torch | bitsandbytes
+
+
+def set_kernel(name: str) -> None:
+    """Choose NF4 dequantization: 'auto' (bitsandbytes if installed), 'torch' (pure), or 'bitsandbytes'."""
+    global _KERNEL
+    if name not in ("auto", "torch", "bitsandbytes"):
+        raise RankdialError(f"NF4 kernel must be 'auto', 'torch' or 'bitsandbytes', got {name!r}")
+    _KERNEL = name
+
+
+def _conv1d_class() -> type | None:
+    """GPT-2's Conv1D, if transformers is loaded (a model cannot hold one otherwise)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(d_in, d_out, fan_in_fan_out) for nn.Linear, Conv1D (weight stored (d_in, d_out)) or NF4Linear; else None."""
+    if isinstance(module, (nn.Linear, NF4Linear)):
+        return module.in_features, module.out_features, False
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        d_in, d_out = module.weight.shape
+        return d_in, d_out, True
+    return None
+
+
+def _bnb_dequantize():
+    """bitsandbytes' dequantize_4bit op, or None when the pure path is chosen or the package is missing."""
+    if _KERNEL == "torch":
+        return None
+    if "bitsandbytes" not in sys.modules:
+        try:
+            import bitsandbytes  # noqa: F401  (registers the ops)
+        except ImportError:
+            if _KERNEL == "bitsandbytes":
+                raise RankdialError("RANKDIAL_NF4_KERNEL=bitsandbytes but bitsandbytes is not installed; "
+                                    "pip install bitsandbytes, or use 'auto'") from None
+            return None
+    return torch.ops.bitsandbytes.dequantize_4bit.default
+
+
+class NF4Linear(nn.Module):
+    """x ↦ x·deq(W)ᵀ + b with W stored in NF4 (bitsandbytes' layout) and frozen.
+
+    Args:
+        weight: the quantized (d_out, d_in) weight.
+        bias: optional bias (kept in its own dtype, frozen).
+        compute_dtype: dtype of the matmul (e.g. torch.bfloat16); None uses the input's dtype.
+    """
+
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise RankdialError(f"NF4Linear needs a 2-D weight, got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.blocksize, self.weight_dtype, self.compute_dtype = weight.blocksize, weight.dtype, compute_dtype
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("absmax", weight.absmax)
+        for name in ("nested_absmax", "nested_offset", "nested_code"):
+            self.register_buffer(name, getattr(weight, name))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> "NF4Linear":
+        """Quantize an nn.Linear (or GPT-2's Conv1D, whose (d_in, d_out) weight is transposed first)."""
+        dims = linear_dims(linear)
+        if dims is None or isinstance(linear, NF4Linear):
+            raise RankdialError(f"cannot quantize a {type(linear).__name__}: NF4Linear replaces nn.Linear and Conv1D only")
+        weight = linear.weight.detach()
+        weight = weight.t() if dims[2] else weight
+        return cls(quantize_nf4(weight.contiguous(), blocksize, double_quant), linear.bias, compute_dtype)
+
+    @property
+    def quantized(self) -> NF4Tensor:
+        return NF4Tensor(self.packed, self.absmax, torch.Size((self.out_features, self.in_features)), self.weight_dtype,
+                         self.blocksize, self.nested_absmax, self.nested_offset, self.nested_code)
+
+    def row_chunks(self) -> list[tuple[int, int]]:
+        """Row ranges to dequantize at a time: whole NF4 blocks, at most CHUNK_ELEMENTS weights each."""
+        d_in = self.in_features
+        step = 1
+        while (step * d_in) % self.blocksize or (step * d_in) % 2:
+            step += 1
+        rows = max(step, (CHUNK_ELEMENTS // d_in) // step * step)
+        return [(r, min(r + rows, self.out_features)) for r in range(0, self.out_features, rows)]
+
+    def dequantize_rows(self, start: int, stop: int, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start..stop of W in `dtype`; `absmax` is the float32 per-block scale (see NF4Tensor.absmax_fp32)."""
+        first, last = start * self.in_features, stop * self.in_features
+        kernel = _bnb_dequantize()
+        if kernel is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
+            packed = self.packed[first // 2:(last + 1) // 2]
+            scales = absmax[first // self.blocksize:-(-last // self.blocksize)]
+            return kernel(packed, scales, self.blocksize, "nf4", [stop - start, self.in_features], dtype)
+        return dequantize_range(self.quantized, first, last, absmax, dtype).view(stop - start, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole weight in `dtype` (default: the dtype it was quantized from)."""
+        absmax = self.quantized.absmax_fp32()
+        dtype = dtype or self.weight_dtype
+        return torch.cat([self.dequantize_rows(a, b, absmax, dtype) for a, b in self.row_chunks()])
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.quantized.nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NF4Matmul.apply(x, self)
+
+    def extra_repr(self) -> str:
+        q = self.quantized
+        return (f"in={self.in_features}, out={self.out_features}, blocksize={self.blocksize}, "
+                f"double_quant={q.double_quant}, bits/param={q.bits_per_param:.3f}, bias={self.bias is not None}")
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x·Wᵀ + b, dL/dx = g·W, with W dequantized chunk by chunk in both passes and never stored."""
+
+    @staticmethod
+    def forward(ctx, x, layer: NF4Linear):
+        dtype = layer.compute_dtype or x.dtype
+        x2 = x.reshape(-1, layer.in_features).to(dtype)  # (N, d_in)
+        absmax = layer.quantized.absmax_fp32()
+        out = torch.empty(x2.shape[0], layer.out_features, dtype=dtype, device=x.device)  # (N, d_out)
+        for start, stop in layer.row_chunks():
+            out[:, start:stop] = x2 @ layer.dequantize_rows(start, stop, absmax, dtype).t()
+        if layer.bias is not None:
+            out += layer.bias.to(dtype)
+        ctx.layer, ctx.x_shape, ctx.x_dtype = layer, x.shape, x.dtype
+        return out.view(*x.shape[:-1], layer.out_features).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layer = ctx.layer
+        dtype = layer.compute_dtype or grad.dtype
+        g = grad.reshape(-1, layer.out_features).to(dtype)  # (N, d_out)
+        absmax = layer.quantized.absmax_fp32()
+        grad_x = torch.zeros(g.shape[0], layer.in_features, dtype=dtype, device=g.device)  # (N, d_in)
+        for start, stop in layer.row_chunks():
+            grad_x.addmm_(g[:, start:stop], layer.dequantize_rows(start, stop, absmax, dtype))
+        return grad_x.view(ctx.x_shape).to(ctx.x_dtype), None
+
+
+@dataclass
+class QuantizeReport:
+    """What quantize_model() replaced, and the bytes of those weights before and after."""
+
+    layers: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    params: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.bytes_after / self.params if self.params else 0.0
+
+    def __str__(self) -> str:
+        return (f"quantized {len(self.layers)} linear layers to NF4: {self.bytes_before / 2**20:.1f} MiB -> "
+                f"{self.bytes_after / 2**20:.1f} MiB ({self.bits_per_param:.3f} bits/param); "
+                f"kept in full precision: {self.skipped or 'none'}")
+
+
+def _matches(names: list[str], path: str) -> bool:
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def quantize_model(model: nn.Module, skip: list[str] | None = None, blocksize: int = 64, double_quant: bool = True,
+                   compute_dtype: torch.dtype | None = None) -> QuantizeReport:
+    """Replace every linear layer of `model` by an NF4Linear, in place; returns what it did.
+
+    The output head (get_output_embeddings) and modules whose path matches an entry of `skip` (exactly or
+    after a dot) stay in full precision; embeddings are not linear layers and are never touched. Inside a
+    LoRA layer only the frozen base is quantized (through its replace_base()); adapters and modules_to_save
+    copies are left alone.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    report, wrappers = QuantizeReport(), []
+    for path, module in list(model.named_modules()):
+        if any(path.startswith(w + ".") for w in wrappers):
+            continue
+        if getattr(module, "_rankdial_wrapper", False):
+            wrappers.append(path)
+        target = module.base_layer if hasattr(module, "replace_base") else module
+        if isinstance(target, NF4Linear) or linear_dims(target) is None:
+            continue
+        if target is head or getattr(head, "base_layer", None) is target or (skip and _matches(skip, path)):
+            report.skipped.append(path)
+            continue
+        quantized = NF4Linear.from_linear(target, blocksize, double_quant, compute_dtype)
+        report.layers.append(path)
+        report.params += target.weight.numel()
+        report.bytes_before += target.weight.numel() * target.weight.element_size()
+        report.bytes_after += quantized.weight_bytes
+        if hasattr(module, "replace_base"):
+            module.replace_base(quantized)
+        else:
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, quantized)
+    return report
