@@ -110,7 +110,10 @@ class NF4Linear(nn.Module):
     def dequantize_rows(self, start: int, stop: int, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows start..stop of W in `dtype`; `absmax` is the float32 per-block scale (see NF4Tensor.absmax_fp32)."""
         first, last = start * self.in_features, stop * self.in_features
-        kernel = _bnb_dequantize()
+        # bitsandbytes' compiled CPU kernel is only right when blocks do not straddle rows (and it falls back
+        # itself for blocksize >= 2048); elsewhere the pure path is both correct and the reference.
+        aligned = self.in_features % self.blocksize == 0 and self.blocksize < 2048
+        kernel = _bnb_dequantize() if aligned else None
         if kernel is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
             packed = self.packed[first // 2:(last + 1) // 2]
             scales = absmax[first // self.blocksize:-(-last // self.blocksize)]

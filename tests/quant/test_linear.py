@@ -1,0 +1,167 @@
+"""NF4Linear and QLoRA: exact agreement with dense math on the dequantized weight, adapters that train on a
+4-bit base, honest merging, and the bitsandbytes kernel held to the pure path."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rankdial as rd
+from rankdial.quant import linear as qlinear
+from rankdial.quant.linear import NF4Linear
+from conftest import model_output, tiny_model, token_batch
+
+
+def dense_and_nf4(d_in=128, d_out=96, bias=True, seed=0):
+    torch.manual_seed(seed)
+    dense = nn.Linear(d_in, d_out, bias=bias)
+    return dense, NF4Linear.from_linear(dense)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "bitsandbytes"])
+@pytest.mark.parametrize("d_in,d_out", [(128, 96), (100, 30), (64, 256)])
+def test_forward_and_input_grad_equal_dense_math_on_the_dequantized_weight(kernel, d_in, d_out, monkeypatch):
+    monkeypatch.setattr(qlinear, "_KERNEL", kernel)
+    monkeypatch.setattr(qlinear, "CHUNK_ELEMENTS", 2048)  # several chunks even for small weights
+    dense, q = dense_and_nf4(d_in, d_out)
+    assert len(q.row_chunks()) > 1
+    w = q.dequantized_weight()
+    x = torch.randn(3, 5, d_in, requires_grad=True)
+    out = q(x)
+    expected = torch.nn.functional.linear(x, w, dense.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(gx, g @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_bitsandbytes_kernel_and_pure_path_agree_exactly(monkeypatch):
+    _, q = dense_and_nf4(256, 64)
+    absmax = q.quantized.absmax_fp32()
+    monkeypatch.setattr(qlinear, "_KERNEL", "torch")
+    pure = q.dequantize_rows(0, 64, absmax, torch.float32)
+    monkeypatch.setattr(qlinear, "_KERNEL", "bitsandbytes")
+    assert torch.equal(q.dequantize_rows(0, 64, absmax, torch.float32), pure)
+
+
+def test_bf16_compute_dtype_casts_back():
+    dense, _ = dense_and_nf4()
+    q = NF4Linear.from_linear(dense, compute_dtype=torch.bfloat16)
+    x = torch.randn(4, 128)
+    out = q(x)
+    assert out.dtype == torch.float32
+    expected = torch.nn.functional.linear(x.bfloat16(), q.dequantized_weight(torch.bfloat16), dense.bias.bfloat16())
+    torch.testing.assert_close(out, expected.float(), rtol=2e-2, atol=1e-2)  # bf16 rounding of the sum
+
+
+def test_quantize_model_skips_head_and_reports_bytes(llama):
+    report = rd.quantize_model(llama)
+    assert len(report.layers) == 14 and report.skipped == ["lm_head"]
+    assert isinstance(llama.model.layers[0].self_attn.q_proj, NF4Linear)
+    assert isinstance(llama.lm_head, nn.Linear)
+    assert report.bytes_after < report.bytes_before / 6
+    assert report.bits_per_param < 4.2  # tiny layers: each also keeps one fp32 scale and offset (4.127 at scale)
+    assert "quantized 14 linear layers" in str(report)
+
+
+def test_quantize_model_handles_gpt2_conv1d():
+    model = tiny_model("gpt2")
+    ids = token_batch()
+    before = model_output(model, ids)
+    rd.quantize_model(model)
+    after = model_output(model, ids)
+    assert (after - before).abs().mean() < 0.1 * before.abs().mean()  # a 4-bit copy, not a different model
+
+
+def test_lora_on_nf4_equals_lora_on_the_dequantized_weight(llama):
+    rd.quantize_model(llama)
+    dense = copy.deepcopy(llama)
+    for name, module in list(dense.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, NF4Linear):
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                plain.weight.data.copy_(child.dequantized_weight())
+                setattr(module, child_name, plain)
+    for model in (llama, dense):
+        rd.inject(model, rd.LoraConfig(r=4, init_lora_weights=False))
+        torch.manual_seed(9)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape) * 0.1)
+    ids = token_batch()
+    torch.testing.assert_close(model_output(llama, ids), model_output(dense, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_only_the_adapters(llama):
+    rd.quantize_model(llama)
+    rd.inject(llama, rd.LoraConfig(r=4))
+    ids = token_batch()
+    llama(input_ids=ids, labels=ids).loss.backward()
+    with_grad = {n for n, p in llama.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, _ in llama.named_parameters() if ".lora_" in n}
+    assert all(b.grad is None for b in llama.buffers())
+
+
+def train(model, steps=40, lr=1e-2):
+    ids = token_batch(batch=2, length=12)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_qlora_lowers_the_loss_like_lora():
+    lora, qlora = tiny_model("llama"), tiny_model("llama")
+    rd.quantize_model(qlora)
+    for model in (lora, qlora):  # the tiny model's 0.02-scale head caps its logits: train the head too
+        rd.inject(model, rd.LoraConfig(r=8, lora_alpha=16, modules_to_save=["lm_head"]))
+    lora_losses, qlora_losses = train(lora), train(qlora)
+    print(f"LoRA loss {lora_losses[0]:.3f} -> {lora_losses[-1]:.3f}, QLoRA {qlora_losses[0]:.3f} -> {qlora_losses[-1]:.3f}")
+    assert lora_losses[-1] < 0.5 * lora_losses[0]
+    assert qlora_losses[-1] < 0.5 * qlora_losses[0]
+    # same data, same init: the 4-bit base ends within 15% of the full-precision run
+    assert abs(qlora_losses[-1] - lora_losses[-1]) < 0.15 * lora_losses[-1]
+
+
+def test_qlora_adapter_loads_in_peft_on_the_dense_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama")
+    q = copy.deepcopy(base)
+    rd.quantize_model(q)
+    rd.inject(q, rd.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    train(q, steps=5)
+    rd.save_adapter(q, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    ours = copy.deepcopy(base)
+    rd.load_adapter(ours, tmp_path / "a")
+    ids = token_batch()
+    torch.testing.assert_close(model_output(theirs, ids), model_output(ours, ids), rtol=0, atol=1e-5)
+
+
+def test_merging_onto_a_4bit_base(llama):
+    rd.quantize_model(llama)
+    rd.inject(llama, rd.LoraConfig(r=4, init_lora_weights=False))
+    ids = token_batch()
+    expected = model_output(llama, ids)
+    with pytest.raises(rd.MergeError, match="merge_and_unload"):
+        rd.merge(llama)
+    twin = copy.deepcopy(llama)
+    merged = rd.merge_and_unload(llama)
+    assert not any(isinstance(m, (NF4Linear, rd.LoraLayer)) for m in merged.modules())
+    torch.testing.assert_close(model_output(merged, ids), expected, rtol=1e-5, atol=1e-5)
+    requantized, report = rd.merge_and_requantize(twin)
+    assert all(isinstance(requantized.model.layers[0].self_attn.q_proj, NF4Linear) for _ in [0])
+    assert len(report.rows) == 14 and 0 < report.max_relative_error < 0.15
+    assert "re-quantized 14 merged layers" in str(report)
+
+
+def test_layer_types_that_cannot_be_quantized_are_named():
+    with pytest.raises(rd.RankdialError, match="cannot quantize a Embedding"):
+        NF4Linear.from_linear(nn.Embedding(10, 4))
