@@ -225,3 +225,12 @@ def quantize_model(model: nn.Module, skip: list[str] | None = None, blocksize: i
             parent_path, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, child, quantized)
     return report
+
+
+def quantized_bits_per_param(model: nn.Module) -> float:
+    """Bits per weight held by the model's NF4 layers (packed codes + scales, measured from their tensors)."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    params = sum(m.in_features * m.out_features for m in layers)
+    if not params:
+        raise RankdialError("the model has no NF4 layers; run quantize_model(model) first")
+    return 8 * sum(m.weight_bytes for m in layers) / params
