@@ -165,3 +165,18 @@ def test_merging_onto_a_4bit_base(llama):
 def test_layer_types_that_cannot_be_quantized_are_named():
     with pytest.raises(rd.RankdialError, match="cannot quantize a Embedding"):
         NF4Linear.from_linear(nn.Embedding(10, 4))
+
+
+def test_fused_cpu_inference_path_stays_within_bf16_of_the_exact_path():
+    dense, q = dense_and_nf4(256, 64)
+    q.eval()
+    x = torch.randn(16, 256)
+    with torch.no_grad():
+        fast = q(x)
+        cached = q._fused
+        q.fused_inference = False
+        exact = q(x)
+    assert (cached is not None) == (qlinear._bnb_fused_cpu() is not None)  # used wherever it is available
+    torch.testing.assert_close(fast, exact, rtol=3e-2, atol=3e-2)
+    q.train()
+    assert q._fused is None  # the bf16 layout is dropped when training resumes

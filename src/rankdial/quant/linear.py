@@ -61,6 +61,15 @@ def _bnb_dequantize():
     return torch.ops.bitsandbytes.dequantize_4bit.default
 
 
+def _bnb_fused_cpu():
+    """bitsandbytes.functional when its fused 4-bit CPU matmul (AVX512-BF16) is usable, else None."""
+    if _KERNEL == "torch" or _bnb_dequantize() is None:
+        return None
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional if bnb_functional.has_avx512bf16() else None
+
+
 class NF4Linear(nn.Module):
     """x ↦ x·deq(W)ᵀ + b with W stored in NF4 (bitsandbytes' layout) and frozen.
 
@@ -81,6 +90,10 @@ class NF4Linear(nn.Module):
         for name in ("nested_absmax", "nested_offset", "nested_code"):
             self.register_buffer(name, getattr(weight, name))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # Inference without autograd on a CPU with AVX512-BF16 may use bitsandbytes' fused kernel, which reads
+        # 4-bit weights directly but computes in bf16; set False for the exact fp32 path everywhere.
+        self.fused_inference = True
+        self._fused = None  # bitsandbytes' CPU layout of the weight, built on first use, dropped by train()/to()
 
     @classmethod
     def from_linear(cls, linear: nn.Module, blocksize: int = 64, double_quant: bool = True,
@@ -131,7 +144,40 @@ class NF4Linear(nn.Module):
         return self.quantized.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_inference and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu":
+            fused = self._fused_matmul(x)
+            if fused is not None:
+                return fused
         return _NF4Matmul.apply(x, self)
+
+    def _fused_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x·Wᵀ + b by bitsandbytes' fused CPU kernel (bf16 arithmetic), or None where it does not apply."""
+        bnb_functional = _bnb_fused_cpu()
+        if bnb_functional is None or self.out_features % 32 or self.in_features % 2 or \
+                self.in_features % self.blocksize:
+            return None
+        if self._fused is None:
+            import bitsandbytes as bnb
+
+            state = bnb_functional.QuantState(
+                absmax=self.quantized.absmax_fp32().clone(), shape=torch.Size((self.out_features, self.in_features)),
+                dtype=torch.float32, blocksize=self.blocksize, quant_type="nf4",
+                code=bnb_functional.get_4bit_type("nf4", device=self.packed.device))
+            qweight, state = bnb_functional._convert_weight_packed_for_cpu(self.packed.view(-1, 1).clone(), state)
+            self._fused = (bnb.matmul_4bit, qweight, state)
+        matmul, qweight, state = self._fused
+        dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return matmul(x.to(dtype), qweight, quant_state=state, bias=bias).to(x.dtype)
+
+    def train(self, mode: bool = True) -> "NF4Linear":
+        if mode:
+            self._fused = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._fused = None
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         q = self.quantized

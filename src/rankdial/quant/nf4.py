@@ -31,8 +31,11 @@ NF4_CODE = torch.tensor([
     0.7229568362236023, 1.0], dtype=torch.float32)
 # Rounding to the nearest code is bucketing by the midpoints; a value on a midpoint goes to the lower code.
 NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
-# Every byte decoded at once: entry b holds (code[b >> 4], code[b & 15]).
+# Every byte decoded at once: entry b holds (code[b >> 4], code[b & 15]), viewed as one int64 so that one
+# index_select fetches both values of a byte.
 _BYTE_TABLE = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)
+_BYTE_PAIRS = _BYTE_TABLE.contiguous().view(torch.int64).view(-1)  # (256,)
+CHUNK = 1 << 19  # values handled per step by the fast paths: temporaries stay in cache
 
 
 def dynamic_code() -> torch.Tensor:
@@ -162,11 +165,25 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         RankdialError: w is not a floating-point tensor, is empty, or holds NaN/Inf.
     """
     _check_input(w, blocksize)
-    scaled, absmax = _scaled_blocks(w.detach().reshape(-1).float(), blocksize)
-    # Values past ±1 from rounding land in the outer buckets either way, so no clamp is needed.
-    codes = torch.bucketize(scaled, NF4_BOUNDS.to(w.device), out_int32=True)
+    flat = w.detach().reshape(-1)
+    n, bounds = flat.numel(), NF4_BOUNDS.to(w.device)
+    full = n - n % blocksize
+    absmax = flat[:full].view(-1, blocksize).abs().amax(dim=1).float()
+    inverse = 1.0 / absmax.clamp(min=1e-38)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    step = max(blocksize, CHUNK // blocksize * blocksize)
+    for s in range(0, full, step):  # whole blocks, a cache-sized chunk at a time
+        e = min(s + step, full)
+        scaled = flat[s:e].view(-1, blocksize).float() * inverse[s // blocksize:e // blocksize].unsqueeze(1)
+        # Values past ±1 from rounding land in the outer buckets either way, so no clamp is needed.
+        codes = torch.bucketize(scaled.view(-1), bounds, out_int32=True).view(-1, 2)
+        packed[s // 2:e // 2] = (codes[:, 0] << 4) | codes[:, 1]
+    if full < n:  # the trailing partial block: its own absmax, divided as bitsandbytes does
+        tail_max = flat[full:].float().abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max.unsqueeze(0)])
+        packed[full // 2:] = _pack(torch.bucketize(flat[full:].float() / tail_max, bounds, out_int32=True))
     nested = _double_quantize(absmax) if double_quant else {"absmax": absmax}
-    return NF4Tensor(_pack(codes), shape=w.shape, dtype=w.dtype, blocksize=blocksize, **nested)
+    return NF4Tensor(packed, shape=w.shape, dtype=w.dtype, blocksize=blocksize, **nested)
 
 
 def quantize_nf4_reference(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
@@ -185,18 +202,23 @@ def quantize_nf4_reference(w: torch.Tensor, blocksize: int = 64, double_quant: b
 
 def dequantize_range(t: NF4Tensor, start: int, stop: int, absmax: torch.Tensor | None = None,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Flat values start..stop of the weight (start a multiple of the blocksize), via a 256-entry byte table."""
+    """Flat values start..stop of the weight (start a multiple of the blocksize), fast path: per chunk of whole
+    blocks, one table lookup per byte gives both codes, then one multiply by the blocks' absmax."""
     absmax = t.absmax_fp32() if absmax is None else absmax
-    table = _BYTE_TABLE.to(t.packed.device)
-    values = table[t.packed[start // 2:(stop + 1) // 2].long()].view(-1)[:stop - start]  # (stop-start,)
-    first, n = start // t.blocksize, stop - start
-    full = n - n % t.blocksize
-    out = torch.empty(n, dtype=torch.float32, device=values.device)
-    torch.mul(values[:full].view(-1, t.blocksize), absmax[first:first + full // t.blocksize].unsqueeze(1),
-              out=out[:full].view(-1, t.blocksize))
+    table = _BYTE_PAIRS.to(t.packed.device)
+    bs, n, first = t.blocksize, stop - start, start // t.blocksize
+    packed = t.packed[start // 2:(stop + 1) // 2].int()
+    out = torch.empty(2 * packed.numel(), dtype=torch.float32, device=packed.device)
+    full = n - n % bs
+    step = max(bs, CHUNK // bs * bs)
+    for s in range(0, full, step):
+        e = min(s + step, full)
+        values = torch.index_select(table, 0, packed[s // 2:e // 2]).view(torch.float32).view(-1, bs)
+        torch.mul(values, absmax[first + s // bs:first + e // bs].unsqueeze(1), out=out[s:e].view(-1, bs))
     if full < n:
-        torch.mul(values[full:], absmax[first + full // t.blocksize], out=out[full:])
-    return out.to(dtype)
+        values = torch.index_select(table, 0, packed[full // 2:]).view(torch.float32)[:n - full]
+        torch.mul(values, absmax[first + full // bs], out=out[full:n])
+    return out[:n].to(dtype)
 
 
 def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
