@@ -168,13 +168,16 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     flat = w.detach().reshape(-1)
     n, bounds = flat.numel(), NF4_BOUNDS.to(w.device)
     full = n - n % blocksize
-    absmax = flat[:full].view(-1, blocksize).abs().amax(dim=1).float()
-    inverse = 1.0 / absmax.clamp(min=1e-38)
+    absmax = torch.empty(full // blocksize, dtype=torch.float32, device=w.device)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
     step = max(blocksize, CHUNK // blocksize * blocksize)
-    for s in range(0, full, step):  # whole blocks, a cache-sized chunk at a time
+    for s in range(0, full, step):  # whole blocks, a cache-sized chunk at a time, in one pass
         e = min(s + step, full)
-        scaled = flat[s:e].view(-1, blocksize).float() * inverse[s // blocksize:e // blocksize].unsqueeze(1)
+        block = flat[s:e].view(-1, blocksize).float()
+        low, high = torch.aminmax(block, dim=1)
+        scale = absmax[s // blocksize:e // blocksize]
+        torch.maximum(-low, high, out=scale)
+        scaled = block * (1.0 / scale.clamp(min=1e-38)).unsqueeze(1)
         # Values past ±1 from rounding land in the outer buckets either way, so no clamp is needed.
         codes = torch.bucketize(scaled.view(-1), bounds, out_int32=True).view(-1, 2)
         packed[s // 2:e // 2] = (codes[:, 0] << 4) | codes[:, 1]
