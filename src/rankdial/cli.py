@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import RankdialError
 
 EPILOG = {
-    "demo": "example: rankdial demo --out out/demo --steps 40",
+    "demo": "example: rankdial demo --out out/demo --steps 40 --method qlora",
     "inspect": "example: rankdial inspect out/demo/adapter",
     "convert-bin": "example: rankdial convert-bin downloads/old-adapter",
 }
@@ -19,16 +19,20 @@ EPILOG = {
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_roundtrip
 
-    print(f"rankdial demo: LoRA round trip on a tiny Llama-shaped model (r={args.r}, {args.steps} steps)\n")
-    result = run_roundtrip(args.out, steps=args.steps, r=args.r)
-    print("\nwhat happened")
-    print(f"  {result.report}")
-    print(f"  loss: {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over {len(result.losses)} steps")
-    print(f"  adapter folder (PEFT format): {result.adapter_dir}")
-    print(f"  reloaded into a fresh base: max |logit diff| = {result.load_max_diff:.2e}")
-    print(f"  merged into the base (plain model, no adapter): max |logit diff| = {result.merge_max_diff:.2e}")
-    print(f"  time: {result.seconds:.1f} s")
-    ok = result.losses[-1] < result.losses[0] and result.load_max_diff == 0.0 and result.merge_max_diff < 1e-4
+    methods = ["lora", "qlora"] if args.method == "both" else [args.method]
+    ok = True
+    for method in methods:
+        name = "QLoRA (NF4 base)" if method == "qlora" else "LoRA"
+        print(f"rankdial demo: {name} round trip on a tiny Llama-shaped model (r={args.r}, {args.steps} steps)\n")
+        result = run_roundtrip(args.out, steps=args.steps, r=args.r, qlora=method == "qlora")
+        print(f"\nwhat happened ({name})")
+        print(f"  {result.report}")
+        print(f"  loss: {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over {len(result.losses)} steps")
+        print(f"  adapter folder (PEFT format): {result.adapter_dir}")
+        print(f"  reloaded into a fresh base: max |logit diff| = {result.load_max_diff:.2e}")
+        print(f"  merged into the base (plain model, no adapter): max |logit diff| = {result.merge_max_diff:.2e}")
+        print(f"  time: {result.seconds:.1f} s\n")
+        ok &= result.losses[-1] < result.losses[0] and result.load_max_diff == 0.0 and result.merge_max_diff < 1e-4
     print("round trip OK" if ok else "round trip FAILED")
     return 0 if ok else 1
 
@@ -90,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="folder for the adapter (default: out/demo)")
     demo.add_argument("--steps", type=int, default=40, help="training steps (default: 40)")
     demo.add_argument("--r", type=int, default=8, help="LoRA rank (default: 8)")
+    demo.add_argument("--method", choices=["lora", "qlora", "both"], default="both",
+                      help="LoRA on the fp32 base, QLoRA on an NF4 base, or both (default)")
     demo.set_defaults(run=cmd_demo)
     inspect = verbs.add_parser("inspect", help="describe an adapter folder: ranks, size, norm of each ΔW",
                                epilog=EPILOG["inspect"])

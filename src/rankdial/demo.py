@@ -16,6 +16,7 @@ import torch
 from .adapters import load_adapter, save_adapter
 from .config import LoraConfig
 from .lora import inject, merge_and_unload, trainable_parameters
+from .quant import quantize_model, set_fused_inference
 
 TEXT = "Low-rank adaptation: freeze W0, learn B times A, merge them back for free. "
 
@@ -52,11 +53,18 @@ def _loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
-def run_roundtrip(out_dir: str | Path, steps: int = 40, r: int = 8, seed: int = 0, log=print) -> RoundTrip:
-    """Train a rank-r adapter on TEXT for `steps` AdamW steps, save, reload into a fresh base, merge; check outputs."""
+def run_roundtrip(out_dir: str | Path, steps: int = 40, r: int = 8, seed: int = 0, qlora: bool = False,
+                  log=print) -> RoundTrip:
+    """Train a rank-r adapter on TEXT for `steps` AdamW steps, save, reload into a fresh base, merge; check outputs.
+
+    With qlora=True the frozen base is first quantized to NF4 (the reloaded copy too) and the merge
+    produces plain full-precision linears from the dequantized weights.
+    """
     start = time.perf_counter()
     device = default_device()
     base = tiny_llama(seed).to(device).eval()
+    if qlora:
+        log(str(quantize_model(base)))
     model = copy.deepcopy(base)
     inject(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM"))
     report = trainable_parameters(model)
@@ -74,7 +82,9 @@ def run_roundtrip(out_dir: str | Path, steps: int = 40, r: int = 8, seed: int = 
         if step % 10 == 0 or step == steps - 1:
             log(f"step {step:3d}  loss {loss.item():.4f}")
     model.eval()
-    adapter_dir = save_adapter(model, Path(out_dir) / "adapter")
+    for m in (model, base):  # compare on the exact fp32 path, not bitsandbytes' bf16 fused one
+        set_fused_inference(m, False)
+    adapter_dir = save_adapter(model, Path(out_dir) / ("qlora-adapter" if qlora else "adapter"))
     log(f"saved adapter to {adapter_dir}")
     reloaded = copy.deepcopy(base)
     load_adapter(reloaded, adapter_dir)

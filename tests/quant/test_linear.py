@@ -9,7 +9,7 @@ from torch import nn
 
 import rankdial as rd
 from rankdial.quant import linear as qlinear
-from rankdial.quant.linear import NF4Linear
+from rankdial.quant.linear import NF4Linear, set_fused_inference
 from conftest import model_output, tiny_model, token_batch
 
 
@@ -76,6 +76,7 @@ def test_quantize_model_handles_gpt2_conv1d():
 
 def test_lora_on_nf4_equals_lora_on_the_dequantized_weight(llama):
     rd.quantize_model(llama)
+    set_fused_inference(llama, False)  # the exact fp32 path (the fused one computes in bf16)
     dense = copy.deepcopy(llama)
     for name, module in list(dense.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -147,6 +148,7 @@ def test_qlora_adapter_loads_in_peft_on_the_dense_base(tmp_path):
 
 def test_merging_onto_a_4bit_base(llama):
     rd.quantize_model(llama)
+    set_fused_inference(llama, False)
     rd.inject(llama, rd.LoraConfig(r=4, init_lora_weights=False))
     ids = token_batch()
     expected = model_output(llama, ids)
@@ -180,3 +182,25 @@ def test_fused_cpu_inference_path_stays_within_bf16_of_the_exact_path():
     torch.testing.assert_close(fast, exact, rtol=3e-2, atol=3e-2)
     q.train()
     assert q._fused is None  # the bf16 layout is dropped when training resumes
+
+
+def test_qlora_adapter_reloads_onto_a_fresh_quantized_base(tmp_path):
+    base = tiny_model("llama")
+    trained = copy.deepcopy(base)
+    rd.quantize_model(trained)
+    rd.inject(trained, rd.LoraConfig(r=4, init_lora_weights=False))
+    rd.save_adapter(trained, tmp_path / "a")
+    fresh = copy.deepcopy(base)
+    rd.quantize_model(fresh)
+    rd.load_adapter(fresh, tmp_path / "a")
+    ids = token_batch()
+    assert torch.equal(model_output(fresh, ids), model_output(trained, ids))
+
+
+def test_parameter_report_counts_4bit_weights(llama):
+    total = sum(p.numel() for p in llama.parameters())
+    rd.quantize_model(llama.eval())
+    assert not any(m.training for m in llama.modules() if isinstance(m, NF4Linear))  # mode carried over
+    rd.inject(llama, rd.LoraConfig(r=2))
+    report = rd.trainable_parameters(llama)
+    assert report.total == total + report.trainable

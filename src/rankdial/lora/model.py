@@ -201,7 +201,9 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
             for name, copy in wrapper.modules_to_save.items():
                 rows.append((path, f"{name}: full copy", sum(p.numel() for p in copy.parameters() if p.requires_grad)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # NF4 weights are packed buffers, not Parameters: count each as the weights it stands for
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    total = sum(p.numel() for p in model.parameters()) + quantized
     return ParameterReport(trainable, total, rows)
 
 

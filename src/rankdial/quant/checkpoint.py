@@ -136,7 +136,7 @@ def load_quantized_into(model: nn.Module, folder: str | Path) -> nn.Module:
     for path in quantized:
         module = model.get_submodule(path)
         compute = getattr(module, "compute_dtype", None)
-        layer = NF4Linear(nf4_from_tensors(path, tensors), tensors.get(f"{path}.bias"), compute)
+        layer = NF4Linear(nf4_from_tensors(path, tensors), tensors.get(f"{path}.bias"), compute).train(module.training)
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     used = {k for p in quantized for k in tensors if k == f"{p}.bias" or k.startswith(f"{p}.weight")}

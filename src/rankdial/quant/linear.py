@@ -260,7 +260,7 @@ def quantize_model(model: nn.Module, skip: list[str] | None = None, blocksize: i
         if target is head or getattr(head, "base_layer", None) is target or (skip and _matches(skip, path)):
             report.skipped.append(path)
             continue
-        quantized = NF4Linear.from_linear(target, blocksize, double_quant, compute_dtype)
+        quantized = NF4Linear.from_linear(target, blocksize, double_quant, compute_dtype).train(target.training)
         report.layers.append(path)
         report.params += target.weight.numel()
         report.bytes_before += target.weight.numel() * target.weight.element_size()
@@ -280,3 +280,10 @@ def quantized_bits_per_param(model: nn.Module) -> float:
     if not params:
         raise RankdialError("the model has no NF4 layers; run quantize_model(model) first")
     return 8 * sum(m.weight_bytes for m in layers) / params
+
+
+def set_fused_inference(model: nn.Module, enabled: bool) -> None:
+    """Allow (True, the default) or forbid bitsandbytes' bf16 fused CPU inference in every NF4Linear of `model`."""
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            module.fused_inference = enabled
