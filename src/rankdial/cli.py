@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import RankdialError
+from .errors import AdapterFileError, RankdialError
 
 EPILOG = {
     "demo": "example: rankdial demo --out out/demo --steps 40 --method qlora",
@@ -48,7 +48,10 @@ def inspect_adapter(path: str | Path) -> dict:
     modules = []
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         module = key[len(KEY_PREFIX):-len(".lora_A.weight")]
-        A, B = tensors[key].float(), tensors[key.replace(".lora_A.", ".lora_B.")].float()
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        if b_key not in tensors:
+            raise AdapterFileError(f"{path} has {key} but not {b_key}; the adapter file is incomplete: save it again")
+        A, B = tensors[key].float(), tensors[b_key].float()
         r = A.shape[0]
         scale = config.scaling(r, pattern_value(config.alpha_pattern, module, config.lora_alpha))
         modules.append({"module": module, "r": r, "d_in": A.shape[1], "d_out": B.shape[0],

@@ -191,12 +191,6 @@ def _nothing_matched(model: nn.Module, config: LoraConfig) -> str:
             f"Closest names it has: {sorted(set(close)) or '(none close)'}; all its linear layer names: {names}")
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, module)
-
-
 def check_adapter_name(model: nn.Module, name: str) -> None:
     """Raise AdapterError if `name` is not a usable new adapter name for this model."""
     if not isinstance(name, str) or not name or "." in name:
@@ -231,14 +225,14 @@ def apply_plan(model: nn.Module, config: LoraConfig, plan: Plan, adapter: str, t
         if not isinstance(layer, LoraLayer):
             replaced[t.path] = layer
             layer = LoraLayer(layer)
-            _set_submodule(model, t.path, layer)
+            model.set_submodule(t.path, layer)
         layer.add_adapter(adapter, t.r, t.alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
     for path in plan.saved:
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
             replaced[path] = wrapper
             wrapper = ModulesToSave(wrapper)
-            _set_submodule(model, path, wrapper)
+            model.set_submodule(path, wrapper)
         wrapper.add_adapter(adapter)
     configs = adapter_configs(model)
     configs[adapter] = replace(config, fan_in_fan_out=any(t.fan_in_fan_out for t in plan.targets))

@@ -65,18 +65,19 @@ def _is_4bit(layer: LoraLayer) -> bool:
     return isinstance(layer.base_layer, NF4Linear)
 
 
-def merge(model: nn.Module, adapters: str | list[str] | None = None, _skip_4bit: bool = False) -> None:
+def merge(model: nn.Module, adapters: str | list[str] | None = None) -> None:
     """Add s·BA of the active (or named) adapters into the base weights in place; idempotent.
 
     All-or-nothing: if any layer would get a non-finite weight, every layer merged by this call is
-    unmerged again and MergeError names the adapter and the layer.
+    unmerged again and MergeError names the adapter and the layer. A 4-bit base refuses (see merge_and_unload).
     """
-    names = None if adapters is None else _known(model, adapters)
+    _merge_layers(list(lora_layers(model)), None if adapters is None else _known(model, adapters))
+
+
+def _merge_layers(layers: list[tuple[str, LoraLayer]], names: list[str] | None) -> None:
     done: list[tuple[LoraLayer, list[str]]] = []
     try:
-        for path, layer in lora_layers(model):
-            if _skip_4bit and _is_4bit(layer):
-                continue
+        for path, layer in layers:
             todo = [n for n in (layer.active if names is None else names) if n in layer.lora_A and n not in layer.merged]
             layer.merge(todo, module_path=path)
             done.append((layer, todo))
@@ -84,6 +85,11 @@ def merge(model: nn.Module, adapters: str | list[str] | None = None, _skip_4bit:
         for layer, todo in done:
             layer.unmerge(todo)
         raise
+
+
+def _merge_dense(model: nn.Module) -> None:
+    """Merge the active adapters of every layer whose base is dense (4-bit bases are rebuilt, not merged)."""
+    _merge_layers([(p, layer) for p, layer in lora_layers(model) if not _is_4bit(layer)], None)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -111,8 +117,7 @@ def _unload(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
             plain = replacements.get(path, wrapper.base_layer)
         else:
             plain = wrapper.modules_to_save[wrapper.active] if wrapper.active else wrapper.original_module
-        parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, child, plain)
+        model.set_submodule(path, plain)
     model.__dict__.pop("_rankdial_adapters", None)
     return model
 
@@ -124,7 +129,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     in the dtype the weight was quantized from (16 or 32 bit); nothing is rounded back to 4 bits.
     """
     dense = {p: _dense_linear(layer, layer.merged_weight(p)) for p, layer in lora_layers(model) if _is_4bit(layer)}
-    merge(model, _skip_4bit=True)
+    _merge_dense(model)
     return _unload(model, dense)
 
 
@@ -141,8 +146,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         else:
             continue
         if empty:
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child, plain)
+            model.set_submodule(path, plain)
     del adapter_configs(model)[name]
 
 
@@ -241,5 +245,5 @@ def merge_and_requantize(model: nn.Module) -> tuple[nn.Module, RequantizeReport]
         error = new.dequantized_weight(torch.float32) - weight
         rows.append((path, error.abs().max().item(), (error.norm() / weight.norm().clamp(min=1e-30)).item()))
         quantized[path] = new
-    merge(model, _skip_4bit=True)
+    _merge_dense(model)
     return _unload(model, quantized), RequantizeReport(rows)

@@ -134,11 +134,14 @@ def load_quantized_into(model: nn.Module, folder: str | Path) -> nn.Module:
         raise CheckpointError(f"{file} cannot be read ({err}); it is missing, truncated or corrupt") from err
     quantized = sorted(k[:-len(STATE_SUFFIX)] for k in tensors if k.endswith(STATE_SUFFIX))
     for path in quantized:
-        module = model.get_submodule(path)
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise CheckpointError(f"{file} holds a 4-bit weight for {path!r}, which {type(model).__name__} does not "
+                                  "have; is the checkpoint for another architecture? Check config.json") from None
         compute = getattr(module, "compute_dtype", None)
         layer = NF4Linear(nf4_from_tensors(path, tensors), tensors.get(f"{path}.bias"), compute).train(module.training)
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        model.set_submodule(path, layer)
     used = {k for p in quantized for k in tensors if k == f"{p}.bias" or k.startswith(f"{p}.weight")}
     rest = {k: v for k, v in tensors.items() if k not in used}
     expected = {k for k in model.state_dict() if not any(k.startswith(p + ".") for p in quantized)}

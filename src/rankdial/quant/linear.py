@@ -82,7 +82,8 @@ class NF4Linear(nn.Module):
     def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         if len(weight.shape) != 2:
-            raise RankdialError(f"NF4Linear needs a 2-D weight, got shape {tuple(weight.shape)}")
+            raise RankdialError(f"NF4Linear needs a 2-D (out_features, in_features) weight, got shape "
+                                f"{tuple(weight.shape)}; quantize the linear layer's weight, not another tensor")
         self.out_features, self.in_features = weight.shape
         self.blocksize, self.weight_dtype, self.compute_dtype = weight.blocksize, weight.dtype, compute_dtype
         self.register_buffer("packed", weight.packed)
@@ -268,8 +269,7 @@ def quantize_model(model: nn.Module, skip: list[str] | None = None, blocksize: i
         if hasattr(module, "replace_base"):
             module.replace_base(quantized)
         else:
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child, quantized)
+            model.set_submodule(path, quantized)
     return report
 
 
