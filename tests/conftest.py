@@ -62,3 +62,41 @@ def model_output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def llama():
     return tiny_model("llama")
+
+
+def make_model_dir(path, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A tiny random LlamaForCausalLM saved with the embedded default model's tokenizer (4096 tokens)."""
+    import shutil
+
+    import transformers as tf
+    from rankdial.train import default_model_path
+
+    src = default_model_path()
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, path / name)
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def qa_rows(n: int = 24):
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    return [{"prompt": f"What is {words[i % 6]} {i}?\n", "completion": f"It is the number {i} of {words[i % 6]}."}
+            for i in range(n)]

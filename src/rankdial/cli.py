@@ -10,14 +10,26 @@ from pathlib import Path
 from .errors import AdapterFileError, RankdialError
 
 EPILOG = {
-    "demo": "example: rankdial demo --out out/demo --steps 40 --method qlora",
+    "demo": "example: rankdial demo --out out/demo          (or: rankdial demo --tiny --method qlora)",
+    "train": ("examples:\n  rankdial train run.toml\n  rankdial train run.yaml --lr 1e-4 --steps 500\n"
+              "  rankdial train --data train.jsonl --method qlora --output-dir out/q\n"
+              "  torchrun --nproc_per_node 2 -m rankdial.cli train run.toml\n"
+              "  rankdial train run.toml --resume        (continue from the newest good checkpoint)"),
+    "merge": "example: rankdial merge out/run --out out/run-merged   (then AutoModelForCausalLM.from_pretrained)",
+    "generate": ("examples:\n  rankdial generate 'What does len do?'\n"
+                 "  rankdial generate 'What does len do?' --adapter out/lora --adapter out/qlora\n"
+                 "  rankdial generate 'And God said' --model out/run-merged --no-base --temperature 0.8"),
     "inspect": "example: rankdial inspect out/demo/adapter",
     "convert-bin": "example: rankdial convert-bin downloads/old-adapter",
 }
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_roundtrip
+    from .demo import run_demo, run_roundtrip
+
+    if not args.tiny:
+        return 0 if run_demo(args.out, steps=args.steps or 120) else 1
+    args.steps = args.steps or 40
 
     methods = ["lora", "qlora"] if args.method == "both" else [args.method]
     ok = True
@@ -82,6 +94,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+    from .train.config import FIELDS
+
+    overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    train(args.config, resume=args.resume, overwrite=args.overwrite, **overrides)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .inference import merge_to_folder
+
+    print(f"wrote {merge_to_folder(args.adapter, args.out, args.model)}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .inference import compare, load_variants
+
+    net, tok, variants = load_variants(args.model, args.adapter or [], args.device, include_base=not args.no_base)
+    rows = compare(net, tok, variants, args.prompt, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"prompt: {row['prompt']!r}")
+        for label, text in row["outputs"].items():
+            print(f"  [{label}] {text.strip()}")
+        print()
+    return 0
+
+
 def cmd_convert_bin(args: argparse.Namespace) -> int:
     from .adapters import convert_bin_adapter
 
@@ -89,17 +134,73 @@ def cmd_convert_bin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_type(key, parse):
+    def convert(text):
+        try:
+            return parse(key, text)
+        except RankdialError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    convert.__name__ = key
+    return convert
+
+
+def add_train_parser(verbs, fmt) -> None:
+    from .train.config import FIELDS, TrainConfig, parse_flag_value
+
+    p = verbs.add_parser("train", help="fine-tune with LoRA, QLoRA or in full from a TOML/YAML config and flags",
+                         description="Fine-tune a model. Every config key is also a flag (--max-length 512); "
+                                     "flags win over the file.\n\n" + (TrainConfig.__doc__ or ""),
+                         epilog=EPILOG["train"], formatter_class=fmt)
+    p.add_argument("config", nargs="?", default=None, help="a .toml or .yaml config file (optional)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    defaults = TrainConfig.__dataclass_fields__
+    for key in FIELDS:
+        flag = "--" + key.replace("_", "-")
+        if FIELDS[key].type == "bool":
+            p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {defaults[key].default})")
+        else:
+            p.add_argument(flag, dest=key, default=None, metavar=key.upper(), type=_flag_type(key, parse_flag_value),
+                           help=f"(default: {defaults[key].default})")
+    p.set_defaults(run=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankdial", description="Low-rank adaptation you can see and trust.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    demo = verbs.add_parser("demo", help="the LoRA round trip on a tiny model: train, save, load, merge",
-                            epilog=EPILOG["demo"])
-    demo.add_argument("--out", default="out/demo", help="folder for the adapter (default: out/demo)")
-    demo.add_argument("--steps", type=int, default=40, help="training steps (default: 40)")
-    demo.add_argument("--r", type=int, default=8, help="LoRA rank (default: 8)")
+    fmt = argparse.RawDescriptionHelpFormatter
+    demo = verbs.add_parser("demo", help="the main job: LoRA and QLoRA fine-tunes of the default model, compared",
+                            epilog=EPILOG["demo"], formatter_class=fmt)
+    demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 120; 40 with --tiny)")
+    demo.add_argument("--tiny", action="store_true", help="the seconds-long round trip on a random tiny Llama instead")
+    demo.add_argument("--r", type=int, default=8, help="LoRA rank for --tiny (default: 8)")
     demo.add_argument("--method", choices=["lora", "qlora", "both"], default="both",
-                      help="LoRA on the fp32 base, QLoRA on an NF4 base, or both (default)")
+                      help="for --tiny: LoRA on the fp32 base, QLoRA on an NF4 base, or both (default)")
     demo.set_defaults(run=cmd_demo)
+    add_train_parser(verbs, fmt)
+    merge = verbs.add_parser("merge", help="base + adapter -> a plain model folder that transformers loads",
+                             epilog=EPILOG["merge"], formatter_class=fmt)
+    merge.add_argument("adapter", help="adapter folder (a rankdial train output, or any PEFT LoRA adapter)")
+    merge.add_argument("--out", required=True, help="folder for the merged model")
+    merge.add_argument("--model", default=None, help="base model folder or 'default' (default: the one the adapter names)")
+    merge.set_defaults(run=cmd_merge)
+    gen = verbs.add_parser("generate", help="sample from the base, adapters or a merged model, side by side",
+                           epilog=EPILOG["generate"], formatter_class=fmt)
+    gen.add_argument("prompt", nargs="+", help="one or more prompts")
+    gen.add_argument("--model", default=None, help="model folder or 'default' (default: the first adapter's base, "
+                     "else the embedded default model)")
+    gen.add_argument("--adapter", action="append", help="adapter folder; repeat to compare several")
+    gen.add_argument("--no-base", action="store_true", help="do not show the base model's output")
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--json", action="store_true", help="print JSON")
+    gen.set_defaults(run=cmd_generate)
     inspect = verbs.add_parser("inspect", help="describe an adapter folder: ranks, size, norm of each ΔW",
                                epilog=EPILOG["inspect"])
     inspect.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
@@ -113,7 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        import difflib
+
+        flags = [a for action in parser._subparsers._group_actions[0].choices[args.verb]._actions
+                 for a in action.option_strings if a.startswith("--")]
+        hints = []
+        for u in unknown:
+            near = difflib.get_close_matches(u.split("=")[0], flags, n=1, cutoff=0.6) if u.startswith("--") else []
+            hints.append(f"{u} (did you mean {near[0]}?)" if near else u)
+        print(f"rankdial {args.verb}: error: unknown argument(s): {', '.join(hints)}; "
+              f"see rankdial {args.verb} --help", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except RankdialError as err:

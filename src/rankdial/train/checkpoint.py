@@ -1,0 +1,156 @@
+"""Training checkpoints: written atomically, verified by a manifest, the newest good one found on resume.
+
+A checkpoint folder `checkpoints/step-000050/` holds the trainable tensors (and, for LoRA, a PEFT adapter
+folder `adapter/` usable on its own), the optimizer and scheduler states, the RNG states and the data
+position. It is built under a temporary name and renamed into place; `manifest.json` (size and SHA-256 of
+every file) is written last, so a folder without a matching manifest is incomplete or corrupt and is passed
+over for the one before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                     state: dict, save_adapter_fn=None) -> Path:
+    """Write checkpoint `step` under root/checkpoints atomically; returns its folder."""
+    ckpts = root / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    final = ckpts / f"{PREFIX}{step:06d}"
+    tmp = ckpts / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                   tmp / "training_state.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
+        if save_adapter_fn is not None:
+            save_adapter_fn(tmp / "adapter")
+        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
+        for p in _files(tmp):
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def verify(folder: Path) -> str | None:
+    """Why `folder` is not a complete checkpoint, or None when every file matches its manifest."""
+    mf = folder / MANIFEST
+    if not mf.is_file():
+        return "no manifest.json (the write did not finish)"
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "manifest.json is not valid JSON"
+    for name in ("trainable.safetensors", "training_state.pt", "state.json"):
+        if name not in manifest:
+            return f"manifest.json does not list {name}"
+    for name, meta in manifest.items():
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != meta["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}"
+        if _sha256(p) != meta["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    ckpts = root / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    found = []
+    for p in ckpts.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit():
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_good(root: Path, log=print) -> Checkpoint | None:
+    """The newest checkpoint that verifies; each bad one passed over is reported through `log`."""
+    for folder in reversed(list_checkpoints(root)):
+        problem = verify(folder)
+        if problem:
+            log(f"checkpoint {folder} is incomplete or corrupt ({problem}); trying the one before it")
+            continue
+        state = json.loads((folder / "state.json").read_text())
+        return Checkpoint(folder, int(state["step"]), state)
+    return None
+
+
+def load_into(ckpt: Checkpoint, named_trainable: dict[str, torch.nn.Parameter], optimizer, scheduler) -> None:
+    """Restore trainable tensors, optimizer, scheduler and RNG states from `ckpt`."""
+    tensors = load_file(ckpt.path / "trainable.safetensors")
+    if set(tensors) != set(named_trainable):
+        missing = sorted(set(named_trainable) - set(tensors))[:3]
+        extra = sorted(set(tensors) - set(named_trainable))[:3]
+        raise ValueError(f"checkpoint {ckpt.path} does not fit this model (missing {missing}, unexpected {extra}); "
+                         "resume with the same model, method and adapter settings")
+    with torch.no_grad():
+        for name, p in named_trainable.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+    blob = torch.load(ckpt.path / "training_state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints."""
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""The training loop: it learns, it repeats bit for bit, its output folder is a PEFT adapter, it stops on NaN."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import qa_rows, write_jsonl
+from rankdial.train import TrainingError, train
+from rankdial.train.checkpoint import list_checkpoints
+
+
+def _run(tiny_model_dir, tmp_path, name="run", **kw):
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, qa_rows(24))
+    args = dict(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / name), steps=8, batch_size=4,
+                lr=5e-3, max_length=48, progress=False, log=lambda *a: None)
+    args.update(kw)
+    return train(**args)
+
+
+def test_lora_learns_and_writes_a_complete_output_folder(tiny_model_dir, tmp_path):
+    r = _run(tiny_model_dir, tmp_path, eval_fraction=0.2, eval_every=4, steps=12)
+    assert r.losses[-1] < r.losses[0]
+    assert r.eval_losses[-1][1] < r.eval_losses[0][1]
+    out = r.output_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "rankdial_train.json", "metrics.jsonl",
+                 "loss.png", "summary.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l] == list(range(1, 13))
+    assert [l["step"] for l in lines if "eval_loss" in l] == [0, 4, 8, 12]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and 0 < summary["trainable_percent"] < 100
+
+
+def test_same_seed_gives_bit_identical_adapter(tiny_model_dir, tmp_path):
+    a = _run(tiny_model_dir, tmp_path, "a", lora_dropout=0.1)
+    b = _run(tiny_model_dir, tmp_path, "b", lora_dropout=0.1)
+    c = _run(tiny_model_dir, tmp_path, "c", lora_dropout=0.1, seed=1)
+    ta, tb, tc = (load_file(r.output_dir / "adapter_model.safetensors") for r in (a, b, c))
+    assert a.losses == b.losses
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not all(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+def test_grad_accumulation_matches_a_bigger_batch(tiny_model_dir, tmp_path):
+    big = _run(tiny_model_dir, tmp_path, "big", batch_size=8, grad_accum=1, steps=4)
+    acc = _run(tiny_model_dir, tmp_path, "acc", batch_size=2, grad_accum=4, steps=4)
+    assert big.losses == pytest.approx(acc.losses, abs=1e-5)
+
+
+def test_adapter_loads_in_peft_and_matches(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rankdial import load_adapter
+
+    r = _run(tiny_model_dir, tmp_path, steps=4)
+    ids = torch.tensor([[5, 17, 300, 41, 9]])
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    load_adapter(ours, r.output_dir)
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(r.output_dir)).eval()
+    with torch.no_grad():
+        diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-5
+
+
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_qlora_and_full_methods_train(tiny_model_dir, tmp_path, method):
+    r = _run(tiny_model_dir, tmp_path, method=method, steps=6, max_grad_norm=0.0)
+    assert r.losses[-1] < r.losses[0]
+    if method == "full":
+        assert r.trainable == r.total
+        assert (r.output_dir / "model.safetensors").is_file() and (r.output_dir / "tokenizer.json").is_file()
+    else:
+        assert r.trainable < r.total / 4
+        assert (r.output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_checkpointing_and_packing_give_the_same_first_loss(tiny_model_dir, tmp_path):
+    plain = _run(tiny_model_dir, tmp_path, "plain", steps=2)
+    ckpt = _run(tiny_model_dir, tmp_path, "gc", steps=2, gradient_checkpointing=True)
+    assert plain.losses == pytest.approx(ckpt.losses, abs=1e-5)
+    packed = _run(tiny_model_dir, tmp_path, "packed", steps=2, packing=True)
+    assert packed.losses[-1] > 0
+
+
+def test_finished_output_folder_is_not_overwritten(tiny_model_dir, tmp_path):
+    _run(tiny_model_dir, tmp_path, steps=1)
+    with pytest.raises(TrainingError, match="already holds a finished run.*--overwrite"):
+        _run(tiny_model_dir, tmp_path, steps=1)
+    _run(tiny_model_dir, tmp_path, steps=1, overwrite=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(TrainingError, match="not a rankdial run"):
+        _run(tiny_model_dir, tmp_path, "other", steps=1)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import rankdial.train.loop as loop
+
+    real = loop.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch, autocast):
+        calls["n"] += 1
+        loss = real(model, batch, autocast)
+        return loss * float("nan") if calls["n"] > 5 else loss  # micro-batches 6+ (step 6) go NaN
+
+    monkeypatch.setattr(loop, "token_loss_sum", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 6.*step-000004.*--resume"):
+        _run(tiny_model_dir, tmp_path, save_every=2, steps=10)
+    out = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000004"]
+    assert not (out / "summary.json").exists() and not (out / "adapter_config.json").exists()
