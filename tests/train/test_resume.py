@@ -1,0 +1,96 @@
+"""Exact resume: a run killed with SIGKILL at a random step and resumed ends bit-identical to one never stopped."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import qa_rows, write_jsonl
+from rankdial.train import train
+from rankdial.train.checkpoint import list_checkpoints
+
+
+def _cmd(model_dir, data, out, *extra):
+    return [sys.executable, "-m", "rankdial.cli", "train", "--model", str(model_dir), "--data", str(data),
+            "--output-dir", str(out), "--steps", "14", "--batch-size", "4", "--lr", "5e-3", "--max-length", "48",
+            "--save-every", "2", "--lora-dropout", "0.1", "--eval-fraction", "0.2", "--eval-every", "5",
+            "--no-progress", *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _losses(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(30))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(_cmd(tiny_model_dir, data, ref), check=True, env=_env(), capture_output=True)
+    target = random.Random().randint(3, 12)  # a different step each time the suite runs
+    proc = subprocess.Popen(_cmd(tiny_model_dir, data, run), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(l).get("step", 0) >= target
+                                    for l in metrics.read_text().splitlines() if l.strip()):
+            break
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        pytest.fail(f"the run finished before it could be killed at step {target}")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists() and not (run / "adapter_config.json").exists()
+    again = subprocess.run(_cmd(tiny_model_dir, data, run), env=_env(), capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr  # will not silently start over
+    resumed = subprocess.run(_cmd(tiny_model_dir, data, run, "--resume"), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(ref / "adapter_model.safetensors"), load_file(run / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed at step {target}"
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows]  # noqa: E731
+    assert strip(_losses(run)) == strip(_losses(ref))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny_model_dir, tmp_path, monkeypatch):
+    import rankdial.train.loop as loop
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(24))
+    common = dict(model=str(tiny_model_dir), data=str(data), steps=10, batch_size=4, lr=5e-3, max_length=48,
+                  save_every=2, keep_checkpoints=3, progress=False, log=lambda *a: None)
+    ref = train(output_dir=str(tmp_path / "ref"), **common)
+
+    real, calls = loop.token_loss_sum, {"n": 0}
+
+    def crash_at_step_8(*a):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt  # the process dies during step 8
+        return real(*a)
+
+    monkeypatch.setattr(loop, "token_loss_sum", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(output_dir=str(tmp_path / "run"), **common)
+    monkeypatch.setattr(loop, "token_loss_sum", real)
+    ckpts = list_checkpoints(tmp_path / "run")
+    assert [p.name for p in ckpts] == ["step-000002", "step-000004", "step-000006"]
+    with open(ckpts[-1] / "trainable.safetensors", "r+b") as f:  # flip a byte in the newest one
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    messages = []
+    out = train(output_dir=str(tmp_path / "run"), resume=True, **{**common, "log": messages.append})
+    assert out.resumed_from == 4
+    assert any("step-000006 is incomplete or corrupt" in m and "SHA-256" in m for m in messages)
+    a, b = load_file(ref.output_dir / "adapter_model.safetensors"), load_file(out.output_dir / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
