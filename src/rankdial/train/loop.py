@@ -31,7 +31,7 @@ from ..config import LoraConfig
 from ..errors import RankdialError
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
-from .data import Dataset, collate, count_targets, load_dataset, pack, split_eval
+from .data import DataError, Dataset, collate, count_targets, load_dataset, pack, split_eval
 from .models import default_model_path, load_model, pick_device, resolve_model
 
 DONE_MARKER = "summary.json"
@@ -259,6 +259,10 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
+    for name in ("data", "eval_data"):  # fail fast, before the model loads
+        value = getattr(cfg, name)
+        if value and not Path(value).is_file():
+            raise DataError(f"{name} file {value} does not exist; give a JSONL file with one example per line")
     base_path = resolve_model(cfg.model)
     model, tokenizer = load_model(base_path, device)
     pad_id = tokenizer.pad_token_id
