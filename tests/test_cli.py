@@ -10,7 +10,7 @@ from conftest import tiny_model
 
 
 def test_demo_round_trip_succeeds(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "12"]) == 0
+    assert main(["demo", "--tiny", "--out", str(tmp_path), "--steps", "12"]) == 0
     out = capsys.readouterr().out
     assert "round trip OK" in out and "trainable%" in out
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
