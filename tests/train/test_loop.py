@@ -119,3 +119,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path,
     out = tmp_path / "run"
     assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000004"]
     assert not (out / "summary.json").exists() and not (out / "adapter_config.json").exists()
+
+
+def test_quantize_on_load_equals_load_then_quantize(tiny_model_dir):
+    from rankdial.quant import quantize_model, set_fused_inference
+    from rankdial.quant.linear import NF4Linear
+    from rankdial.train.models import load_model, load_model_nf4
+
+    a, _ = load_model(tiny_model_dir)
+    quantize_model(a)
+    b, _ = load_model_nf4(tiny_model_dir)
+    assert sum(isinstance(m, NF4Linear) for m in b.modules()) == 14
+    assert b.lm_head.weight is b.model.embed_tokens.weight  # tied, full precision
+    set_fused_inference(a, False)
+    set_fused_inference(b, False)
+    ids = torch.tensor([[1, 2, 3, 400, 5]])
+    with torch.no_grad():
+        assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)

@@ -32,7 +32,7 @@ from ..errors import RankdialError
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
 from .data import DataError, Dataset, collate, count_targets, load_dataset, pack, split_eval
-from .models import default_model_path, load_model, pick_device, resolve_model
+from .models import default_model_path, load_model, load_model_nf4, pick_device, resolve_model
 
 DONE_MARKER = "summary.json"
 CONFIG_NAME = "rankdial_train.json"
@@ -115,7 +115,7 @@ def prepare_model(model, cfg: TrainConfig, base_path: Path):
             p.requires_grad_(True)
         return None
     if cfg.method == "qlora":
-        quantize_model(model)
+        quantize_model(model)  # a no-op for layers load_model_nf4 already quantized
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM",
                       base_model_name_or_path=str(base_path))
@@ -264,7 +264,8 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
         if value and not Path(value).is_file():
             raise DataError(f"{name} file {value} does not exist; give a JSONL file with one example per line")
     base_path = resolve_model(cfg.model)
-    model, tokenizer = load_model(base_path, device)
+    # QLoRA quantizes while loading, so the full-precision model is never in memory at once.
+    model, tokenizer = (load_model_nf4 if cfg.method == "qlora" else load_model)(base_path, device)
     pad_id = tokenizer.pad_token_id
     train_data = load_dataset(cfg.data, tokenizer, cfg.max_length, cfg.skip_bad_lines)
     eval_data = None

@@ -78,3 +78,75 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device={name!r} but this machine has no CUDA GPU; use device=auto or cpu")
     return torch.device(name)
+
+
+def _weight_files(path: Path) -> list[Path] | None:
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        import json
+
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return None
+
+
+def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
+    """(model, tokenizer) with every linear but the output head stored in NF4, quantized while loading.
+
+    The model is built on the meta device and each linear weight is read from the safetensors file, quantized
+    and placed on its own, so the peak memory is the 4-bit model plus one full-precision layer, never the whole
+    full-precision model (which load_model + quantize_model would hold for a moment). Folders with only
+    pytorch_model.bin fall back to exactly that.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..quant import quantize_model
+    from ..quant.linear import NF4Linear, linear_dims
+
+    files = _weight_files(path)
+    if files is None:
+        model, tok = load_model(path, device)
+        quantize_model(model)
+        return model, tok
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    where = {k: h for h in handles for k in h.keys()}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in where]
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if module is head or linear_dims(module) is None:
+            continue
+        key = f"{name}.weight"
+        if key not in where:
+            raise ModelError(f"{path} has no tensor {key}; the weights do not fit config.json")
+        lin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        lin.weight = torch.nn.Parameter(where[key].get_tensor(key).float().to(device), requires_grad=False)
+        if module.bias is not None:
+            lin.bias = torch.nn.Parameter(where[f"{name}.bias"].get_tensor(f"{name}.bias").float().to(device),
+                                          requires_grad=False)
+        model.set_submodule(name, NF4Linear.from_linear(lin))
+        del lin
+    rest = {k: where[k].get_tensor(k).float().to(device) for k in model.state_dict()
+            if k in where and not any(k.startswith(n + ".") for n, m in model.named_modules() if isinstance(m, NF4Linear))}
+    model.load_state_dict(rest, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    for name, module in list(model.named_modules()):  # non-persistent buffers (rotary inv_freq) are rebuilt
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            try:
+                fresh = type(module)(config=getattr(module, "config", config), device=device)
+            except TypeError:
+                fresh = type(module)(config=getattr(module, "config", config))
+            model.set_submodule(name, fresh.to(device))
+    still = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still:
+        raise ModelError(f"{path}: could not load {still[:3]} while quantizing on load (missing from the weights: "
+                         f"{missing[:3]})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), load_tokenizer(path)
