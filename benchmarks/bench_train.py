@@ -1,0 +1,171 @@
+"""Training throughput and peak memory through the real loop (rankdial.train.train), against PEFT (+ bitsandbytes).
+
+Each (model, mode) runs in its own fresh process, so its peak RSS (VmHWM) is its own; the modes run
+interleaved round by round and ratios are medians of per-round ratios (the machine is shared and noisy).
+
+Modes (same loop, data, optimizer, loss and batch order; only the model preparation differs):
+    rankdial-lora   our LoRA layers on the fp32 base               peft-lora    PEFT's get_peft_model
+    rankdial-qlora  NF4 base quantized on load + our LoRA         peft-qlora   transformers+bitsandbytes 4-bit
+    rankdial-full   every weight trains (AdamW)                                  (NF4, double quant) + PEFT
+Models:
+    default   the embedded kjv-llama-tiny (4.5M params), the bundled pydoc_qa sample data, batch 16
+    large     a Llama shape with hidden 1024, MLP 2816, 4 layers, 16 heads (random weights, ~54M params),
+              same data, batch 4: weights, not activations, dominate memory
+
+    .venv/bin/python benchmarks/bench_train.py           # ~6 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_train.py --quick   # a smoke run
+
+Ends with one JSON line of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+MODES = ("rankdial-lora", "peft-lora", "rankdial-qlora", "peft-qlora", "rankdial-full")
+MODELS = {
+    "default": dict(batch=16, steps=40, skip=5),
+    "large": dict(batch=4, steps=12, skip=3),
+}
+R = 16
+
+
+def make_large(folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rankdial.train import default_model_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / name).write_bytes((default_model_path() / name).read_bytes())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def child(mode: str, model_dir: str, batch: int, steps: int, skip: int) -> None:
+    """One training run in this process; prints tokens/s (after `skip` warm-up steps) and peak RSS."""
+    import rankdial.train.loop as loop
+    from rankdial.train import default_samples_path, train
+
+    loop.finish = lambda *a, **k: None  # nothing to save (same for every mode)
+    if mode.startswith("peft"):
+        import peft
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from rankdial.train.models import load_tokenizer
+
+        def load(path, device):
+            kwargs = {}
+            if mode == "peft-qlora":
+                kwargs = dict(quantization_config=BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.float32), device_map="cpu")
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
+            return model, load_tokenizer(path)
+
+        def prepare(model, cfg, base_path):
+            # get_peft_model injects PEFT's LoRA layers into `model` in place and freezes the rest, so the
+            # loop trains PEFT's layers through the very same code path.
+            peft.get_peft_model(model, peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
+            return None
+
+        loop.load_model = loop.load_model_nf4 = load
+        loop.prepare_model = prepare
+    method = mode.split("-")[1]
+    samples = default_samples_path()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(model=model_dir, method=method, data=str(samples / "pydoc_qa.jsonl"), output_dir=tmp + "/o",
+                       steps=steps, batch_size=batch, lr=1e-3, r=R, lora_alpha=2 * R, max_length=64,
+                       progress=False, log=lambda *a: None)
+        rows = [json.loads(l) for l in Path(tmp, "o", "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    a, b = rows[skip - 1], rows[-1]
+    tokens = b["tokens_per_s"] * b["elapsed_s"] - a["tokens_per_s"] * a["elapsed_s"]
+    with open("/proc/self/status") as status:
+        hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"tokens_per_s": tokens / (b["elapsed_s"] - a["elapsed_s"]), "peak_rss_mb": hwm_kb / 1024,
+                      "loss_first": result.losses[0], "loss_last": result.losses[-1],
+                      "trainable": result.trainable}))
+
+
+def run_child(mode: str, model_dir: str, spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--model", model_dir, "--batch", str(spec["batch"]),
+           "--steps", str(spec["steps"]), "--skip", str(spec["skip"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} on {model_dir} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--skip", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", min(2, os.cpu_count() or 1))))
+    if args.child:
+        child(args.child, args.model, args.batch, args.steps, args.skip)
+        return
+    import bitsandbytes
+    import peft
+    import transformers
+
+    from rankdial.train import default_model_path
+
+    rounds = 1 if args.quick else args.rounds
+    print(f"torch {torch.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}, "
+          f"transformers {transformers.__version__}, threads {torch.get_num_threads()}, cpu, fp32, r={R}, "
+          f"all-linear, max_length 64, rounds {rounds}")
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {"default": str(default_model_path()), "large": str(make_large(Path(tmp) / "large"))}
+        for name, spec in MODELS.items():
+            spec = dict(spec)
+            if args.quick:
+                spec.update(steps=spec["skip"] + 3)
+            runs = {m: [] for m in MODES}
+            for _ in range(rounds):
+                for m in MODES:
+                    runs[m].append(run_child(m, dirs[name], spec))
+            tps = {m: statistics.median(r["tokens_per_s"] for r in runs[m]) for m in MODES}
+            rss = {m: statistics.median(r["peak_rss_mb"] for r in runs[m]) for m in MODES}
+            ratio = lambda a, b: statistics.median(x["tokens_per_s"] / y["tokens_per_s"]  # noqa: E731
+                                                   for x, y in zip(runs[a], runs[b]))
+            print(f"\n{name}: batch {spec['batch']}, {spec['steps']} steps (first {spec['skip']} not timed)")
+            print(f"  {'mode':<15} {'tokens/s':>9} {'peak RSS MB':>12} {'loss first -> last':>20}")
+            for m in MODES:
+                r = runs[m][0]
+                print(f"  {m:<15} {tps[m]:>9.0f} {rss[m]:>12.1f} {r['loss_first']:>10.3f} -> {r['loss_last']:.3f}")
+            suffix = "" if name == "default" else "_large"
+            out[f"lora_speedup_vs_peft{suffix}"] = round(ratio("rankdial-lora", "peft-lora"), 3)
+            out[f"qlora_speedup_vs_peft_bnb{suffix}"] = round(ratio("rankdial-qlora", "peft-qlora"), 3)
+            out[f"lora_speedup_vs_full{suffix}"] = round(ratio("rankdial-lora", "rankdial-full"), 3)
+            for m in MODES:
+                key = m.replace("rankdial-", "").replace("-", "_")
+                out[f"{key}_tokens_per_s{suffix}"] = round(tps[m], 1)
+                if name == "large":
+                    out[f"{key}_peak_rss_mb"] = round(rss[m], 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
