@@ -65,7 +65,7 @@ def child(mode: str, model_dir: str, batch: int, steps: int, skip: int) -> None:
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        from rankdial.train.models import load_tokenizer
+        from rankdial.models import load_tokenizer
 
         def load(path, device):
             kwargs = {}

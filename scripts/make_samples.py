@@ -1,4 +1,4 @@
-"""Write the sample datasets that ship with the default model (src/rankdial/default_model/samples/).
+"""Write the sample datasets that ship with the default model (src/rankdial/models/default/samples/).
 
     python scripts/make_samples.py
 
@@ -79,7 +79,7 @@ def pairs() -> list[tuple[str, str]]:
 
 
 def main() -> int:
-    dest = Path(__file__).resolve().parents[1] / "src/rankdial/default_model/samples"
+    dest = Path(__file__).resolve().parents[1] / "src/rankdial/models/default/samples"
     dest.mkdir(parents=True, exist_ok=True)
     items = pairs()
     rng = random.Random(0)

@@ -1,6 +1,6 @@
 """Train rankdial's embedded default model: a small Llama on the King James Bible.
 
-    python scripts/train_default_model.py                 # ~30 min on 2 CPU cores; writes src/rankdial/default_model
+    python scripts/train_default_model.py                 # ~30 min on 2 CPU cores; writes src/rankdial/models/default
     python scripts/train_default_model.py --steps 20 --out /tmp/m   # a quick look
 
 Corpus: the King James Version text from Debian's `bible-kjv-text` package (the KJV text is in the public
@@ -99,7 +99,7 @@ def train_tokenizer(docs: list[str], vocab_size: int, out: Path):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "src/rankdial/default_model"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "src/rankdial/models/default"))
     p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)

@@ -69,7 +69,7 @@ def make_model_dir(path, seed: int = 0, hidden: int = 32, layers: int = 2):
     import shutil
 
     import transformers as tf
-    from rankdial.train import default_model_path
+    from rankdial.models import default_model_path
 
     src = default_model_path()
     path.mkdir(parents=True, exist_ok=True)

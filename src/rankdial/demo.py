@@ -55,7 +55,7 @@ def run_demo(out_dir: str | Path = "out/demo", steps: int = 120, log=print) -> b
     """Train LoRA and QLoRA adapters on the default model, compare outputs, merge; True when every check holds."""
     from .inference import compare, load_variants, merge_to_folder, sample
     from .train import default_samples_path
-    from .train.models import load_model
+    from .models import load_model
 
     start = time.perf_counter()
     out = Path(out_dir)

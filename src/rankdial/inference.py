@@ -16,7 +16,7 @@ from .adapters import load_adapter, read_adapter_config
 from .errors import AdapterFileError
 from .files import atomic_dir
 from .lora import disabled, merge_and_unload, set_active
-from .train.models import ModelError, load_model, pick_device, resolve_model
+from .models import ModelError, load_model, pick_device, resolve_model
 
 
 def base_for_adapter(adapter: str | Path, model: str | None = None) -> Path:

@@ -4,8 +4,9 @@ import pytest
 
 from rankdial import ConfigError
 from rankdial.cli import main
-from rankdial.train import TrainConfig, make_config, resolve_model
-from rankdial.train.models import ModelError
+from rankdial.models import resolve_model
+from rankdial.train import TrainConfig, make_config
+from rankdial.models import ModelError
 
 
 def test_toml_with_tables_and_yaml_give_the_same_config(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from conftest import write_jsonl
 from rankdial.train import DataError, load_dataset
 from rankdial.train.data import IGNORE, collate, pack, split_eval
-from rankdial.train.models import load_tokenizer, default_model_path
+from rankdial.models import load_tokenizer, default_model_path
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path,
 def test_quantize_on_load_equals_load_then_quantize(tiny_model_dir):
     from rankdial.quant import quantize_model, set_fused_inference
     from rankdial.quant.linear import NF4Linear
-    from rankdial.train.models import load_model, load_model_nf4
+    from rankdial.models import load_model, load_model_nf4
 
     a, _ = load_model(tiny_model_dir)
     quantize_model(a)

@@ -32,7 +32,7 @@ from ..errors import RankdialError
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
 from .data import DataError, Dataset, collate, count_targets, load_dataset, pack, split_eval
-from .models import default_model_path, load_model, load_model_nf4, pick_device, resolve_model
+from ..models import default_model_path, load_model, load_model_nf4, pick_device, resolve_model
 
 DONE_MARKER = "summary.json"
 CONFIG_NAME = "rankdial_train.json"

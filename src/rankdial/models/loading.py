@@ -19,7 +19,7 @@ class ModelError(RankdialError, ValueError):
 
 def default_model_path() -> Path:
     """The embedded default model's folder (kjv-llama-tiny: a 4.5M-parameter Llama trained on the KJV Bible)."""
-    return Path(__file__).resolve().parents[1] / "default_model"
+    return Path(__file__).resolve().parent / "default"
 
 
 def default_samples_path() -> Path:
