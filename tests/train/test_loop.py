@@ -136,3 +136,11 @@ def test_quantize_on_load_equals_load_then_quantize(tiny_model_dir):
     ids = torch.tensor([[1, 2, 3, 400, 5]])
     with torch.no_grad():
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_bf16_autocast_trains_close_to_fp32(tiny_model_dir, tmp_path, method):
+    fp32 = _run(tiny_model_dir, tmp_path, "fp32", method=method, steps=3)
+    bf16 = _run(tiny_model_dir, tmp_path, "bf16", method=method, steps=3, bf16=True)
+    assert all(torch.isfinite(torch.tensor(bf16.losses)))
+    assert bf16.losses[0] == pytest.approx(fp32.losses[0], abs=0.05)

@@ -8,6 +8,7 @@ that package is installed (the format is bit-identical, and so are the results) 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ def _bnb_dequantize():
     if _KERNEL == "torch":
         return None
     if "bitsandbytes" not in sys.modules:
+        # Its CPU backend warns at import that an optional hub-downloaded kernel package is missing; rankdial
+        # never downloads and does not use that kernel, so the warning is noise here.
+        quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
         try:
             import bitsandbytes  # noqa: F401  (registers the ops)
         except ImportError:
@@ -58,6 +64,8 @@ def _bnb_dequantize():
                 raise RankdialError("RANKDIAL_NF4_KERNEL=bitsandbytes but bitsandbytes is not installed; "
                                     "pip install bitsandbytes, or use 'auto'") from None
             return None
+        finally:
+            quiet.setLevel(level)
     return torch.ops.bitsandbytes.dequantize_4bit.default
 
 
