@@ -341,7 +341,7 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
         _write_atomic(out / CONFIG_NAME, json.dumps({**cfg.to_dict(), "base_model": str(base_path),
                                                       "world_size": world}, indent=2) + "\n")
         kept = []
-        if metrics_path.exists():  # keep the history up to the step we resume from
+        if metrics_path.exists() and start_step > 0:  # keep the history up to the step we resume from
             for line in metrics_path.read_text().splitlines():
                 rec = json.loads(line)
                 if rec["step"] <= start_step:
