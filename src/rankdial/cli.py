@@ -106,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .inference import merge_to_folder
 
-    print(f"wrote {merge_to_folder(args.adapter, args.out, args.model)}")
+    print(f"wrote {merge_to_folder(args.adapter, args.out, args.model, dense_base=args.dense_base or None)}")
     return 0
 
 
@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter", help="adapter folder (a rankdial train output, or any PEFT LoRA adapter)")
     merge.add_argument("--out", required=True, help="folder for the merged model")
     merge.add_argument("--model", default=None, help="base model folder or 'default' (default: the one the adapter names)")
+    merge.add_argument("--dense-base", action="store_true", help="merge a QLoRA adapter into the original "
+                       "full-precision weights (default: into the dequantized NF4 base it was trained on)")
     merge.set_defaults(run=cmd_merge)
     gen = verbs.add_parser("generate", help="sample from the base, adapters or a merged model, side by side",
                            epilog=EPILOG["generate"], formatter_class=fmt)

@@ -16,7 +16,7 @@ from .adapters import load_adapter, read_adapter_config
 from .errors import AdapterFileError
 from .files import atomic_dir
 from .lora import disabled, merge_and_unload, set_active
-from .models import ModelError, load_model, pick_device, resolve_model
+from .models import ModelError, load_model, load_model_nf4, pick_device, resolve_model
 
 
 def base_for_adapter(adapter: str | Path, model: str | None = None) -> Path:
@@ -91,10 +91,26 @@ def compare(net, tok, variants: list[Variant], prompts: list[str], **kwargs) -> 
     return rows
 
 
-def merge_to_folder(adapter: str | Path, out: str | Path, model: str | None = None) -> Path:
-    """Base + adapter -> a plain transformers model folder (config, safetensors weights, tokenizer)."""
+def trained_on_nf4(adapter: str | Path) -> bool:
+    """Whether `adapter` is a rankdial QLoRA run (its folder's rankdial_train.json says method "qlora")."""
+    record = Path(adapter) / "rankdial_train.json"
+    try:
+        return json.loads(record.read_text()).get("method") == "qlora"
+    except (OSError, ValueError):
+        return False
+
+
+def merge_to_folder(adapter: str | Path, out: str | Path, model: str | None = None,
+                    dense_base: bool | None = None) -> Path:
+    """Base + adapter -> a plain transformers model folder (config, safetensors weights, tokenizer).
+
+    A QLoRA adapter learned its update against the NF4-rounded base, so by default it is merged into the
+    dequantized base (the function that was trained and evaluated); dense_base=True merges it into the
+    original full-precision weights instead (what PEFT users usually do; it differs by the rounding error).
+    """
     base_path = base_for_adapter(adapter, model)
-    net, tok = load_model(base_path, "cpu")
+    nf4 = trained_on_nf4(adapter) if dense_base is None else not dense_base
+    net, tok = (load_model_nf4 if nf4 else load_model)(base_path, "cpu")
     load_adapter(net, adapter)
     merged = merge_and_unload(net)
     bad = [n for n, p in merged.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
@@ -104,6 +120,6 @@ def merge_to_folder(adapter: str | Path, out: str | Path, model: str | None = No
     with atomic_dir(out, marker="config.json") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "rankdial_merge.json").write_text(json.dumps({"base_model": str(base_path),
+        (tmp / "rankdial_merge.json").write_text(json.dumps({"base_model": str(base_path), "merged_into_nf4_base": nf4,
                                                               "adapter": str(Path(adapter).resolve())}, indent=2) + "\n")
     return out

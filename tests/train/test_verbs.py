@@ -68,3 +68,25 @@ def test_every_verb_has_help_with_an_example():
     assert {"demo", "train", "merge", "generate", "inspect", "convert-bin"} <= set(verbs)
     for name, sub in verbs.items():
         assert "example" in sub.format_help(), name
+
+
+def test_qlora_adapter_merges_into_the_base_it_was_trained_on(trained, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rankdial import load_adapter
+    from rankdial.models import load_model_nf4
+    from rankdial.quant import set_fused_inference
+
+    tmp, runs = trained
+    assert main(["merge", str(runs["qlora"]), "--out", str(tmp / "mq")]) == 0
+    assert main(["merge", str(runs["qlora"]), "--out", str(tmp / "mq-dense"), "--dense-base"]) == 0
+    ref, _ = load_model_nf4(tiny_model_dir)
+    set_fused_inference(ref, False)
+    load_adapter(ref, runs["qlora"])
+    ids = torch.tensor([[1, 50, 900, 7]])
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp / "mq")(input_ids=ids).logits
+        dense = AutoModelForCausalLM.from_pretrained(tmp / "mq-dense")(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-4
+    assert (dense - want).abs().max() > 1e-4  # the NF4 rounding error is real
