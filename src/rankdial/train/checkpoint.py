@@ -144,7 +144,7 @@ def load_into(ckpt: Checkpoint, named_trainable: dict[str, torch.nn.Parameter], 
     with torch.no_grad():
         for name, p in named_trainable.items():
             p.copy_(tensors[name].to(p.device, p.dtype))
-    blob = torch.load(ckpt.path / "training_state.pt", map_location="cpu", weights_only=False)
+    blob = torch.load(ckpt.path / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
