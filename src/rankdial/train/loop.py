@@ -197,7 +197,11 @@ def estimate_memory(model, cfg: TrainConfig, trainable: int) -> dict[str, float]
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:  # VmHWM: this process's own peak (ru_maxrss can carry a parent's peak across fork+exec)
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _write_atomic(path: Path, text: str) -> None:
