@@ -19,8 +19,21 @@ from .lora import disabled, merge_and_unload, set_active
 from .models import ModelError, load_model, load_model_nf4, pick_device, resolve_model
 
 
+def check_finished(adapter: str | Path) -> None:
+    """Refuse a `rankdial train` output folder whose run has not finished (no summary.json yet)."""
+    folder = Path(adapter)
+    if (folder / "rankdial_train.json").exists() and not (folder / "summary.json").exists():
+        from .train.checkpoint import list_checkpoints
+
+        ckpts = list_checkpoints(folder)
+        hint = f", or use its last checkpoint's adapter {ckpts[-1] / 'adapter'}" if ckpts else ""
+        raise AdapterFileError(f"{folder} is a training run that has not finished (no summary.json); finish it "
+                               f"with `rankdial train ... --output-dir {folder} --resume`{hint}")
+
+
 def base_for_adapter(adapter: str | Path, model: str | None = None) -> Path:
     """The base model folder for `adapter`: `model` when given, else the one its config names."""
+    check_finished(adapter)
     if model:
         return resolve_model(model)
     named = read_adapter_config(adapter).base_model_name_or_path
@@ -46,6 +59,7 @@ def load_variants(model: str | None, adapters: list[str], device: str = "auto", 
     net, tok = load_model(base_path, pick_device(device))
     variants = [Variant(f"base ({base_path.name})", None)] if include_base or not adapters else []
     for i, path in enumerate(adapters):
+        check_finished(path)
         name = f"a{i}"
         load_adapter(net, path, adapter=name)
         variants.append(Variant(str(path), name))

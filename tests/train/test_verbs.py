@@ -90,3 +90,14 @@ def test_qlora_adapter_merges_into_the_base_it_was_trained_on(trained, tiny_mode
         dense = AutoModelForCausalLM.from_pretrained(tmp / "mq-dense")(input_ids=ids).logits
     assert (got - want).abs().max() < 1e-4
     assert (dense - want).abs().max() > 1e-4  # the NF4 rounding error is real
+
+
+def test_an_unfinished_run_is_not_used_as_an_adapter(trained, tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "unfinished"
+    run.mkdir()
+    (run / "rankdial_train.json").write_text("{}")
+    assert main(["generate", "x", "--adapter", str(run), "--model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "has not finished" in err and "--resume" in err
+    assert main(["merge", str(run), "--out", str(tmp_path / "m"), "--model", str(tiny_model_dir)]) == 2
+    assert not (tmp_path / "m").exists()
