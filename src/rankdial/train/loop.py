@@ -158,9 +158,11 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], autocast) -> torch.Ten
     """Sum over target tokens of the next-token cross-entropy (fp32)."""
     with autocast():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+    labels = batch["labels"]
+    # Shift the labels, not the logits: position t predicts token t+1 and the last position predicts nothing.
+    # (Slicing the logits would copy a batch x length x vocab tensor.)
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100,
                            reduction="sum")
 
 
