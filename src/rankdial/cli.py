@@ -28,7 +28,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo, run_roundtrip
 
     if not args.tiny:
-        return 0 if run_demo(args.out, steps=args.steps or 120) else 1
+        return 0 if run_demo(args.out, steps=args.steps or 300) else 1
     args.steps = args.steps or 40
 
     methods = ["lora", "qlora"] if args.method == "both" else [args.method]
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = verbs.add_parser("demo", help="the main job: LoRA and QLoRA fine-tunes of the default model, compared",
                             epilog=EPILOG["demo"], formatter_class=fmt)
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 120; 40 with --tiny)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 300; 40 with --tiny)")
     demo.add_argument("--tiny", action="store_true", help="the seconds-long round trip on a random tiny Llama instead")
     demo.add_argument("--r", type=int, default=8, help="LoRA rank for --tiny (default: 8)")
     demo.add_argument("--method", choices=["lora", "qlora", "both"], default="both",
@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    try:  # transformers' per-file "Loading weights" bars would drown rankdial's own progress
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     if unknown:
         import difflib
 

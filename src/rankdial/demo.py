@@ -51,7 +51,7 @@ def _train_subprocess(method: str, out: Path, steps: int, log) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def run_demo(out_dir: str | Path = "out/demo", steps: int = 120, log=print) -> bool:
+def run_demo(out_dir: str | Path = "out/demo", steps: int = 300, log=print) -> bool:
     """Train LoRA and QLoRA adapters on the default model, compare outputs, merge; True when every check holds."""
     from .inference import compare, load_variants, merge_to_folder, sample
     from .train import default_samples_path

@@ -481,7 +481,9 @@ def finish(model, tokenizer, cfg: TrainConfig, out: Path, result: TrainResult, b
         model.config.use_cache = True
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-    plot_losses(out / METRICS_NAME, out / PLOT_NAME, title=f"{cfg.method} on {base_path.name}")
+    model_name = "kjv-llama-tiny (default)" if base_path == default_model_path() else base_path.name
+    plot_losses(out / METRICS_NAME, out / PLOT_NAME, title=f"{cfg.method} r={cfg.r} on {model_name}"
+                if cfg.method != "full" else f"full fine-tuning of {model_name}")
     summary = {"method": result.method, "base_model": str(base_path), "steps": result.steps,
                "loss_first": result.losses[0] if result.losses else None,
                "loss_last": result.losses[-1] if result.losses else None,
