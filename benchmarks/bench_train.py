@@ -9,8 +9,8 @@ Modes (same loop, data, optimizer, loss and batch order; only the model preparat
     rankdial-full   every weight trains (AdamW)                                  (NF4, double quant) + PEFT
 Models:
     default   the embedded kjv-llama-tiny (4.5M params), the bundled pydoc_qa sample data, batch 16
-    large     a Llama shape with hidden 1024, MLP 2816, 4 layers, 16 heads (random weights, ~54M params),
-              same data, batch 4: weights, not activations, dominate memory
+    large     a Llama shape with hidden 1024, MLP 2816, 12 layers, 16 heads (random weights, 150M params,
+              600 MB in fp32), same data, batch 4: weights, not activations, dominate memory
 
     .venv/bin/python benchmarks/bench_train.py           # ~6 minutes on 2 CPU cores
     .venv/bin/python benchmarks/bench_train.py --quick   # a smoke run
@@ -48,7 +48,7 @@ def make_large(folder: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (folder / name).write_bytes((default_model_path() / name).read_bytes())
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512,
                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     LlamaForCausalLM(cfg).save_pretrained(folder)

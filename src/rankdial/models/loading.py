@@ -91,6 +91,57 @@ def _weight_files(path: Path) -> list[Path] | None:
     return None
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _safetensors_index(path: Path) -> dict[str, dict]:
+    """{name: {dtype, shape, data_offsets}} from a safetensors file's header (8-byte length + JSON)."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    for meta in header.values():
+        meta["start"] = 8 + n + meta["data_offsets"][0]
+    return header
+
+
+def _read_tensor(path: Path, meta: dict) -> torch.Tensor:
+    """One tensor read with plain file I/O into fresh memory (safe_open maps the whole file, and the pages a
+    load touches then count in the process's resident memory for as long as any tensor from it lives)."""
+    dtype = _ST_DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise ModelError(f"{path}: tensor dtype {meta['dtype']} is not supported by the 4-bit loader")
+    out = torch.empty(meta["shape"], dtype=dtype)
+    nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
+    if out.numel() * out.element_size() != nbytes:
+        raise ModelError(f"{path}: a tensor's byte size does not match its shape; the file is corrupt")
+    with open(path, "rb") as f:
+        f.seek(meta["start"])
+        if nbytes and f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != nbytes:
+            raise ModelError(f"{path} ends early; the file is truncated")
+    return out
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim), where that exists.
+
+    Each layer's full-precision weight is freed right after quantization, but glibc keeps freed blocks that
+    sit below newer small allocations (the packed 4-bit tensors) in the heap; without a trim the process's
+    resident memory would grow by most of the full-precision model anyway.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
     """(model, tokenizer) with every linear but the output head stored in NF4, quantized while loading.
 
@@ -99,7 +150,6 @@ def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
     full-precision model (which load_model + quantize_model would hold for a moment). Folders with only
     pytorch_model.bin fall back to exactly that.
     """
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..quant import quantize_model
@@ -113,8 +163,14 @@ def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-    where = {k: h for h in handles for k in h.keys()}
+    where = {}
+    for f in files:
+        for key, meta in _safetensors_index(f).items():
+            where[key] = (f, meta)
+
+    def read(key: str) -> torch.Tensor:
+        return _read_tensor(*where[key]).to(device)
+
     expected = model.state_dict()
     missing = [k for k in expected if k not in where]
     head = model.get_output_embeddings()
@@ -125,13 +181,13 @@ def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
         if key not in where:
             raise ModelError(f"{path} has no tensor {key}; the weights do not fit config.json")
         lin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        lin.weight = torch.nn.Parameter(where[key].get_tensor(key).float().to(device), requires_grad=False)
+        lin.weight = torch.nn.Parameter(read(key).float(), requires_grad=False)
         if module.bias is not None:
-            lin.bias = torch.nn.Parameter(where[f"{name}.bias"].get_tensor(f"{name}.bias").float().to(device),
-                                          requires_grad=False)
+            lin.bias = torch.nn.Parameter(read(f"{name}.bias").float(), requires_grad=False)
         model.set_submodule(name, NF4Linear.from_linear(lin))
         del lin
-    rest = {k: where[k].get_tensor(k).float().to(device) for k in model.state_dict()
+        _release_freed_memory()
+    rest = {k: read(k).float() for k in model.state_dict()
             if k in where and not any(k.startswith(n + ".") for n, m in model.named_modules() if isinstance(m, NF4Linear))}
     model.load_state_dict(rest, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
