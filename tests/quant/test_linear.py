@@ -204,3 +204,19 @@ def test_parameter_report_counts_4bit_weights(llama):
     rd.inject(llama, rd.LoraConfig(r=2))
     report = rd.trainable_parameters(llama)
     assert report.total == total + report.trainable
+
+
+def test_scratch_dequantization_is_identical_and_reuses_one_buffer():
+    from rankdial.quant.linear import NF4Linear, _bnb_cpu_dequantize_into
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 192, bias=False)
+    layer = NF4Linear.from_linear(lin)
+    absmax = layer.quantized.absmax_fp32()
+    fresh = layer.dequantize_rows(0, 192, absmax, torch.float32)
+    first = layer.dequantize_rows(0, 96, absmax, torch.float32, scratch=True)
+    assert torch.equal(first, fresh[:96])
+    second = layer.dequantize_rows(96, 192, absmax, torch.float32, scratch=True)
+    assert torch.equal(second, fresh[96:])
+    if _bnb_cpu_dequantize_into(torch.float32) is not None:  # bitsandbytes installed: one buffer for both
+        assert first.data_ptr() == second.data_ptr()
