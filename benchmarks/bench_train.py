@@ -115,6 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--only", choices=list(MODELS), help="run one model only")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -137,8 +138,12 @@ def main() -> None:
           f"all-linear, max_length 64, rounds {rounds}")
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = {"default": str(default_model_path()), "large": str(make_large(Path(tmp) / "large"))}
+        dirs = {"default": str(default_model_path())}
+        if args.only != "default":
+            dirs["large"] = str(make_large(Path(tmp) / "large"))
         for name, spec in MODELS.items():
+            if args.only and name != args.only:
+                continue
             spec = dict(spec)
             if args.quick:
                 spec.update(steps=spec["skip"] + 3)
