@@ -15,7 +15,6 @@ version gives the same files.
 
 from __future__ import annotations
 
-import builtins
 import importlib
 import inspect
 import json

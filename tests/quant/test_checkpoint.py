@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import rankdial as rd
 from rankdial.quant.checkpoint import (CheckpointError, load_quantized, nf4_from_tensors, quant_state_tensors,

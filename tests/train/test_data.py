@@ -1,6 +1,5 @@
 """Data: the three JSONL shapes, their loss masks, truncation, packing and every bad input."""
 
-import json
 
 import pytest
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import tomllib
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +222,3 @@ def parse_flag_value(key: str, text: str) -> Any:
     if key == "target_modules" and text != "all-linear" and "," in text:
         return [t.strip() for t in text.split(",") if t.strip()]
     return text
-
-
-def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")

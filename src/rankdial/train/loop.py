@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from ..config import LoraConfig
 from ..errors import RankdialError
+from ..models import default_model_path, load_model, load_model_nf4, pick_device, resolve_model
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
 from .data import DataError, Dataset, collate, count_targets, load_dataset, pack, split_eval
-from ..models import default_model_path, load_model, load_model_nf4, pick_device, resolve_model
 
 DONE_MARKER = "summary.json"
 CONFIG_NAME = "rankdial_train.json"
@@ -374,7 +374,6 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
                dynamic_ncols=True, leave=True)
     ddp_model.train()
     tokens_done, t_loop = 0, time.perf_counter()
-    last_ckpt = None
     for step in range(start_step, total_steps):
         # This process's micro-batches of the global batch, and the global count of target tokens.
         first = step * global_batch
@@ -436,7 +435,7 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
                 from ..adapters import save_adapter
 
                 adapter_fn = lambda p: save_adapter(model, p)  # noqa: E731
-            last_ckpt = ckpt_io.write_checkpoint(out, done, named, optimizer, scheduler, state, adapter_fn)
+            ckpt_io.write_checkpoint(out, done, named, optimizer, scheduler, state, adapter_fn)
             ckpt_io.prune(out, cfg.keep_checkpoints)
     bar.close()
     if eval_data is not None and not cfg.eval_every:
@@ -456,7 +455,6 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
         import torch.distributed as dist
 
         dist.barrier()
-    del last_ckpt
     return result
 
 
