@@ -31,6 +31,11 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss is taken
 
+    @property
+    def n_targets(self) -> int:
+        """Tokens that carry loss: position t is predicted from tokens before it, so position 0 never does."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
+
 
 @dataclass
 class Dataset:
@@ -44,7 +49,7 @@ class Dataset:
     skipped_lines: list[str] = field(default_factory=list)
 
     def target_tokens(self) -> int:
-        return sum(sum(1 for t in e.labels if t != IGNORE) for e in self.examples)
+        return sum(e.n_targets for e in self.examples)
 
     def describe(self) -> str:
         n_tok = sum(len(e.input_ids) for e in self.examples)

@@ -340,7 +340,7 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
     sampler = Sampler(n, cfg.seed)
-    target_counts = [sum(1 for t in e.labels[1:] if t != -100) for e in train_data.examples]
+    target_counts = [e.n_targets for e in train_data.examples]
 
     metrics_path = out / METRICS_NAME
     losses: list[float] = []
