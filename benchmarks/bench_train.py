@@ -7,6 +7,8 @@ Modes (same loop, data, optimizer, loss and batch order; only the model preparat
     rankdial-lora   our LoRA layers on the fp32 base               peft-lora    PEFT's get_peft_model
     rankdial-qlora  NF4 base quantized on load + our LoRA         peft-qlora   transformers+bitsandbytes 4-bit
     rankdial-full   every weight trains (AdamW)                                  (NF4, double quant) + PEFT
+    floor           the frozen model's forward + backward through every layer with no adapter at all (only
+                    the first 1-D weight, layer 0's input norm, trains): what any LoRA step costs at least
 Models:
     default   the embedded kjv-llama-tiny (4.5M params), the bundled pydoc_qa sample data, batch 16
     large     a Llama shape with hidden 1024, MLP 2816, 12 layers, 16 heads (random weights, 150M params,
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-MODES = ("rankdial-lora", "peft-lora", "rankdial-qlora", "peft-qlora", "rankdial-full")
+MODES = ("rankdial-lora", "peft-lora", "rankdial-qlora", "peft-qlora", "rankdial-full", "floor")
 MODELS = {
     "default": dict(batch=16, steps=40, skip=5),
     "large": dict(batch=4, steps=12, skip=3),
@@ -85,7 +87,15 @@ def child(mode: str, model_dir: str, batch: int, steps: int, skip: int) -> None:
 
         loop.load_model = loop.load_model_nf4 = load
         loop.prepare_model = prepare
-    method = mode.split("-")[1]
+    if mode == "floor":
+        def prepare_floor(model, cfg, base_path):
+            model.requires_grad_(False)
+            first = next(p for n, p in model.named_parameters() if p.ndim == 1)  # layers.0.input_layernorm
+            first.requires_grad_(True)
+            return None
+
+        loop.prepare_model = prepare_floor
+    method = "full" if mode == "floor" else mode.split("-")[1]
     samples = default_samples_path()
     with tempfile.TemporaryDirectory() as tmp:
         result = train(model=model_dir, method=method, data=str(samples / "pydoc_qa.jsonl"), output_dir=tmp + "/o",
@@ -164,6 +174,8 @@ def main() -> None:
             out[f"lora_speedup_vs_peft{suffix}"] = round(ratio("rankdial-lora", "peft-lora"), 3)
             out[f"qlora_speedup_vs_peft_bnb{suffix}"] = round(ratio("rankdial-qlora", "peft-qlora"), 3)
             out[f"lora_speedup_vs_full{suffix}"] = round(ratio("rankdial-lora", "rankdial-full"), 3)
+            out[f"lora_ratio_vs_floor{suffix}"] = round(ratio("floor", "rankdial-lora"), 3)  # time / floor time
+            out[f"peft_lora_ratio_vs_floor{suffix}"] = round(ratio("floor", "peft-lora"), 3)
             for m in MODES:
                 key = m.replace("rankdial-", "").replace("-", "_")
                 out[f"{key}_tokens_per_s{suffix}"] = round(tps[m], 1)
