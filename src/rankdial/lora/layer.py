@@ -116,7 +116,7 @@ class LoraLayer(nn.Module):
         self._unmerged_active = tuple(a for a in self.active if a not in self.merged)
         self._single = None
         plain_base = type(self.base_layer).forward in (nn.Linear.forward, getattr(_conv1d_class(), "forward", None))
-        if len(self._unmerged_active) == 1 and plain_base:
+        if len(self._unmerged_active) == 1 and (plain_base or isinstance(self.base_layer, NF4Linear)):
             name = self._unmerged_active[0]
             self._single = (self.base_layer, self.lora_A[name], self.lora_B[name], self.scaling[name])
             self._single_dropout_free = isinstance(self.lora_dropout[name], nn.Identity)
@@ -188,8 +188,10 @@ class LoraLayer(nn.Module):
             return self.base_layer(x)
         if self._single is not None and self._fusable(x):
             base, A, B, scale = self._single
+            if isinstance(base, NF4Linear):
+                return _FusedLora.apply(x, None, None, A.weight, B.weight, scale, base)
             weight = base.weight.t() if self.fan_in_fan_out else base.weight
-            return _FusedLora.apply(x, weight, base.bias, A.weight, B.weight, scale)
+            return _FusedLora.apply(x, weight, base.bias, A.weight, B.weight, scale, None)
         return self.reference_forward(x, adapters)
 
     def reference_forward(self, x: torch.Tensor, adapters: tuple[str, ...]) -> torch.Tensor:
@@ -202,8 +204,20 @@ class LoraLayer(nn.Module):
         return h
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """The fused path covers one adapter, no active dropout, a frozen dense base, one dtype, no autocast."""
+        """The fused path covers one adapter, no active dropout, a frozen base, one dtype, no autocast.
+
+        An NF4 base is fused only while autograd records (training): without it, NF4Linear's own forward may
+        take bitsandbytes' fused 4-bit inference kernel, which is faster than dequantizing.
+        """
         base, A, _, _ = self._single
+        if isinstance(base, NF4Linear):
+            return (
+                torch.is_grad_enabled()
+                and (not self.training or self._single_dropout_free)
+                and x.dtype == A.weight.dtype == (base.compute_dtype or x.dtype)
+                and (base.bias is None or not base.bias.requires_grad)
+                and not torch.is_autocast_enabled(x.device.type)
+            )
         return (
             (not self.training or self._single_dropout_free)
             and not base.weight.requires_grad
@@ -222,17 +236,21 @@ class _FusedLora(torch.autograd.Function):
 
     Shapes: x (N, d_in), W (d_out, d_in), A (r, d_in), B (d_out, r). The backward computes exactly
     dL/dx = g·W + s·(g·B)·A, dL/dA = s·(g·B)ᵀ·x, dL/dB = s·gᵀ·(x·Aᵀ), accumulating into one buffer
-    instead of summing separate autograd branches.
+    instead of summing separate autograd branches. With `nf4` (an NF4Linear) in place of weight/bias, the base
+    products are NF4Linear.matmul / matmul_grad_input (W dequantized chunk by chunk into one reused buffer).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale):
+    def forward(ctx, x, weight, bias, A, B, scale, nf4):
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
         xa = x2 @ A.t()  # (N, r)
-        h = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, d_out)
+        if nf4 is not None:
+            h = nf4.matmul(x2)  # (N, d_out), bias included
+        else:
+            h = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, d_out)
         h.addmm_(xa, B.t(), alpha=scale)
         ctx.save_for_backward(x2, xa, weight, A, B)
-        ctx.scale = scale
+        ctx.scale, ctx.nf4 = scale, nf4
         return h.view(x.shape[:-1] + h.shape[-1:])
 
     @staticmethod
@@ -243,10 +261,11 @@ class _FusedLora(torch.autograd.Function):
         g_xa = (g @ B).mul_(s)  # (N, r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(g_xa, A)  # (N, d_in)
+            base_grad = ctx.nf4.matmul_grad_input(g) if ctx.nf4 is not None else g @ weight
+            grad_x = base_grad.addmm_(g_xa, A)  # (N, d_in)
             grad_x = grad_x.view(grad.shape[:-1] + grad_x.shape[-1:])
         if ctx.needs_input_grad[3]:
             grad_A = g_xa.t() @ x2  # (r, d_in)
         if ctx.needs_input_grad[4]:
             grad_B = (g.t() @ xa).mul_(s)  # (d_out, r)
-        return grad_x, None, None, grad_A, grad_B, None
+        return grad_x, None, None, grad_A, grad_B, None, None

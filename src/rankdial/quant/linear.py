@@ -212,6 +212,29 @@ class NF4Linear(nn.Module):
     def weight_bytes(self) -> int:
         return self.quantized.nbytes
 
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2·Wᵀ + b for a 2-D x2 (N, d_in) in the compute dtype, dequantizing W a chunk of rows at a time."""
+        absmax = self.quantized.absmax_fp32()
+        out = torch.empty(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)  # (N, d_out)
+        chunks = self.row_chunks()
+        for start, stop in chunks:
+            w = self.dequantize_rows(start, stop, absmax, x2.dtype, scratch=True)
+            if len(chunks) == 1:
+                torch.mm(x2, w.t(), out=out)
+            else:
+                out[:, start:stop] = x2 @ w.t()
+        if self.bias is not None:
+            out += self.bias.to(x2.dtype)
+        return out
+
+    def matmul_grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        """g·W for a 2-D g (N, d_out): the gradient of matmul() with respect to its input."""
+        absmax = self.quantized.absmax_fp32()
+        grad_x = torch.zeros(g.shape[0], self.in_features, dtype=g.dtype, device=g.device)  # (N, d_in)
+        for start, stop in self.row_chunks():
+            grad_x.addmm_(g[:, start:stop], self.dequantize_rows(start, stop, absmax, g.dtype, scratch=True))
+        return grad_x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_inference and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu":
             fused = self._fused_matmul(x)
@@ -260,18 +283,7 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer: NF4Linear):
         dtype = layer.compute_dtype or x.dtype
-        x2 = x.reshape(-1, layer.in_features).to(dtype)  # (N, d_in)
-        absmax = layer.quantized.absmax_fp32()
-        out = torch.empty(x2.shape[0], layer.out_features, dtype=dtype, device=x.device)  # (N, d_out)
-        chunks = layer.row_chunks()
-        for start, stop in chunks:
-            w = layer.dequantize_rows(start, stop, absmax, dtype, scratch=True)
-            if len(chunks) == 1:
-                torch.mm(x2, w.t(), out=out)
-            else:
-                out[:, start:stop] = x2 @ w.t()
-        if layer.bias is not None:
-            out += layer.bias.to(dtype)
+        out = layer.matmul(x.reshape(-1, layer.in_features).to(dtype))
         ctx.layer, ctx.x_shape, ctx.x_dtype = layer, x.shape, x.dtype
         return out.view(*x.shape[:-1], layer.out_features).to(x.dtype)
 
@@ -279,11 +291,7 @@ class _NF4Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         layer = ctx.layer
         dtype = layer.compute_dtype or grad.dtype
-        g = grad.reshape(-1, layer.out_features).to(dtype)  # (N, d_out)
-        absmax = layer.quantized.absmax_fp32()
-        grad_x = torch.zeros(g.shape[0], layer.in_features, dtype=dtype, device=g.device)  # (N, d_in)
-        for start, stop in layer.row_chunks():
-            grad_x.addmm_(g[:, start:stop], layer.dequantize_rows(start, stop, absmax, dtype, scratch=True))
+        grad_x = layer.matmul_grad_input(grad.reshape(-1, layer.out_features).to(dtype))
         return grad_x.view(ctx.x_shape).to(ctx.x_dtype), None
 
 
