@@ -56,6 +56,15 @@ def test_scaling_alpha_over_r_and_rslora():
     assert make_layer(r=4, alpha=8, rslora=True).scaling["a"] == pytest.approx(8 / math.sqrt(4))
 
 
+def run_with_grads(layer, x, grad_out, fn):
+    """Output and the gradients of x, A and B after fn(x).backward(grad_out), for adapter "a"."""
+    for p in (x, layer.lora_A["a"].weight, layer.lora_B["a"].weight):
+        p.grad = None
+    out = fn(x)
+    out.backward(grad_out)
+    return out.detach(), x.grad.clone(), layer.lora_A["a"].weight.grad.clone(), layer.lora_B["a"].weight.grad.clone()
+
+
 @pytest.mark.parametrize("seed,shape,conv1d,bias", [(1, (7, 13), False, True), (2, (2, 3, 13), True, True),
                                                     (3, (5, 1, 13), False, False), (4, (1, 13), True, True)])
 def test_fused_path_equals_reference_forward_and_grads(seed, shape, conv1d, bias):
@@ -64,15 +73,8 @@ def test_fused_path_equals_reference_forward_and_grads(seed, shape, conv1d, bias
     assert layer._fusable(x)
     grad_out = torch.randn(*shape[:-1], 11)
 
-    def run(fn):
-        for p in (x, layer.lora_A["a"].weight, layer.lora_B["a"].weight):
-            p.grad = None
-        out = fn(x)
-        out.backward(grad_out)
-        return out.detach(), x.grad.clone(), layer.lora_A["a"].weight.grad.clone(), layer.lora_B["a"].weight.grad.clone()
-
-    fused = run(layer)
-    reference = run(lambda t: layer.reference_forward(t, ("a",)))
+    fused = run_with_grads(layer, x, grad_out, layer)
+    reference = run_with_grads(layer, x, grad_out, lambda t: layer.reference_forward(t, ("a",)))
     for f, r in zip(fused, reference):
         torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
 
@@ -159,14 +161,7 @@ def test_fused_path_on_an_nf4_base_equals_reference_forward_and_grads(bias, d_in
         assert not layer._fusable(x)  # inference keeps NF4Linear's own (possibly fused bitsandbytes) forward
     grad_out = torch.randn(3, 7, 40)
 
-    def run(fn):
-        for p in (x, layer.lora_A["a"].weight, layer.lora_B["a"].weight):
-            p.grad = None
-        out = fn(x)
-        out.backward(grad_out)
-        return out.detach(), x.grad.clone(), layer.lora_A["a"].weight.grad.clone(), layer.lora_B["a"].weight.grad.clone()
-
-    fused = run(layer)
-    reference = run(lambda t: layer.reference_forward(t, ("a",)))
+    fused = run_with_grads(layer, x, grad_out, layer)
+    reference = run_with_grads(layer, x, grad_out, lambda t: layer.reference_forward(t, ("a",)))
     for f, r in zip(fused, reference):
         torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
