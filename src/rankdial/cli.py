@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog=EPILOG["convert-bin"])
     convert.add_argument("folder")
     convert.set_defaults(run=cmd_convert_bin)
+    parser.verb_parsers = verbs.choices  # {verb: its sub-parser}, for --help checks and typo hints
     return parser
 
 
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         import difflib
 
-        flags = [a for action in parser._subparsers._group_actions[0].choices[args.verb]._actions
+        flags = [a for action in parser.verb_parsers[args.verb]._actions
                  for a in action.option_strings if a.startswith("--")]
         hints = []
         for u in unknown:

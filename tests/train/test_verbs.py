@@ -64,7 +64,7 @@ def test_inspect_a_training_output(trained, capsys):
 
 
 def test_every_verb_has_help_with_an_example():
-    verbs = build_parser()._subparsers._group_actions[0].choices
+    verbs = build_parser().verb_parsers
     assert {"demo", "train", "merge", "generate", "inspect", "convert-bin"} <= set(verbs)
     for name, sub in verbs.items():
         assert "example" in sub.format_help(), name

@@ -169,6 +169,8 @@ def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
             where[key] = (f, meta)
 
     def read(key: str) -> torch.Tensor:
+        if key not in where:
+            raise ModelError(f"{path} has no tensor {key}; the weights do not fit config.json")
         return _read_tensor(*where[key]).to(device)
 
     expected = model.state_dict()
@@ -177,18 +179,20 @@ def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
     for name, module in list(model.named_modules()):
         if module is head or linear_dims(module) is None:
             continue
-        key = f"{name}.weight"
-        if key not in where:
-            raise ModelError(f"{path} has no tensor {key}; the weights do not fit config.json")
         lin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        lin.weight = torch.nn.Parameter(read(key).float(), requires_grad=False)
+        lin.weight = torch.nn.Parameter(read(f"{name}.weight").float(), requires_grad=False)
         if module.bias is not None:
             lin.bias = torch.nn.Parameter(read(f"{name}.bias").float(), requires_grad=False)
         model.set_submodule(name, NF4Linear.from_linear(lin))
         del lin
         _release_freed_memory()
-    rest = {k: read(k).float() for k in model.state_dict()
-            if k in where and not any(k.startswith(n + ".") for n, m in model.named_modules() if isinstance(m, NF4Linear))}
+    # What is left in full precision (embeddings, norms, the head): the quantized layers' keys are NF4 buffers
+    # now (packed, absmax, ...), which the file does not hold. Integer tensors keep their dtype.
+    rest = {}
+    for key in model.state_dict():
+        if key in where:
+            t = read(key)
+            rest[key] = t.float() if t.is_floating_point() else t
     model.load_state_dict(rest, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -181,9 +181,10 @@ def _render_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]
     return ids + eos, labels + eos
 
 
-def tokenize_record(tokenizer, record: dict) -> tuple[list[int], list[int]]:
+def tokenize_record(tokenizer, record: dict, bos: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one record; `bos` is _bos(tokenizer), passed in to probe the tokenizer once."""
     kind = record_kind(record)
-    bos = _bos(tokenizer)
+    bos = _bos(tokenizer) if bos is None else bos
     if kind == "text":
         ids = bos + _encode(tokenizer, record["text"]) + _eos(tokenizer)
         return ids, [IGNORE] * len(bos) + ids[len(bos):]
@@ -202,8 +203,9 @@ def load_dataset(path: str | Path, tokenizer, max_length: int, skip_bad_lines: b
     records, skipped = read_jsonl(path, skip_bad_lines)
     kinds = sorted({record_kind(r) for _, r in records})
     data = Dataset([], str(path), "+".join(kinds), skipped_lines=skipped)
+    bos = _bos(tokenizer)
     for _, record in records:
-        ids, labels = tokenize_record(tokenizer, record)
+        ids, labels = tokenize_record(tokenizer, record, bos)
         if len(ids) > max_length:
             data.truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]

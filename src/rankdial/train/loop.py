@@ -206,6 +206,11 @@ def peak_memory_mb(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -364,8 +369,7 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
         e = evaluate(model, eval_data, cfg.batch_size, pad_id, device, autocast)
         eval_losses.append((0, e))
         if dist_info.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": 0, "eval_loss": e}) + "\n")
+            _append_metrics(metrics_path, {"step": 0, "eval_loss": e})
 
     from tqdm.auto import tqdm
 
@@ -423,10 +427,10 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
             e = evaluate(model, eval_data, cfg.batch_size, pad_id, device, autocast)
             eval_losses.append((done, e))
             record = {**(record or {"step": done}), "eval_loss": e}
-            bar.write(f"step {done}: eval loss {e:.4f}") if dist_info.main and cfg.progress else None
+            if dist_info.main and cfg.progress:
+                bar.write(f"step {done}: eval loss {e:.4f}")
         if record is not None and dist_info.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_metrics(metrics_path, record)
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps and dist_info.main:
             state = {"global_batch": global_batch, "total_steps": total_steps, "samples_seen": done * global_batch,
                      "world_size": world, "seed": cfg.seed}
@@ -442,8 +446,7 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
         e = evaluate(model, eval_data, cfg.batch_size, pad_id, device, autocast)
         eval_losses.append((total_steps, e))
         if dist_info.main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": total_steps, "eval_loss": e}) + "\n")
+            _append_metrics(metrics_path, {"step": total_steps, "eval_loss": e})
     seconds = time.perf_counter() - start_time
     tps = tokens_done * world / max(time.perf_counter() - t_loop, 1e-9)
     result = TrainResult(out, cfg.method, total_steps, losses, eval_losses, report.trainable, report.total, seconds,
