@@ -73,10 +73,11 @@ def write_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], 
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
         if save_adapter_fn is not None:
             save_adapter_fn(tmp / "adapter")
-        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
-        for p in _files(tmp):
+        manifest = {}
+        for p in _files(tmp):  # flush each file to disk and record it
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+            manifest[str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
