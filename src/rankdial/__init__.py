@@ -2,7 +2,8 @@
 
 from .adapters import convert_bin_adapter, load_adapter, read_adapter_config, save_adapter
 from .config import LoraConfig
-from .errors import AdapterError, AdapterFileError, ConfigError, MergeError, RankdialError, TargetError
+from .errors import (AdapterError, AdapterFileError, CheckpointError, ConfigError, DataError, MergeError, ModelError,
+                     OutputError, RankdialError, TargetError, TrainingError)
 from .lora import (LoraLayer, active_adapters, adapter_names, delete_adapter, disabled, inject, merge, merge_and_unload,
                    set_active, trainable_parameters, unmerge)
 from .lora.model import merge_and_requantize
@@ -16,5 +17,6 @@ __all__ = [
     "disabled", "merge", "unmerge", "merge_and_unload", "merge_and_requantize",
     "quantize_model", "quantize_nf4", "dequantize_nf4", "NF4Tensor", "NF4Linear",
     "save_adapter", "load_adapter", "read_adapter_config", "convert_bin_adapter",
-    "RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError",
+    "RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError", "ModelError",
+    "DataError", "TrainingError", "CheckpointError", "OutputError",
 ]

@@ -1,4 +1,8 @@
-"""The errors rankdial raises for bad input. Each message names the thing, the value and the fix."""
+"""The errors rankdial raises for bad input: one small hierarchy, every class exported from `rankdial`.
+
+Each message names the thing, the value and the fix. Every class also derives from the built-in exception a
+Python user would expect (ValueError, KeyError, RuntimeError, TypeError), so `except ValueError` keeps working.
+"""
 
 
 class RankdialError(Exception):
@@ -10,11 +14,11 @@ class ConfigError(RankdialError, ValueError):
 
 
 class TargetError(RankdialError, ValueError):
-    """target_modules, modules_to_save or a pattern does not fit the model."""
+    """target_modules, modules_to_save or a pattern does not fit the model, or a module cannot be wrapped."""
 
 
 class AdapterError(RankdialError, KeyError):
-    """An adapter name is unknown, already used, or not a valid name."""
+    """An adapter name is unknown, already used, not a valid name, or the model has no adapters."""
 
     def __str__(self) -> str:  # KeyError would repr() the message and wrap it in quotes
         return str(self.args[0]) if self.args else ""
@@ -26,3 +30,27 @@ class AdapterFileError(RankdialError, ValueError):
 
 class MergeError(RankdialError, ValueError):
     """Merging an adapter would corrupt the base weights, or the layer's state does not allow it."""
+
+
+class ModelError(RankdialError, ValueError):
+    """A model folder is missing, incomplete, or not something transformers can load."""
+
+
+class DataError(RankdialError, ValueError):
+    """A training or evaluation data file is missing or malformed (the message names the file and line)."""
+
+
+class TrainingError(RankdialError, RuntimeError):
+    """Training cannot go on (a non-finite loss, an output folder in the way, a checkpoint that does not fit)."""
+
+
+class CheckpointError(RankdialError, ValueError):
+    """A 4-bit model checkpoint folder is inconsistent or cannot be read."""
+
+
+class OutputError(RankdialError, ValueError):
+    """An output path would replace something rankdial did not write, or one of the command's own inputs."""
+
+
+__all__ = ["RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError",
+           "ModelError", "DataError", "TrainingError", "CheckpointError", "OutputError"]

@@ -14,7 +14,7 @@ import torch
 
 from .adapters import load_adapter, read_adapter_config
 from .errors import AdapterFileError
-from .files import atomic_dir
+from .atomic import atomic_dir
 from .lora import disabled, merge_and_unload, set_active
 from .models import ModelError, load_model, load_model_nf4, pick_device, resolve_model
 
@@ -131,7 +131,8 @@ def merge_to_folder(adapter: str | Path, out: str | Path, model: str | None = No
     if bad:
         raise AdapterFileError(f"merging {adapter} gives non-finite weights in {bad[:3]}; the adapter is broken")
     out = Path(out)
-    with atomic_dir(out, marker="config.json") as tmp:
+    with atomic_dir(out, kind="merged-model", inputs=[adapter, base_path],
+                    legacy=lambda f: (f / "rankdial_merge.json").is_file(), what="--out folder") as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "rankdial_merge.json").write_text(json.dumps({"base_model": str(base_path), "merged_into_nf4_base": nf4,

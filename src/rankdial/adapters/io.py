@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError
-from ..files import atomic_dir
+from ..atomic import atomic_dir
 from ..lora.inject import Plan, adapter_configs, apply_plan, check_adapter_name, plan_targets, with_task_heads
 from ..lora.layer import LoraLayer
 from ..lora.model import active_adapters, adapter_names, lora_layers
@@ -54,6 +54,14 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
+ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, "README.md"}
+
+
+def _only_adapter_files(folder: Path) -> bool:
+    """A folder written before rankdial's marker (or by PEFT) may be replaced when it holds nothing else."""
+    return all(p.name in ADAPTER_FILES for p in folder.iterdir())
+
+
 def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None) -> Path:
     """Write `adapter` (default: the active one) to folder `path` as adapter_config.json + adapter_model.safetensors.
 
@@ -68,7 +76,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None)
                                "not saving it. The training diverged: lower the learning rate or resume from a good checkpoint")
     paths = [p for p, layer in lora_layers(model) if adapter in layer.lora_A]
     config = config_to_peft(model, adapter_configs(model)[adapter], paths)
-    with atomic_dir(path, marker=CONFIG_NAME) as tmp:
+    with atomic_dir(path, kind="adapter", legacy=_only_adapter_files, what="adapter folder") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(path)

@@ -6,15 +6,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RankdialError
+from ..errors import RankdialError, ModelError
 
 DEFAULT_MODEL_NAME = "kjv-llama-tiny"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
-class ModelError(RankdialError, ValueError):
-    """A model folder is missing, incomplete, or not something transformers can load."""
 
 
 def default_model_path() -> Path:

@@ -16,8 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import RankdialError
-from ..files import atomic_dir
+from ..errors import RankdialError, CheckpointError
+from ..atomic import atomic_dir
 from .linear import NF4Linear
 from .nf4 import NF4_CODE, NF4Tensor
 
@@ -25,8 +25,6 @@ STATE_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
 WEIGHTS_NAME = "model.safetensors"
 
 
-class CheckpointError(RankdialError, ValueError):
-    """A 4-bit checkpoint is missing parts of its quant state or they contradict each other."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -118,7 +116,7 @@ def save_quantized(model: nn.Module, folder: str | Path) -> Path:
         "bnb_4bit_compute_dtype": _dtype_name(layers[0].compute_dtype or torch.float32) if layers else "float32",
         "bnb_4bit_blocksize": layers[0].blocksize if layers else 64,
     }
-    with atomic_dir(folder, marker="config.json") as tmp:
+    with atomic_dir(folder, kind="quantized-model") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     return Path(folder)

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RankdialError
+from ..errors import RankdialError, DataError
 
 IGNORE = -100
 
 
-class DataError(RankdialError, ValueError):
-    """A data file is missing, empty, malformed, or gives no trainable tokens."""
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LoraConfig
-from ..errors import RankdialError
+from ..errors import RankdialError, TrainingError
 from ..models import default_model_path, load_model, load_model_nf4, pick_device, resolve_model
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
@@ -40,8 +40,6 @@ METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 
 
-class TrainingError(RankdialError, RuntimeError):
-    """Training cannot go on (a non-finite loss, an output folder in the way, a checkpoint that does not fit)."""
 
 
 @dataclass

@@ -1,0 +1,179 @@
+"""Atomic writes, and the one rule for replacing a folder: only what rankdial's own marker says it wrote.
+
+Every file and folder rankdial writes goes through here. A file is written under a temporary name beside
+its target, flushed to disk and renamed over it; a folder is built beside its target and swapped in whole
+(Linux renameat2 RENAME_EXCHANGE, else two renames). A crash at any moment leaves either the old file or
+folder or the new one, never a half-written one where a good one was.
+
+A folder rankdial writes holds a small marker, `.rankdial-output.json` = {"kind": ...}. An existing folder
+is replaced only when its marker names the same kind of output (or, for folders written before markers,
+when the caller's `legacy` test recognises rankdial's own files), and never when it is one of the command's
+own inputs or holds one. Written files and folders follow the umask like any other (not tempfile's 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import OutputError
+
+MARKER = ".rankdial-output.json"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file below `folder`, then the folders themselves."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync_file(Path(root) / name)
+        _fsync_dir(Path(root))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux renameat2(RENAME_EXCHANGE); False where that is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; when the block ends without error it is flushed and renamed over
+    `path`. On an exception the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; rankdial wanted to write a file there. Choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data, indent: int | None = 2) -> Path:
+    """Write `data` as JSON atomically. NaN and Infinity are refused: they are not JSON."""
+    try:
+        text = json.dumps(data, indent=indent, allow_nan=False)
+    except ValueError as err:
+        raise OutputError(f"refusing to write {path}: {err} (NaN/Infinity are not valid JSON)") from None
+    return write_text(path, text + "\n")
+
+
+# -------------------------------------------------------------------------------------------------- folders
+
+def read_marker(folder: str | os.PathLike) -> str | None:
+    """The kind of output rankdial wrote in `folder` (its marker), or None."""
+    try:
+        return json.loads((Path(folder) / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _related(a: Path, b: Path) -> bool:
+    """True when a and b are the same path or one contains the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_target(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
+                 legacy: Callable[[Path], bool] | None = None, what: str = "output folder") -> Path:
+    """Raise OutputError unless `target` may receive a new output of `kind`; returns it as a Path.
+
+    Allowed: a path that does not exist, an empty folder, or a folder whose marker names `kind` (or that
+    `legacy` recognises as rankdial's own). Refused: a file, any other folder, and any path that is, holds or
+    lies inside one of `inputs`.
+    """
+    target = Path(target)
+    for source in inputs:
+        if source is not None and Path(source).exists() and _related(target, Path(source)):
+            raise OutputError(f"{what} {target} is (or contains, or lies inside) {source}, an input of this "
+                              "command; writing there would destroy it. Choose a new path")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{what} {target} exists and is a file, not a folder; choose another path")
+    if target.is_dir() and any(target.iterdir()):
+        found = read_marker(target)
+        if found != kind and not (found is None and legacy is not None and legacy(target)):
+            said = f"rankdial wrote it as a {found!r}" if found else "rankdial did not write it"
+            raise OutputError(f"{what} {target} is not empty and {said}; rankdial replaces only a {kind!r} folder "
+                              "it wrote itself. Choose a new path, or empty or remove the folder yourself")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
+               legacy: Callable[[Path], bool] | None = None, what: str = "output folder"):
+    """Yield a fresh folder beside `target`; when the block ends without error it replaces `target` whole.
+
+    `target` is checked first (check_target). The marker is written into the new folder. On any exception
+    (Ctrl-C included) the temporary folder is removed and `target` is left exactly as it was.
+    """
+    inputs = list(inputs)
+    target = check_target(target, kind, inputs, legacy, what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved folder is as readable as any other
+        yield tmp
+        (tmp / MARKER).write_text(json.dumps({"kind": kind, "written_by": "rankdial"}) + "\n")
+        fsync_tree(tmp)
+        check_target(target, kind, inputs, legacy, what)  # the world may have changed while we wrote
+        if not target.exists():
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)  # tmp now holds the old folder
+        else:
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
