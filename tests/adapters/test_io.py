@@ -27,7 +27,8 @@ def adapter_tensors(model, adapter="default"):
 def test_save_load_round_trips_bit_exactly(tmp_path):
     model = trained(modules_to_save=["lm_head"])
     rd.save_adapter(model, tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".rankdial-output.json", "adapter_config.json",
+                                                                   "adapter_model.safetensors"]
     fresh = tiny_model("llama")
     rd.load_adapter(fresh, tmp_path / "a")
     saved, loaded = adapter_tensors(model), adapter_tensors(fresh)
@@ -92,7 +93,7 @@ def test_save_replaces_an_existing_adapter_but_never_a_foreign_folder(tmp_path):
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 2
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "notes.txt").write_text("mine")
-    with pytest.raises(rd.RankdialError, match="non-empty folder without adapter_config.json"):
+    with pytest.raises(rd.RankdialError, match="rankdial did not write it"):
         rd.save_adapter(trained(), tmp_path / "docs")
     assert (tmp_path / "docs" / "notes.txt").read_text() == "mine"
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, MergeError
-from ..quant.linear import NF4Linear, _conv1d_class, linear_dims
+from ..layers import conv1d_class, linear_dims
+from ..quant.linear import NF4Linear
 
 
 class LoraLayer(nn.Module):
@@ -31,7 +32,7 @@ class LoraLayer(nn.Module):
         TypeError: for any other module type.
     """
 
-    _rankdial_wrapper = True  # other tools (quantize_model) reach the base only through replace_base()
+    base_replaceable = True  # layers.Wrapper: tools (quantize_model) reach the base only through replace_base()
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -77,6 +78,10 @@ class LoraLayer(nn.Module):
             return base.packed.device, base.compute_dtype or base.weight_dtype
         return base.weight.device, base.weight.dtype
 
+    def wrapped(self) -> nn.Module:
+        """The frozen base this layer stands for (layers.Wrapper)."""
+        return self.base_layer
+
     def replace_base(self, module: nn.Module) -> None:
         """Swap the frozen base (e.g. for its NF4 version); dimensions must match and nothing may be merged."""
         if linear_dims(module) is None or linear_dims(module)[:2] != (self.in_features, self.out_features):
@@ -115,7 +120,7 @@ class LoraLayer(nn.Module):
         """Recompute what forward() needs from the adapter state, so each call does the least work."""
         self._unmerged_active = tuple(a for a in self.active if a not in self.merged)
         self._single = None
-        plain_base = type(self.base_layer).forward in (nn.Linear.forward, getattr(_conv1d_class(), "forward", None))
+        plain_base = type(self.base_layer).forward in (nn.Linear.forward, getattr(conv1d_class(), "forward", None))
         if len(self._unmerged_active) == 1 and (plain_base or isinstance(self.base_layer, NF4Linear)):
             name = self._unmerged_active[0]
             self._single = (self.base_layer, self.lora_A[name], self.lora_B[name], self.scaling[name])

@@ -11,13 +11,13 @@ import copy
 import torch
 from torch import nn
 
-from ..errors import AdapterError
+from ..errors import AdapterError, TargetError
 
 
 class ModulesToSave(nn.Module):
     """x ↦ copy_a(x) for the active adapter a, else original(x)."""
 
-    _rankdial_wrapper = True  # other tools (quantize_model) leave what is inside alone
+    base_replaceable = False  # layers.Wrapper: tools (quantize_model) leave what is inside alone
 
     def __init__(self, original_module: nn.Module):
         super().__init__()
@@ -25,6 +25,13 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+
+    def wrapped(self) -> nn.Module:
+        """The frozen original this module stands for (layers.Wrapper)."""
+        return self.original_module
+
+    def replace_base(self, module: nn.Module) -> None:
+        raise TargetError("modules_to_save keeps trained copies of its module; its original cannot be replaced")
 
     def add_adapter(self, name: str) -> None:
         """Add a trainable copy of the original module for adapter `name`."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import RankdialError
+from ..layers import Wrapper
 from .nf4 import NF4Tensor, dequantize_range, quantize_nf4
 
 CHUNK_ELEMENTS = 1 << 22  # 4M weights (16 MB in fp32) dequantized at a time
@@ -334,9 +335,9 @@ def quantize_model(model: nn.Module, skip: list[str] | None = None, blocksize: i
     for path, module in list(model.named_modules()):
         if any(path.startswith(w + ".") for w in wrappers):
             continue
-        if getattr(module, "_rankdial_wrapper", False):
+        if isinstance(module, Wrapper):
             wrappers.append(path)
-        target = module.base_layer if hasattr(module, "replace_base") else module
+        target = module.wrapped() if isinstance(module, Wrapper) and module.base_replaceable else module
         if isinstance(target, NF4Linear) or linear_dims(target) is None:
             continue
         if target is head or getattr(head, "base_layer", None) is target or (skip and _matches(skip, path)):
@@ -347,7 +348,7 @@ def quantize_model(model: nn.Module, skip: list[str] | None = None, blocksize: i
         report.params += target.weight.numel()
         report.bytes_before += target.weight.numel() * target.weight.element_size()
         report.bytes_after += quantized.weight_bytes
-        if hasattr(module, "replace_base"):
+        if target is not module:
             module.replace_base(quantized)
         else:
             model.set_submodule(path, quantized)
