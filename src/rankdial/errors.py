@@ -44,6 +44,10 @@ class TrainingError(RankdialError, RuntimeError):
     """Training cannot go on (a non-finite loss, an output folder in the way, a checkpoint that does not fit)."""
 
 
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C (or SIGTERM) stopped a training run; the message says where, the last checkpoint and how to resume."""
+
+
 class CheckpointError(RankdialError, ValueError):
     """A 4-bit model checkpoint folder is inconsistent or cannot be read."""
 
@@ -53,4 +57,4 @@ class OutputError(RankdialError, ValueError):
 
 
 __all__ = ["RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError",
-           "ModelError", "DataError", "TrainingError", "CheckpointError", "OutputError"]
+           "ModelError", "DataError", "TrainingError", "TrainingInterrupted", "CheckpointError", "OutputError"]

@@ -19,6 +19,12 @@ from ..layers import conv1d_class, linear_dims
 from ..quant.linear import NF4Linear
 
 
+def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """ΔW = s·B·A in fp32, (d_out, d_in); transposed to (d_in, d_out) for a Conv1D base (fan_in_fan_out)."""
+    delta = (B.float() @ A.float()) * scale  # (d_out, d_in)
+    return delta.T if fan_in_fan_out else delta
+
+
 class LoraLayer(nn.Module):
     """Wraps a linear layer: x ↦ W₀x + Σ_active (α/r)·B·A·dropout(x).
 
@@ -130,10 +136,7 @@ class LoraLayer(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         """s·B·A in the base weight's layout (transposed for Conv1D), computed in fp32."""
         self._require(name)
-        A = self.lora_A[name].weight.float()
-        B = self.lora_B[name].weight.float()
-        delta = (B @ A) * self.scaling[name]  # (d_out, d_in)
-        return delta.T if self.fan_in_fan_out else delta
+        return delta_weight(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self.fan_in_fan_out)
 
     def merge(self, names: list[str] | None = None, module_path: str = "") -> None:
         """Add s·BA of each named (default: active) adapter into W₀ in place; merging twice is a no-op.
