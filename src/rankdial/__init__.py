@@ -1,12 +1,13 @@
 """rankdial: low-rank adaptation (LoRA, QLoRA) you can see and trust, in Hugging Face PEFT's file format."""
 
-from .adapters import convert_bin_adapter, load_adapter, read_adapter_config, save_adapter
+from .adapters import (adapter_state_dict, convert_bin_adapter, load_adapter, read_adapter_config, save_adapter,
+                       set_adapter_state_dict)
 from .config import LoraConfig
 from .errors import (AdapterError, AdapterFileError, CheckpointError, ConfigError, DataError, MergeError, ModelError,
-                     OutputError, RankdialError, TargetError, TrainingError)
+                     OutputError, RankdialError, TargetError, TrainingError, TrainingInterrupted)
 from .lora import (LoraLayer, active_adapters, adapter_names, delete_adapter, disabled, inject, merge, merge_and_unload,
                    set_active, trainable_parameters, unmerge)
-from .lora.model import merge_and_requantize
+from .lora.verbs import merge_and_requantize, unload
 from .quant import NF4Linear, NF4Tensor, dequantize_nf4, quantize_model, quantize_nf4
 
 __version__ = "0.1.0"
@@ -14,9 +15,10 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "LoraLayer",
     "inject", "trainable_parameters", "set_active", "active_adapters", "adapter_names", "delete_adapter",
-    "disabled", "merge", "unmerge", "merge_and_unload", "merge_and_requantize",
+    "disabled", "merge", "unmerge", "merge_and_unload", "merge_and_requantize", "unload",
     "quantize_model", "quantize_nf4", "dequantize_nf4", "NF4Tensor", "NF4Linear",
-    "save_adapter", "load_adapter", "read_adapter_config", "convert_bin_adapter",
+    "save_adapter", "load_adapter", "read_adapter_config", "convert_bin_adapter", "adapter_state_dict",
+    "set_adapter_state_dict",
     "RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError", "ModelError",
-    "DataError", "TrainingError", "CheckpointError", "OutputError",
+    "DataError", "TrainingError", "TrainingInterrupted", "CheckpointError", "OutputError",
 ]

@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import AdapterError, ConfigError
 
 ALL_LINEAR = "all-linear"
 
@@ -70,10 +70,33 @@ class LoraConfig:
 
     def scaling(self, r: int, alpha: float) -> float:
         """The factor s in h = W₀x + s·BAx: alpha/r, or alpha/√r with rsLoRA."""
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scaling(r, alpha, self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The one scaling formula: s = alpha/r (Hu et al.), or alpha/√r with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def check_name(name: Any) -> None:
+    """Raise AdapterError unless `name` can name an adapter (a non-empty string without '.')."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r} (e.g. 'default', 'sql')")
+
+
+def adapter_value_problems(r: Any, alpha: Any, dropout: Any) -> list[str]:
+    """What is wrong with one adapter's rank, alpha and dropout (empty when all are valid)."""
+    p = []
+    if not _is_rank(r):
+        p.append(f"r must be a positive integer, got {r!r} (typical: 8-64)")
+    if not _is_alpha(alpha):
+        p.append(f"lora_alpha must be a positive finite number, got {alpha!r} (typical: r or 2*r)")
+    if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        p.append(f"lora_dropout must be in [0, 1), got {dropout!r} (typical: 0.0-0.1)")
+    return p
 
 
 def _is_rank(value: Any) -> bool:
@@ -104,13 +127,7 @@ def _names_problem(name: str, value: Any) -> list[str]:
 
 
 def _problems(cfg: LoraConfig) -> list[str]:
-    p: list[str] = []
-    if not _is_rank(cfg.r):
-        p.append(f"r must be a positive integer, got {cfg.r!r} (typical: 8-64)")
-    if not _is_alpha(cfg.lora_alpha):
-        p.append(f"lora_alpha must be a positive finite number, got {cfg.lora_alpha!r} (typical: r or 2*r)")
-    if not (isinstance(cfg.lora_dropout, (int, float)) and 0.0 <= cfg.lora_dropout < 1.0):
-        p.append(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout!r} (typical: 0.0-0.1)")
+    p: list[str] = adapter_value_problems(cfg.r, cfg.lora_alpha, cfg.lora_dropout)
     if cfg.target_modules is None:
         p.append("target_modules is required: a list like ['q_proj', 'v_proj'], a regex, or 'all-linear'")
     p += _names_problem("target_modules", cfg.target_modules)

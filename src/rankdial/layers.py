@@ -17,6 +17,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .errors import TargetError
+
 
 @runtime_checkable
 class QuantizedLinear(Protocol):
@@ -82,6 +84,38 @@ def bnb_quant_kind(module: nn.Module) -> str | None:
     """
     name = type(getattr(module, "weight", None)).__name__
     return {"Params4bit": "4bit", "Int8Params": "8bit"}.get(name)
+
+
+def quantized_kind(module: nn.Module) -> str | None:
+    """A word for a quantized base ('4-bit NF4', 'bitsandbytes 4-bit', 'bitsandbytes 8-bit'), None for a dense one."""
+    if isinstance(module, QuantizedLinear):
+        return "4-bit NF4"
+    kind = bnb_quant_kind(module)
+    return f"bitsandbytes {kind[0]}-bit" if kind else None
+
+
+def dense_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (d_out, d_in) weight of any linear layer in `dtype`: quantized ones dequantized, Conv1D transposed.
+
+    bitsandbytes' layers are dequantized as PEFT does (dequantize_4bit with the weight's quant_state; int8
+    weights times their per-row scale SCB/127), so a PEFT user's 4/8-bit base merges into the same floats.
+    """
+    if isinstance(module, QuantizedLinear):
+        return module.dequantized_weight(dtype)
+    kind = bnb_quant_kind(module)
+    if kind is not None:
+        import bitsandbytes.functional as bnb_functional
+
+        weight = module.weight
+        if kind == "4bit":
+            return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+        scb = weight.SCB if scb is None else scb
+        return bnb_functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).to(dtype)
+    dims = linear_dims(module)
+    if dims is None:
+        raise TargetError(f"{type(module).__name__} is not a linear layer; it has no weight matrix to merge into")
+    return (module.weight.t() if dims[2] else module.weight).to(dtype)
 
 
 def output_heads(model: nn.Module, task_type: str | None = None) -> list[nn.Module]:

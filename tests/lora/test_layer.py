@@ -85,8 +85,7 @@ def test_fast_path_is_skipped_where_it_does_not_apply():
     layer.base_layer.weight.requires_grad_(True)
     assert not layer._fusable(x)  # an unfrozen base trains through autograd
     layer.base_layer.weight.requires_grad_(False)
-    layer.lora_dropout["a"] = nn.Dropout(0.5)
-    layer._refresh()
+    layer.lora_dropout["a"] = nn.Dropout(0.5)  # seen at once: nothing to refresh by hand
     layer.train()
     assert not layer._fusable(x)  # dropout on the adapter input: the reference path
     layer.eval()
@@ -94,7 +93,24 @@ def test_fast_path_is_skipped_where_it_does_not_apply():
     assert not layer._fusable(x.double())
     layer.add_adapter("b", 2, 2.0)
     layer.set_active(["a", "b"])
-    assert layer._single is None  # two adapters: the reference path
+    assert not layer._fusable(x)  # two adapters: the reference path
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_changing_scaling_or_dropout_after_creation_takes_effect_at_once(training):
+    """The fast path reads the adapter's state at each call: no cache to go stale, nothing to refresh."""
+    layer = make_layer().train(training)
+    x = torch.randn(3, 13)
+    layer(x)  # a first call, which an old cache would have captured
+    layer.scaling["a"] = 0.25
+    torch.testing.assert_close(layer(x), by_hand(layer, x), rtol=1e-5, atol=1e-5)
+    layer.lora_dropout["a"] = nn.Dropout(0.999999)
+    torch.manual_seed(0)
+    out = layer(x)
+    if training:  # dropout now drops (almost) every adapter input: only the base is left
+        torch.testing.assert_close(out, layer.base_layer(x), rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(out, by_hand(layer, x), rtol=1e-5, atol=1e-5)
 
 
 def test_two_active_adapters_add_their_terms():

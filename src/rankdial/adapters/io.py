@@ -14,13 +14,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import os
+
+from ..atomic import atomic_dir, atomic_file
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError
-from ..atomic import atomic_dir
-from ..lora.inject import Plan, adapter_configs, apply_plan, check_adapter_name, plan_targets, with_task_heads
+from ..lora.inject import (Plan, adapter_configs, apply_plan, check_adapter_name, named_wrappers, plan_targets,
+                           with_task_heads)
 from ..lora.layer import LoraLayer
-from ..lora.model import active_adapters, adapter_names, lora_layers
 from ..lora.modules_to_save import ModulesToSave
+from ..lora.verbs import active_adapters, adapter_names, lora_layers
 from .peft_format import (CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, config_from_peft, config_to_peft,
                           lora_key, saved_key)
 
@@ -37,10 +40,22 @@ def _pick_adapter(model: nn.Module, adapter: str | None) -> str:
     return adapter
 
 
-def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
-    """The tensors of `adapter` under PEFT's file keys (copies on CPU, contiguous)."""
+def _folder(path, what: str = "adapter folder") -> Path:
+    """`path` as a Path, or a clear error for None, numbers and other non-paths."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise AdapterFileError(f"{what} must be a folder path (str or pathlib.Path), got {path!r}; "
+                               "e.g. 'out/my-adapter'")
+    return Path(path)
+
+
+def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter` (default: the active one) under PEFT's file keys (CPU copies, contiguous).
+
+    PEFT's get_peft_model_state_dict: these are exactly the keys and tensors save_adapter writes.
+    """
+    adapter = _pick_adapter(model, adapter)
     out: dict[str, torch.Tensor] = {}
-    for path, module in model.named_modules():
+    for path, module in named_wrappers(model):
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             out[lora_key(path, "A")] = module.lora_A[adapter].weight
             out[lora_key(path, "B")] = module.lora_B[adapter].weight
@@ -68,6 +83,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None)
     The folder is written beside the target and renamed into place, so an existing adapter at `path` is
     replaced whole or not at all.
     """
+    path = _folder(path)
     adapter = _pick_adapter(model, adapter)
     tensors = adapter_state_dict(model, adapter)
     bad = _non_finite(tensors)
@@ -84,7 +100,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None)
 
 def read_adapter_config(path: str | Path) -> LoraConfig:
     """The LoraConfig stored in an adapter folder."""
-    folder = Path(path)
+    folder = _folder(path)
     if not folder.is_dir():
         raise AdapterFileError(f"adapter folder {folder} does not exist or is not a folder; "
                                "pass the folder that holds adapter_config.json")
@@ -101,7 +117,7 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
 
 def read_adapter_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of an adapter folder, from safetensors (or, only if allowed, a weights-only pickle)."""
-    folder = Path(path)
+    folder = _folder(path)
     file = folder / WEIGHTS_NAME
     if file.is_file():
         try:
@@ -139,6 +155,11 @@ def expected_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
 def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
     """Raise one AdapterFileError listing every missing key, unexpected key, wrong shape and non-finite tensor."""
     problems = []
+    bad = _non_finite(tensors)
+    if bad:
+        raise AdapterFileError(f"{source} holds NaN/Inf values in {bad[:5]}{' ...' if len(bad) > 5 else ''}: the "
+                               "adapter is corrupt or its training diverged. Use an earlier checkpoint or retrain "
+                               "(lower the learning rate); nothing was loaded")
     missing = sorted(set(shapes) - set(tensors))
     unexpected = sorted(set(tensors) - set(shapes))
     if missing:
@@ -148,9 +169,6 @@ def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int
     for key in sorted(set(shapes) & set(tensors)):
         if tuple(tensors[key].shape) != shapes[key]:
             problems.append(f"{key}: the file has shape {list(tensors[key].shape)}, the model needs {list(shapes[key])}")
-    bad = _non_finite(tensors)
-    if bad:
-        problems.append(f"NaN/Inf values in {bad}")
     if problems:
         raise AdapterFileError(f"{source} does not fit this model (is it for another base model?):\n  - "
                                + "\n  - ".join(problems))
@@ -163,29 +181,60 @@ def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", t
     Every check (name, config, file integrity, keys, shapes, NaN/Inf) runs before the model is touched.
     The first adapter of a model becomes active; use set_active() for later ones.
     """
+    path = _folder(path)
     config = with_task_heads(model, read_adapter_config(path))
     tensors = read_adapter_weights(path, allow_pickle)
     check_adapter_name(model, adapter)
     plan = plan_targets(model, config)
-    _check_tensors(tensors, expected_shapes(model, plan), str(Path(path)))
+    _check_tensors(tensors, expected_shapes(model, plan), str(path))
     apply_plan(model, config, plan, adapter, trainable)
+    _copy_in(model, tensors, adapter)
+    return config
+
+
+def _current_shapes(model: nn.Module, adapter: str) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(t.shape) for key, t in adapter_state_dict(model, adapter).items()}
+
+
+def set_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], adapter: str | None = None) -> None:
+    """Copy `tensors` (PEFT's file keys, as adapter_state_dict gives them) into an adapter already in `model`.
+
+    PEFT's set_peft_model_state_dict, checked first: every key of the adapter present, none unexpected, shapes
+    equal, no NaN/Inf; on any problem nothing is copied.
+    """
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise AdapterFileError(f"set_adapter_state_dict() takes a dict of tensors, got {type(tensors).__name__}")
+    adapter = _pick_adapter(model, adapter)
+    _check_tensors(tensors, _current_shapes(model, adapter), "the state dict")
+    _copy_in(model, tensors, adapter)
+
+
+def _copy_in(model: nn.Module, tensors: dict[str, torch.Tensor], adapter: str) -> None:
     with torch.no_grad():
-        for path_, module in model.named_modules():
+        for path_, module in named_wrappers(model):
             if isinstance(module, LoraLayer) and adapter in module.lora_A:
                 module.lora_A[adapter].weight.copy_(tensors[lora_key(path_, "A")])
                 module.lora_B[adapter].weight.copy_(tensors[lora_key(path_, "B")])
             elif isinstance(module, ModulesToSave) and adapter in module.modules_to_save:
                 copy = module.modules_to_save[adapter]
                 copy.load_state_dict({k: tensors[saved_key(path_, k)] for k in copy.state_dict()})
-    return config
 
 
 def convert_bin_adapter(path: str | Path) -> Path:
-    """Rewrite a folder's pickle adapter_model.bin as adapter_model.safetensors (tensors only, no code run)."""
-    folder = Path(path)
-    tensors = read_adapter_weights(folder, allow_pickle=True)
+    """Rewrite a folder's pickle adapter_model.bin as adapter_model.safetensors (tensors only, no code run).
+
+    Refuses a folder that already holds adapter_model.safetensors: the two may differ, and loading prefers
+    the safetensors file, so silently keeping it would make the conversion a lie.
+    """
+    folder = _folder(path)
     target = folder / WEIGHTS_NAME
-    tmp = folder / f".{WEIGHTS_NAME}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(target)
+    if target.exists() and (folder / PICKLE_WEIGHTS_NAME).exists():
+        raise AdapterFileError(f"{folder} holds both {PICKLE_WEIGHTS_NAME} and {WEIGHTS_NAME}; rankdial will not "
+                               f"overwrite one with the other. Remove the one you do not trust, then convert again")
+    if not (folder / PICKLE_WEIGHTS_NAME).is_file():
+        raise AdapterFileError(f"{folder} has no {PICKLE_WEIGHTS_NAME} to convert"
+                               + (f" (it already holds {WEIGHTS_NAME})" if target.exists() else ""))
+    tensors = read_adapter_weights(folder, allow_pickle=True)
+    with atomic_file(target) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     return target

@@ -2,7 +2,7 @@
 
 from .inject import adapter_configs, inject, plan_targets
 from .layer import LoraLayer
-from .model import (active_adapters, adapter_names, delete_adapter, disabled, lora_layers, merge, merge_and_unload,
+from .verbs import (active_adapters, adapter_names, delete_adapter, disabled, lora_layers, merge, merge_and_unload,
                     set_active, trainable_parameters, unmerge)
 from .modules_to_save import ModulesToSave
 

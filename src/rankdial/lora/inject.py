@@ -13,13 +13,11 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from ..config import ALL_LINEAR, LoraConfig
+from ..config import ALL_LINEAR, LoraConfig, check_name
 from ..errors import AdapterError, ConfigError, TargetError
-from .layer import LoraLayer, linear_dims
+from ..layers import SEQ_CLS_HEADS, linear_dims, named_unwrapped, output_heads, path_matches, unwrap
+from .layer import LoraLayer
 from .modules_to_save import ModulesToSave
-
-CONFIGS_ATTR = "_rankdial_adapters"  # {adapter name: LoraConfig}, kept on the root module
-SEQ_CLS_HEADS = ("score", "classifier")
 
 
 @dataclass(frozen=True)
@@ -42,23 +40,44 @@ class Plan:
     saved: list[str] = field(default_factory=list)  # paths of modules_to_save
 
 
-def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """The {adapter name: LoraConfig} of every adapter injected into `model` (empty if none)."""
-    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers (paths as the user sees)."""
+    while True:
+        if type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
+                getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def named_wrappers(model: nn.Module):
     """Yield (path, module) for every LoraLayer and ModulesToSave in the model."""
-    for path, module in model.named_modules():
+    for path, module in unwrap_model(model).named_modules():
         if isinstance(module, (LoraLayer, ModulesToSave)):
             yield path, module
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """{adapter name: LoraConfig} of every adapter in `model`, in injection order, read from its layers.
+
+    A new dict each call, with no side effect on the model: the state lives on the layers, so it is found
+    wherever the adapters were injected (model or model.model) and through DDP or torch.compile wrappers.
+    """
+    found: dict[str, tuple[int, LoraConfig]] = {}
+    for _, wrapper in named_wrappers(model):
+        for name, (order, config) in wrapper.configs.items():
+            if name not in found or order < found[name][0]:
+                found[name] = (order, config)
+    return {name: config for name, (_, config) in sorted(found.items(), key=lambda item: item[1][0])}
 
 
 def matches(spec: list[str] | str, path: str) -> bool:
     """PEFT's rule: a regex string matches the whole path; a list entry matches it exactly or after a dot."""
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
-    return any(path == name or path.endswith("." + name) for name in spec)
+    return path_matches(spec, path)
 
 
 def pattern_value(patterns: dict, path: str, default):
@@ -81,28 +100,10 @@ def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None
     return None
 
 
-def _unwrapped(model: nn.Module):
-    """(path, module) for every module, seeing a LoraLayer/ModulesToSave as the module it wraps."""
-    inside: list[str] = []
-    for path, module in model.named_modules():
-        if not path or any(path.startswith(prefix + ".") for prefix in inside):
-            continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            inside.append(path)
-            module = module.base_layer if isinstance(module, LoraLayer) else module.original_module
-        yield path, module
-
-
-def _head_modules(model: nn.Module, config: LoraConfig) -> list[nn.Module]:
-    """The output head(s) that 'all-linear' leaves alone, as PEFT does."""
-    heads = []
-    get_output = getattr(model, "get_output_embeddings", None)
-    head = get_output() if callable(get_output) else None
-    if head is not None:
-        heads.append(head.base_layer if isinstance(head, LoraLayer) else head)
-    elif config.task_type == "SEQ_CLS":
-        heads += [getattr(model, name) for name in SEQ_CLS_HEADS if isinstance(getattr(model, name, None), nn.Module)]
-    return heads
+def _mha_out_projs(model: nn.Module) -> set[int]:
+    """The out_proj linears of nn.MultiheadAttention: MHA reads out_proj.weight directly, so an adapter there
+    would be skipped silently by its forward."""
+    return {id(unwrap(m.out_proj)) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 def with_task_heads(model: nn.Module, config: LoraConfig) -> LoraConfig:
@@ -130,9 +131,10 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> Plan:
         TargetError: nothing matched (with the closest names the model has), or a match is not a linear.
         ConfigError: a rank does not fit a layer (every such layer listed).
     """
-    plan, problems, wrong_type = Plan(), [], []
-    heads = [id(h) for h in _head_modules(model, config)] if config.target_modules == ALL_LINEAR else []
-    for path, module in _unwrapped(model):
+    plan, problems, wrong_type, bypassed = Plan(), [], [], []
+    heads = [id(h) for h in output_heads(model, config.task_type)] if config.target_modules == ALL_LINEAR else []
+    mha = _mha_out_projs(model)
+    for path, module in named_unwrapped(model):
         if _saved_match(config, path) and not any(path.startswith(s + ".") for s in plan.saved):
             plan.saved.append(path)
         dims = linear_dims(module)
@@ -149,6 +151,10 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> Plan:
         if dims is None:
             wrong_type.append(f"{path} ({type(module).__name__})")
             continue
+        if id(module) in mha:
+            if config.target_modules != ALL_LINEAR:
+                bypassed.append(path)
+            continue
         d_in, d_out, fan_in_fan_out = dims
         r = pattern_value(config.rank_pattern, path, config.r)
         alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
@@ -156,6 +162,10 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> Plan:
             problems.append(f"r={r} for {path} exceeds min(d_in={d_in}, d_out={d_out}) = {min(d_in, d_out)}; "
                             f"use r <= {min(d_in, d_out)} (set it for this module with rank_pattern)")
         plan.targets.append(Target(path, d_in, d_out, fan_in_fan_out, r, alpha))
+    if bypassed:
+        raise TargetError(f"target_modules matched {bypassed}, the out_proj of nn.MultiheadAttention, which reads "
+                          "out_proj.weight directly so an adapter there would never run; exclude it "
+                          "(exclude_modules) or target other linears")
     if wrong_type:
         raise TargetError("target_modules matched modules that are not nn.Linear or Conv1D: " + ", ".join(wrong_type)
                           + "; target their linear sub-layers instead (e.g. 'q_proj') or exclude them")
@@ -170,7 +180,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> Plan:
 def _check_saved_found(model: nn.Module, config: LoraConfig, plan: Plan) -> None:
     missing = [m for m in config.modules_to_save or [] if not any(p.endswith(m) for p in plan.saved)]
     if missing:
-        names = sorted({p.rsplit(".", 1)[-1] for p, _ in _unwrapped(model)})
+        names = sorted({p.rsplit(".", 1)[-1] for p, _ in named_unwrapped(model)})
         close = sorted({c for m in missing for c in difflib.get_close_matches(m, names, n=5, cutoff=0.5)})
         raise TargetError(f"modules_to_save {missing} matched no module of {type(model).__name__}; "
                           f"closest names it has: {close or names[:20]}")
@@ -178,7 +188,7 @@ def _check_saved_found(model: nn.Module, config: LoraConfig, plan: Plan) -> None
 
 def _nothing_matched(model: nn.Module, config: LoraConfig) -> str:
     """A message listing the linear layer names the model does have, closest first."""
-    linear_paths = [p for p, m in _unwrapped(model) if linear_dims(m) is not None]
+    linear_paths = [p for p, m in named_unwrapped(model) if linear_dims(m) is not None]
     names = sorted({p.rsplit(".", 1)[-1] for p in linear_paths})
     wanted = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
     close = []
@@ -193,8 +203,7 @@ def _nothing_matched(model: nn.Module, config: LoraConfig) -> str:
 
 def check_adapter_name(model: nn.Module, name: str) -> None:
     """Raise AdapterError if `name` is not a usable new adapter name for this model."""
-    if not isinstance(name, str) or not name or "." in name:
-        raise AdapterError(f"adapter name must be a non-empty string without '.', got {name!r} (e.g. 'default', 'sql')")
+    check_name(name)
     if name in adapter_configs(model):
         raise AdapterError(f"adapter {name!r} is already in this model (adapters: {sorted(adapter_configs(model))}); "
                            "choose another name or call delete_adapter(model, name) first")
@@ -220,29 +229,53 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
 def apply_plan(model: nn.Module, config: LoraConfig, plan: Plan, adapter: str, trainable: bool) -> dict[str, nn.Module]:
     """Carry out a Plan from plan_targets(): wrap, add the adapter, freeze the base."""
     replaced: dict[str, nn.Module] = {}
+    first = not adapter_configs(model)
+    recorded = replace(config, fan_in_fan_out=any(t.fan_in_fan_out for t in plan.targets))
     for t in plan.targets:
         layer = model.get_submodule(t.path)
         if not isinstance(layer, LoraLayer):
             replaced[t.path] = layer
             layer = LoraLayer(layer)
             model.set_submodule(t.path, layer)
-        layer.add_adapter(adapter, t.r, t.alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        layer.add_adapter(adapter, t.r, t.alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
+                          config=recorded)
     for path in plan.saved:
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
             replaced[path] = wrapper
             wrapper = ModulesToSave(wrapper)
             model.set_submodule(path, wrapper)
-        wrapper.add_adapter(adapter)
-    configs = adapter_configs(model)
-    configs[adapter] = replace(config, fan_in_fan_out=any(t.fan_in_fan_out for t in plan.targets))
-    if len(configs) == 1:
+        wrapper.add_adapter(adapter, config=recorded)
+    if first:
         for _, wrapper in named_wrappers(model):
             wrapper.set_active([adapter])
+    _guard_save_pretrained(unwrap_model(model))
     freeze_base(model)
     for p in adapter_parameters(model, adapter):
         p.requires_grad_(trainable)
     return replaced
+
+
+class _SavePretrainedGuard:
+    """Stands in for model.save_pretrained while adapters are injected: transformers would write a checkpoint
+    with base_layer./lora_A. keys that neither transformers nor PEFT can load. unload/merge_and_unload remove it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        if adapter_configs(self.model):
+            raise AdapterError(
+                "model.save_pretrained() would write LoRA wrapper keys (base_layer., lora_A.) that neither transformers "
+                "nor PEFT can load. Save the adapter with rankdial.save_adapter(model, folder) (PEFT format), or a "
+                "plain model with rankdial.merge_and_unload(model).save_pretrained(folder)")
+        self.model.__dict__.pop("save_pretrained", None)
+        return self.model.save_pretrained(*args, **kwargs)
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in model.__dict__:
+        model.__dict__["save_pretrained"] = _SavePretrainedGuard(model)
 
 
 def adapter_parameters(model: nn.Module, adapter: str):
@@ -258,6 +291,8 @@ def adapter_parameters(model: nn.Module, adapter: str):
 def freeze_base(model: nn.Module) -> None:
     """requires_grad=False on every parameter that belongs to no adapter."""
     owned = {id(p) for name in adapter_configs(model) for p in adapter_parameters(model, name)}
+    owned |= {id(p) for _, w in named_wrappers(model) if isinstance(w, LoraLayer)
+              for table in (w.lora_A, w.lora_B) for p in table.parameters()}
     for p in model.parameters():
         if id(p) not in owned:
             p.requires_grad_(False)

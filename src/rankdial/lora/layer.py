@@ -3,20 +3,25 @@
     h = W₀x + Σ_a s_a · B_a A_a dropout_a(x),   s_a = α_a / r_a   (α_a / √r_a with rsLoRA)
 
 A_a: (r, d_in) starts Kaiming-uniform, B_a: (d_out, r) starts at zero, so a new adapter leaves the
-output exactly where the base put it. `LoraLayer.forward` is the reference; `_FusedLora` is the fast path
-for the common training case (one active adapter, no dropout, frozen dense base), held equal to the
-reference by tests.
+output exactly where the base put it. `LoraLayer.reference_forward` is the formula written plainly; `_FusedLora` is the fast
+path for the common training case (one active adapter, no dropout, a frozen dense or NF4 base), held equal to
+the reference by tests.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+
 import torch
 from torch import nn
 
-from ..errors import AdapterError, MergeError
-from ..layers import conv1d_class, linear_dims
+from ..config import LoraConfig, adapter_value_problems, check_name, lora_scaling
+from ..errors import AdapterError, ConfigError, MergeError, TargetError
+from ..layers import conv1d_class, dense_weight, linear_dims, quantized_kind
 from ..quant.linear import NF4Linear
+
+_ORDER = itertools.count()  # injection order of adapters across layers (adapter_configs lists them in it)
 
 
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
@@ -28,14 +33,21 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out:
 class LoraLayer(nn.Module):
     """Wraps a linear layer: x ↦ W₀x + Σ_active (α/r)·B·A·dropout(x).
 
-    Several named adapters can live in one layer; `active` lists those that add their term.
-    Parameters are named as in PEFT: `lora_A.<adapter>.weight` (r, d_in), `lora_B.<adapter>.weight` (d_out, r).
+    Several named adapters can live in one layer; `active` lists those that add their term. Parameters are
+    named as in PEFT: `lora_A.<adapter>.weight` (r, d_in), `lora_B.<adapter>.weight` (d_out, r). `weight` and
+    `bias` are the base's (as in PEFT's and torchtune's layers), so model code that reads or ties them works.
+
+    The adapter state (which adapters exist, their config, which are active or merged) lives here, on the
+    layer; model-level verbs derive a model's adapters from its layers. `scaling` and `lora_dropout` are read
+    at every forward, so changing them takes effect at once; `active` and `merged` change only through
+    set_active / merge / unmerge.
 
     Args:
-        base_layer: an nn.Linear or transformers' Conv1D; it is kept, frozen, as `base_layer`.
+        base_layer: nn.Linear (bitsandbytes' Linear4bit/Linear8bitLt included), GPT-2's Conv1D, or NF4Linear;
+            kept, frozen, as `base_layer`.
 
     Raises:
-        TypeError: for any other module type.
+        TargetError: for any other module type.
     """
 
     base_replaceable = True  # layers.Wrapper: tools (quantize_model) reach the base only through replace_base()
@@ -44,28 +56,64 @@ class LoraLayer(nn.Module):
         super().__init__()
         dims = linear_dims(base_layer)
         if dims is None:
-            raise TypeError(f"LoraLayer wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+            raise TargetError(f"LoraLayer wraps a linear layer (nn.Linear, GPT-2 Conv1D or NF4Linear), got "
+                              f"{type(base_layer).__name__}; target its linear sub-layers instead")
         self.in_features, self.out_features, self.fan_in_fan_out = dims
         self.base_layer = base_layer
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self.active: list[str] = []
-        self.merged: list[str] = []
+        self.configs: dict[str, tuple[int, LoraConfig]] = {}  # adapter -> (injection order, its model-level config)
+        self._active: list[str] = []
+        self._merged: list[str] = []
         self.disabled = False
-        self._refresh()
+        self._unmerged_active: tuple[str, ...] = ()
+
+    # -- the base, seen through the wrapper -------------------------------------------------------
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def __setattr__(self, name, value):
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            setattr(self._modules["base_layer"], name, value)  # e.g. transformers tying the head to the embedding
+            return
+        super().__setattr__(name, value)
+
+    def wrapped(self) -> nn.Module:
+        """The frozen base this layer stands for (layers.Wrapper)."""
+        return self.base_layer
+
+    @property
+    def active(self) -> list[str]:
+        """The adapters whose terms are added (a copy: change it with set_active)."""
+        return list(self._active)
+
+    @property
+    def merged(self) -> list[str]:
+        """The adapters merged into the base weight (a copy: change it with merge/unmerge)."""
+        return list(self._merged)
 
     # -- adapters ---------------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: bool = True) -> None:
-        """Add adapter `name` (inactive); A Kaiming-uniform and B zero unless init_lora_weights is False."""
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    init_lora_weights: bool = True, config: LoraConfig | None = None) -> None:
+        """Add adapter `name` (inactive); A Kaiming-uniform and B zero unless init_lora_weights is False.
+
+        `config` is the model-level LoraConfig it was injected with (what save_adapter writes).
+        Raises AdapterError for a bad or taken name, ConfigError for a bad r, alpha or dropout.
+        """
+        check_name(name)
         if name in self.lora_A:
             raise AdapterError(f"adapter {name!r} already exists in this layer; pick another name or delete it first")
+        problems = adapter_value_problems(r, alpha, dropout)
+        if problems:
+            raise ConfigError(f"adapter {name!r}: " + "; ".join(problems))
         device, dtype = self._base_device_dtype()
-        # Half-precision bases keep their adapters in fp32 (as PEFT's autocast_adapter_dtype does): updates of
-        # size lr·grad vanish when rounded to bf16.
-        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))  # the same init as nn.Linear and PEFT
@@ -75,44 +123,49 @@ class LoraLayer(nn.Module):
             nn.init.normal_(B.weight, std=1.0 / math.sqrt(r))
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self._refresh()
+        self.scaling[name] = lora_scaling(r, alpha, use_rslora)
+        if config is not None:
+            self.configs[name] = (next(_ORDER), config)
 
     def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where the adapters live, and in which dtype: fp32 unless the base computes in fp32/fp64 itself.
+
+        Half-precision and quantized bases keep their adapters in fp32 (as PEFT's autocast_adapter_dtype does):
+        updates of size lr·grad vanish when rounded to bf16, and integer weights cannot train at all.
+        """
         base = self.base_layer
         if isinstance(base, NF4Linear):
-            return base.packed.device, base.compute_dtype or base.weight_dtype
-        return base.weight.device, base.weight.dtype
-
-    def wrapped(self) -> nn.Module:
-        """The frozen base this layer stands for (layers.Wrapper)."""
-        return self.base_layer
+            device, dtype = base.packed.device, base.compute_dtype or base.weight_dtype
+        else:
+            device, dtype = base.weight.device, base.weight.dtype
+        return device, dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
     def replace_base(self, module: nn.Module) -> None:
         """Swap the frozen base (e.g. for its NF4 version); dimensions must match and nothing may be merged."""
-        if linear_dims(module) is None or linear_dims(module)[:2] != (self.in_features, self.out_features):
+        dims = linear_dims(module)
+        if dims is None or dims[:2] != (self.in_features, self.out_features):
             raise MergeError(f"replacement base {type(module).__name__} does not have this layer's shape "
                              f"({self.in_features} -> {self.out_features})")
-        if self.merged:
-            raise MergeError(f"adapters {self.merged} are merged into the base; unmerge before replacing it")
+        if self._merged:
+            raise MergeError(f"adapters {self._merged} are merged into the base; unmerge before replacing it")
         self.base_layer = module
-        self.fan_in_fan_out = linear_dims(module)[2]
-        self._refresh()
+        self.fan_in_fan_out = dims[2]
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` (unmerging it first if it is merged)."""
         self._require(name)
-        if name in self.merged:
+        if name in self._merged:
             self.unmerge([name])
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
         del self.scaling[name]
-        self.active = [a for a in self.active if a != name]
+        self.configs.pop(name, None)
+        self._active = [a for a in self._active if a != name]
         self._refresh()
 
     def set_active(self, names: list[str]) -> None:
         """Make exactly these adapters (those this layer holds) add their term."""
-        self.active = [n for n in names if n in self.lora_A]
+        self._active = [n for n in names if n in self.lora_A]
         self._refresh()
 
     def rank(self, name: str) -> int:
@@ -123,14 +176,8 @@ class LoraLayer(nn.Module):
             raise AdapterError(f"unknown adapter {name!r}; this layer has {sorted(self.lora_A)}")
 
     def _refresh(self) -> None:
-        """Recompute what forward() needs from the adapter state, so each call does the least work."""
-        self._unmerged_active = tuple(a for a in self.active if a not in self.merged)
-        self._single = None
-        plain_base = type(self.base_layer).forward in (nn.Linear.forward, getattr(conv1d_class(), "forward", None))
-        if len(self._unmerged_active) == 1 and (plain_base or isinstance(self.base_layer, NF4Linear)):
-            name = self._unmerged_active[0]
-            self._single = (self.base_layer, self.lora_A[name], self.lora_B[name], self.scaling[name])
-            self._single_dropout_free = isinstance(self.lora_dropout[name], nn.Identity)
+        """The one derived value forward() caches; active and merged change only through the methods above."""
+        self._unmerged_active = tuple(a for a in self._active if a not in self._merged)
 
     # -- merge ------------------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -141,18 +188,22 @@ class LoraLayer(nn.Module):
     def merge(self, names: list[str] | None = None, module_path: str = "") -> None:
         """Add s·BA of each named (default: active) adapter into W₀ in place; merging twice is a no-op.
 
-        Raises MergeError, leaving W₀ untouched, if the merged weight would hold NaN or Inf.
+        Raises MergeError, leaving W₀ untouched, if the merged weight would hold NaN or Inf, or if the base is
+        quantized (NF4 or bitsandbytes 4/8-bit), where adding in place would round the update away.
         """
-        if isinstance(self.base_layer, NF4Linear) and (names is None or names):
+        todo = [n for n in (self._active if names is None else names) if n not in self._merged]
+        for name in todo:
+            self._require(name)
+        if not todo:
+            return
+        quantized = quantized_kind(self.base_layer)
+        if quantized:
             raise MergeError(
-                f"the base of {module_path or 'this layer'} is 4-bit NF4: merging in place would round the adapter "
-                "away. Use merge_and_unload(model) for a 16/32-bit merged model, or "
+                f"the base of {module_path or 'this layer'} is {quantized}: merging in place would round the adapter "
+                "away. Use merge_and_unload(model) for a 16/32-bit merged model, or (for NF4) "
                 "merge_and_requantize(model) to go back to NF4 with the rounding error reported")
         weight = self.base_layer.weight
-        for name in self.active if names is None else names:
-            self._require(name)
-            if name in self.merged:
-                continue
+        for name in todo:
             merged = weight.float() + self.delta_weight(name).to(weight.device)
             if not torch.isfinite(merged).all():
                 raise MergeError(
@@ -160,16 +211,15 @@ class LoraLayer(nn.Module):
                     "the adapter weights are corrupt or diverged: reload a good checkpoint (the base is unchanged)")
             with torch.no_grad():
                 weight.copy_(merged.to(weight.dtype))
-            self.merged.append(name)
+            self._merged.append(name)
         self._refresh()
 
     def merged_weight(self, module_path: str = "") -> torch.Tensor:
-        """W₀ + Σ s·BA over the active unmerged adapters, in fp32 and the (d_out, d_in) layout; W₀ is not changed."""
-        base = self.base_layer
-        if isinstance(base, NF4Linear):
-            weight = base.dequantized_weight(torch.float32)
-        else:
-            weight = (base.weight.t() if self.fan_in_fan_out else base.weight).float()
+        """W₀ + Σ s·BA over the active unmerged adapters, in fp32 and the (d_out, d_in) layout; W₀ is not changed.
+
+        A quantized base (NF4, bitsandbytes 4/8-bit) is dequantized first.
+        """
+        weight = dense_weight(self.base_layer)
         for name in self._unmerged_active:
             delta = self.delta_weight(name)
             weight = weight + (delta.t() if self.fan_in_fan_out else delta).to(weight.device)
@@ -181,12 +231,12 @@ class LoraLayer(nn.Module):
     def unmerge(self, names: list[str] | None = None) -> None:
         """Subtract merged adapters (default: all merged) from W₀, restoring it up to rounding."""
         weight = self.base_layer.weight
-        for name in list(reversed(self.merged)) if names is None else names:
-            if name not in self.merged:
+        for name in list(reversed(self._merged)) if names is None else names:
+            if name not in self._merged:
                 continue
             with torch.no_grad():
                 weight.copy_((weight.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
-            self.merged.remove(name)
+            self._merged.remove(name)
         self._refresh()
 
     # -- forward ----------------------------------------------------------------------------------
@@ -194,12 +244,13 @@ class LoraLayer(nn.Module):
         adapters = () if self.disabled else self._unmerged_active
         if not adapters:
             return self.base_layer(x)
-        if self._single is not None and self._fusable(x):
-            base, A, B, scale = self._single
+        if len(adapters) == 1 and self._fusable(x, adapters[0]):
+            name = adapters[0]
+            base, A, B, scale = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
             if isinstance(base, NF4Linear):
-                return _FusedLora.apply(x, None, None, A.weight, B.weight, scale, base)
+                return _FusedLora.apply(x, None, None, A, B, scale, base)
             weight = base.weight.t() if self.fan_in_fan_out else base.weight
-            return _FusedLora.apply(x, weight, base.bias, A.weight, B.weight, scale, None)
+            return _FusedLora.apply(x, weight, base.bias, A, B, scale, None)
         return self.reference_forward(x, adapters)
 
     def reference_forward(self, x: torch.Tensor, adapters: tuple[str, ...]) -> torch.Tensor:
@@ -211,32 +262,30 @@ class LoraLayer(nn.Module):
             h = h + (z * self.scaling[name]).to(h.dtype)
         return h
 
-    def _fusable(self, x: torch.Tensor) -> bool:
-        """The fused path covers one adapter, no active dropout, a frozen base, one dtype, no autocast.
+    def _fusable(self, x: torch.Tensor, name: str | None = None) -> bool:
+        """The fused path covers one adapter, no active dropout, a frozen dense or NF4 base, one dtype, no autocast.
 
-        An NF4 base is fused only while autograd records (training): without it, NF4Linear's own forward may
-        take bitsandbytes' fused 4-bit inference kernel, which is faster than dequantizing.
+        Everything is read now (not cached), so a changed dropout, scaling or base is always honoured. An NF4
+        base is fused only while autograd records (training): without it NF4Linear's own forward is used.
         """
-        base, A, _, _ = self._single
+        if name is None:
+            if len(self._unmerged_active) != 1:
+                return False
+            name = self._unmerged_active[0]
+        base, A = self.base_layer, self.lora_A[name].weight
+        dropout_free = isinstance(self.lora_dropout[name], nn.Identity) or not self.training
+        if not dropout_free or torch.is_autocast_enabled(x.device.type):
+            return False
+        if base.bias is not None and base.bias.requires_grad:
+            return False
         if isinstance(base, NF4Linear):
-            return (
-                torch.is_grad_enabled()
-                and (not self.training or self._single_dropout_free)
-                and x.dtype == A.weight.dtype == (base.compute_dtype or x.dtype)
-                and (base.bias is None or not base.bias.requires_grad)
-                and not torch.is_autocast_enabled(x.device.type)
-            )
-        return (
-            (not self.training or self._single_dropout_free)
-            and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)
-            and x.dtype == base.weight.dtype == A.weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        )
+            return torch.is_grad_enabled() and x.dtype == A.dtype == (base.compute_dtype or x.dtype)
+        plain = type(base).forward in (nn.Linear.forward, getattr(conv1d_class(), "forward", None))
+        return plain and not base.weight.requires_grad and x.dtype == base.weight.dtype == A.dtype
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.lora_A}
-        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self.active}, merged={self.merged}"
+        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self._active}, merged={self._merged}"
 
 
 class _FusedLora(torch.autograd.Function):

@@ -25,6 +25,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.configs: dict = {}  # adapter -> (injection order, its model-level LoraConfig), as in LoraLayer
 
     def wrapped(self) -> nn.Module:
         """The frozen original this module stands for (layers.Wrapper)."""
@@ -33,16 +34,21 @@ class ModulesToSave(nn.Module):
     def replace_base(self, module: nn.Module) -> None:
         raise TargetError("modules_to_save keeps trained copies of its module; its original cannot be replaced")
 
-    def add_adapter(self, name: str) -> None:
-        """Add a trainable copy of the original module for adapter `name`."""
+    def add_adapter(self, name: str, config=None) -> None:
+        """Add a trainable copy of the original module for adapter `name` (`config`: its model-level LoraConfig)."""
         if name in self.modules_to_save:
             raise AdapterError(f"adapter {name!r} already has a copy of this module; pick another name")
         trained = copy.deepcopy(self.original_module)
         trained.requires_grad_(True)
         self.modules_to_save[name] = trained
+        if config is not None:
+            from .layer import _ORDER
+
+            self.configs[name] = (next(_ORDER), config)
 
     def delete_adapter(self, name: str) -> None:
         del self.modules_to_save[name]
+        self.configs.pop(name, None)
         if self.active == name:
             self.active = None
 

@@ -1,4 +1,9 @@
-"""Model-level verbs over the LoRA layers of a model: activate, merge, unmerge, unload, disable, count."""
+"""Model-level verbs over the LoRA layers of a model: activate, merge, unmerge, unload, disable, count.
+
+A model's adapters are whatever its layers hold (see LoraLayer): every verb reads them from the wrappers,
+so it works on the model they were injected into, on any model that contains it, and through DDP or
+torch.compile wrappers.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,10 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, MergeError
+from ..layers import bnb_quant_kind, quantized_kind
 from ..quant.linear import NF4Linear
 from ..quant.nf4 import quantize_nf4
-from .inject import adapter_configs, named_wrappers
+from .inject import adapter_configs, named_wrappers, unwrap_model
 from .layer import LoraLayer
 from .modules_to_save import ModulesToSave
 
@@ -28,8 +34,14 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(adapter_configs(model))
 
 
-def _known(model: nn.Module, names: str | list[str]) -> list[str]:
-    names = [names] if isinstance(names, str) else list(names)
+def _known(model: nn.Module, names: str | list[str], verb: str = "set_active") -> list[str]:
+    if isinstance(names, str):
+        names = [names]
+    elif isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+        names = list(names)
+    else:
+        raise AdapterError(f"{verb}() takes an adapter name or a list of names, got {names!r} "
+                           f"({type(names).__name__}); e.g. {verb}(model, 'default') or {verb}(model, ['a', 'b'])")
     unknown = [n for n in names if n not in adapter_configs(model)]
     if unknown:
         raise AdapterError(f"unknown adapter(s) {unknown}; this model has {adapter_names(model) or 'no adapters'} "
@@ -61,17 +73,30 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
         wrapper.set_active(names)
 
 
-def _is_4bit(layer: LoraLayer) -> bool:
-    return isinstance(layer.base_layer, NF4Linear)
+def _is_quantized(layer: LoraLayer) -> bool:
+    return quantized_kind(layer.base_layer) is not None
+
+
+def _something_to_merge(model: nn.Module, verb: str) -> None:
+    """Raise unless `model` has an active adapter: merging nothing is a mistake worth a word, not a no-op."""
+    if not adapter_configs(model):
+        raise AdapterError(f"{verb}(): this model has no LoRA adapters; inject() or load_adapter() one first")
+    if not active_adapters(model):
+        raise MergeError(f"{verb}(): no adapter is active (adapters: {adapter_names(model)}); call "
+                         "set_active(model, name) first, or unload(model) to remove the adapters without merging")
 
 
 def merge(model: nn.Module, adapters: str | list[str] | None = None) -> None:
     """Add s·BA of the active (or named) adapters into the base weights in place; idempotent.
 
-    All-or-nothing: if any layer would get a non-finite weight, every layer merged by this call is
-    unmerged again and MergeError names the adapter and the layer. A 4-bit base refuses (see merge_and_unload).
+    Safe by construction (PEFT's safe_merge=True is always on): every merged weight is checked for NaN/Inf
+    before it is written, and the merge is all-or-nothing across layers: if any layer would get a non-finite
+    weight, every layer merged by this call is unmerged again and MergeError names the adapter and the layer.
+    A quantized base (NF4, bitsandbytes 4/8-bit) refuses: see merge_and_unload.
     """
-    _merge_layers(list(lora_layers(model)), None if adapters is None else _known(model, adapters))
+    if adapters is None:
+        _something_to_merge(model, "merge")
+    _merge_layers(list(lora_layers(model)), None if adapters is None else _known(model, adapters, "merge"))
 
 
 def _merge_layers(layers: list[tuple[str, LoraLayer]], names: list[str] | None) -> None:
@@ -89,7 +114,7 @@ def _merge_layers(layers: list[tuple[str, LoraLayer]], names: list[str] | None) 
 
 def _merge_dense(model: nn.Module) -> None:
     """Merge the active adapters of every layer whose base is dense (4-bit bases are rebuilt, not merged)."""
-    _merge_layers([(p, layer) for p, layer in lora_layers(model) if not _is_4bit(layer)], None)
+    _merge_layers([(p, layer) for p, layer in lora_layers(model) if not _is_quantized(layer)], None)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -101,7 +126,7 @@ def unmerge(model: nn.Module) -> None:
 def _dense_linear(layer: LoraLayer, weight: torch.Tensor) -> nn.Linear:
     """A plain nn.Linear holding `weight` (d_out, d_in) and the base's bias, in the dtype W₀ was stored in."""
     base = layer.base_layer
-    dtype = base.weight_dtype if isinstance(base, NF4Linear) else base.weight.dtype
+    dtype = _stored_dtype(base)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
@@ -110,32 +135,60 @@ def _dense_linear(layer: LoraLayer, weight: torch.Tensor) -> nn.Linear:
     return linear.requires_grad_(False)
 
 
-def _unload(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
-    """Put plain modules back: merged linears for LoRA layers, the active copy for modules_to_save."""
+def _stored_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype a base weight had before it was quantized (or has, for a dense base)."""
+    if isinstance(base, NF4Linear):
+        return base.weight_dtype
+    kind = bnb_quant_kind(base)
+    if kind == "4bit":
+        return base.weight.quant_state.dtype
+    if kind == "8bit":
+        return base.bias.dtype if base.bias is not None else torch.float32
+    return base.weight.dtype
+
+
+def _unload(model: nn.Module, replacements: dict[str, nn.Module], merged: bool = True) -> nn.Module:
+    """Put plain modules back: merged linears for LoRA layers, the active copy for modules_to_save (or, with
+    merged=False, the original module)."""
+    model = unwrap_model(model)
     for path, wrapper in list(named_wrappers(model)):
         if isinstance(wrapper, LoraLayer):
             plain = replacements.get(path, wrapper.base_layer)
         else:
-            plain = wrapper.modules_to_save[wrapper.active] if wrapper.active else wrapper.original_module
+            plain = wrapper.modules_to_save[wrapper.active] if wrapper.active and merged else wrapper.original_module
         model.set_submodule(path, plain)
-    model.__dict__.pop("_rankdial_adapters", None)
+    model.__dict__.pop("save_pretrained", None)  # the guard inject() installed
     return model
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and put plain modules back: returns the model with the base's own key names.
 
-    A 4-bit (NF4) base is merged honestly: its dequantized weight plus the adapter becomes a plain nn.Linear
-    in the dtype the weight was quantized from (16 or 32 bit); nothing is rounded back to 4 bits.
+    A quantized base (NF4, or bitsandbytes' 4/8-bit layers of a PEFT-style base) is merged honestly: its
+    dequantized weight plus the adapter becomes a plain nn.Linear in the dtype the weight was quantized from
+    (16 or 32 bit); nothing is rounded back to 4 or 8 bits. NaN/Inf are checked first (see merge).
     """
-    dense = {p: _dense_linear(layer, layer.merged_weight(p)) for p, layer in lora_layers(model) if _is_4bit(layer)}
+    _something_to_merge(model, "merge_and_unload")
+    dense = {p: _dense_linear(layer, layer.merged_weight(p)) for p, layer in lora_layers(model) if _is_quantized(layer)}
     _merge_dense(model)
     return _unload(model, dense)
 
 
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging it: the base model back, with its own modules and key names.
+
+    Adapters merged into the base are subtracted first, so what is returned computes the base's function.
+    """
+    if not adapter_configs(model):
+        raise AdapterError("unload(): this model has no LoRA adapters; there is nothing to remove")
+    unmerge(model)
+    return _unload(model, {}, merged=False)
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from every layer (unmerging it first); wrappers left empty are unwrapped."""
-    _known(model, name)
+    _known(model, name, "delete_adapter")
+    model = unwrap_model(model)
     for path, wrapper in list(named_wrappers(model)):
         if isinstance(wrapper, LoraLayer) and name in wrapper.lora_A:
             wrapper.delete_adapter(name)
@@ -147,7 +200,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             continue
         if empty:
             model.set_submodule(path, plain)
-    del adapter_configs(model)[name]
+    if not adapter_configs(model):
+        model.__dict__.pop("save_pretrained", None)
 
 
 @contextlib.contextmanager
@@ -204,6 +258,7 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
         else:
             for name, copy in wrapper.modules_to_save.items():
                 rows.append((path, f"{name}: full copy", sum(p.numel() for p in copy.parameters() if p.requires_grad)))
+    model = unwrap_model(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # NF4 weights are packed buffers, not Parameters: count each as the weights it stands for
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
@@ -233,11 +288,15 @@ class RequantizeReport:
 def merge_and_requantize(model: nn.Module) -> tuple[nn.Module, RequantizeReport]:
     """Like merge_and_unload, but 4-bit layers go back to NF4 (same block size and double quantization).
 
-    Rounding W₀ + ΔW to 4 bits loses part of ΔW; the report says how much, layer by layer.
+    Rounding W₀ + ΔW to 4 bits loses part of ΔW; the report says how much, layer by layer. A bitsandbytes
+    base becomes a dense layer, as in merge_and_unload.
     """
+    _something_to_merge(model, "merge_and_requantize")
     rows, quantized = [], {}
     for path, layer in lora_layers(model):
-        if not _is_4bit(layer):
+        if not isinstance(layer.base_layer, NF4Linear):
+            if _is_quantized(layer):
+                quantized[path] = _dense_linear(layer, layer.merged_weight(path))
             continue
         base, weight = layer.base_layer, layer.merged_weight(path)
         nf4 = quantize_nf4(weight.to(base.weight_dtype), base.blocksize, base.nested_absmax is not None)
