@@ -50,6 +50,19 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _plain_modes(path: Path) -> None:
+    """Give a written file or folder the modes any new one gets under the umask (libraries such as safetensors
+    and tempfile create theirs 0600/0700, which another user or a server process could not read)."""
+    mask = _umask()
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for name in files:
+                os.chmod(Path(root) / name, 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file below `folder`, then the folders themselves."""
     for root, _, files in os.walk(folder):
@@ -82,6 +95,7 @@ def atomic_file(path: str | os.PathLike):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        _plain_modes(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -159,9 +173,9 @@ def atomic_dir(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.P
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a saved folder is as readable as any other
         yield tmp
         (tmp / MARKER).write_text(json.dumps({"kind": kind, "written_by": "rankdial"}) + "\n")
+        _plain_modes(tmp)
         fsync_tree(tmp)
         check_target(target, kind, inputs, legacy, what)  # the world may have changed while we wrote
         if not target.exists():

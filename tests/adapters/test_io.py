@@ -111,7 +111,10 @@ def load_fails(folder, match, **kwargs):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises((rd.AdapterFileError, rd.AdapterError, rd.TargetError)) as err:
         rd.load_adapter(model, folder, **kwargs)
-    assert state.keys() == model.state_dict().keys(), "a failed load must leave the model untouched"
+    after = model.state_dict()
+    assert state.keys() == after.keys(), "a failed load must leave the model untouched"
+    assert all(torch.equal(state[k], after[k]) for k in state), "a failed load changed a weight"
+    assert all(type(m).__name__ != "LoraLayer" for m in model.modules())
     assert not rd.adapter_names(model)
     assert __import__("re").search(match, str(err.value), __import__("re").S), str(err.value)
     return str(err.value)
@@ -147,7 +150,69 @@ def test_nan_or_inf_in_adapter_weights(saved):
         t[key][0, 0] = float("inf")
         return t
     rewrite(saved, poison)
-    load_fails(saved, "NaN/Inf values in .*layers.0.self_attn.v_proj.lora_B")
+    message = load_fails(saved, "NaN/Inf values in .*layers.0.self_attn.v_proj.lora_B")
+    assert "another base model" not in message  # the file is corrupt, not for another model
+
+
+def test_convert_bin_refuses_a_folder_holding_both_files(saved):
+    tensors = load_file(saved / "adapter_model.safetensors")
+    torch.save({k: torch.zeros_like(v) for k, v in tensors.items()}, saved / "adapter_model.bin")
+    before = (saved / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(rd.AdapterFileError, match="both adapter_model.bin and adapter_model.safetensors"):
+        rd.convert_bin_adapter(saved)
+    assert (saved / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_save_adapter_into_a_training_run_folder_keeps_the_run(tmp_path):
+    """A finished `rankdial train` folder holds the adapter plus metrics, plot, config and summary: saving
+    another adapter there would delete them (written before markers: recognised by its own files)."""
+    run = tmp_path / "run"
+    rd.save_adapter(trained(), run)
+    (run / ".rankdial-output.json").unlink()
+    for name in ("loss.png", "metrics.jsonl", "rankdial_train.json", "summary.json"):
+        (run / name).write_text("{}")
+    with pytest.raises(rd.OutputError, match="rankdial replaces only a 'adapter' folder"):
+        rd.save_adapter(trained(r=2), run)
+    assert sorted(p.name for p in run.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "loss.png",
+                                                     "metrics.jsonl", "rankdial_train.json", "summary.json"]
+    (run / ".rankdial-output.json").write_text('{"kind": "train-run"}')
+    with pytest.raises(rd.OutputError, match="as a 'train-run'"):
+        rd.save_adapter(trained(r=2), run)
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    rd.save_adapter(trained(), tmp_path / "a")
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for p in [tmp_path / "a", *(tmp_path / "a").iterdir()]:
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        assert p.stat().st_mode & 0o777 == want, (p.name, oct(p.stat().st_mode))
+
+
+@pytest.mark.parametrize("bad", [None, 5, ""])
+def test_paths_that_are_not_paths(bad):
+    model = trained()
+    with pytest.raises(rd.AdapterFileError, match="must be a folder path"):
+        rd.load_adapter(tiny_model("llama"), bad)
+    with pytest.raises(rd.AdapterFileError, match="must be a folder path"):
+        rd.save_adapter(model, bad)
+
+
+def test_state_dict_round_trip_at_the_top_level():
+    source, target = trained(seed=3), trained(seed=4)
+    tensors = rd.adapter_state_dict(source)
+    assert tensors.keys() == rd.adapter_state_dict(target).keys()
+    rd.set_adapter_state_dict(target, tensors)
+    ids = token_batch()
+    assert torch.equal(model_output(source, ids), model_output(target, ids))
+    broken = dict(tensors)
+    broken.pop(next(iter(broken)))
+    before = rd.adapter_state_dict(target)
+    with pytest.raises(rd.AdapterFileError, match="missing keys"):
+        rd.set_adapter_state_dict(target, broken)
+    assert all(torch.equal(before[k], v) for k, v in rd.adapter_state_dict(target).items())
 
 
 @pytest.mark.parametrize("cut", [5, 60, -10])
