@@ -48,23 +48,28 @@ def _portable_targets(model: nn.Module, config: LoraConfig, paths: list[str]) ->
 
 
 def config_to_peft(model: nn.Module, config: LoraConfig, paths: list[str]) -> dict[str, Any]:
-    """adapter_config.json contents for an adapter with `config` that wraps the modules at `paths`."""
+    """adapter_config.json contents for an adapter with `config` that wraps the modules at `paths` of `model`."""
     targets = config.target_modules
     if targets == ALL_LINEAR:
         targets = _portable_targets(model, config, paths)
     base = config.base_model_name_or_path
     if base is None:
         base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return config_to_json(dataclasses.replace(config, target_modules=targets, base_model_name_or_path=base))
+
+
+def config_to_json(config: LoraConfig) -> dict[str, Any]:
+    """adapter_config.json contents for `config` as it stands (target_modules written as given)."""
     return {
         "peft_type": "LORA",
         "task_type": config.task_type,
-        "base_model_name_or_path": base,
+        "base_model_name_or_path": config.base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
         "r": config.r,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
-        "target_modules": targets,
+        "target_modules": config.target_modules,
         "exclude_modules": config.exclude_modules,
         "fan_in_fan_out": config.fan_in_fan_out,
         "bias": config.bias,

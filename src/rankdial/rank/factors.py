@@ -1,0 +1,126 @@
+"""An adapter folder as per-module low-rank factors: ΔW = s·B·A, and the SVD of it without forming ΔW.
+
+For A: (r, d_in), B: (d_out, r), the SVD of the rank-≤r matrix s·B·A costs two thin QRs and one r×r SVD:
+B = Q_B R_B, Aᵀ = Q_A R_A, so s·B·A = Q_B (s·R_B R_Aᵀ) Q_Aᵀ = (Q_B U) Σ (Q_A V)ᵀ with U Σ Vᵀ = s·R_B R_Aᵀ.
+`svd_reference` forms ΔW and calls torch.linalg.svd; tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..adapters import read_adapter_config, read_adapter_weights
+from ..adapters.peft_format import CONFIG_NAME, KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, config_to_json
+from ..atomic import atomic_dir
+from ..config import LoraConfig
+from ..errors import AdapterFileError
+from ..lora.inject import pattern_value
+
+ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, "README.md"}
+
+
+@dataclass
+class ModuleFactors:
+    """One adapted module: ΔW = scale · B · A (fp32)."""
+
+    A: torch.Tensor  # (r, d_in)
+    B: torch.Tensor  # (d_out, r)
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.B @ self.A)  # (d_out, d_in)
+
+    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U, S, Vh) of ΔW restricted to its rank: U (d_out, r), S (r,), Vh (r, d_in), S descending."""
+        q_b, r_b = torch.linalg.qr(self.B.double())  # (d_out, r), (r, r)
+        q_a, r_a = torch.linalg.qr(self.A.double().T)  # (d_in, r), (r, r)
+        u, s, vh = torch.linalg.svd(self.scale * (r_b @ r_a.T))
+        return (q_b @ u).float(), s.float(), (vh @ q_a.T).float()
+
+    def svd_reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same from the full ΔW (slow, obviously right)."""
+        u, s, vh = torch.linalg.svd(self.delta().double(), full_matrices=False)
+        k = min(self.rank, s.numel())
+        return u[:, :k].float(), s[:k].float(), vh[:k].float()
+
+
+@dataclass
+class AdapterFactors:
+    """An adapter folder read into memory: its config, its modules' factors, and other tensors kept as they are."""
+
+    config: LoraConfig
+    modules: dict[str, ModuleFactors]
+    other: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save tensors, under their file keys
+    source: str = ""
+
+
+def read_factors(folder: str | Path) -> AdapterFactors:
+    """Read an adapter folder (rankdial's or PEFT's) into per-module factors, checking A/B pairs and finiteness."""
+    config = read_adapter_config(folder)
+    tensors = read_adapter_weights(folder)
+    modules, other = {}, {}
+    for key, tensor in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            path = key[len(KEY_PREFIX):-len(".lora_A.weight")]
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            if b_key not in tensors:
+                raise AdapterFileError(f"{folder} has {key} but not {b_key}; the adapter file is incomplete")
+            A, B = tensor.float(), tensors[b_key].float()
+            if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+                raise AdapterFileError(f"{folder}: {path} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, "
+                                       "which do not multiply (A: r x d_in, B: d_out x r)")
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise AdapterFileError(f"{folder}: {path} holds NaN/Inf; the adapter is corrupt or diverged")
+            r = A.shape[0]
+            expected = pattern_value(config.rank_pattern, path, config.r)
+            if r != expected:
+                raise AdapterFileError(f"{folder}: {path} has rank {r} in its weights but the config says r={expected}; "
+                                       "the config and the weights disagree (fix adapter_config.json's r/rank_pattern)")
+            alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+            modules[path] = ModuleFactors(A, B, config.scaling(r, alpha))
+        elif not key.endswith(".lora_B.weight"):
+            other[key] = tensor
+    if not modules:
+        raise AdapterFileError(f"{folder} holds no lora_A/lora_B tensors; is it a LoRA adapter?")
+    return AdapterFactors(config, modules, other, str(folder))
+
+
+def uniform_config(config: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
+    """`config` for factors stored with scale 1 (alpha = rank everywhere, no rsLoRA), rank_pattern where ranks differ."""
+    r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
+    pattern = {path: k for path, k in ranks.items() if k != r}
+    return replace(config, r=r, lora_alpha=r, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern))
+
+
+def write_factors(out: str | Path, config: LoraConfig, modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  other: dict[str, torch.Tensor], inputs: list) -> Path:
+    """Write {path: (A, B)} (already including their scale under `config`) as a PEFT adapter folder, atomically.
+
+    The folder is refused if it is one of `inputs`, or a non-empty folder rankdial did not write as an adapter.
+    """
+    tensors = {}
+    for path, (A, B) in modules.items():
+        tensors[f"{KEY_PREFIX}{path}.lora_A.weight"] = A.contiguous().float()
+        tensors[f"{KEY_PREFIX}{path}.lora_B.weight"] = B.contiguous().float()
+    tensors.update({k: v.contiguous() for k, v in other.items()})
+    import json
+
+    legacy = lambda f: all(p.name in ADAPTER_FILES for p in f.iterdir())  # noqa: E731
+    with atomic_dir(out, kind="adapter", inputs=inputs, legacy=legacy, what="--out folder") as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config_to_json(config), indent=2, sort_keys=True) + "\n")
+    return Path(out)
+
+
+def balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of rank k with B·A = U_k Σ_k V_kᵀ, the singular values split evenly between the two factors."""
+    root = s[:k].sqrt()
+    return root[:, None] * vh[:k], u[:, :k] * root[None, :]  # A (k, d_in), B (d_out, k)
