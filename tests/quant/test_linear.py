@@ -113,7 +113,7 @@ def test_bf16_compute_dtype_casts_back():
 
 def test_quantize_model_skips_head_and_reports_bytes(llama):
     report = rd.quantize_model(llama)
-    assert len(report.layers) == 14 and report.skipped == ["lm_head"]
+    assert len(report.layers) == 14 and report.skipped == ["lm_head"] and report.reasons == {"lm_head": "output head"}
     assert isinstance(llama.model.layers[0].self_attn.q_proj, NF4Linear)
     assert isinstance(llama.lm_head, nn.Linear)
     assert report.bytes_after < report.bytes_before / 6
@@ -246,3 +246,58 @@ def test_parameter_report_counts_4bit_weights(llama):
     rd.inject(llama, rd.LoraConfig(r=2))
     report = rd.trainable_parameters(llama)
     assert report.total == total + report.trainable
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_answers_dtype_shape_and_device_and_dequantizes(dtype):
+    dense, q = dense_and_nf4(128, 48, seed=31, dtype=dtype)
+    w = q.weight
+    assert (w.dtype, w.shape, w.device, w.ndim) == (dtype, torch.Size((48, 128)), torch.device("cpu"), 2)
+    assert (w.size(), w.size(1), w.numel(), w.requires_grad) == (torch.Size((48, 128)), 128, 48 * 128, False)
+    assert w.dequantize().dtype == dtype and torch.equal(w.dequantize(), q.dequantized_weight())
+    assert w.dequantize(torch.float32).sub(dense.weight.float()).abs().max() < 0.2 * dense.weight.abs().max()
+    assert isinstance(q.bias, nn.Parameter) and not q.bias.requires_grad
+    with pytest.raises(AttributeError):
+        q.weight = torch.zeros(48, 128)  # frozen: read-only
+
+
+def test_model_dtype_weight_probes_and_generate_work_after_quantize_model(llama):
+    ids = token_batch()
+    rd.quantize_model(llama)
+    assert llama.dtype == torch.float32
+    probes = {n: (m.weight.dtype, tuple(m.weight.shape), m.weight.device.type)
+              for n, m in llama.named_modules() if hasattr(m, "weight")}
+    assert probes["model.layers.0.mlp.up_proj"] == (torch.float32, (64, 32), "cpu")
+    dense = copy.deepcopy(llama)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, NF4Linear):
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain.weight.data.copy_(module.weight.dequantize())
+            dense.set_submodule(name, plain)
+    ours = llama.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    theirs = dense.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert ours.shape == (2, 12) and torch.equal(ours, theirs)
+
+
+def test_multihead_attention_out_proj_is_kept_in_full_precision_and_reported():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+            self.ff = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.ff(self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(41)
+    block = Block().eval()
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        before = block(x)
+    report = rd.quantize_model(block)
+    assert report.layers == ["ff"] and report.skipped == ["attn.out_proj"]
+    assert "MultiheadAttention" in report.reasons["attn.out_proj"] and "attn.out_proj (out_proj of" in str(report)
+    assert type(block.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    with torch.no_grad():
+        after = block(x)  # MHA reads out_proj.weight as a tensor: still there
+    assert (after - before).abs().mean() < 0.1 * before.abs().mean()
