@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from rankdial.quant import linear as qlinear
+from rankdial.quant import kernel_info, set_kernel
 from rankdial.quant.linear import NF4Linear
 from rankdial.quant.nf4 import dequantize_nf4, quantize_nf4
 
@@ -80,7 +80,7 @@ def main() -> None:
     w = torch.randn(D, D) * 0.02
     mb = w.numel() * 4 / 1e6
 
-    qlinear.set_kernel("torch")  # the pure path for throughput
+    set_kernel("torch")  # the pure path for throughput
     ours_q = quantize_nf4(w)
     bnb_q, bnb_state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     t = median_times({"ours_quantize": lambda: quantize_nf4(w),
@@ -90,7 +90,7 @@ def main() -> None:
     print(f"quantize:   rankdial {mb / t['ours_quantize']:.0f} MB/s, bitsandbytes {mb / t['bnb_quantize']:.0f} MB/s")
     print(f"dequantize: rankdial {mb / t['ours_dequantize']:.0f} MB/s, bitsandbytes {mb / t['bnb_dequantize']:.0f} MB/s")
 
-    qlinear.set_kernel("auto")  # the default path
+    set_kernel("auto")  # the default path
     ours = NF4Linear(quantize_nf4(w), None)
     dense = torch.nn.Linear(D, D, bias=False)
     dense.weight.data.copy_(w)
@@ -105,6 +105,8 @@ def main() -> None:
         return run
 
     theirs.eval(), ours.eval(), dense.eval()  # inference mode for all three, as bitsandbytes expects
+    kernels = kernel_info(ours)  # fp32 here: the fused bf16 CPU kernel runs only when asked for
+    print(f"NF4 kernels on this machine: {kernels}")
     t_inf = median_times({"ours": infer(ours), "bnb": infer(theirs), "dense": infer(dense)}, reps * 3)
     print(f"inference, 16 tokens (ms): rankdial {1e3 * t_inf['ours']:.2f}, bitsandbytes {1e3 * t_inf['bnb']:.2f}, "
           f"dense {1e3 * t_inf['dense']:.2f}")
@@ -141,6 +143,7 @@ def main() -> None:
         "bits_per_param_no_double_quant": round(quantize_nf4(w, double_quant=False).bits_per_param, 4),
         "relative_error_gaussian": round(gauss, 5),
         "relative_error_minilm": None if mini is None else round(mini, 5),
+        "kernel_info": kernels,
     }
     print(json.dumps(result))
 

@@ -161,7 +161,9 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, device cpu, fp32, r={RANK}, alpha={2 * RANK}, all-linear")
     for size, spec in SIZES.items():
         print(f"  {size}: {spec}, rounds={rounds[size]} x {steps[size]} steps")
-    result = {}
+    from rankdial.quant import kernel_info
+
+    result = {"kernel_info": kernel_info()}  # which NF4 code this machine would run (this benchmark is fp32 LoRA)
     for size in SIZES:
         timing = time_size(size, rounds[size], steps[size])
         print(f"{size}: step ms (median) " + ", ".join(f"{m} {v:.1f}" for m, v in timing["ms"].items()))

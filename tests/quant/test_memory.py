@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import rankdial as rd
@@ -34,6 +35,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_resident_memory_matches_the_reported_bytes():
     # A fixed mmap threshold makes glibc hand freed temporaries (the fp32 weights) back to the system, so RSS
     # shows what is kept rather than what the allocator caches for reuse.

@@ -2,130 +2,24 @@
 
 The forward dequantizes the weight a bounded chunk of rows at a time (never a full fp32 copy of a large
 weight), multiplies in the compute dtype and casts back; the backward does the same for dL/dx. The weight
-gets no gradient: QLoRA trains adapters beside it. Dequantization uses bitsandbytes' compiled kernel when
-that package is installed (the format is bit-identical, and so are the results) and pure PyTorch otherwise.
+gets no gradient: QLoRA trains adapters beside it. Which code dequantizes is kernels.py's choice (bitsandbytes'
+compiled kernel when installed, bit-identical results; pure PyTorch otherwise). An fp32 model computes in
+fp32 on every CPU: bitsandbytes' fused bf16 CPU kernel runs only when asked for or when computing in bf16.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import threading
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import RankdialError
-from ..layers import Wrapper
-from .nf4 import NF4Tensor, dequantize_range, quantize_nf4
+from ..errors import ConfigError, RankdialError
+from ..layers import Wrapper, bnb_quant_kind, linear_dims, output_heads, path_matches
+from . import kernels
+from .nf4 import NF4Tensor, quantize_nf4
 
 CHUNK_ELEMENTS = 1 << 22  # 4M weights (16 MB in fp32) dequantized at a time
-_SCRATCH = threading.local()
-
-
-def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reusable buffer for one dequantized chunk (per thread, grown to the largest chunk seen).
-
-    Training dequantizes every layer's weight twice per step. With a fresh tensor each time, glibc's heap
-    fragments (each freed multi-MB chunk gets split by the small activations allocated after it), and a
-    QLoRA process grew by hundreds of MB of free-but-held memory per step on a 150M-parameter model. One
-    buffer, consumed before the next chunk is dequantized, keeps the footprint at one chunk.
-    """
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-        if buf is not None and buf.dtype == dtype and buf.device == device:
-            numel = max(numel, buf.numel())
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        _SCRATCH.buf = buf
-    return buf[:numel]
-_KERNEL = os.environ.get("RANKDIAL_NF4_KERNEL", "auto")  # auto | torch | bitsandbytes
-
-
-def set_kernel(name: str) -> None:
-    """Choose NF4 dequantization: 'auto' (bitsandbytes if installed), 'torch' (pure), or 'bitsandbytes'."""
-    global _KERNEL
-    if name not in ("auto", "torch", "bitsandbytes"):
-        raise RankdialError(f"NF4 kernel must be 'auto', 'torch' or 'bitsandbytes', got {name!r}")
-    _KERNEL = name
-
-
-def _conv1d_class() -> type | None:
-    """GPT-2's Conv1D, if transformers is loaded (a model cannot hold one otherwise)."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
-def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
-    """(d_in, d_out, fan_in_fan_out) for nn.Linear, Conv1D (weight stored (d_in, d_out)) or NF4Linear; else None."""
-    if isinstance(module, (nn.Linear, NF4Linear)):
-        return module.in_features, module.out_features, False
-    conv1d = _conv1d_class()
-    if conv1d is not None and isinstance(module, conv1d):
-        d_in, d_out = module.weight.shape
-        return d_in, d_out, True
-    return None
-
-
-def _bnb_dequantize():
-    """bitsandbytes' dequantize_4bit op, or None when the pure path is chosen or the package is missing."""
-    if _KERNEL == "torch":
-        return None
-    if "bitsandbytes" not in sys.modules:
-        # Its CPU backend warns at import that an optional hub-downloaded kernel package is missing; rankdial
-        # never downloads and does not use that kernel, so the warning is noise here.
-        quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            import bitsandbytes  # noqa: F401  (registers the ops)
-        except ImportError:
-            if _KERNEL == "bitsandbytes":
-                raise RankdialError("RANKDIAL_NF4_KERNEL=bitsandbytes but bitsandbytes is not installed; "
-                                    "pip install bitsandbytes, or use 'auto'") from None
-            return None
-        finally:
-            quiet.setLevel(level)
-    return torch.ops.bitsandbytes.dequantize_4bit.default
-
-
-_INTO: dict = {}
-
-
-def _bnb_cpu_dequantize_into(dtype: torch.dtype):
-    """bitsandbytes' compiled CPU NF4 dequantizer writing into a given buffer, or None where unavailable.
-
-    Its registered op (dequantize_4bit) always allocates its output and has no CPU `out=` variant; this calls
-    the same C function the op calls (cdequantize_blockwise_cpu_nf4_*), so the values are identical (tested).
-    """
-    if dtype not in _INTO:
-        fn = None
-        try:
-            import ctypes
-
-            from bitsandbytes.cextension import lib
-            from bitsandbytes.functional import get_ptr
-
-            suffix = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-            c_fn = getattr(lib, f"cdequantize_blockwise_cpu_nf4_{suffix}")
-
-            def fn(packed, scales, out, blocksize):
-                m, n = out.shape
-                c_fn(get_ptr(packed), get_ptr(scales), get_ptr(out), ctypes.c_longlong(blocksize),
-                     ctypes.c_longlong(m), ctypes.c_longlong(n))
-        except (ImportError, AttributeError, KeyError, RuntimeError):
-            fn = None
-        _INTO[dtype] = fn
-    return _INTO[dtype]
-
-
-def _bnb_fused_cpu():
-    """bitsandbytes.functional when its fused 4-bit CPU matmul (AVX512-BF16) is usable, else None."""
-    if _KERNEL == "torch" or _bnb_dequantize() is None:
-        return None
-    import bitsandbytes.functional as bnb_functional
-
-    return bnb_functional if bnb_functional.has_avx512bf16() else None
 
 
 class NF4Linear(nn.Module):
@@ -135,6 +29,13 @@ class NF4Linear(nn.Module):
         weight: the quantized (d_out, d_in) weight.
         bias: optional bias (kept in its own dtype, frozen).
         compute_dtype: dtype of the matmul (e.g. torch.bfloat16); None uses the input's dtype.
+
+    `weight` answers like a frozen (out_features, in_features) tensor's metadata (dtype, shape, device) for
+    code that probes it, and `weight.dequantize()` gives the values; see NF4Weight.
+
+    fused_inference: None (default) lets CPU inference without autograd use bitsandbytes' fused 4-bit kernel
+    only when the layer computes in bf16 anyway; True opts in for every dtype (bf16 arithmetic, ~1e-2 relative
+    difference for an fp32 model, on CPUs with AVX512-BF16); False never uses it.
     """
 
     def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
@@ -149,9 +50,7 @@ class NF4Linear(nn.Module):
         for name in ("nested_absmax", "nested_offset", "nested_code"):
             self.register_buffer(name, getattr(weight, name))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        # Inference without autograd on a CPU with AVX512-BF16 may use bitsandbytes' fused kernel, which reads
-        # 4-bit weights directly but computes in bf16; set False for the exact fp32 path everywhere.
-        self.fused_inference = True
+        self.fused_inference: bool | None = None
         self._fused = None  # bitsandbytes' CPU layout of the weight, built on first use, dropped by train()/to()
 
     @classmethod
@@ -164,6 +63,11 @@ class NF4Linear(nn.Module):
         weight = linear.weight.detach()
         weight = weight.t() if dims[2] else weight
         return cls(quantize_nf4(weight.contiguous(), blocksize, double_quant), linear.bias, compute_dtype)
+
+    @property
+    def weight(self) -> "NF4Weight":
+        """The frozen 4-bit weight, read-only: dtype, shape, device, dequantize() (no .data to write)."""
+        return NF4Weight(self)
 
     @property
     def quantized(self) -> NF4Tensor:
@@ -181,27 +85,8 @@ class NF4Linear(nn.Module):
 
     def dequantize_rows(self, start: int, stop: int, absmax: torch.Tensor, dtype: torch.dtype,
                         scratch: bool = False) -> torch.Tensor:
-        """Rows start..stop of W in `dtype`; `absmax` is the float32 per-block scale (see NF4Tensor.absmax_fp32).
-
-        scratch=True writes into the thread's reusable buffer (bitsandbytes path): the result is only valid
-        until the next scratch call, so use it at once.
-        """
-        first, last = start * self.in_features, stop * self.in_features
-        # bitsandbytes' compiled CPU kernel is only right when blocks do not straddle rows (and it falls back
-        # itself for blocksize >= 2048); elsewhere the pure path is both correct and the reference.
-        aligned = self.in_features % self.blocksize == 0 and self.blocksize < 2048
-        kernel = _bnb_dequantize() if aligned else None
-        if kernel is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
-            packed = self.packed[first // 2:(last + 1) // 2]
-            scales = absmax[first // self.blocksize:-(-last // self.blocksize)]
-            shape = [stop - start, self.in_features]
-            into = _bnb_cpu_dequantize_into(dtype) if scratch and packed.device.type == "cpu" else None
-            if into is not None:
-                out = _scratch(last - first, dtype, packed.device).view(shape)
-                into(packed, scales.float().contiguous(), out, self.blocksize)
-                return out
-            return kernel(packed, scales, self.blocksize, "nf4", shape, dtype)
-        return dequantize_range(self.quantized, first, last, absmax, dtype).view(stop - start, self.in_features)
+        """Rows start..stop of W in `dtype` (kernels.dequantize_rows: absmax in float32, scratch reuse)."""
+        return kernels.dequantize_rows(self.quantized, start, stop, absmax, dtype, scratch)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The whole weight in `dtype` (default: the dtype it was quantized from)."""
@@ -237,27 +122,26 @@ class NF4Linear(nn.Module):
         return grad_x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_inference and not self.training and not torch.is_grad_enabled() and x.device.type == "cpu":
-            fused = self._fused_matmul(x)
-            if fused is not None:
-                return fused
+        if self._takes_fused_path(x):
+            return self._fused_matmul(x)
         return _NF4Matmul.apply(x, self)
 
-    def _fused_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x·Wᵀ + b by bitsandbytes' fused CPU kernel (bf16 arithmetic), or None where it does not apply."""
-        bnb_functional = _bnb_fused_cpu()
-        if bnb_functional is None or self.out_features % 32 or self.in_features % 2 or \
-                self.in_features % self.blocksize:
-            return None
-        if self._fused is None:
-            import bitsandbytes as bnb
+    def may_fuse(self, dtype: torch.dtype | None = None) -> bool:
+        """Whether CPU inference may use the fused bf16 kernel: opted in, or computing in bf16 anyway."""
+        if self.fused_inference is not None:
+            return self.fused_inference
+        return (self.compute_dtype or dtype or self.weight_dtype) == torch.bfloat16
 
-            state = bnb_functional.QuantState(
-                absmax=self.quantized.absmax_fp32().clone(), shape=torch.Size((self.out_features, self.in_features)),
-                dtype=torch.float32, blocksize=self.blocksize, quant_type="nf4",
-                code=bnb_functional.get_4bit_type("nf4", device=self.packed.device))
-            qweight, state = bnb_functional._convert_weight_packed_for_cpu(self.packed.view(-1, 1).clone(), state)
-            self._fused = (bnb.matmul_4bit, qweight, state)
+    def _takes_fused_path(self, x: torch.Tensor) -> bool:
+        return (not self.training and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and self.may_fuse(x.dtype) and kernels.fused_applies(self.out_features, self.in_features, self.blocksize)
+                and kernels.fused_cpu() is not None)
+
+    def _fused_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Wᵀ + b by bitsandbytes' fused CPU kernel (bf16 arithmetic)."""
+        if self._fused is None:
+            self._fused = kernels.pack_for_fused(self.packed, self.quantized.absmax_fp32(),
+                                                 torch.Size((self.out_features, self.in_features)), self.blocksize)
         matmul, qweight, state = self._fused
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
@@ -298,10 +182,11 @@ class _NF4Matmul(torch.autograd.Function):
 
 @dataclass
 class QuantizeReport:
-    """What quantize_model() replaced, and the bytes of those weights before and after."""
+    """What quantize_model() replaced, what it kept in full precision and why, and the bytes before and after."""
 
     layers: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)  # skipped path -> why it was kept
     params: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
@@ -310,27 +195,43 @@ class QuantizeReport:
     def bits_per_param(self) -> float:
         return 8 * self.bytes_after / self.params if self.params else 0.0
 
+    def skip(self, path: str, reason: str) -> None:
+        self.skipped.append(path)
+        self.reasons[path] = reason
+
     def __str__(self) -> str:
+        kept = "; ".join(f"{p} ({self.reasons.get(p, 'skipped')})" for p in self.skipped) or "none"
         return (f"quantized {len(self.layers)} linear layers to NF4: {self.bytes_before / 2**20:.1f} MiB -> "
                 f"{self.bytes_after / 2**20:.1f} MiB ({self.bits_per_param:.3f} bits/param); "
-                f"kept in full precision: {self.skipped or 'none'}")
+                f"kept in full precision: {kept}")
 
 
-def _matches(names: list[str], path: str) -> bool:
-    return any(path == n or path.endswith("." + n) for n in names)
+def _why_kept(path: str, target: nn.Module, heads: list[nn.Module], skip: list[str] | None,
+              mha_out: set[int]) -> str | None:
+    """Why the linear `target` at `path` stays in full precision, or None to quantize it."""
+    if any(target is h for h in heads):
+        return "output head"
+    if skip and path_matches(skip, path):
+        return "in skip"
+    if id(target) in mha_out:
+        return "out_proj of nn.MultiheadAttention, which reads out_proj.weight directly"
+    if bnb_quant_kind(target) is not None:
+        return f"already quantized by bitsandbytes ({bnb_quant_kind(target)})"
+    return None
 
 
 def quantize_model(model: nn.Module, skip: list[str] | None = None, blocksize: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None) -> QuantizeReport:
     """Replace every linear layer of `model` by an NF4Linear, in place; returns what it did.
 
-    The output head (get_output_embeddings) and modules whose path matches an entry of `skip` (exactly or
-    after a dot) stay in full precision; embeddings are not linear layers and are never touched. Inside a
-    LoRA layer only the frozen base is quantized (through its replace_base()); adapters and modules_to_save
-    copies are left alone.
+    Kept in full precision, each listed in the report with its reason: the output head (get_output_embeddings),
+    modules whose path matches an entry of `skip` (exactly or after a dot), the out_proj of an
+    nn.MultiheadAttention (its forward reads out_proj.weight as a tensor) and layers bitsandbytes already
+    quantized. Embeddings are not linear layers and are never touched. Inside a LoRA layer only the frozen
+    base is quantized (through its replace_base()); adapters and modules_to_save copies are left alone.
     """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    heads = output_heads(model)
+    mha_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     report, wrappers = QuantizeReport(), []
     for path, module in list(model.named_modules()):
         if any(path.startswith(w + ".") for w in wrappers):
@@ -340,8 +241,9 @@ def quantize_model(model: nn.Module, skip: list[str] | None = None, blocksize: i
         target = module.wrapped() if isinstance(module, Wrapper) and module.base_replaceable else module
         if isinstance(target, NF4Linear) or linear_dims(target) is None:
             continue
-        if target is head or getattr(head, "base_layer", None) is target or (skip and _matches(skip, path)):
-            report.skipped.append(path)
+        reason = _why_kept(path, target, heads, skip, mha_out)
+        if reason is not None:
+            report.skip(path, reason)
             continue
         quantized = NF4Linear.from_linear(target, blocksize, double_quant, compute_dtype).train(target.training)
         report.layers.append(path)
@@ -364,8 +266,65 @@ def quantized_bits_per_param(model: nn.Module) -> float:
     return 8 * sum(m.weight_bytes for m in layers) / params
 
 
-def set_fused_inference(model: nn.Module, enabled: bool) -> None:
-    """Allow (True, the default) or forbid bitsandbytes' bf16 fused CPU inference in every NF4Linear of `model`."""
+def set_fused_inference(model: nn.Module, enabled: bool | None) -> None:
+    """Set every NF4Linear's fused_inference: True opts in to bitsandbytes' bf16 fused CPU kernel for all dtypes,
+    False forbids it, None (the default) allows it only where the layer computes in bf16 anyway."""
+    if enabled not in (True, False, None):
+        raise ConfigError(f"set_fused_inference takes True, False or None, got {enabled!r}")
     for module in model.modules():
         if isinstance(module, NF4Linear):
             module.fused_inference = enabled
+
+
+class NF4Weight:
+    """What NF4Linear.weight answers: the frozen 4-bit weight seen as an (out_features, in_features) tensor.
+
+    As torchtune's NF4Tensor and bitsandbytes' Params4bit, it stands where model code expects `.weight`:
+    `dtype` is the dtype the weight was quantized from, not the compute dtype, because code that probes
+    `layer.weight.dtype` (transformers' casts of hidden states, a user's `next(...).weight.dtype`) asks which
+    dtype the model's activations are in, and NF4Linear returns its output in its input's dtype. It holds no
+    values of its own: `dequantize()` makes them, and it cannot be assigned to (the weight is frozen).
+    """
+
+    __slots__ = ("_layer",)
+    requires_grad = False
+    is_quantized = True
+
+    def __init__(self, layer: NF4Linear):
+        self._layer = layer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._layer.weight_dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self._layer.out_features, self._layer.in_features))
+
+    @property
+    def device(self) -> torch.device:
+        return self._layer.packed.device
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 2
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def quantized(self) -> NF4Tensor:
+        return self._layer.quantized
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out_features, in_features) weight in `dtype` (default: the dtype it was quantized from)."""
+        return self._layer.dequantized_weight(dtype)
+
+    def __repr__(self) -> str:
+        return f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import rankdial as rd
-from rankdial.quant.checkpoint import (CheckpointError, load_quantized, nf4_from_tensors, quant_state_tensors,
+from rankdial.quant.bnb_format import (CheckpointError, load_quantized, nf4_from_tensors, quant_state_tensors,
                                        save_quantized)
+from rankdial.atomic import MARKER
 from rankdial.quant.linear import NF4Linear, set_fused_inference
 from rankdial.quant.nf4 import dequantize_nf4
 from conftest import model_output, tiny_model, token_batch
@@ -69,3 +70,27 @@ def test_inconsistent_or_incomplete_quant_state_is_refused(tmp_path):
     file.write_bytes(file.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_quantized(tmp_path / "q")
+
+
+def test_save_replaces_only_its_own_folders_old_ones_included(tmp_path):
+    model = tiny_model("llama")
+    rd.quantize_model(model)
+    target = save_quantized(model, tmp_path / "q")
+    save_quantized(model, target)  # its own marker: replaced
+    (target / MARKER).unlink()  # as save_quantized wrote it before rankdial marked its folders
+    save_quantized(model, target)
+    assert (target / MARKER).is_file()
+    (target / MARKER).unlink()
+    (target / "notes.txt").write_text("mine")  # a user's file: not rankdial's folder any more
+    with pytest.raises(rd.OutputError, match="rankdial did not write it"):
+        save_quantized(model, target)
+    assert (target / "notes.txt").read_text() == "mine"
+    theirs = tmp_path / "transformers"  # what transformers + BitsAndBytesConfig writes: more config keys
+    theirs.mkdir()
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"].update(llm_int8_threshold=6.0, bnb_4bit_quant_storage="uint8")
+    (theirs / "config.json").write_text(json.dumps(config))
+    (theirs / "model.safetensors").write_bytes((target / "model.safetensors").read_bytes())
+    with pytest.raises(rd.OutputError, match="rankdial did not write it"):
+        save_quantized(model, theirs)
+    assert json.loads((theirs / "config.json").read_text()) == config

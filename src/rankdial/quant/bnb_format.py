@@ -1,4 +1,6 @@
-"""4-bit checkpoints in the layout Hugging Face transformers writes with bitsandbytes.
+"""4-bit model folders in the layout Hugging Face transformers writes with bitsandbytes (save and load).
+
+(Not training checkpoints: those are train/checkpoint.py.)
 
 For each quantized linear at <path>: `<path>.weight` (packed uint8, (n/2, 1)), `<path>.weight.absmax`,
 `<path>.weight.quant_map` (the 16 NF4 values), with double quantization `<path>.weight.nested_absmax` and
@@ -16,15 +18,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import RankdialError, CheckpointError
+from ..errors import CheckpointError
 from ..atomic import atomic_dir
 from .linear import NF4Linear
 from .nf4 import NF4_CODE, NF4Tensor
 
 STATE_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
 WEIGHTS_NAME = "model.safetensors"
-
-
+# The quantization_config keys save_quantized writes. transformers' own BitsAndBytesConfig writes more
+# (llm_int8_threshold, bnb_4bit_quant_storage, ...) and no bnb_4bit_blocksize, so this set tells them apart.
+RANKDIAL_QUANT_KEYS = {"quant_method", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
+                       "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "bnb_4bit_blocksize"}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -98,8 +102,24 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
+def written_before_markers(folder: Path) -> bool:
+    """Whether `folder` is one save_quantized wrote before rankdial marked its folders: exactly config.json and
+    model.safetensors, with exactly the quantization_config keys it writes (a transformers folder has more)."""
+    if {p.name for p in folder.iterdir()} != {"config.json", WEIGHTS_NAME}:
+        return False
+    try:
+        quant = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(quant, dict) and set(quant) == RANKDIAL_QUANT_KEYS
+
+
 def save_quantized(model: nn.Module, folder: str | Path) -> Path:
-    """Write model.safetensors (4-bit layout) and config.json (with a quantization_config) atomically."""
+    """Write model.safetensors (4-bit layout) and config.json (with a quantization_config) atomically.
+
+    An existing folder is replaced only if rankdial wrote it as a quantized model (its marker, or for older
+    folders written_before_markers); anything else is refused with an OutputError.
+    """
     tensors = quantized_state_dict(model)
     # tied weights (e.g. GPT-2's head and embedding) share storage; safetensors stores each tensor once
     seen: dict[int, str] = {}
@@ -116,7 +136,7 @@ def save_quantized(model: nn.Module, folder: str | Path) -> Path:
         "bnb_4bit_compute_dtype": _dtype_name(layers[0].compute_dtype or torch.float32) if layers else "float32",
         "bnb_4bit_blocksize": layers[0].blocksize if layers else 64,
     }
-    with atomic_dir(folder, kind="quantized-model") as tmp:
+    with atomic_dir(folder, kind="quantized-model", legacy=written_before_markers, what="4-bit model folder") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     return Path(folder)
