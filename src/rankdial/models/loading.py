@@ -151,7 +151,8 @@ def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..quant import quantize_model
-    from ..quant.linear import NF4Linear, linear_dims
+    from ..layers import linear_dims
+    from ..quant.linear import NF4Linear
 
     files = _weight_files(path)
     if files is None:
