@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from .errors import AdapterFileError, RankdialError
+from .errors import RankdialError, TrainingInterrupted
 
 EPILOG = {
     "demo": "example: rankdial demo --out out/demo          (or: rankdial demo --tiny --method qlora)",
@@ -24,11 +23,14 @@ EPILOG = {
 }
 
 
+DEVICE_HELP = "auto (CUDA when there is a GPU, else cpu), cpu, cuda or cuda:N (default: auto)"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo, run_roundtrip
 
     if not args.tiny:
-        return 0 if run_demo(args.out, steps=args.steps or 300) else 1
+        return 0 if run_demo(args.out, steps=args.steps or 300, device=args.device) else 1
     args.steps = args.steps or 40
 
     methods = ["lora", "qlora"] if args.method == "both" else [args.method]
@@ -36,7 +38,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method in methods:
         name = "QLoRA (NF4 base)" if method == "qlora" else "LoRA"
         print(f"rankdial demo: {name} round trip on a tiny Llama-shaped model (r={args.r}, {args.steps} steps)\n")
-        result = run_roundtrip(args.out, steps=args.steps, r=args.r, qlora=method == "qlora")
+        result = run_roundtrip(args.out, steps=args.steps, r=args.r, qlora=method == "qlora", device=args.device)
         print(f"\nwhat happened ({name})")
         print(f"  {result.report}")
         print(f"  loss: {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over {len(result.losses)} steps")
@@ -49,36 +51,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def inspect_adapter(path: str | Path) -> dict:
-    """Config, per-module ranks, parameter count, file size and ‖ΔW‖_F of each module of an adapter folder."""
-    from .adapters import read_adapter_config, read_adapter_weights
-    from .adapters.peft_format import KEY_PREFIX, WEIGHTS_NAME
-    from .lora.inject import pattern_value
-
-    config = read_adapter_config(path)
-    tensors = read_adapter_weights(path)
-    modules = []
-    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
-        module = key[len(KEY_PREFIX):-len(".lora_A.weight")]
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        if b_key not in tensors:
-            raise AdapterFileError(f"{path} has {key} but not {b_key}; the adapter file is incomplete: save it again")
-        A, B = tensors[key].float(), tensors[b_key].float()
-        r = A.shape[0]
-        scale = config.scaling(r, pattern_value(config.alpha_pattern, module, config.lora_alpha))
-        modules.append({"module": module, "r": r, "d_in": A.shape[1], "d_out": B.shape[0],
-                        "delta_norm": (scale * (B @ A)).norm().item()})
-    return {
-        "base_model": config.base_model_name_or_path,
-        "r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
-        "target_modules": config.target_modules, "modules_to_save": config.modules_to_save,
-        "parameters": sum(t.numel() for t in tensors.values()),
-        "file_bytes": (Path(path) / WEIGHTS_NAME).stat().st_size,
-        "modules": modules,
-    }
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_adapter
+
     info = inspect_adapter(args.adapter)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -104,15 +79,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .inference import merge_to_folder
+    from .export import merge_to_folder
 
-    print(f"wrote {merge_to_folder(args.adapter, args.out, args.model, dense_base=args.dense_base or None)}")
+    out = merge_to_folder(args.adapter, args.out, args.model, dense_base=args.dense_base or None, device=args.device)
+    print(f"wrote {out}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .inference import compare, load_variants
+    from .compare import check_sampling, compare, load_variants
 
+    check_sampling(args.prompt, args.max_new_tokens, args.temperature, args.top_p)  # before the model loads
     net, tok, variants = load_variants(args.model, args.adapter or [], args.device, include_base=not args.no_base)
     rows = compare(net, tok, variants, args.prompt, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat)
@@ -178,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--r", type=int, default=8, help="LoRA rank for --tiny (default: 8)")
     demo.add_argument("--method", choices=["lora", "qlora", "both"], default="both",
                       help="for --tiny: LoRA on the fp32 base, QLoRA on an NF4 base, or both (default)")
+    demo.add_argument("--device", default="auto", help=DEVICE_HELP)
     demo.set_defaults(run=cmd_demo)
     add_train_parser(verbs, fmt)
     merge = verbs.add_parser("merge", help="base + adapter -> a plain model folder that transformers loads",
@@ -187,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", default=None, help="base model folder or 'default' (default: the one the adapter names)")
     merge.add_argument("--dense-base", action="store_true", help="merge a QLoRA adapter into the original "
                        "full-precision weights (default: into the dequantized NF4 base it was trained on)")
+    merge.add_argument("--device", default="auto", help=DEVICE_HELP)
     merge.set_defaults(run=cmd_merge)
     gen = verbs.add_parser("generate", help="sample from the base, adapters or a merged model, side by side",
                            epilog=EPILOG["generate"], formatter_class=fmt)
@@ -195,12 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "else the embedded default model)")
     gen.add_argument("--adapter", action="append", help="adapter folder; repeat to compare several")
     gen.add_argument("--no-base", action="store_true", help="do not show the base model's output")
-    gen.add_argument("--max-new-tokens", type=int, default=40)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=int, default=40, help="at least 1 (default: 40)")
+    gen.add_argument("--temperature", type=float, default=0.0, help=">= 0; 0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off (default)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
-    gen.add_argument("--device", default="auto")
+    gen.add_argument("--device", default="auto", help=DEVICE_HELP)
     gen.add_argument("--json", action="store_true", help="print JSON")
     gen.set_defaults(run=cmd_generate)
     inspect = verbs.add_parser("inspect", help="describe an adapter folder: ranks, size, norm of each ΔW",
@@ -239,9 +218,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
+    except TrainingInterrupted as err:  # says where it stopped, the last checkpoint and --resume
+        print(f"rankdial {args.verb}: {_one_line(err)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"rankdial {args.verb}: interrupted", file=sys.stderr)
+        return 130
     except RankdialError as err:
         print(f"rankdial {args.verb}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

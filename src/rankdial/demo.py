@@ -21,20 +21,17 @@ import torch
 
 from .adapters import load_adapter, save_adapter
 from .config import LoraConfig
+from .errors import TrainingError
 from .lora import inject, merge_and_unload, trainable_parameters
+from .models import pick_device
 from .quant import quantize_model, set_fused_inference
 
 TEXT = "Low-rank adaptation: freeze W0, learn B times A, merge them back for free. "
 
 
-def default_device() -> torch.device:
-    """CUDA when there is a GPU, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # ------------------------------------------------------------------------------------- the real demo
 
-def _train_subprocess(method: str, out: Path, steps: int, log) -> dict:
+def _train_subprocess(method: str, out: Path, steps: int, device: torch.device, log) -> dict:
     from .train import default_samples_path
 
     samples = default_samples_path()
@@ -42,34 +39,38 @@ def _train_subprocess(method: str, out: Path, steps: int, log) -> dict:
            "--data", str(samples / "pydoc_qa.jsonl"), "--eval-data", str(samples / "pydoc_qa_eval.jsonl"),
            "--output-dir", str(out), "--steps", str(steps), "--batch-size", "16", "--lr", "2e-3",
            "--max-length", "64", "--r", "16", "--lora-alpha", "32", "--eval-every", str(max(1, steps // 4)),
-           "--warmup-ratio", "0.05", "--overwrite"]
+           "--warmup-ratio", "0.05", "--device", str(device), "--overwrite"]
     log(f"$ rankdial train --method {method} --data samples/pydoc_qa.jsonl --steps {steps} ... "
         f"--output-dir {out}")
     proc = subprocess.run(cmd, stdout=sys.stdout, stderr=sys.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"rankdial train --method {method} failed with exit code {proc.returncode}")
+        raise TrainingError(f"the demo's `rankdial train --method {method}` failed with exit code {proc.returncode} "
+                            "(its error is printed above)")
     return json.loads((out / "summary.json").read_text())
 
 
-def run_demo(out_dir: str | Path = "out/demo", steps: int = 300, log=print) -> bool:
-    """Train LoRA and QLoRA adapters on the default model, compare outputs, merge; True when every check holds."""
-    from .inference import compare, load_variants, merge_to_folder, sample
+def run_demo(out_dir: str | Path = "out/demo", steps: int = 300, log=print, device: str = "auto") -> bool:
+    """Train LoRA and QLoRA adapters on the default model, compare outputs, merge; True when every check holds.
+
+    Training, comparison and merge all run on one device (pick_device: CUDA when there is a GPU).
+    """
+    from .compare import compare, load_variants
     from .train import default_samples_path
-    from .models import load_model
 
     start = time.perf_counter()
+    where = pick_device(device)
     out = Path(out_dir)
     summaries = {}
     for method in ("lora", "qlora"):
-        log(f"\n== {method.upper()} fine-tune of the default model (kjv-llama-tiny) ==")
-        summaries[method] = _train_subprocess(method, out / method, steps, log)
+        log(f"\n== {method.upper()} fine-tune of the default model (kjv-llama-tiny) on {where} ==")
+        summaries[method] = _train_subprocess(method, out / method, steps, where, log)
 
     samples = default_samples_path()
     held = [json.loads(l) for l in (samples / "pydoc_qa_eval.jsonl").read_text().splitlines()[:3]]
     seen = json.loads((samples / "pydoc_qa.jsonl").read_text().splitlines()[0])
     prompts = [h["prompt"] for h in held] + [seen["prompt"], "And the LORD said unto Moses,"]
     log("\n== the same prompts, greedy decoding: base, LoRA adapter, QLoRA adapter ==")
-    net, tok, variants = load_variants("default", [str(out / "lora"), str(out / "qlora")])
+    net, tok, variants = load_variants("default", [str(out / "lora"), str(out / "qlora")], device=str(where))
     variants[1].label, variants[2].label = "LoRA", "QLoRA"
     rows = compare(net, tok, variants, prompts, max_new_tokens=32)
     expected = {h["prompt"]: h["completion"] for h in held + [seen]}
@@ -82,15 +83,8 @@ def run_demo(out_dir: str | Path = "out/demo", steps: int = 300, log=print) -> b
             log(f"  {label.split(' ')[0]:>9} | {text.strip()[:110]}")
 
     log("\n== merge the LoRA adapter into a plain model folder ==")
-    merged_dir = merge_to_folder(out / "lora", out / "merged", model="default")
-    merged, mtok = load_model(merged_dir)
-    from .lora import set_active
-
-    set_active(net, variants[1].adapter)  # the shared model holds both adapters; compare with LoRA
-    ids = tok(prompts[0], return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        diff = (merged(input_ids=ids).logits - net(input_ids=ids).logits).abs().max().item()
-    same_text = sample(merged, mtok, prompts[0], max_new_tokens=32) == rows[0]["outputs"]["LoRA"]
+    merged_dir, diff, same_text = merge_check(out, net, tok, variants[1].adapter, prompts[0],
+                                              rows[0]["outputs"]["LoRA"], where)
     log(f"merged model: {merged_dir} (loads with transformers' AutoModelForCausalLM)")
     log(f"  max |logit difference| merged vs base+adapter: {diff:.2e}; same greedy answer: {same_text}")
 
@@ -107,6 +101,21 @@ def run_demo(out_dir: str | Path = "out/demo", steps: int = 300, log=print) -> b
         f"{out / 'qlora' / 'loss.png'}")
     log(f"demo {'OK' if ok else 'FAILED'} in {time.perf_counter() - start:.0f} s")
     return ok
+
+
+def merge_check(out: Path, net, tok, adapter: str, prompt: str, answer: str, device: torch.device):
+    """Merge out/lora into out/merged on `device`, reload it there; (folder, max |logit diff| against `net`
+    with `adapter` active, whether its greedy answer to `prompt` equals `answer`)."""
+    from .compare import max_logit_diff, sample
+    from .export import merge_to_folder
+    from .lora import set_active
+    from .models import load_model
+
+    merged_dir = merge_to_folder(out / "lora", out / "merged", model="default", device=str(device))
+    merged, mtok = load_model(merged_dir, device)
+    set_active(net, adapter)  # the shared model holds both adapters; compare with this one
+    diff = max_logit_diff(merged, net, tok, prompt)
+    return merged_dir, diff, sample(merged, mtok, prompt, max_new_tokens=32) == answer
 
 
 # ------------------------------------------------------------------------------- the tiny round trip
@@ -139,14 +148,14 @@ def _loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def run_roundtrip(out_dir: str | Path, steps: int = 40, r: int = 8, seed: int = 0, qlora: bool = False,
-                  log=print) -> RoundTrip:
+                  log=print, device: str = "auto") -> RoundTrip:
     """Train a rank-r adapter on TEXT for `steps` AdamW steps, save, reload into a fresh base, merge; check outputs.
 
     With qlora=True the frozen base is first quantized to NF4 (the reloaded copy too) and the merge
     produces plain full-precision linears from the dequantized weights.
     """
     start = time.perf_counter()
-    device = default_device()
+    device = pick_device(device)
     base = tiny_llama(seed).to(device).eval()
     if qlora:
         log(str(quantize_model(base)))

@@ -22,6 +22,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     return tmp, runs
 
 
+@pytest.mark.slow  # trains two runs (module fixture)
 def test_merge_writes_a_plain_model_that_answers_like_base_plus_adapter(trained, tiny_model_dir, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -39,6 +40,7 @@ def test_merge_writes_a_plain_model_that_answers_like_base_plus_adapter(trained,
     assert (tmp / "merged" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow  # trains two runs (module fixture)
 def test_generate_compares_base_and_several_adapters(trained, tiny_model_dir, capsys):
     tmp, runs = trained
     assert main(["generate", "What is alpha 3?\n", "--adapter", str(runs["lora"]), "--adapter", str(runs["qlora"]),
@@ -56,6 +58,7 @@ def test_generate_names_a_missing_adapter(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains two runs (module fixture)
 def test_inspect_a_training_output(trained, capsys):
     _, runs = trained
     assert main(["inspect", str(runs["lora"]), "--json"]) == 0
@@ -70,6 +73,7 @@ def test_every_verb_has_help_with_an_example():
         assert "example" in sub.format_help(), name
 
 
+@pytest.mark.slow  # trains two runs (module fixture)
 def test_qlora_adapter_merges_into_the_base_it_was_trained_on(trained, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -92,7 +96,7 @@ def test_qlora_adapter_merges_into_the_base_it_was_trained_on(trained, tiny_mode
     assert (dense - want).abs().max() > 1e-4  # the NF4 rounding error is real
 
 
-def test_an_unfinished_run_is_not_used_as_an_adapter(trained, tiny_model_dir, tmp_path, capsys):
+def test_an_unfinished_run_is_not_used_as_an_adapter(tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "unfinished"
     run.mkdir()
     (run / "rankdial_train.json").write_text("{}")

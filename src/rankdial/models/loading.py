@@ -13,6 +13,12 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """{"dtype": dtype} for transformers >= 4.56, {"torch_dtype": dtype} before (where `dtype=` is not taken)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
 def default_model_path() -> Path:
@@ -64,18 +70,27 @@ def load_model(path: Path, device: torch.device | str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **dtype_kwarg(torch.float32))
     except Exception as err:  # noqa: BLE001
         raise ModelError(f"cannot load a causal language model from {path}: {err}") from None
     return model.to(device).eval(), load_tokenizer(path)
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    """THE device choice: "auto" is CUDA when there is a GPU, else the CPU; "cpu", "cuda", "cuda:N" as given."""
+    name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device={name!r} but this machine has no CUDA GPU; use device=auto or cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {name!r} but this machine has no CUDA GPU; use --device auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ModelError(f"--device {name!r} but this machine has {torch.cuda.device_count()} GPU(s); "
+                         f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def _weight_files(path: Path) -> list[Path] | None:
@@ -161,7 +176,7 @@ def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
         return model, tok
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(torch.float32))
     where = {}
     for f in files:
         for key, meta in _safetensors_index(f).items():

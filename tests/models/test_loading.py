@@ -1,0 +1,39 @@
+"""models/loading.py: the dtype keyword each transformers version takes, and the one device choice."""
+
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from rankdial.errors import ModelError
+from rankdial.models import pick_device
+from rankdial.models.loading import dtype_kwarg
+
+
+@pytest.mark.parametrize("version, key", [("4.45.2", "torch_dtype"), ("4.55.4", "torch_dtype"), ("4.56.0", "dtype"),
+                                          ("5.0.0.dev0", "dtype")])
+def test_the_dtype_keyword_fits_the_installed_transformers(monkeypatch, version, key):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert dtype_kwarg(torch.float32) == {key: torch.float32}
+
+
+def test_pick_device_is_cuda_only_when_there_is_one():
+    assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ModelError, match="'gpu0' is not a device"):
+        pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA GPU"):
+            pick_device("cuda:0")
+
+
+def test_declared_floors_are_the_tested_ones():
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"].split("#")[0].strip() == ">=3.11"  # train/config.py imports tomllib
+    assert sys.version_info >= (3, 11)
+    assert "transformers>=4.45" in project["dependencies"]
+    assert project["license"] == "Apache-2.0"  # SPDX string: no setuptools deprecation warnings
