@@ -18,7 +18,12 @@ EPILOG = {
     "generate": ("examples:\n  rankdial generate 'What does len do?'\n"
                  "  rankdial generate 'What does len do?' --adapter out/lora --adapter out/qlora\n"
                  "  rankdial generate 'And God said' --model out/run-merged --no-base --temperature 0.8"),
-    "inspect": "example: rankdial inspect out/demo/adapter",
+    "inspect": ("examples:\n  rankdial inspect out/demo/lora\n  rankdial inspect out/demo/lora --spectrum\n"
+                "  rankdial inspect out/demo/lora --suggest-rank 0.9     (a rank_pattern for [lora] in a train config)"),
+    "truncate": ("examples:\n  rankdial truncate out/demo/lora --rank 4 --out out/lora-r4\n"
+                 "  rankdial truncate out/demo/lora --energy 0.9 --out out/lora-90"),
+    "combine": ("examples:\n  rankdial combine out/a out/b --weights 0.5,0.5 --how cat --out out/ab\n"
+                "  rankdial combine out/a out/b --weights 1,-0.3 --how svd --rank 8 --out out/ab8"),
     "convert-bin": "example: rankdial convert-bin downloads/old-adapter",
 }
 
@@ -54,6 +59,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_adapter
 
+    if args.suggest_rank is not None:
+        from .rank import suggest_rank_pattern
+
+        pattern = suggest_rank_pattern(args.adapter, args.suggest_rank)
+        print(json.dumps({"rank_pattern": pattern}, indent=2) if args.json else
+              f"# keeps {args.suggest_rank:.0%} of each module's ||dW||^2; put under [lora] in a train config\n"
+              f"rank_pattern = {{ {', '.join(f'{json.dumps(k)} = {v}' for k, v in pattern.items())} }}")
+        return 0
+    if args.spectrum:
+        return _print_spectrum(args)
     info = inspect_adapter(args.adapter)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -66,6 +81,44 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  {'module':<{width}}  {'r':>4}  {'shape':>12}  {'|dW|_F':>10}")
     for m in info["modules"]:
         print(f"  {m['module']:<{width}}  {m['r']:>4}  {str(m['d_out']) + 'x' + str(m['d_in']):>12}  {m['delta_norm']:>10.4f}")
+    return 0
+
+
+def _print_spectrum(args: argparse.Namespace) -> int:
+    from .rank import spectrum
+
+    rows = spectrum(args.adapter)
+    if args.json:
+        print(json.dumps([row.to_dict() for row in rows], indent=2))
+        return 0
+    width = max(len(row.module) for row in rows)
+    print(f"singular values of dW = s*B*A per module (effective rank: directions holding 90% / 99% of ||dW||^2)")
+    print(f"  {'module':<{width}}  {'r':>3}  {'90%':>4}  {'99%':>4}  singular values")
+    for row in rows:
+        values = " ".join(f"{v:.3g}" for v in row.singular_values[:8]) + (" ..." if len(row.singular_values) > 8 else "")
+        print(f"  {row.module:<{width}}  {row.rank:>3}  {row.rank_90:>4}  {row.rank_99:>4}  {values}")
+    return 0
+
+
+def cmd_truncate(args: argparse.Namespace) -> int:
+    from .rank import truncate_adapter
+
+    print(truncate_adapter(args.adapter, args.out, rank=args.rank, energy=args.energy))
+    return 0
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--weights {text!r}: give comma-separated numbers, e.g. 0.5,0.5") from None
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    from .rank import combine_adapters
+
+    weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
+    print(f"wrote {combine_adapters(args.adapters, weights, args.out, how=args.how, rank=args.rank)}")
     return 0
 
 
@@ -186,7 +239,30 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog=EPILOG["inspect"])
     inspect.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--spectrum", action="store_true",
+                         help="singular values of each module's dW and its effective rank at 90%% and 99%% energy")
+    inspect.add_argument("--suggest-rank", type=float, default=None, metavar="ENERGY",
+                         help="print a per-module rank_pattern that keeps this share (0-1] of each dW's energy")
     inspect.set_defaults(run=cmd_inspect)
+    truncate = verbs.add_parser("truncate", help="compress an adapter to a lower rank by SVD of each dW",
+                                epilog=EPILOG["truncate"], formatter_class=fmt)
+    truncate.add_argument("adapter", help="adapter folder (rankdial's or PEFT's)")
+    keep = truncate.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--rank", type=int, help="the rank to keep in every module (at most its own)")
+    keep.add_argument("--energy", type=float, help="per module, the smallest rank keeping this share (0-1] of ||dW||^2")
+    truncate.add_argument("--out", required=True, help="folder for the truncated adapter (PEFT format)")
+    truncate.set_defaults(run=cmd_truncate)
+    combine = verbs.add_parser("combine", help="a weighted sum of adapters (PEFT's add_weighted_adapter)",
+                               epilog=EPILOG["combine"], formatter_class=fmt)
+    combine.add_argument("adapters", nargs="+", help="adapter folders of one base model")
+    combine.add_argument("--weights", type=_weights, default=None, help="one weight per adapter (default: all 1)")
+    combine.add_argument("--how", choices=["linear", "cat", "svd"], default="svd",
+                         help="svd: best rank-k fit of the weighted sum (default); cat: exact, rank = sum of ranks; "
+                              "linear: PEFT's cheap mix of A and B (equal ranks and targets only)")
+    combine.add_argument("--rank", type=int, default=None, help="for --how svd: the rank of the result "
+                         "(default: the largest input rank)")
+    combine.add_argument("--out", required=True, help="folder for the combined adapter (PEFT format)")
+    combine.set_defaults(run=cmd_combine)
     convert = verbs.add_parser("convert-bin", help="rewrite a pickle adapter_model.bin as safetensors, running no code",
                                epilog=EPILOG["convert-bin"])
     convert.add_argument("folder")

@@ -143,5 +143,5 @@ def test_bad_inputs_are_refused_with_the_reason(tmp_path):
         truncate_adapter(a, a, rank=2)
     assert (a / "adapter_model.safetensors").read_bytes() == before
     (a / "adapter_config.json").write_text(json.dumps({**config_a, "r": 8}))
-    with pytest.raises(rd.AdapterFileError, match="rank 4 in its weights but the config says r=8"):
+    with pytest.raises(rd.AdapterFileError, match="rank 4 in its weights but adapter_config.json says r=8"):
         spectrum(a)

@@ -63,34 +63,49 @@ class AdapterFactors:
 
 
 def read_factors(folder: str | Path) -> AdapterFactors:
-    """Read an adapter folder (rankdial's or PEFT's) into per-module factors, checking A/B pairs and finiteness."""
+    """Read an adapter folder (rankdial's or PEFT's) into per-module factors, checked as it is read.
+
+    Raises one AdapterFileError naming every problem: a lora_A without its lora_B, A and B that do not multiply,
+    a rank other than adapter_config.json says (with no rank_pattern entry to explain it), NaN/Inf anywhere.
+    """
     config = read_adapter_config(folder)
     tensors = read_adapter_weights(folder)
-    modules, other = {}, {}
-    for key, tensor in tensors.items():
+    modules, other, problems = {}, {}, []
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        problems.append(f"NaN/Inf values in {bad[:3]}{more} (the training diverged)")
+    for key in sorted(tensors):
         if key.endswith(".lora_A.weight"):
             path = key[len(KEY_PREFIX):-len(".lora_A.weight")]
-            b_key = key.replace(".lora_A.", ".lora_B.")
-            if b_key not in tensors:
-                raise AdapterFileError(f"{folder} has {key} but not {b_key}; the adapter file is incomplete")
-            A, B = tensor.float(), tensors[b_key].float()
-            if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-                raise AdapterFileError(f"{folder}: {path} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, "
-                                       "which do not multiply (A: r x d_in, B: d_out x r)")
-            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                raise AdapterFileError(f"{folder}: {path} holds NaN/Inf; the adapter is corrupt or diverged")
-            r = A.shape[0]
-            expected = pattern_value(config.rank_pattern, path, config.r)
-            if r != expected:
-                raise AdapterFileError(f"{folder}: {path} has rank {r} in its weights but the config says r={expected}; "
-                                       "the config and the weights disagree (fix adapter_config.json's r/rank_pattern)")
-            alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
-            modules[path] = ModuleFactors(A, B, config.scaling(r, alpha))
+            found = _module(config, path, tensors[key], tensors.get(key.replace(".lora_A.", ".lora_B.")), problems)
+            if found is not None:
+                modules[path] = found
         elif not key.endswith(".lora_B.weight"):
-            other[key] = tensor
-    if not modules:
-        raise AdapterFileError(f"{folder} holds no lora_A/lora_B tensors; is it a LoRA adapter?")
+            other[key] = tensors[key]
+    if not modules and not problems:
+        problems.append("it holds no lora_A/lora_B tensors (is it a LoRA adapter?)")
+    if problems:
+        raise AdapterFileError(f"adapter {folder} is broken: {'; '.join(problems)}. Save or train it again")
     return AdapterFactors(config, modules, other, str(folder))
+
+
+def _module(config: LoraConfig, path: str, A: torch.Tensor, B: torch.Tensor | None,
+            problems: list[str]) -> ModuleFactors | None:
+    """One module's factors, or None with the reason appended to `problems`."""
+    if B is None:
+        problems.append(f"it has {path}.lora_A but not {path}.lora_B (the file is incomplete)")
+        return None
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+        problems.append(f"{path}: lora_B has shape {list(B.shape)}, which does not fit lora_A {list(A.shape)}")
+        return None
+    r, declared = A.shape[0], pattern_value(config.rank_pattern, path, config.r)
+    if r != declared:
+        said = f"{declared} (its rank_pattern)" if declared != config.r else f"r={config.r} (no rank_pattern entry matches it)"
+        problems.append(f"{path} has rank {r} in its weights but adapter_config.json says {said}")
+        return None
+    alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+    return ModuleFactors(A.float(), B.float(), config.scaling(r, alpha))
 
 
 def uniform_config(config: LoraConfig, ranks: dict[str, int]) -> LoraConfig:
