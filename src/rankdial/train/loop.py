@@ -38,7 +38,7 @@ from .data import Dataset, collate
 from .distributed import Dist, all_sum, barrier, init_distributed, pick_run_device
 from .pieces import Sampler, evaluate, load_data, make_optimizer, prepare_model, token_loss_sum
 
-__all__ = ["train", "setup", "output_folder", "fit", "step", "evaluate_now", "save", "finish", "Run", "TrainResult",
+__all__ = ["train", "setup", "output_folder", "fit", "step", "evaluate_now", "save", "finish", "result", "Run", "TrainResult",
            "TrainingError", "token_loss_sum", "prepare_model", "plot_losses", "summary_text", "peak_memory_mb"]
 
 
