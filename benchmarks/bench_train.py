@@ -57,59 +57,62 @@ def make_large(folder: Path) -> Path:
     return folder
 
 
+def peft_model(mode: str, path: str):
+    """(model, tokenizer) loaded as a PEFT user does: transformers, 4-bit through bitsandbytes for peft-qlora."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from rankdial.models import load_tokenizer
+
+    kwargs = {}
+    if mode == "peft-qlora":
+        kwargs = dict(quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32), device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
+    return model, load_tokenizer(path)
+
+
+def peft_prepare(model, cfg, base_path):
+    """get_peft_model injects PEFT's LoRA layers into `model` in place and freezes the rest, so the loop trains
+    PEFT's layers through the very same code path."""
+    import peft
+
+    peft.get_peft_model(model, peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=0.0,
+                                               target_modules="all-linear", task_type="CAUSAL_LM"))
+    return None
+
+
+def floor_prepare(model, cfg, base_path):
+    """Only the first 1-D weight (layer 0's input norm) trains: backward still runs through every layer."""
+    model.requires_grad_(False)
+    next(p for n, p in model.named_parameters() if p.ndim == 1).requires_grad_(True)
+    return None
+
+
 def child(mode: str, model_dir: str, batch: int, steps: int, skip: int) -> None:
-    """One training run in this process; prints tokens/s (after `skip` warm-up steps) and peak RSS."""
-    import rankdial.train.loop as loop
-    from rankdial.train import default_samples_path, train
+    """One training run in this process through the loop's stages (setup, fit; no finish: nothing to save);
+    prints tokens/s (after `skip` warm-up steps) and peak memory."""
+    from rankdial.memory import peak_memory_mb
+    from rankdial.train import default_samples_path, make_config
+    from rankdial.train.loop import fit, output_folder, result, setup
 
-    loop.finish = lambda *a, **k: None  # nothing to save (same for every mode)
-    if mode.startswith("peft"):
-        import peft
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        from rankdial.models import load_tokenizer
-
-        def load(path, device):
-            kwargs = {}
-            if mode == "peft-qlora":
-                kwargs = dict(quantization_config=BitsAndBytesConfig(
-                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=torch.float32), device_map="cpu")
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
-            return model, load_tokenizer(path)
-
-        def prepare(model, cfg, base_path):
-            # get_peft_model injects PEFT's LoRA layers into `model` in place and freezes the rest, so the
-            # loop trains PEFT's layers through the very same code path.
-            peft.get_peft_model(model, peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
-            return None
-
-        loop.load_model = loop.load_model_nf4 = load
-        loop.prepare_model = prepare
-    if mode == "floor":
-        def prepare_floor(model, cfg, base_path):
-            model.requires_grad_(False)
-            first = next(p for n, p in model.named_parameters() if p.ndim == 1)  # layers.0.input_layernorm
-            first.requires_grad_(True)
-            return None
-
-        loop.prepare_model = prepare_floor
     method = "full" if mode == "floor" else mode.split("-")[1]
-    samples = default_samples_path()
+    model = peft_model(mode, model_dir) if mode.startswith("peft") else None
+    prepare = peft_prepare if mode.startswith("peft") else floor_prepare if mode == "floor" else None
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(model=model_dir, method=method, data=str(samples / "pydoc_qa.jsonl"), output_dir=tmp + "/o",
-                       steps=steps, batch_size=batch, lr=1e-3, r=R, lora_alpha=2 * R, max_length=64,
-                       progress=False, log=lambda *a: None)
+        cfg = make_config(model=model_dir, method=method, data=str(default_samples_path() / "pydoc_qa.jsonl"),
+                          output_dir=tmp + "/o", steps=steps, batch_size=batch, lr=1e-3, r=R, lora_alpha=2 * R,
+                          max_length=64, progress=False)
+        run = setup(cfg, log=lambda *a: None, model=model, prepare=prepare)
+        with output_folder(run):
+            fit(run)
+        res = result(run)
         rows = [json.loads(l) for l in Path(tmp, "o", "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     a, b = rows[skip - 1], rows[-1]
     tokens = b["tokens_per_s"] * b["elapsed_s"] - a["tokens_per_s"] * a["elapsed_s"]
-    with open("/proc/self/status") as status:
-        hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    print(json.dumps({"tokens_per_s": tokens / (b["elapsed_s"] - a["elapsed_s"]), "peak_rss_mb": hwm_kb / 1024,
-                      "loss_first": result.losses[0], "loss_last": result.losses[-1],
-                      "trainable": result.trainable}))
+    print(json.dumps({"tokens_per_s": tokens / (b["elapsed_s"] - a["elapsed_s"]), "peak_rss_mb": peak_memory_mb("cpu"),
+                      "loss_first": res.losses[0], "loss_last": res.losses[-1], "trainable": res.trainable}))
 
 
 def run_child(mode: str, model_dir: str, spec: dict) -> dict:

@@ -175,7 +175,7 @@ def _flag_type(key, parse):
 
 
 def add_train_parser(verbs, fmt) -> None:
-    from .train.config import FIELDS, TrainConfig, parse_flag_value
+    from .train.config import FIELDS, TrainConfig, flag_help, parse_flag_value
 
     p = verbs.add_parser("train", help="fine-tune with LoRA, QLoRA or in full from a TOML/YAML config and flags",
                          description="Fine-tune a model. Every config key is also a flag (--max-length 512); "
@@ -184,15 +184,14 @@ def add_train_parser(verbs, fmt) -> None:
     p.add_argument("config", nargs="?", default=None, help="a .toml or .yaml config file (optional)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
-    defaults = TrainConfig.__dataclass_fields__
     for key in FIELDS:
         flag = "--" + key.replace("_", "-")
         if FIELDS[key].type == "bool":
             p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default: {defaults[key].default})")
+                           help=flag_help(key))
         else:
             p.add_argument(flag, dest=key, default=None, metavar=key.upper(), type=_flag_type(key, parse_flag_value),
-                           help=f"(default: {defaults[key].default})")
+                           help=flag_help(key))
     p.set_defaults(run=cmd_train)
 
 

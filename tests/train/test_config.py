@@ -14,9 +14,9 @@ def test_toml_with_tables_and_yaml_give_the_same_config(tmp_path):
                                      '[loop]\nlr = 1e-4\nsteps = 50\n')
     (tmp_path / "a.yaml").write_text("method: qlora\ndata: d.jsonl\nlora: {r: 8, lora_alpha: 16}\nlr: 1.0e-4\nsteps: 50\n")
     a, b = make_config(tmp_path / "a.toml"), make_config(tmp_path / "a.yaml")
-    assert a == b and a.r == 8 and a.lora_alpha == 16.0 and a.lr == 1e-4
+    assert a == b and a.lora.r == 8 and a.lora.lora_alpha == 16.0 and a.lr == 1e-4
     assert a.data == str(tmp_path / "d.jsonl")  # relative to the config file
-    assert make_config(tmp_path / "a.toml", r=32, lr=3e-4).r == 32
+    assert make_config(tmp_path / "a.toml", r=32, lr=3e-4).lora.r == 32
 
 
 def test_unknown_key_suggests_the_nearest(tmp_path):
@@ -31,7 +31,10 @@ def test_unknown_key_suggests_the_nearest(tmp_path):
 
 
 @pytest.mark.parametrize("text, match", [
-    ('data = "d"\nr = "eight"\n', "'r' .* is 'eight' .*must be a int"),
+    ('data = "d"\nr = "eight"\n', "r must be a positive integer, got 'eight'"),
+    ('data = "d"\nlr = inf\n', "lr=inf: must be a finite number"),
+    ('data = "d"\nmax_grad_norm = nan\n', "max_grad_norm=nan: must be a finite number"),
+    ('data = "d"\n[lora]\nlora_dropout = 1.0\n', r"lora_dropout must be in \[0, 1\), got 1.0"),
     ('data = "d"\nmethod = "dora"\n', "method='dora': choose one of lora, qlora, full"),
     ('data = "d"\nlr = -1\nbatch_size = 0\n', "batch_size=0: must be at least 1; lr=-1.0: must be positive"),
     ('r = 4\n', "data is empty"),
@@ -71,3 +74,88 @@ def test_cli_flags_override_and_typos_are_caught(tmp_path, capsys):
 
 def test_defaults_are_valid():
     assert TrainConfig(data="x").method == "lora"
+
+
+def test_every_lora_option_reaches_the_run_from_toml_yaml_and_flags(tmp_path):
+    from rankdial.train.config import parse_flag_value
+
+    (tmp_path / "a.toml").write_text(
+        'data = "d.jsonl"\n[lora]\nr = 8\nuse_rslora = true\nexclude_modules = ["o_proj"]\n'
+        'modules_to_save = ["lm_head"]\nlayers_to_transform = [0, 1]\nlayers_pattern = "layers"\n'
+        '[lora.rank_pattern]\nq_proj = 4\n[lora.alpha_pattern]\nq_proj = 2\n')
+    (tmp_path / "a.yaml").write_text(
+        "data: d.jsonl\nlora:\n  r: 8\n  use_rslora: true\n  exclude_modules: [o_proj]\n  modules_to_save: [lm_head]\n"
+        "  layers_to_transform: [0, 1]\n  layers_pattern: layers\n  rank_pattern: {q_proj: 4}\n"
+        "  alpha_pattern: {q_proj: 2}\n")
+    a, b = make_config(tmp_path / "a.toml"), make_config(tmp_path / "a.yaml")
+    assert a == b
+    assert (a.lora.rank_pattern, a.lora.alpha_pattern, a.lora.exclude_modules, a.lora.modules_to_save,
+            a.lora.layers_to_transform, a.lora.layers_pattern, a.lora.use_rslora) == (
+        {"q_proj": 4}, {"q_proj": 2}, ["o_proj"], ["lm_head"], [0, 1], "layers", True)
+    flags = {k: parse_flag_value(k, v) for k, v in [
+        ("r", "8"), ("use_rslora", "true"), ("exclude_modules", "o_proj"), ("modules_to_save", "lm_head"),
+        ("layers_to_transform", "0,1"), ("layers_pattern", "layers"), ("rank_pattern", '{"q_proj": 4}'),
+        ("alpha_pattern", '{"q_proj": 2}')]}
+    assert make_config(None, data=str(tmp_path / "d.jsonl"), **flags) == a
+
+
+def test_flat_lora_keys_still_work_and_a_key_in_both_places_names_both(tmp_path):
+    (tmp_path / "flat.toml").write_text('data = "d"\nr = 4\nlora_alpha = 8\ntarget_modules = ["q_proj"]\n')
+    cfg = make_config(tmp_path / "flat.toml")
+    assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.target_modules) == (4, 8, ["q_proj"])
+    (tmp_path / "both.toml").write_text('data = "d"\nr = 16\n[lora]\nr = 8\n')
+    with pytest.raises(ConfigError, match=r"'r' is given twice: the top level of .*both.toml \(16\) and the \[lora\] "
+                                          r"table of .*both.toml \(8\)"):
+        make_config(tmp_path / "both.toml")
+
+
+@pytest.mark.parametrize("text, value", [
+    ("all-linear", "all-linear"),
+    ("q_proj", ["q_proj"]),
+    ("q_proj,v_proj", ["q_proj", "v_proj"]),
+    ("self_attn.q_proj,mlp.up_proj", ["self_attn.q_proj", "mlp.up_proj"]),
+    ('["q_proj", "v_proj"]', ["q_proj", "v_proj"]),
+    (r"model\.layers\.[0-9]{1,2}\.mlp\..*", r"model\.layers\.[0-9]{1,2}\.mlp\..*"),
+    (r".*\.(q_proj|v_proj)", r".*\.(q_proj|v_proj)"),
+])
+def test_target_modules_flag_is_json_a_regex_or_a_comma_list(text, value):
+    from rankdial.train.config import parse_flag_value
+
+    assert parse_flag_value("target_modules", text) == value
+    assert make_config(None, data="d", target_modules=value).lora.target_modules == value
+
+
+def test_regex_with_commas_selects_the_layers_it_names(tiny_model_dir, tmp_path):
+    from conftest import qa_rows, write_jsonl
+    from rankdial.lora import lora_layers
+    from rankdial.train.loop import setup
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(8))
+    cfg = make_config(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "o"), max_length=32,
+                      target_modules=r"model\.layers\.[0-9]{1,2}\.mlp\.(gate|up|down)_proj", progress=False)
+    run = setup(cfg, log=lambda *a: None)
+    paths = sorted(p for p, _ in lora_layers(run.model))
+    assert paths and all(".mlp." in p for p in paths) and len(paths) == 6  # 2 layers x gate/up/down
+
+
+@pytest.mark.parametrize("flag, text, match", [
+    ("lr", "inf", "--lr 'inf': must be a finite number"),
+    ("lr", "nan", "--lr 'nan': must be a finite number"),
+    ("weight_decay", "-inf", "must be a finite number"),
+    ("rank_pattern", "q_proj=4", "--rank-pattern 'q_proj=4' is not valid JSON"),
+    ("rank_pattern", "[1]", "must be a JSON object"),
+    ("layers_to_transform", "a,b", "expected layer indices"),
+])
+def test_bad_flag_values(flag, text, match):
+    from rankdial.train.config import parse_flag_value
+
+    with pytest.raises(ConfigError, match=match):
+        parse_flag_value(flag, text)
+
+
+def test_lr_inf_on_the_command_line_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse rejects the flag's value
+        main(["train", "--data", "x.jsonl", "--lr", "inf", "--output-dir", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "finite" in err and "Traceback" not in err and not (tmp_path / "o").exists()

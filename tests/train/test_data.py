@@ -62,6 +62,8 @@ def test_malformed_line_names_file_and_line_and_can_be_skipped(tok, tmp_path):
 
 @pytest.mark.parametrize("content, match", [
     (None, "does not exist"),
+    ('{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n',
+     r"d.jsonl:1: messages\[0\] has role 'wizard'; allowed roles: system, user, assistant"),
     ("", "has no examples"),
     ("\n\n", "has no examples"),
     ('{"foo": 1}\n', 'no "prompt"/"completion", "messages" or "text" key'),
@@ -82,10 +84,39 @@ def test_packing_keeps_every_target_token_and_eval_split_is_seeded(tok, tmp_path
     data = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, 32)
     packed = pack(data, 16)
     assert all(len(e.input_ids) == 16 for e in packed.examples[:-1])
-    assert sum(len(e.input_ids) for e in packed.examples) == sum(len(e.input_ids) for e in data.examples)
+    flat = lambda d, key: [t for e in d.examples for t in getattr(e, key)]  # noqa: E731
+    assert flat(packed, "input_ids") == flat(data, "input_ids")
+    assert flat(packed, "labels") == flat(data, "labels")  # every target token, at its own position
+    assert sum(t != IGNORE for t in flat(packed, "labels")) == sum(t != IGNORE for t in flat(data, "labels")) > 0
     tr1, ev1 = split_eval(data, 0.25, seed=3)
     tr2, ev2 = split_eval(data, 0.25, seed=3)
     assert len(ev1.examples) == 5 and [e.input_ids for e in ev1.examples] == [e.input_ids for e in ev2.examples]
     batch = collate(data.examples[:3], pad_id=0)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+def test_data_naming_a_directory_says_so(tok, tmp_path):
+    with pytest.raises(DataError, match="is a directory, not a file"):
+        load_dataset(tmp_path, tok, 32)
+
+
+def test_tool_role_is_allowed_when_the_chat_template_has_one(tok):
+    from rankdial.train.data import ROLES, chat_roles
+
+    assert chat_roles(tok) == ROLES  # the default model's template knows no tool role
+
+    class WithTool:
+        chat_template = "{% if message['role'] == 'tool' %}...{% endif %}"
+
+    assert chat_roles(WithTool()) == ROLES + ("tool",)
+
+
+def test_metrics_are_strict_json(tmp_path):
+    from rankdial import TrainingError
+    from rankdial.train.artefacts import append_metrics
+
+    append_metrics(tmp_path / "m.jsonl", {"step": 1, "loss": 2.5})
+    with pytest.raises(TrainingError, match="not a finite number"):
+        append_metrics(tmp_path / "m.jsonl", {"step": 2, "eval_loss": float("inf")})
+    assert (tmp_path / "m.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'

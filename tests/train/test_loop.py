@@ -54,6 +54,7 @@ def test_grad_accumulation_matches_a_bigger_batch(tiny_model_dir, tmp_path):
     assert big.losses == pytest.approx(acc.losses, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_peft_and_matches(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -82,23 +83,44 @@ def test_qlora_and_full_methods_train(tiny_model_dir, tmp_path, method):
         assert (r.output_dir / "adapter_model.safetensors").is_file()
 
 
-def test_gradient_checkpointing_and_packing_give_the_same_first_loss(tiny_model_dir, tmp_path):
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tmp_path):
     plain = _run(tiny_model_dir, tmp_path, "plain", steps=2)
     ckpt = _run(tiny_model_dir, tmp_path, "gc", steps=2, gradient_checkpointing=True)
     assert plain.losses == pytest.approx(ckpt.losses, abs=1e-5)
-    packed = _run(tiny_model_dir, tmp_path, "packed", steps=2, packing=True)
-    assert packed.losses[-1] > 0
+
+
+def test_packing_trains_on_full_rows_of_the_same_tokens_and_labels(tiny_model_dir, tmp_path):
+    from rankdial.models import load_tokenizer
+    from rankdial.train import make_config
+    from rankdial.train.pieces import load_data
+
+    write_jsonl(tmp_path / "train.jsonl", qa_rows(24))
+    cfg = make_config(data=str(tmp_path / "train.jsonl"), max_length=48)
+    tok = load_tokenizer(tiny_model_dir)
+    plain, _, _ = load_data(cfg, tok)
+    packed, _, report = load_data(make_config(cfg, packing=True), tok)
+    assert all(len(e.input_ids) == 48 for e in packed.examples[:-1]) and len(packed.examples) < len(plain.examples)
+    flat = lambda d, key: [t for e in d.examples for t in getattr(e, key)]  # noqa: E731
+    assert flat(packed, "input_ids") == flat(plain, "input_ids") and flat(packed, "labels") == flat(plain, "labels")
+    r = _run(tiny_model_dir, tmp_path, "packed", steps=2, packing=True)
+    assert "packed" in r.data_report[0] and all(0 < x < 20 for x in r.losses)
 
 
 def test_finished_output_folder_is_not_overwritten(tiny_model_dir, tmp_path):
+    from rankdial import OutputError
+    from rankdial.atomic import read_marker
+
     _run(tiny_model_dir, tmp_path, steps=1)
+    assert read_marker(tmp_path / "run") == "train-run"
     with pytest.raises(TrainingError, match="already holds a finished run.*--overwrite"):
         _run(tiny_model_dir, tmp_path, steps=1)
     _run(tiny_model_dir, tmp_path, steps=1, overwrite=True)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(TrainingError, match="not a rankdial run"):
-        _run(tiny_model_dir, tmp_path, "other", steps=1)
+    for kw in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(OutputError, match="rankdial did not write it"):
+            _run(tiny_model_dir, tmp_path, "other", steps=1, **kw)
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 

@@ -1,19 +1,17 @@
-"""Exact resume: a run killed with SIGKILL at a random step and resumed ends bit-identical to one never stopped."""
+"""Exact resume: a run killed with SIGKILL mid-run and resumed ends bit-identical to one never stopped."""
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import qa_rows, write_jsonl
-from rankdial.train import train
+from rankdial.train import TrainingInterrupted, train
 from rankdial.train.checkpoint import list_checkpoints
 
 
@@ -32,35 +30,42 @@ def _losses(out):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
+KILL_AT = 7  # between the checkpoints of steps 6 and 8, after the evaluation at step 5: metrics must be cut back
+# The child kills itself with SIGKILL the moment step KILL_AT + 1 begins: the same step on every run, no race.
+_DIE_AT = ("import os, signal, sys\n"
+           "import rankdial.train.loop as loop\n"
+           "from rankdial.cli import main\n"
+           "real = loop.step\n"
+           "def step(run, model, s):\n"
+           "    if s == {k}:\n"
+           "        os.kill(os.getpid(), signal.SIGKILL)\n"
+           "    return real(run, model, s)\n"
+           "loop.step = step\n"
+           "sys.exit(main(sys.argv[1:]))\n")
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_fixed_step_then_resume_is_bit_identical(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", qa_rows(30))
     ref, run = tmp_path / "ref", tmp_path / "run"
     subprocess.run(_cmd(tiny_model_dir, data, ref), check=True, env=_env(), capture_output=True)
-    target = random.Random().randint(3, 12)  # a different step each time the suite runs
-    proc = subprocess.Popen(_cmd(tiny_model_dir, data, run), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(l).get("step", 0) >= target
-                                    for l in metrics.read_text().splitlines() if l.strip()):
-            break
-        time.sleep(0.005)
-    if proc.poll() is not None:
-        pytest.fail(f"the run finished before it could be killed at step {target}")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed = subprocess.run([sys.executable, "-c", _DIE_AT.format(k=KILL_AT), *_cmd(tiny_model_dir, data, run)[3:]],
+                            env=_env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert max(r["step"] for r in _losses(run)) == KILL_AT  # it died in step KILL_AT + 1, as planned
     assert not (run / "summary.json").exists() and not (run / "adapter_config.json").exists()
     again = subprocess.run(_cmd(tiny_model_dir, data, run), env=_env(), capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr  # will not silently start over
     resumed = subprocess.run(_cmd(tiny_model_dir, data, run, "--resume"), env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert "(step 6)" in resumed.stdout
     a, b = load_file(ref / "adapter_model.safetensors"), load_file(run / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"killed at step {target}"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows]  # noqa: E731
     assert strip(_losses(run)) == strip(_losses(ref))
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny_model_dir, tmp_path, monkeypatch):
     import rankdial.train.loop as loop
 
@@ -78,7 +83,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny_model_dir
         return real(*a)
 
     monkeypatch.setattr(loop, "token_loss_sum", crash_at_step_8)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrainingInterrupted, match="step-000006"):
         train(output_dir=str(tmp_path / "run"), **common)
     monkeypatch.setattr(loop, "token_loss_sum", real)
     ckpts = list_checkpoints(tmp_path / "run")

@@ -2,16 +2,15 @@
 
 A checkpoint folder `checkpoints/step-000050/` holds the trainable tensors (and, for LoRA, a PEFT adapter
 folder `adapter/` usable on its own), the optimizer and scheduler states, the RNG states and the data
-position. It is built under a temporary name and renamed into place; `manifest.json` (size and SHA-256 of
-every file) is written last, so a folder without a matching manifest is incomplete or corrupt and is passed
-over for the one before it.
+position. It is built beside its final name and swapped in whole by rankdial.atomic.atomic_dir (marker kind
+"train-checkpoint"); `manifest.json` (size and SHA-256 of every file) is written last inside it, so a folder
+without a matching manifest is incomplete or corrupt and is passed over for the one before it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -20,6 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import MARKER, atomic_dir
+
+KIND = "train-checkpoint"  # the marker kind of a checkpoint folder
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 
@@ -40,7 +42,7 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, MARKER))
 
 
 def rng_state() -> dict:
@@ -57,34 +59,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _is_checkpoint_folder(folder: Path) -> bool:
+    """A step folder under a run's checkpoints/ written before rankdial's marker: rankdial's own to replace."""
+    return folder.parent.name == "checkpoints" and folder.name.startswith(PREFIX)
+
+
 def write_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
                      state: dict, save_adapter_fn=None) -> Path:
-    """Write checkpoint `step` under root/checkpoints atomically; returns its folder."""
-    ckpts = root / "checkpoints"
-    ckpts.mkdir(parents=True, exist_ok=True)
-    final = ckpts / f"{PREFIX}{step:06d}"
-    tmp = ckpts / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """Write checkpoint `step` under root/checkpoints atomically (rankdial.atomic.atomic_dir); returns its folder."""
+    final = root / "checkpoints" / f"{PREFIX}{step:06d}"
+    with atomic_dir(final, kind=KIND, legacy=_is_checkpoint_folder, what="checkpoint folder") as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    tmp / "training_state.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, allow_nan=False) + "\n")
         if save_adapter_fn is not None:
             save_adapter_fn(tmp / "adapter")
-        manifest = {}
-        for p in _files(tmp):  # flush each file to disk and record it
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-            manifest[str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: it vouches for the rest
     return final
 
 

@@ -1,27 +1,52 @@
-"""TrainConfig: everything `rankdial train` needs, read from TOML or YAML, every key overridable by a flag."""
+"""TrainConfig: everything `rankdial train` needs, read from TOML or YAML, every key overridable by a flag.
+
+The adapter settings are a rankdial.LoraConfig nested as `cfg.lora`, so every LoRA option reaches a run. In a
+file they sit in a [lora] table (or, as in older configs, at the top level: `r = 16`); a key given in both
+places is an error naming both.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
-from dataclasses import dataclass
+import json
+import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the same parser as the `tomli` package
+    import tomli as tomllib
+
+from ..config import LoraConfig
 from ..errors import ConfigError
 
 METHODS = ("lora", "qlora", "full")
+# What a run's adapter starts from (LoraConfig's own defaults are PEFT's: r=8, lora_alpha=8).
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_modules": "all-linear"}
+# Set by the loop (task_type) or taken from the model (base_model_name_or_path), never by the user.
+_LORA_SET_BY_RUN = ("task_type", "base_model_name_or_path")
+LORA_FIELDS = {f.name: f for f in dataclasses.fields(LoraConfig) if f.name not in _LORA_SET_BY_RUN}
+REGEX_CHARS = set("\\^$|?*+()[]{}")
+
+
+def default_lora() -> LoraConfig:
+    return LoraConfig(**LORA_DEFAULTS)
 
 
 @dataclass
 class TrainConfig:
-    """One fine-tuning run. Keys are flat; a config file may group them in tables ([lora], [data], ...).
+    """One fine-tuning run. A config file may group keys in tables ([lora], [data], [loop], ...).
 
     Model and method:
         model: "default" (the embedded kjv-llama-tiny) or a local Hugging Face model folder (loaded offline).
         method: "lora", "qlora" (4-bit NF4 base, adapters in fp32) or "full" (every weight trains; for comparison).
-        r, lora_alpha, lora_dropout, target_modules, use_rslora: the adapter (PEFT's names).
+        lora: a rankdial.LoraConfig (PEFT's names): r, lora_alpha, lora_dropout, target_modules, exclude_modules,
+            rank_pattern, alpha_pattern, use_rslora, modules_to_save, layers_to_transform, layers_pattern...
+            Default here: r=16, lora_alpha=32, target_modules="all-linear".
     Data:
         data: JSONL file; each line {"prompt","completion"}, {"messages":[...]} or {"text"}.
         eval_data: a JSONL file for evaluation, or eval_fraction of `data` held out (by seed).
@@ -46,11 +71,7 @@ class TrainConfig:
     max_length: int = 256
     packing: bool = False
     skip_bad_lines: bool = False
-    r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    target_modules: Any = "all-linear"
-    use_rslora: bool = False
+    lora: LoraConfig = field(default_factory=default_lora)
     steps: int = 0
     epochs: float = 1.0
     batch_size: int = 8
@@ -75,16 +96,35 @@ class TrainConfig:
 
     def validate(self) -> None:
         problems = []
+        if isinstance(self.lora, dict):  # from a file, a dict or rankdial_train.json
+            try:
+                self.lora = LoraConfig(**{**LORA_DEFAULTS, **self.lora})
+            except ConfigError as err:
+                problems.append(str(err).replace("invalid LoraConfig:\n  - ", "lora: ").replace("\n  - ", "; lora: "))
+            except TypeError as err:
+                problems.append(f"lora: {err}")
+        elif not isinstance(self.lora, LoraConfig):
+            problems.append(f"lora={self.lora!r}: must be a rankdial.LoraConfig or a table of its keys")
         if self.method not in METHODS:
             problems.append(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
         if not self.data:
             problems.append("data is empty: give a JSONL file (data = \"train.jsonl\" or --data train.jsonl)")
-        for name in ("max_length", "batch_size", "grad_accum", "r", "log_every", "keep_checkpoints"):
+        for name in ("max_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r}: must be at least 1")
         for name in ("steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)!r}: must be 0 or more")
+        for f in dataclasses.fields(self):  # inf and nan compare oddly and are not JSON: refuse them first
+            value = getattr(self, f.name)
+            if f.type == "float" and isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{f.name}={value!r}: must be a finite number")
+        problems += self._range_problems()
+        if problems:
+            raise ConfigError("invalid training config: " + "; ".join(problems))
+
+    def _range_problems(self) -> list[str]:
+        problems = []
         if self.steps == 0 and not self.epochs > 0:
             problems.append(f"epochs={self.epochs!r} with steps=0: set steps or a positive number of epochs")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -93,44 +133,62 @@ class TrainConfig:
             problems.append("give eval_data or eval_fraction, not both")
         if not self.lr > 0:
             problems.append(f"lr={self.lr!r}: must be positive")
-        for name in ("warmup_ratio", "min_lr_ratio", "lora_dropout"):
+        for name in ("warmup_ratio", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}={getattr(self, name)!r}: must be in [0, 1]")
-        if self.max_grad_norm < 0:
+        if not self.weight_decay >= 0:
+            problems.append(f"weight_decay={self.weight_decay!r}: must be 0 or more")
+        if not self.max_grad_norm >= 0:
             problems.append(f"max_grad_norm={self.max_grad_norm!r}: must be 0 (off) or positive")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             problems.append(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
-        if problems:
-            raise ConfigError("invalid training config: " + "; ".join(problems))
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key, the adapter's nested under "lora" (what rankdial_train.json records)."""
+        out = dataclasses.asdict(self)
+        out["lora"] = {k: v for k, v in out["lora"].items() if k in LORA_FIELDS}
+        return out
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "lora"}
+# Every key a file or a flag may set, flat: the run's own and the adapter's (r, lora_alpha, rank_pattern...).
+FIELDS = {**TRAIN_FIELDS, **LORA_FIELDS}
 
 
 def _unknown(key: str, where: str) -> ConfigError:
-    near = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.5)
+    near = difflib.get_close_matches(key, list(FIELDS) + ["lora"], n=1, cutoff=0.5)
     hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(FIELDS)}"
     return ConfigError(f"unknown config key {key!r} in {where}{hint}")
 
 
-def _flatten(raw: dict, where: str) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
+def _put(values: dict, origin: dict, key: str, value: Any, place: str) -> None:
+    if key in values:
+        raise ConfigError(f"{key!r} is given twice: {origin[key]} ({values[key]!r}) and {place} ({value!r}); "
+                          "keep one of them")
+    values[key], origin[key] = value, place
+
+
+def _gather(raw: dict, where: str, values: dict, origin: dict, table: str | None = None) -> None:
+    """Flatten tables into `values` ({key: value}); LoRA keys may sit at the top level or under [lora]."""
     for key, value in raw.items():
         key = str(key).replace("-", "_")
+        place = f"the [{table}] table of {where}" if table else f"the top level of {where}"
+        if key == "lora" and isinstance(value, LoraConfig):
+            value = {k: v for k, v in value.to_dict().items() if k in LORA_FIELDS}
         if isinstance(value, dict) and key not in FIELDS:  # a table such as [lora] or [data]
-            for sub, v in _flatten(value, where).items():
-                flat[sub] = v
+            _gather(value, where, values, origin, table=key if table is None else f"{table}.{key}")
+        elif key in FIELDS:
+            _put(values, origin, key, value, place)
         else:
-            flat[key] = value
-    return flat
+            raise _unknown(key, where)
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
-    """Check a value's type against the field (ints are accepted for floats)."""
-    hint = FIELDS[key].type
+    """Check a run key's type against its field (ints are accepted for floats); LoraConfig checks its own."""
+    if key not in TRAIN_FIELDS:
+        return value
+    hint = TRAIN_FIELDS[key].type
     expected = {"str": str, "int": int, "float": float, "bool": bool}.get(hint if isinstance(hint, str) else "")
     if expected is None:
         return value
@@ -142,34 +200,33 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def _parse_file(path: Path) -> dict:
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text) or {}
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    except Exception as err:  # yaml.YAMLError
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    raise ConfigError(f"config file {path}: unknown format {path.suffix!r}; use .toml, .yaml or .yml")
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The keys of a TOML (.toml) or YAML (.yaml/.yml) config file, flattened and checked (not validated)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a .toml or .yaml file")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            raw = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"config file {path}: unknown format {path.suffix!r}; use .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
-    except Exception as err:  # yaml.YAMLError
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    raw = _parse_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a table of keys, not {type(raw).__name__}")
-    flat = _flatten(raw, str(path))
-    for key in flat:
-        if key not in FIELDS:
-            raise _unknown(key, str(path))
-    out = {k: _coerce(k, v, str(path)) for k, v in flat.items()}
+    values: dict[str, Any] = {}
+    _gather(raw, str(path), values, {})
+    out = {k: _coerce(k, v, str(path)) for k, v in values.items()}
     base = path.resolve().parent  # relative paths in a config file are relative to the file
     for key in ("data", "eval_data", "output_dir", "model"):
         if isinstance(out.get(key), str) and out[key] and out[key] != "default" and not Path(out[key]).is_absolute():
@@ -178,32 +235,96 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def make_config(config: str | Path | dict | TrainConfig | None = None, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a file path, a dict or a TrainConfig, with keyword overrides applied on top."""
+    """A TrainConfig from a file path, a dict or a TrainConfig, with keyword overrides (flat keys, or lora=...)
+    applied on top."""
     if isinstance(config, TrainConfig):
-        values = config.to_dict()
+        values: dict[str, Any] = {}
+        _gather(config.to_dict(), "the TrainConfig", values, {})
     elif isinstance(config, dict):
-        values = _flatten(config, "the config dict")
+        values = {}
+        _gather(config, "the config dict", values, {})
     elif config is None:
         values = {}
     else:
         values = read_config_file(config)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key not in FIELDS:
-            raise _unknown(key, "the overrides")
-        values[key] = value
-    for key in values:
-        if key not in FIELDS:
-            raise _unknown(key, "the config")
+    over: dict[str, Any] = {}
+    _gather({k: v for k, v in overrides.items() if v is not None}, "the overrides", over, {})
+    values.update(over)  # flags and keyword arguments win over the file
     values = {k: _coerce(k, v, "the config") for k, v in values.items()}
-    return TrainConfig(**values)
+    lora = {k: values.pop(k) for k in list(values) if k in LORA_FIELDS}
+    return TrainConfig(**values, lora=lora)
+
+
+def read_run_config(folder: str | Path) -> TrainConfig:
+    """The TrainConfig a run folder's rankdial_train.json records."""
+    data = json.loads((Path(folder) / "rankdial_train.json").read_text())
+    return make_config({k: v for k, v in data.items() if k not in ("base_model", "world_size")})
+
+
+# ------------------------------------------------------------------------------------------------ flags
+
+FLAG_SYNTAX = {
+    "target_modules": "'all-linear'; a comma list of names (q_proj,v_proj; dotted names are fine); a JSON list; "
+                      "or one regex on the module path, used whole when it holds any of \\^$|?*+()[]{} "
+                      "(commas included: 'model\\.layers\\.[0-9]{1,2}\\.mlp\\..*')",
+    "exclude_modules": "like --target-modules: a comma list, a JSON list, or one regex",
+    "modules_to_save": "a comma list or a JSON list of module names",
+    "layers_to_transform": "layer indices: 0,1,2 or a JSON list",
+    "layers_pattern": "the name(s) before the layer index: layers, or a comma list / JSON list",
+    "rank_pattern": "JSON object {regex: rank}, e.g. '{\"q_proj\": 4}'",
+    "alpha_pattern": "JSON object {regex: alpha}, e.g. '{\"q_proj\": 8}'",
+}
+
+
+def flag_help(key: str) -> str:
+    """The --help text of a key's flag: its syntax where it is not a plain value, and its default."""
+    if key in LORA_FIELDS:
+        default = LORA_DEFAULTS.get(key, getattr(LoraConfig(), key))
+    else:
+        default = TRAIN_FIELDS[key].default
+    syntax = FLAG_SYNTAX.get(key)
+    return f"{syntax} (default: {default})" if syntax else f"(default: {default})"
+
+
+def _json(flag: str, text: str, kind: type) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{flag} {text!r} is not valid JSON ({err.msg}); e.g. {flag} "
+                          + ("'{\"q_proj\": 4}'" if kind is dict else "'[\"q_proj\", \"v_proj\"]'")) from None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{flag} {text!r} must be a JSON {'object' if kind is dict else 'list'}")
+    return value
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _lora_flag(key: str, flag: str, text: str) -> Any:
+    if key in ("rank_pattern", "alpha_pattern"):
+        return _json(flag, text, dict)
+    if text.lstrip().startswith("["):
+        return _json(flag, text, list)
+    if key in ("target_modules", "exclude_modules"):
+        if text == "all-linear" or REGEX_CHARS & set(text):
+            return text  # one regex, commas and all
+        return _names(text)
+    if key == "layers_to_transform":
+        try:
+            return [int(t) for t in _names(text)]
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r}: expected layer indices such as 0,1,2") from None
+    if key == "modules_to_save":
+        return _names(text)
+    return _names(text) if "," in text else text  # layers_pattern, bias
 
 
 def parse_flag_value(key: str, text: str) -> Any:
-    """A command-line string converted to the field's type (target_modules may be a list: q_proj,v_proj)."""
+    """A command-line string converted to the key's type; see FLAG_SYNTAX for lists, patterns and regexes."""
     if key not in FIELDS:
         raise _unknown(key, "the command line")
+    flag = f"--{key.replace('_', '-')}"
     hint = FIELDS[key].type
     try:
         if hint == "bool":
@@ -216,9 +337,13 @@ def parse_flag_value(key: str, text: str) -> Any:
         if hint == "int":
             return int(text)
         if hint == "float":
-            return float(text)
+            value = float(text)
     except ValueError:
-        raise ConfigError(f"--{key.replace('_', '-')} {text!r}: expected a {hint}") from None
-    if key == "target_modules" and text != "all-linear" and "," in text:
-        return [t.strip() for t in text.split(",") if t.strip()]
+        raise ConfigError(f"{flag} {text!r}: expected a {hint}") from None
+    if hint == "float":
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} {text!r}: must be a finite number (inf and nan are not learning settings)")
+        return value
+    if key in LORA_FIELDS:
+        return _lora_flag(key, flag, text)
     return text

@@ -17,12 +17,16 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RankdialError, DataError
+from ..errors import DataError
 
 IGNORE = -100
+ROLES = ("system", "user", "assistant")
 
 
-
+def chat_roles(tokenizer) -> tuple[str, ...]:
+    """The roles a conversation may use: system/user/assistant, and tool where the chat template names it."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return ROLES + ("tool",) if isinstance(template, str) and "tool" in template else ROLES
 
 @dataclass
 class Example:
@@ -62,13 +66,14 @@ class Dataset:
         return "; ".join(parts)
 
 
-def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[tuple[int, dict]], list[str]]:
+def read_jsonl(path: str | Path, skip_bad_lines: bool = False,
+               roles: tuple[str, ...] = ROLES) -> tuple[list[tuple[int, dict]], list[str]]:
     """[(line number, record)] of a JSONL file, and the messages for lines skipped as bad."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist; give a JSONL file with one example per line")
     if path.is_dir():
-        raise DataError(f"data file {path} is a folder; give a JSONL file with one example per line")
+        raise DataError(f"data file {path} is a directory, not a file; give a JSONL file with one example per line")
     records, skipped = [], []
     with open(path, encoding="utf-8", errors="strict") as f:
         try:
@@ -80,7 +85,7 @@ def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[tup
             continue
         try:
             record = json.loads(line)
-            problem = check_record(record)
+            problem = check_record(record, roles)
         except json.JSONDecodeError as err:
             problem = f"not valid JSON ({err.msg} at column {err.colno})"
         if problem:
@@ -97,7 +102,7 @@ def read_jsonl(path: str | Path, skip_bad_lines: bool = False) -> tuple[list[tup
     return records, skipped
 
 
-def check_record(record) -> str | None:
+def check_record(record, roles: tuple[str, ...] = ROLES) -> str | None:
     """Why a record is not a usable example, or None."""
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
@@ -108,6 +113,9 @@ def check_record(record) -> str | None:
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 return f'messages[{i}] must be an object with string "role" and "content"'
+            if m["role"] not in roles:
+                return (f'messages[{i}] has role {m["role"]!r}; allowed roles: {", ".join(roles)}'
+                        + ("" if "tool" in roles else " (this tokenizer's chat template has no tool role)"))
         if not any(m["role"] == "assistant" for m in msgs):
             return 'no message has role "assistant": nothing to learn from this conversation'
         return None
@@ -198,7 +206,7 @@ def tokenize_record(tokenizer, record: dict, bos: list[int] | None = None) -> tu
 
 def load_dataset(path: str | Path, tokenizer, max_length: int, skip_bad_lines: bool = False) -> Dataset:
     """Read and tokenize a JSONL file; examples over max_length are truncated from the right and counted."""
-    records, skipped = read_jsonl(path, skip_bad_lines)
+    records, skipped = read_jsonl(path, skip_bad_lines, chat_roles(tokenizer))
     kinds = sorted({record_kind(r) for _, r in records})
     data = Dataset([], str(path), "+".join(kinds), skipped_lines=skipped)
     bos = _bos(tokenizer)

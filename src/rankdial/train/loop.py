@@ -1,4 +1,9 @@
-"""The training loop, written out: load, adapt, then for each step accumulate, clip, step, log, evaluate, save.
+"""The training loop as named stages, read top to bottom: setup, then step / evaluate / save, then finish.
+
+    run = setup(cfg)                 # check everything, load model and data, build the optimizer, resume
+    with output_folder(run):         # output_dir itself, or (--overwrite) a new folder swapped in at the end
+        fit(run)                     # step() each optimizer step; evaluate() and save() on their schedules
+        finish(run)                  # the adapter (or model), loss.png, summary.json last
 
 Exactness rules that the resume and DDP tests rely on:
 - The data order is a pure function of (seed, epoch): epoch e visits the examples in
@@ -13,33 +18,28 @@ Exactness rules that the resume and DDP tests rely on:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from ..config import LoraConfig
-from ..errors import RankdialError, TrainingError
-from ..models import default_model_path, load_model, load_model_nf4, pick_device, resolve_model
+from ..atomic import MARKER, atomic_dir, check_target, write_json
+from ..errors import DataError, TrainingError, TrainingInterrupted
+from ..memory import estimate_loaded_model, peak_memory_mb
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
-from .data import DataError, Dataset, collate, count_targets, load_dataset, pack, split_eval
+from .artefacts import (CONFIG_NAME, DONE_MARKER, METRICS_NAME, PLOT_NAME, RUN_KIND, append_metrics, is_legacy_run,
+                        plot_losses, read_history, save_final_model)
+from .data import Dataset, collate
+from .distributed import Dist, all_sum, barrier, init_distributed, pick_run_device
+from .pieces import Sampler, evaluate, load_data, make_optimizer, prepare_model, token_loss_sum
 
-DONE_MARKER = "summary.json"
-CONFIG_NAME = "rankdial_train.json"
-METRICS_NAME = "metrics.jsonl"
-PLOT_NAME = "loss.png"
-
-
+__all__ = ["train", "setup", "output_folder", "fit", "step", "evaluate_now", "save", "finish", "result", "Run", "TrainResult",
+           "TrainingError", "token_loss_sum", "prepare_model", "plot_losses", "summary_text", "peak_memory_mb"]
 
 
 @dataclass
@@ -62,186 +62,54 @@ class TrainResult:
         return 100.0 * self.trainable / max(1, self.total)
 
 
-# ----------------------------------------------------------------------------------------------- distributed
-
 @dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
+class Run:
+    """What the stages share. `out` is the folder the user named; `work` is where files go now (out itself,
+    or for --overwrite a new folder beside it that replaces out when the run has finished)."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    out: Path
+    mode: str  # "new", "resume", "restart" (an unfinished run without checkpoints) or "replace" (--overwrite)
+    base_path: Path
+    model: Any
+    tokenizer: Any
+    is_lora: bool
+    named: dict[str, torch.nn.Parameter]
+    train_data: Dataset
+    eval_data: Dataset | None
+    sampler: Sampler
+    optimizer: Any
+    scheduler: Any
+    total_steps: int
+    trainable: int
+    total_params: int
+    say: Callable
+    data_report: list[str] = field(default_factory=list)
+    work: Path | None = None
+    start_step: int = 0
+    done: int = 0  # optimizer steps finished
+    resumed_from: int | None = None
+    last_checkpoint: ckpt_io.Checkpoint | None = None
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens_done: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+    t_loop: float = 0.0
 
     @property
-    def main(self) -> bool:
-        return self.rank == 0
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.dist.world
+
+    @property
+    def autocast(self):
+        if self.cfg.bf16:
+            return lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext
 
 
-def init_distributed(device_name: str) -> Dist:
-    """Join the process group torchrun describes (gloo on CPU, nccl on GPU); a single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_name != "cpu"
-    if not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local)
-
-
-def _all_sum(value: float, dist_info: Dist, device) -> float:
-    if dist_info.world == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-# ---------------------------------------------------------------------------------------------- the pieces
-
-def prepare_model(model, cfg: TrainConfig, base_path: Path):
-    """Apply the method: LoRA adapters, an NF4 base plus adapters, or every weight trainable."""
-    from ..lora import inject
-    from ..quant import quantize_model
-
-    if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return None
-    if cfg.method == "qlora":
-        quantize_model(model)  # a no-op for layers load_model_nf4 already quantized
-    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, use_rslora=cfg.use_rslora, task_type="CAUSAL_LM",
-                      base_model_name_or_path=str(base_path))
-    inject(model, lcfg)
-    return lcfg
-
-
-def lr_lambda(cfg: TrainConfig, total: int):
-    """Linear warmup to lr over warmup_ratio of the steps, then cosine down to min_lr_ratio * lr."""
-    warm = int(round(cfg.warmup_ratio * total))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total - warm)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
-class Sampler:
-    """Global sample g -> example index, epoch by epoch (cached)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._cache = n, seed, {}
-
-    def __call__(self, g: int) -> int:
-        epoch, pos = divmod(g, self.n)
-        if epoch not in self._cache:
-            self._cache = {epoch: epoch_order(self.n, self.seed, epoch)}
-        return self._cache[epoch][pos]
-
-
-def token_loss_sum(model, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
-    """Sum over target tokens of the next-token cross-entropy (fp32)."""
-    with autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"]
-    # Shift the labels, not the logits: position t predicts token t+1 and the last position predicts nothing.
-    # (Slicing the logits would copy a batch x length x vocab tensor.)
-    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-
-
-@torch.no_grad()
-def evaluate(model, data: Dataset, batch_size: int, pad_id: int, device, autocast) -> float:
-    """Mean token loss over the whole evaluation set (same on every process)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(data.examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(data.examples[i:i + batch_size], pad_id).items()}
-        total += token_loss_sum(model, batch, autocast).item()
-        count += count_targets(batch["labels"])
-    model.train(was_training)
-    return total / max(1, count)
-
-
-def estimate_memory(model, cfg: TrainConfig, trainable: int) -> dict[str, float]:
-    """A rough breakdown in MiB: stored weights, trainable state (grad + 2 AdamW moments), activations."""
-    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    state = trainable * 4 * 3
-    c = model.config
-    h, layers = getattr(c, "hidden_size", 0), getattr(c, "num_hidden_layers", 0)
-    heads = getattr(c, "num_attention_heads", 1)
-    s, b = cfg.max_length, cfg.batch_size
-    per_layer = 34 * s * b * h + 5 * heads * s * s * b  # 16-bit bytes per layer (Korthikanti et al. 2022)
-    act = (2 * s * b * h * 4 * layers + per_layer * 2) if cfg.gradient_checkpointing else per_layer * 2 * layers
-    act += s * b * getattr(c, "vocab_size", 0) * 4 * 2  # logits and their fp32 gradient
-    mib = 1 << 20
-    return {"weights_mib": weights / mib, "train_state_mib": state / mib, "activations_mib": act / mib,
-            "total_mib": (weights + state + act) / mib}
-
-
-def peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:  # VmHWM: this process's own peak (ru_maxrss can carry a parent's peak across fork+exec)
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise TrainingError(f"output_dir {out} is a file; choose a folder path")
-    if (out / DONE_MARKER).exists() and not overwrite:
-        raise TrainingError(f"output_dir {out} already holds a finished run; choose another output_dir, "
-                            "or pass --overwrite to replace it")
-    if overwrite:
-        if any(out.iterdir()) and not (out / CONFIG_NAME).exists():
-            raise TrainingError(f"output_dir {out} is a non-empty folder that is not a rankdial run; "
-                                "rankdial will not delete it. Choose another output_dir")
-        import shutil
-
-        shutil.rmtree(out)
-        return
-    if ckpt_io.list_checkpoints(out) and not resume:
-        raise TrainingError(f"output_dir {out} holds checkpoints of an unfinished run; pass --resume to continue "
-                            "it, or choose another output_dir")
-    if not resume and any(p.name != "checkpoints" for p in out.iterdir()) and not (out / CONFIG_NAME).exists():
-        raise TrainingError(f"output_dir {out} is a non-empty folder that is not a rankdial run; choose "
-                            "another output_dir")
-
-
-# ------------------------------------------------------------------------------------------------ the loop
+# ---------------------------------------------------------------------------------------------------- train
 
 def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, log=None,
           **overrides: Any) -> TrainResult:
@@ -249,249 +117,309 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
 
     Writes output_dir: the PEFT adapter (LoRA/QLoRA) or the full model folder (full), rankdial_train.json,
     metrics.jsonl, loss.png and summary.json (written last: a folder without it is not a finished run).
+    With overwrite=True a finished run is replaced only once the new one has finished; until then (and for
+    good if the new run fails or is interrupted) the old one stays as it was. Ctrl-C raises
+    TrainingInterrupted, whose message says where it stopped and how to resume.
     """
-    cfg = make_config(config, **overrides)
-    dist_info = init_distributed(cfg.device)
-    if dist_info.world > 1 and torch.cuda.is_available() and cfg.device != "cpu":
-        device = torch.device("cuda", dist_info.local_rank)
-    else:
-        device = pick_device(cfg.device)
-    say = (log or print) if dist_info.main else (lambda *a, **k: None)
-    out = Path(cfg.output_dir)
-    if dist_info.main:
-        _check_output_dir(out, resume, overwrite)
-    if dist_info.world > 1:
-        import torch.distributed as dist
+    cfg = make_config(config, **overrides)  # every value checked (LoRA's too) before anything loads
+    run = None
+    try:
+        run = setup(cfg, resume=resume, overwrite=overwrite, log=log)
+        with output_folder(run):
+            fit(run)
+            result = finish(run)
+    except KeyboardInterrupt:
+        raise interrupted(run) from None
+    barrier(run.dist)
+    return result
 
-        dist.barrier()
-    start_time = time.perf_counter()
+
+# ---------------------------------------------------------------------------------------------------- setup
+
+def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=None, model=None,
+          prepare=None) -> Run:
+    """Everything before the first step; nothing is written. `model` = (model, tokenizer) skips loading it and
+    `prepare(model, cfg, base_path)` replaces prepare_model (the seams the benchmark uses)."""
+    from ..models import load_model, load_model_nf4, resolve_model
+
+    dist_info = init_distributed(cfg.device)
+    device = pick_run_device(cfg.device, dist_info)
+    say = (log or print) if dist_info.main else (lambda *a, **k: None)
+    base_path = resolve_model(cfg.model)
+    check_data_files(cfg)
+    mode = plan_output(cfg, resume, overwrite, inputs=[cfg.data, cfg.eval_data or None, base_path])
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-
-    for name in ("data", "eval_data"):  # fail fast, before the model loads
-        value = getattr(cfg, name)
-        if value and not Path(value).is_file():
-            raise DataError(f"{name} file {value} does not exist; give a JSONL file with one example per line")
-    base_path = resolve_model(cfg.model)
-    # QLoRA quantizes while loading, so the full-precision model is never in memory at once.
-    model, tokenizer = (load_model_nf4 if cfg.method == "qlora" else load_model)(base_path, device)
-    pad_id = tokenizer.pad_token_id
-    train_data = load_dataset(cfg.data, tokenizer, cfg.max_length, cfg.skip_bad_lines)
-    eval_data = None
-    if cfg.eval_data:
-        eval_data = load_dataset(cfg.eval_data, tokenizer, cfg.max_length, cfg.skip_bad_lines)
-    elif cfg.eval_fraction:
-        train_data, eval_data = split_eval(train_data, cfg.eval_fraction, cfg.seed)
-    if cfg.packing:
-        train_data = pack(train_data, cfg.max_length)
-    data_report = [train_data.describe()] + ([eval_data.describe()] if eval_data else [])
-    data_report += train_data.skipped_lines[:10]
+    if model is None:  # QLoRA quantizes while loading, so the full-precision model is never in memory at once
+        model = (load_model_nf4 if cfg.method == "qlora" else load_model)(base_path, device)
+    net, tokenizer = model
+    train_data, eval_data, data_report = load_data(cfg, tokenizer)
     for line in data_report:
         say(f"data  {line}")
+    lora = (prepare or prepare_model)(net, cfg, base_path)
+    named, trainable, total = _trainable(net, cfg, say)
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_data.examples)
+                                                / (cfg.batch_size * cfg.grad_accum * dist_info.world)))
+    optimizer, scheduler = make_optimizer(named, cfg, total_steps)
+    run = Run(cfg=cfg, dist=dist_info, device=device, out=Path(cfg.output_dir), mode=mode, base_path=base_path,
+              model=net, tokenizer=tokenizer, is_lora=lora is not None, named=named, train_data=train_data,
+              eval_data=eval_data, sampler=Sampler(len(train_data.examples), cfg.seed), optimizer=optimizer,
+              scheduler=scheduler, total_steps=total_steps, trainable=trainable, total_params=total, say=say,
+              data_report=data_report)
+    if resume:
+        resume_from_checkpoint(run)
+    return run
 
-    lora_cfg = prepare_model(model, cfg, base_path)
+
+def check_data_files(cfg: TrainConfig) -> None:
+    """Fail fast, before the model loads: each data file named must be a file."""
+    for name in ("data", "eval_data"):
+        value = getattr(cfg, name)
+        if value and Path(value).is_dir():
+            raise DataError(f"{name} {value} is a directory, not a file; give a JSONL file with one example per line")
+        if value and not Path(value).is_file():
+            raise DataError(f"{name} file {value} does not exist; give a JSONL file with one example per line")
+
+
+def plan_output(cfg: TrainConfig, resume: bool, overwrite: bool, inputs: list) -> str:
+    """How this run may use output_dir, decided before anything loads or is written (see Run.mode).
+
+    Only a folder rankdial marked as a training run (or, from before markers, one holding rankdial_train.json)
+    is ever written into or replaced; never a folder that is or holds one of the run's inputs.
+    """
+    out = Path(cfg.output_dir)
+    if resume and overwrite:
+        raise TrainingError("--resume continues an unfinished run in output_dir and --overwrite replaces a run "
+                            "with a new one; pass one of them")
+    check_target(out, RUN_KIND, inputs, legacy=is_legacy_run, what="output_dir")
+    if not out.is_dir() or not any(out.iterdir()):
+        return "new"
+    if overwrite:
+        return "replace"
+    if (out / DONE_MARKER).exists():
+        raise TrainingError(f"output_dir {out} already holds a finished run; choose another output_dir, or pass "
+                            "--overwrite to replace it (the old run is kept until the new one has finished)")
+    if resume:
+        return "resume"
+    if ckpt_io.list_checkpoints(out):
+        raise TrainingError(f"output_dir {out} holds checkpoints of an unfinished run; pass --resume to continue "
+                            "it, --overwrite to replace it, or choose another output_dir")
+    return "restart"
+
+
+def _trainable(model, cfg: TrainConfig, say) -> tuple[dict, int, int]:
+    from ..lora import trainable_parameters
+
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    from ..lora import trainable_parameters
-
     report = trainable_parameters(model)
     say(report.summary())
-    mem = estimate_memory(model, cfg, report.trainable)
+    mem = estimate_loaded_model(model, report.trainable, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                gradient_checkpointing=cfg.gradient_checkpointing)
     say(f"memory estimate (MiB): weights {mem['weights_mib']:.1f} + trainable state {mem['train_state_mib']:.1f} "
         f"+ activations ~{mem['activations_mib']:.1f} = ~{mem['total_mib']:.1f}")
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return named, report.trainable, report.total
 
-    world = dist_info.world
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    n = len(train_data.examples)
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * n / global_batch))
-    decay = [p for p in named.values() if p.ndim >= 2]
-    no_decay = [p for p in named.values() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    try:  # one fused kernel for all parameters (CPU and CUDA, torch >= 2.4): ~3x faster than the loop
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
-    except (RuntimeError, TypeError):
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
-    start_step, resumed_from = 0, None
-    if resume:
-        found = ckpt_io.latest_good(out, log=say)
-        if found is None:
-            say(f"--resume: no usable checkpoint in {out}; starting from step 0")
-        else:
-            saved = found.state
-            if saved.get("global_batch") != global_batch or saved.get("total_steps") != total_steps:
-                raise TrainingError(f"checkpoint {found.path} was written with global batch {saved.get('global_batch')} "
-                                    f"and {saved.get('total_steps')} steps; this run has {global_batch} and "
-                                    f"{total_steps}. Resume with the same config and number of processes")
-            try:
-                ckpt_io.load_into(found, named, optimizer, scheduler)
-            except ValueError as err:
-                raise TrainingError(str(err)) from None
-            start_step = resumed_from = found.step
-            say(f"resumed from {found.path} (step {found.step})")
+def resume_from_checkpoint(run: Run) -> None:
+    """Load the newest good checkpoint of output_dir into the model, optimizer, scheduler and RNGs."""
+    found = ckpt_io.latest_good(run.out, log=run.say) if run.mode == "resume" else None
+    if found is None:
+        run.say(f"--resume: no usable checkpoint in {run.out}; starting from step 0")
+        return
+    saved = found.state
+    if saved.get("global_batch") != run.global_batch or saved.get("total_steps") != run.total_steps:
+        raise TrainingError(f"checkpoint {found.path} was written with global batch {saved.get('global_batch')} "
+                            f"and {saved.get('total_steps')} steps; this run has {run.global_batch} and "
+                            f"{run.total_steps}. Resume with the same config and number of processes")
+    try:
+        ckpt_io.load_into(found, run.named, run.optimizer, run.scheduler)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    run.start_step = run.done = run.resumed_from = found.step
+    run.last_checkpoint = found
+    run.say(f"resumed from {found.path} (step {found.step})")
 
-    ddp_model = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
-    sampler = Sampler(n, cfg.seed)
-    target_counts = [e.n_targets for e in train_data.examples]
+@contextlib.contextmanager
+def output_folder(run: Run):
+    """Set run.work for the block: output_dir itself, or for "replace" a new folder beside it that is swapped
+    in when the block ends without error (rankdial.atomic.atomic_dir; on error or Ctrl-C it is removed)."""
+    if run.mode == "replace" and run.dist.main:
+        inputs = [run.cfg.data, run.cfg.eval_data or None, run.base_path]
+        with atomic_dir(run.out, RUN_KIND, inputs, legacy=is_legacy_run, what="output_dir") as tmp:
+            run.work = tmp
+            yield run.work
+        run.work = run.out
+        return
+    run.work = run.out
+    if run.dist.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        if not (run.out / MARKER).exists():
+            write_json(run.out / MARKER, {"kind": RUN_KIND, "written_by": "rankdial"})
+    yield run.work
 
-    metrics_path = out / METRICS_NAME
-    losses: list[float] = []
-    eval_losses: list[tuple[int, float]] = []
-    if dist_info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / CONFIG_NAME, json.dumps({**cfg.to_dict(), "base_model": str(base_path),
-                                                      "world_size": world}, indent=2) + "\n")
-        kept = []
-        if metrics_path.exists() and start_step > 0:  # keep the history up to the step we resume from
-            for line in metrics_path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec["step"] <= start_step:
-                    kept.append(line)
-                    if "loss" in rec:
-                        losses.append(rec["loss"])
-                    if "eval_loss" in rec:
-                        eval_losses.append((rec["step"], rec["eval_loss"]))
-        _write_atomic(metrics_path, "".join(k + "\n" for k in kept))
-    if eval_data is not None and start_step == 0:
-        e = evaluate(model, eval_data, cfg.batch_size, pad_id, device, autocast)
-        eval_losses.append((0, e))
-        if dist_info.main:
-            _append_metrics(metrics_path, {"step": 0, "eval_loss": e})
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def fit(run: Run) -> None:
+    """The config and metrics files, the evaluation at step 0, then step/evaluate/save up to total_steps."""
+    cfg = run.cfg
+    if run.dist.main:
+        write_json(run.work / CONFIG_NAME, {**cfg.to_dict(), "base_model": str(run.base_path),
+                                            "world_size": run.dist.world})
+        run.losses, run.eval_losses = read_history(run.work / METRICS_NAME, run.start_step)
+    barrier(run.dist)
+    if run.eval_data is not None and run.start_step == 0:
+        evaluate_now(run, 0)
+    bar = _progress_bar(run)
+    model = _wrap_ddp(run)
+    model.train()
+    run.t_loop = time.perf_counter()
+    for s in range(run.start_step, run.total_steps):
+        loss, lr = step(run, model, s)
+        run.done = s + 1
+        _report_step(run, bar, loss, lr)
+        if run.eval_data is not None and cfg.eval_every and (run.done % cfg.eval_every == 0
+                                                             or run.done == run.total_steps):
+            evaluate_now(run, run.done, bar)
+        if cfg.save_every and run.done % cfg.save_every == 0 and run.done < run.total_steps:
+            save(run)
+    bar.close()
+    if run.eval_data is not None and not cfg.eval_every:
+        evaluate_now(run, run.total_steps)
+
+
+def step(run: Run, model, s: int) -> tuple[float, float]:
+    """Optimizer step s (0-based): accumulate the global batch's gradient, check the loss, clip, step.
+    Returns (loss, learning rate used)."""
+    micro, targets = _micro_batches(run, s)
+    loss = 0.0
+    for m, batch in enumerate(micro):
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        last = m == len(micro) - 1
+        with model.no_sync() if (run.dist.world > 1 and not last) else contextlib.nullcontext():
+            loss_sum = token_loss_sum(model, batch, run.autocast)
+            # DDP averages gradients over processes; scale so the result is d(sum / targets).
+            (loss_sum * (run.dist.world / targets)).backward()
+        loss += loss_sum.item()
+        run.tokens_done += int(batch["attention_mask"].sum())
+    loss = all_sum(loss, run.dist, run.device) / targets
+    if not math.isfinite(loss):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"the loss became {loss} at step {s + 1}; training stopped and no adapter was written "
+                            f"for it; {_where_to_continue(run, 'after lowering lr')}")
+    if run.cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(list(run.named.values()), run.cfg.max_grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.losses.append(loss)
+    return loss, lr
+
+
+def _micro_batches(run: Run, s: int) -> tuple[list[dict], int]:
+    """This process's micro-batches of global batch s, and the global batch's count of target tokens."""
+    cfg, g = run.cfg, run.global_batch
+    rows = [run.sampler(s * g + i) for i in range(g)]
+    micro = []
+    for m in range(cfg.grad_accum):
+        lo = (m * run.dist.world + run.dist.rank) * cfg.batch_size
+        micro.append(collate([run.train_data.examples[i] for i in rows[lo:lo + cfg.batch_size]],
+                             run.tokenizer.pad_token_id))
+    return micro, sum(run.train_data.examples[i].n_targets for i in rows)
+
+
+def evaluate_now(run: Run, at_step: int, bar=None) -> float:
+    """The mean token loss over the evaluation set, recorded for step `at_step`."""
+    e = evaluate(run.model, run.eval_data, run.cfg.batch_size, run.tokenizer.pad_token_id, run.device, run.autocast)
+    run.eval_losses.append((at_step, e))
+    if run.dist.main:
+        append_metrics(run.work / METRICS_NAME, {"step": at_step, "eval_loss": e})
+        if bar is not None and run.cfg.progress:
+            bar.write(f"step {at_step}: eval loss {e:.4f}")
+    return e
+
+
+def save(run: Run) -> None:
+    """A checkpoint of the state after run.done steps (the main process writes it), then prune old ones."""
+    if not run.dist.main:
+        return
+    state = {"global_batch": run.global_batch, "total_steps": run.total_steps,
+             "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed}
+    adapter_fn = None
+    if run.is_lora:
+        from ..adapters import save_adapter
+
+        def adapter_fn(folder):
+            save_adapter(run.model, folder)
+    path = ckpt_io.write_checkpoint(run.work, run.done, run.named, run.optimizer, run.scheduler, state, adapter_fn)
+    ckpt_io.prune(run.work, run.cfg.keep_checkpoints)
+    run.last_checkpoint = ckpt_io.Checkpoint(path, run.done, state)
+
+
+def _progress_bar(run: Run):
+    import sys
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (cfg.progress and dist_info.main),
-               desc=f"{cfg.method} r={cfg.r}" if cfg.method != "full" else "full", unit="step", file=sys.stderr,
-               dynamic_ncols=True, leave=True)
-    ddp_model.train()
-    tokens_done, t_loop = 0, time.perf_counter()
-    for step in range(start_step, total_steps):
-        # This process's micro-batches of the global batch, and the global count of target tokens.
-        first = step * global_batch
-        rows = [sampler(first + i) for i in range(global_batch)]
-        micro = []
-        for m in range(cfg.grad_accum):
-            lo = (m * world + dist_info.rank) * cfg.batch_size
-            micro.append(collate([train_data.examples[i] for i in rows[lo:lo + cfg.batch_size]], pad_id))
-        targets = sum(target_counts[i] for i in rows)
-        step_loss = 0.0
-        for m, batch in enumerate(micro):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            sync = m == len(micro) - 1
-            ctx = ddp_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-            with ctx:
-                loss_sum = token_loss_sum(ddp_model, batch, autocast)
-                # DDP averages gradients over processes; scale so the result is d(sum / targets).
-                (loss_sum * (world / targets)).backward()
-            step_loss += loss_sum.item()
-            tokens_done += int(batch["attention_mask"].sum())
-        step_loss = _all_sum(step_loss, dist_info, device) / targets
-        if not math.isfinite(step_loss):
-            optimizer.zero_grad(set_to_none=True)
-            bar.close()
-            good = ckpt_io.latest_good(out, log=say) if dist_info.main else None
-            where = (f"the last good checkpoint is {good.path} (step {good.step}); resume from it with --resume "
-                     "after lowering lr") if good else "no checkpoint was written before it (set save_every)"
-            raise TrainingError(f"the loss became {step_loss} at step {step + 1}; training stopped and no adapter "
-                                f"was written for it; {where}")
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
-        lr_now = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        done = step + 1
-        elapsed = time.perf_counter() - t_loop
-        tps = tokens_done * world / max(elapsed, 1e-9)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-        bar.update(1)
-        record = None
-        if dist_info.main and (done % cfg.log_every == 0 or done == total_steps):
-            record = {"step": done, "loss": step_loss, "lr": lr_now, "tokens_per_s": round(tps, 1),
-                      "elapsed_s": round(elapsed, 3)}
-        if eval_data is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total_steps):
-            e = evaluate(model, eval_data, cfg.batch_size, pad_id, device, autocast)
-            eval_losses.append((done, e))
-            record = {**(record or {"step": done}), "eval_loss": e}
-            if dist_info.main and cfg.progress:
-                bar.write(f"step {done}: eval loss {e:.4f}")
-        if record is not None and dist_info.main:
-            _append_metrics(metrics_path, record)
-        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps and dist_info.main:
-            state = {"global_batch": global_batch, "total_steps": total_steps, "samples_seen": done * global_batch,
-                     "world_size": world, "seed": cfg.seed}
-            adapter_fn = None
-            if lora_cfg is not None:
-                from ..adapters import save_adapter
-
-                adapter_fn = lambda p: save_adapter(model, p)  # noqa: E731
-            ckpt_io.write_checkpoint(out, done, named, optimizer, scheduler, state, adapter_fn)
-            ckpt_io.prune(out, cfg.keep_checkpoints)
-    bar.close()
-    if eval_data is not None and not cfg.eval_every:
-        e = evaluate(model, eval_data, cfg.batch_size, pad_id, device, autocast)
-        eval_losses.append((total_steps, e))
-        if dist_info.main:
-            _append_metrics(metrics_path, {"step": total_steps, "eval_loss": e})
-    seconds = time.perf_counter() - start_time
-    tps = tokens_done * world / max(time.perf_counter() - t_loop, 1e-9)
-    result = TrainResult(out, cfg.method, total_steps, losses, eval_losses, report.trainable, report.total, seconds,
-                         tps, peak_memory_mb(device), resumed_from, data_report)
-    if dist_info.main:
-        finish(model, tokenizer, cfg, out, result, base_path, lora_cfg is not None)
-        say(summary_text(result))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return result
+    desc = "full" if run.cfg.method == "full" else f"{run.cfg.method} r={run.cfg.lora.r}"
+    return tqdm(total=run.total_steps, initial=run.start_step, disable=not (run.cfg.progress and run.dist.main),
+                desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
-def finish(model, tokenizer, cfg: TrainConfig, out: Path, result: TrainResult, base_path: Path, is_lora: bool):
-    """Write the final artefacts; summary.json goes last and marks the run finished."""
-    if is_lora:
-        import shutil
-        import tempfile
+def _wrap_ddp(run: Run):
+    if run.dist.world == 1:
+        return run.model
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from ..adapters import save_adapter
-        from ..adapters.peft_format import CONFIG_NAME as ADAPTER_CONFIG, WEIGHTS_NAME
+    return DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
-        tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
-        try:
-            save_adapter(model, tmp / "adapter")
-            # weights first, then the config: a folder with a config always has its matching weights
-            os.replace(tmp / "adapter" / WEIGHTS_NAME, out / WEIGHTS_NAME)
-            os.replace(tmp / "adapter" / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        model.config.use_cache = True
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-    model_name = "kjv-llama-tiny (default)" if base_path == default_model_path() else base_path.name
-    plot_losses(out / METRICS_NAME, out / PLOT_NAME, title=f"{cfg.method} r={cfg.r} on {model_name}"
-                if cfg.method != "full" else f"full fine-tuning of {model_name}")
-    summary = {"method": result.method, "base_model": str(base_path), "steps": result.steps,
-               "loss_first": result.losses[0] if result.losses else None,
-               "loss_last": result.losses[-1] if result.losses else None,
-               "eval_losses": result.eval_losses, "trainable_params": result.trainable, "total_params": result.total,
-               "trainable_percent": round(result.trainable_percent, 4), "seconds": round(result.seconds, 2),
-               "tokens_per_second": round(result.tokens_per_second, 1),
-               "peak_memory_mb": round(result.peak_memory_mb, 1), "resumed_from_step": result.resumed_from,
-               "default_model": base_path == default_model_path()}
-    _write_atomic(out / DONE_MARKER, json.dumps(summary, indent=2) + "\n")
+
+def _report_step(run: Run, bar, loss: float, lr: float) -> None:
+    elapsed = time.perf_counter() - run.t_loop
+    tps = run.tokens_done * run.dist.world / max(elapsed, 1e-9)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+    bar.update(1)
+    if run.dist.main and (run.done % run.cfg.log_every == 0 or run.done == run.total_steps):
+        append_metrics(run.work / METRICS_NAME, {"step": run.done, "loss": loss, "lr": lr,
+                                                 "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3)})
+
+
+# ---------------------------------------------------------------------------------------------- the end
+
+def result(run: Run) -> TrainResult:
+    tps = run.tokens_done * run.dist.world / max(time.perf_counter() - run.t_loop, 1e-9)
+    return TrainResult(run.out, run.cfg.method, run.total_steps, run.losses, run.eval_losses, run.trainable,
+                       run.total_params, time.perf_counter() - run.t_start, tps, peak_memory_mb(run.device),
+                       run.resumed_from, run.data_report)
+
+
+def finish(run: Run) -> TrainResult:
+    """Write the final artefacts into run.work; summary.json goes last and marks the run finished."""
+    from ..models import default_model_path
+
+    res = result(run)
+    if not run.dist.main:
+        return res
+    save_final_model(run.model, run.tokenizer, run.work, run.is_lora)
+    default = run.base_path == default_model_path()
+    name = "kjv-llama-tiny (default)" if default else run.base_path.name
+    plot_losses(run.work / METRICS_NAME, run.work / PLOT_NAME, title=f"full fine-tuning of {name}"
+                if run.cfg.method == "full" else f"{run.cfg.method} r={run.cfg.lora.r} on {name}")
+    write_json(run.work / DONE_MARKER, {
+        "method": res.method, "base_model": str(run.base_path), "steps": res.steps,
+        "loss_first": res.losses[0] if res.losses else None, "loss_last": res.losses[-1] if res.losses else None,
+        "eval_losses": res.eval_losses, "trainable_params": res.trainable, "total_params": res.total,
+        "trainable_percent": round(res.trainable_percent, 4), "seconds": round(res.seconds, 2),
+        "tokens_per_second": round(res.tokens_per_second, 1), "peak_memory_mb": round(res.peak_memory_mb, 1),
+        "resumed_from_step": res.resumed_from, "default_model": default})
+    run.say(summary_text(res))
+    return res
 
 
 def summary_text(r: TrainResult) -> str:
@@ -505,32 +433,21 @@ def summary_text(r: TrainResult) -> str:
     return "\n".join(lines)
 
 
-def plot_losses(metrics: Path, png: Path, title: str = "") -> None:
-    """Train (and eval) loss against step, as a PNG."""
-    import matplotlib
+def _where_to_continue(run: Run, advice: str = "") -> str:
+    """What is left to continue from, for the messages of a stopped run."""
+    if run.mode == "replace":
+        return (f"the old run in {run.out} is untouched and this run's files were removed (an interrupted "
+                "--overwrite keeps nothing; run the same command again to start over)")
+    if run.last_checkpoint is not None:
+        return (f"the last good checkpoint is {run.last_checkpoint.path} (step {run.last_checkpoint.step}); continue "
+                f"from it by running the same command with --resume{' ' + advice if advice else ''}")
+    return (f"no checkpoint was written (set save_every, e.g. --save-every 50, to make a run resumable); "
+            "--resume would start again from step 0")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    train_pts, eval_pts = [], []
-    for line in metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            train_pts.append((rec["step"], rec["loss"]))
-        if "eval_loss" in rec:
-            eval_pts.append((rec["step"], rec["eval_loss"]))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    if train_pts:
-        ax.plot(*zip(*train_pts), label="train", linewidth=1.2)
-    if eval_pts:
-        ax.plot(*zip(*eval_pts), "o-", label="eval", linewidth=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
+def interrupted(run: Run | None) -> TrainingInterrupted:
+    """The one-line message for Ctrl-C: where training stopped, the last checkpoint and how to resume."""
+    if run is None or run.work is None:
+        return TrainingInterrupted("training was interrupted (Ctrl-C) before its first step; nothing was written")
+    return TrainingInterrupted(f"training was interrupted (Ctrl-C) after step {run.done} of {run.total_steps} in "
+                               f"{run.out}; {_where_to_continue(run)}")

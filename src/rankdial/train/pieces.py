@@ -1,0 +1,117 @@
+"""What a training step is made of: the method's model preparation, the data and its order, the loss, the
+optimizer and its schedule, and the evaluation loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data import Dataset, collate, count_targets, load_dataset, pack, split_eval
+
+
+def prepare_model(model, cfg: TrainConfig, base_path: Path):
+    """Apply the method: LoRA adapters (cfg.lora), an NF4 base plus adapters, or every weight trainable.
+    Returns the LoraConfig injected, or None for full fine-tuning."""
+    from ..lora import inject
+    from ..quant import quantize_model
+
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return None
+    if cfg.method == "qlora":
+        quantize_model(model)  # a no-op for layers load_model_nf4 already quantized
+    lora = dataclasses.replace(cfg.lora, task_type="CAUSAL_LM", base_model_name_or_path=str(base_path))
+    inject(model, lora)
+    return lora
+
+
+def load_data(cfg: TrainConfig, tokenizer) -> tuple[Dataset, Dataset | None, list[str]]:
+    """The training set (packed if asked), the evaluation set (a file, a held-out share, or none), a report."""
+    train_data = load_dataset(cfg.data, tokenizer, cfg.max_length, cfg.skip_bad_lines)
+    eval_data = None
+    if cfg.eval_data:
+        eval_data = load_dataset(cfg.eval_data, tokenizer, cfg.max_length, cfg.skip_bad_lines)
+    elif cfg.eval_fraction:
+        train_data, eval_data = split_eval(train_data, cfg.eval_fraction, cfg.seed)
+    if cfg.packing:
+        train_data = pack(train_data, cfg.max_length)
+    report = [train_data.describe()] + ([eval_data.describe()] if eval_data else [])
+    return train_data, eval_data, report + train_data.skipped_lines[:10]
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    """Linear warmup to lr over warmup_ratio of the steps, then cosine down to min_lr_ratio * lr."""
+    warm = int(round(cfg.warmup_ratio * total))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig, total_steps: int):
+    """AdamW (no weight decay on 1-D tensors) and its warmup + cosine schedule."""
+    decay = [p for p in named.values() if p.ndim >= 2]
+    no_decay = [p for p in named.values() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    try:  # one fused kernel for all parameters (CPU and CUDA, torch >= 2.4): ~3x faster than the loop
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+class Sampler:
+    """Global sample g -> example index, epoch by epoch (cached)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._cache = n, seed, {}
+
+    def __call__(self, g: int) -> int:
+        epoch, pos = divmod(g, self.n)
+        if epoch not in self._cache:
+            self._cache = {epoch: epoch_order(self.n, self.seed, epoch)}
+        return self._cache[epoch][pos]
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
+    """Sum over target tokens of the next-token cross-entropy (fp32)."""
+    with autocast():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    # Shift the labels, not the logits: position t predicts token t+1 and the last position predicts nothing.
+    # (Slicing the logits would copy a batch x length x vocab tensor.)
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, data: Dataset, batch_size: int, pad_id: int, device, autocast) -> float:
+    """Mean token loss over the whole evaluation set (same on every process)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data.examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(data.examples[i:i + batch_size], pad_id).items()}
+        total += token_loss_sum(model, batch, autocast).item()
+        count += count_targets(batch["labels"])
+    model.train(was_training)
+    return total / max(1, count)
