@@ -130,10 +130,9 @@ def peak_rss_child(method: str, size: str) -> None:
     del base  # the copy inside step() is the model; keep one set of weights, as a user's script would
     for _ in range(3):
         step(ids)
-    # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec and would report the parent's peak.
-    with open("/proc/self/status") as status:
-        hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss_mb": hwm_kb / 1024}))
+    from rankdial.memory import peak_memory_mb
+
+    print(json.dumps({"peak_rss_mb": peak_memory_mb(torch.device("cpu"))}))
 
 
 def peak_rss(method: str, size: str) -> float:

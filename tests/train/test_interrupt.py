@@ -63,6 +63,5 @@ def test_sigint_to_the_cli_prints_one_line_and_no_traceback(tiny_model_dir, tmp_
     lines = [l for l in stderr.splitlines() if "interrupted" in l]
     assert len(lines) == 1, stderr
     assert "after step" in lines[0] and "checkpoints/step-" in lines[0] and "--resume" in lines[0]
-    # 130 once cli.main maps TrainingInterrupted to it (the CLI's part); any RankdialError exits 2 before that
-    assert proc.returncode in (130, 2)
+    assert proc.returncode == 130  # the shell's code for Ctrl-C
     assert not (out / "summary.json").exists()

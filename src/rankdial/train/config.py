@@ -16,10 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10: the same parser as the `tomli` package
-    import tomli as tomllib
+import tomllib  # Python 3.11+, which pyproject requires
 
 from ..config import LoraConfig
 from ..errors import ConfigError
