@@ -122,12 +122,26 @@ def write_json(path: str | os.PathLike, data, indent: int | None = 2) -> Path:
 
 # -------------------------------------------------------------------------------------------------- folders
 
+def _marker(folder: Path) -> dict:
+    try:
+        found = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def read_marker(folder: str | os.PathLike) -> str | None:
     """The kind of output rankdial wrote in `folder` (its marker), or None."""
-    try:
-        return json.loads((Path(folder) / MARKER).read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
-        return None
+    kind = _marker(Path(folder)).get("kind")
+    return kind if isinstance(kind, str) else None
+
+
+def _added_since(folder: Path) -> list[str]:
+    """Top-level entries of a marked folder that rankdial did not write (the marker lists what it wrote)."""
+    written = _marker(folder).get("files")
+    if not isinstance(written, list):
+        return []  # a folder rankdial keeps adding to (a training run written in place) lists nothing
+    return sorted(p.name for p in folder.iterdir() if p.name not in written and p.name != MARKER)
 
 
 def _related(a: Path, b: Path) -> bool:
@@ -157,6 +171,10 @@ def check_target(target: str | os.PathLike, kind: str, inputs: Iterable[str | os
             said = f"rankdial wrote it as a {found!r}" if found else "rankdial did not write it"
             raise OutputError(f"{what} {target} is not empty and {said}; rankdial replaces only a {kind!r} folder "
                               "it wrote itself. Choose a new path, or empty or remove the folder yourself")
+        added = _added_since(target) if found == kind else []
+        if added:
+            raise OutputError(f"{what} {target} holds {added[:5]}, which rankdial did not write there; replacing the "
+                              "folder would delete them. Move them out, or choose a new path")
     return target
 
 
@@ -174,7 +192,8 @@ def atomic_dir(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.P
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"kind": kind, "written_by": "rankdial"}) + "\n")
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / MARKER).write_text(json.dumps({"kind": kind, "written_by": "rankdial", "files": files}) + "\n")
         _plain_modes(tmp)
         fsync_tree(tmp)
         check_target(target, kind, inputs, legacy, what)  # the world may have changed while we wrote
@@ -185,7 +204,11 @@ def atomic_dir(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.P
         else:
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(target, old)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)  # put the good folder back before the temporary one is removed
+                raise
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(target.parent)
     except BaseException:

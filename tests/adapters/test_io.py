@@ -290,3 +290,19 @@ def test_saving_a_diverged_adapter_is_refused(tmp_path):
     with pytest.raises(rd.AdapterFileError, match="NaN/Inf"):
         rd.save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_a_folder_holding_only_the_users_readme_is_not_replaced(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "README.md").write_text("my notes")
+    with pytest.raises(rd.OutputError, match="rankdial did not write it"):
+        rd.save_adapter(trained(), tmp_path / "d")
+    assert (tmp_path / "d" / "README.md").read_text() == "my notes"
+
+
+def test_a_file_the_user_added_to_a_saved_adapter_is_kept(tmp_path):
+    rd.save_adapter(trained(), tmp_path / "a")
+    (tmp_path / "a" / "eval_notes.txt").write_text("mine")
+    with pytest.raises(rd.OutputError, match="eval_notes.txt.*rankdial did not write"):
+        rd.save_adapter(trained(r=2), tmp_path / "a")
+    assert (tmp_path / "a" / "eval_notes.txt").read_text() == "mine"

@@ -162,3 +162,62 @@ def test_unload_matches_peft():
                                                                          target_modules=["q_proj", "v_proj"]))
     ours, theirs = rd.unload(model), with_peft.unload()
     assert set(ours.state_dict()) == set(theirs.state_dict())
+
+
+# -- review findings, each reproduced -----------------------------------------------------------------
+
+def test_merge_is_all_or_nothing_inside_a_layer_too():
+    model = injected()
+    rd.inject(model, rd.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+              adapter="bad")
+    rd.set_active(model, ["default", "bad"])
+    first = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        first.lora_B["bad"].weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(rd.MergeError, match="'bad'.*NaN/Inf"):
+        rd.merge(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if ".lora_" not in k)
+    assert all(layer.merged == [] for _, layer in rd.lora.lora_layers(model))
+
+
+def test_a_name_given_twice_merges_once():
+    model = injected()
+    expected = model.model.layers[0].self_attn.q_proj.merged_weight()
+    rd.merge(model, ["default", "default"])
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.merged == ["default"]
+    torch.testing.assert_close(layer.weight, expected)
+    with pytest.raises(rd.MergeError, match="no adapter named"):
+        rd.merge(model, [])
+
+
+def test_a_module_both_targeted_and_saved_in_full_is_refused():
+    with pytest.raises(rd.TargetError, match="both in target_modules and modules_to_save"):
+        rd.inject(tiny_model("llama"), rd.LoraConfig(target_modules=["q_proj"], modules_to_save=["proj"]))
+
+
+def test_an_adapter_added_by_hand_is_seen_saved_and_reloaded(tmp_path):
+    model = tiny_model("llama")
+    for i, r in enumerate((2, 3)):
+        layer = LoraLayer(model.model.layers[i].self_attn.q_proj)
+        model.model.layers[i].self_attn.q_proj = layer
+        layer.add_adapter("x", r, 4.0, init_lora_weights=False)
+    assert rd.adapter_names(model) == ["x"]
+    rd.set_active(model, "x")
+    rd.save_adapter(model, tmp_path / "x")
+    fresh = tiny_model("llama")
+    rd.load_adapter(fresh, tmp_path / "x")
+    torch.testing.assert_close(model_output(fresh, token_batch()), model_output(model, token_batch()),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_saving_from_a_compiled_model_writes_the_inner_models_config(tmp_path):
+    import json
+
+    model = injected()
+    rd.save_adapter(torch.compile(model), tmp_path / "c")
+    rd.save_adapter(model, tmp_path / "m")
+    config_c = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
+    config_m = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert config_c == config_m

@@ -37,3 +37,25 @@ def test_declared_floors_are_the_tested_ones():
     assert sys.version_info >= (3, 11)
     assert "transformers>=4.45" in project["dependencies"]
     assert project["license"] == "Apache-2.0"  # SPDX string: no setuptools deprecation warnings
+
+
+def test_quantize_on_load_takes_gpt2_conv1d_like_quantize_model(tmp_path):
+    """GPT-2's Conv1D stores its weight (d_in, d_out); quantize-on-load follows quantize_model's policy and layout."""
+    import shutil
+
+    import transformers as tf
+    from rankdial.models import default_model_path, load_model, load_model_nf4
+    from rankdial.quant import quantize_model
+    from rankdial.quant.linear import NF4Linear
+
+    torch.manual_seed(0)
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=4096, n_embd=64, n_layer=2, n_head=4, n_positions=64)).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_path() / name, tmp_path / name)
+    reference, _ = load_model(tmp_path)
+    report = quantize_model(reference)
+    loaded, _ = load_model_nf4(tmp_path)
+    assert sorted(p for p, m in loaded.named_modules() if isinstance(m, NF4Linear)) == sorted(report.layers)
+    ids = torch.tensor([[1, 2, 3, 400, 5]])
+    with torch.no_grad():
+        assert torch.equal(reference(input_ids=ids).logits, loaded(input_ids=ids).logits)

@@ -145,3 +145,15 @@ def test_bad_inputs_are_refused_with_the_reason(tmp_path):
     (a / "adapter_config.json").write_text(json.dumps({**config_a, "r": 8}))
     with pytest.raises(rd.AdapterFileError, match="rank 4 in its weights but adapter_config.json says r=8"):
         spectrum(a)
+
+
+def test_combining_adapters_with_different_selectors_loads_back(tmp_path):
+    a = saved(tmp_path, "a", seed=9, layers_to_transform=[0])
+    b = saved(tmp_path, "b", seed=10, targets=r".*\.o_proj")
+    combine_adapters([a, b], [1.0, 1.0], tmp_path / "c", how="cat")
+    combined = outputs_with(tmp_path / "c")
+    model = tiny_model("llama")
+    rd.load_adapter(model, a, adapter="a")
+    rd.load_adapter(model, b, adapter="b")
+    rd.set_active(model, ["a", "b"])
+    torch.testing.assert_close(combined, model_output(model, token_batch()), rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ from ..atomic import atomic_dir, atomic_file
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError
 from ..lora.inject import (Plan, adapter_configs, apply_plan, check_adapter_name, named_wrappers, plan_targets,
-                           with_task_heads)
+                           unwrap_model, with_task_heads)
 from ..lora.layer import LoraLayer
 from ..lora.modules_to_save import ModulesToSave
 from ..lora.verbs import active_adapters, adapter_names, lora_layers
@@ -72,9 +72,11 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, "README.md"}
 
 
-def _only_adapter_files(folder: Path) -> bool:
-    """A folder written before rankdial's marker (or by PEFT) may be replaced when it holds nothing else."""
-    return all(p.name in ADAPTER_FILES for p in folder.iterdir())
+def is_plain_adapter_folder(folder: Path) -> bool:
+    """A folder written before rankdial's marker (or by PEFT) may be replaced: it holds an adapter_config.json
+    and nothing but adapter files, so nothing else is lost."""
+    names = {p.name for p in folder.iterdir()}
+    return CONFIG_NAME in names and names <= ADAPTER_FILES
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None) -> Path:
@@ -84,6 +86,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None)
     replaced whole or not at all.
     """
     path = _folder(path)
+    model = unwrap_model(model)  # DDP / torch.compile: the names and config of the model inside
     adapter = _pick_adapter(model, adapter)
     tensors = adapter_state_dict(model, adapter)
     bad = _non_finite(tensors)
@@ -92,7 +95,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None)
                                "not saving it. The training diverged: lower the learning rate or resume from a good checkpoint")
     paths = [p for p, layer in lora_layers(model) if adapter in layer.lora_A]
     config = config_to_peft(model, adapter_configs(model)[adapter], paths)
-    with atomic_dir(path, kind="adapter", legacy=_only_adapter_files, what="adapter folder") as tmp:
+    with atomic_dir(path, kind="adapter", legacy=is_plain_adapter_folder, what="adapter folder") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(path)

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ALL_LINEAR, LoraConfig, check_name
 from ..errors import AdapterError, ConfigError, TargetError
 from ..layers import SEQ_CLS_HEADS, linear_dims, named_unwrapped, output_heads, path_matches, unwrap
-from .layer import LoraLayer
+from .layer import BY_HAND, LoraLayer
 from .modules_to_save import ModulesToSave
 
 
@@ -64,12 +64,21 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 
     A new dict each call, with no side effect on the model: the state lives on the layers, so it is found
     wherever the adapters were injected (model or model.model) and through DDP or torch.compile wrappers.
+    An adapter added by hand with LoraLayer.add_adapter() gets a config naming the layers that hold it.
     """
     found: dict[str, tuple[int, LoraConfig]] = {}
-    for _, wrapper in named_wrappers(model):
+    by_hand: dict[str, dict[str, int]] = {}
+    for path, wrapper in named_wrappers(model):
         for name, (order, config) in wrapper.configs.items():
             if name not in found or order < found[name][0]:
                 found[name] = (order, config)
+            if config.target_modules == BY_HAND:
+                by_hand.setdefault(name, {})[path] = wrapper.rank(name)
+    for name, ranks in by_hand.items():
+        order, config = found[name]
+        pattern = {re.escape(p): k for p, k in ranks.items() if k != config.r}
+        found[name] = (order, replace(config, target_modules=sorted(ranks), rank_pattern=pattern,
+                                      alpha_pattern={}))
     return {name: config for name, (_, config) in sorted(found.items(), key=lambda item: item[1][0])}
 
 
@@ -120,61 +129,85 @@ def _saved_match(config: LoraConfig, path: str) -> bool:
     return any(path.endswith(m) for m in config.modules_to_save or [])
 
 
-def _is_saved(config: LoraConfig, path: str) -> bool:
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in config.modules_to_save or [])
+def _selected(config: LoraConfig, path: str, module: nn.Module, heads: list[int]) -> bool:
+    """Whether target_modules, exclude_modules and layers_to_transform select this module for an adapter."""
+    if config.target_modules == ALL_LINEAR:
+        hit = linear_dims(module) is not None and id(module) not in heads
+    else:
+        hit = matches(config.target_modules, path)
+    if not hit or (config.exclude_modules and matches(config.exclude_modules, path)):
+        return False
+    return config.layers_to_transform is None or layer_index(path, config.layers_pattern) in config.layers_to_transform
 
 
 def plan_targets(model: nn.Module, config: LoraConfig) -> Plan:
     """Resolve `config` against `model`: which linears get which rank, which modules are saved in full.
 
+    A module inside one that modules_to_save trains in full gets no adapter (its copy trains anyway); a module
+    that target_modules names and modules_to_save also takes is an error ('all-linear' just leaves it out).
+
     Raises:
-        TargetError: nothing matched (with the closest names the model has), or a match is not a linear.
+        TargetError: nothing matched (with the closest names the model has), a match is not a linear, a module
+            is both a target and saved in full, or a target is an nn.MultiheadAttention out_proj.
         ConfigError: a rank does not fit a layer (every such layer listed).
     """
-    plan, problems, wrong_type, bypassed = Plan(), [], [], []
+    plan, problems = Plan(), {"rank": [], "type": [], "mha": [], "both": []}
     heads = [id(h) for h in output_heads(model, config.task_type)] if config.target_modules == ALL_LINEAR else []
     mha = _mha_out_projs(model)
     for path, module in named_unwrapped(model):
-        if _saved_match(config, path) and not any(path.startswith(s + ".") for s in plan.saved):
+        inside = any(path == s or path.startswith(s + ".") for s in plan.saved)
+        if not inside and _saved_match(config, path):
             plan.saved.append(path)
-        dims = linear_dims(module)
-        if config.target_modules == ALL_LINEAR:
-            hit = dims is not None and id(module) not in heads
-        else:
-            hit = matches(config.target_modules, path)
-        if not hit or _is_saved(config, path):
+            inside = True
+        if not _selected(config, path, module, heads):
             continue
-        if config.exclude_modules and matches(config.exclude_modules, path):
+        if inside:
+            if path in plan.saved and config.target_modules != ALL_LINEAR:
+                problems["both"].append(path)
             continue
-        if config.layers_to_transform is not None and layer_index(path, config.layers_pattern) not in config.layers_to_transform:
-            continue
-        if dims is None:
-            wrong_type.append(f"{path} ({type(module).__name__})")
-            continue
-        if id(module) in mha:
-            if config.target_modules != ALL_LINEAR:
-                bypassed.append(path)
-            continue
-        d_in, d_out, fan_in_fan_out = dims
-        r = pattern_value(config.rank_pattern, path, config.r)
-        alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
-        if r > min(d_in, d_out):
-            problems.append(f"r={r} for {path} exceeds min(d_in={d_in}, d_out={d_out}) = {min(d_in, d_out)}; "
-                            f"use r <= {min(d_in, d_out)} (set it for this module with rank_pattern)")
-        plan.targets.append(Target(path, d_in, d_out, fan_in_fan_out, r, alpha))
-    if bypassed:
-        raise TargetError(f"target_modules matched {bypassed}, the out_proj of nn.MultiheadAttention, which reads "
-                          "out_proj.weight directly so an adapter there would never run; exclude it "
-                          "(exclude_modules) or target other linears")
-    if wrong_type:
-        raise TargetError("target_modules matched modules that are not nn.Linear or Conv1D: " + ", ".join(wrong_type)
-                          + "; target their linear sub-layers instead (e.g. 'q_proj') or exclude them")
+        target = _target(config, path, module, mha, problems)
+        if target is not None:
+            plan.targets.append(target)
+    _raise_problems(problems)
     _check_saved_found(model, config, plan)
     if not plan.targets:
         raise TargetError(_nothing_matched(model, config))
-    if problems:
-        raise ConfigError("rank does not fit the layer:\n  - " + "\n  - ".join(problems))
+    if problems["rank"]:
+        raise ConfigError("rank does not fit the layer:\n  - " + "\n  - ".join(problems["rank"]))
     return plan
+
+
+def _target(config: LoraConfig, path: str, module: nn.Module, mha: set[int], problems: dict) -> Target | None:
+    """The Target for one selected module, or None with the reason filed under `problems`."""
+    dims = linear_dims(module)
+    if dims is None:
+        problems["type"].append(f"{path} ({type(module).__name__})")
+        return None
+    if id(module) in mha:
+        if config.target_modules != ALL_LINEAR:
+            problems["mha"].append(path)
+        return None
+    d_in, d_out, fan_in_fan_out = dims
+    r = pattern_value(config.rank_pattern, path, config.r)
+    alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+    if r > min(d_in, d_out):
+        problems["rank"].append(f"r={r} for {path} exceeds min(d_in={d_in}, d_out={d_out}) = {min(d_in, d_out)}; "
+                                f"use r <= {min(d_in, d_out)} (set it for this module with rank_pattern)")
+    return Target(path, d_in, d_out, fan_in_fan_out, r, alpha)
+
+
+def _raise_problems(problems: dict) -> None:
+    if problems["both"]:
+        raise TargetError(f"{problems['both']} are both in target_modules and modules_to_save; a module either gets "
+                          "an adapter or trains in full: remove it from one of the two")
+    if problems["mha"]:
+        raise TargetError(f"target_modules matched {problems['mha']}, the out_proj of nn.MultiheadAttention, which "
+                          "reads out_proj.weight directly so an adapter there would never run; exclude it "
+                          "(exclude_modules) or target other linears")
+    if problems["type"]:
+        raise TargetError("target_modules matched modules that are not nn.Linear or Conv1D: "
+                          + ", ".join(problems["type"]) + "; target their linear sub-layers instead (e.g. 'q_proj') "
+                          "or exclude them")
 
 
 def _check_saved_found(model: nn.Module, config: LoraConfig, plan: Plan) -> None:

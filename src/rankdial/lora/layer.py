@@ -22,6 +22,7 @@ from ..layers import conv1d_class, dense_weight, linear_dims, quantized_kind
 from ..quant.linear import NF4Linear
 
 _ORDER = itertools.count()  # injection order of adapters across layers (adapter_configs lists them in it)
+BY_HAND = r"(?!)"  # target_modules of an adapter added with add_adapter(): adapter_configs names its layers instead
 
 
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out: bool = False) -> torch.Tensor:
@@ -124,8 +125,10 @@ class LoraLayer(nn.Module):
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scaling(r, alpha, use_rslora)
-        if config is not None:
-            self.configs[name] = (next(_ORDER), config)
+        if config is None:  # added by hand: recorded all the same, so the model-level verbs see it
+            config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
+                                init_lora_weights=init_lora_weights, target_modules=BY_HAND)
+        self.configs[name] = (next(_ORDER), config)
 
     def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Where the adapters live, and in which dtype: fp32 unless the base computes in fp32/fp64 itself.
@@ -188,14 +191,30 @@ class LoraLayer(nn.Module):
     def merge(self, names: list[str] | None = None, module_path: str = "") -> None:
         """Add s·BA of each named (default: active) adapter into W₀ in place; merging twice is a no-op.
 
-        Raises MergeError, leaving W₀ untouched, if the merged weight would hold NaN or Inf, or if the base is
-        quantized (NF4 or bitsandbytes 4/8-bit), where adding in place would round the update away.
+        Checked before anything is written (merge_check): MergeError, W₀ untouched, if the merged weight would
+        hold NaN or Inf, or if the base is quantized (NF4 or bitsandbytes 4/8-bit), where adding in place would
+        round the update away.
         """
-        todo = [n for n in (self._active if names is None else names) if n not in self._merged]
+        todo = self.merge_check(names, module_path)
+        if not todo:
+            return
+        weight = self.base_layer.weight
+        merged = weight.float()
+        for name in todo:
+            merged = merged + self.delta_weight(name).to(weight.device)
+        with torch.no_grad():
+            weight.copy_(merged.to(weight.dtype))
+        self._merged += todo
+        self._refresh()
+
+    def merge_check(self, names: list[str] | None = None, module_path: str = "") -> list[str]:
+        """The adapters merge(names) would add (each once, none already merged), after checking that it may:
+        raises MergeError naming the first adapter whose merge would give NaN/Inf, or a quantized base."""
+        todo = list(dict.fromkeys(n for n in (self._active if names is None else names) if n not in self._merged))
         for name in todo:
             self._require(name)
         if not todo:
-            return
+            return []
         quantized = quantized_kind(self.base_layer)
         if quantized:
             raise MergeError(
@@ -203,16 +222,14 @@ class LoraLayer(nn.Module):
                 "away. Use merge_and_unload(model) for a 16/32-bit merged model, or (for NF4) "
                 "merge_and_requantize(model) to go back to NF4 with the rounding error reported")
         weight = self.base_layer.weight
+        merged = weight.float()
         for name in todo:
-            merged = weight.float() + self.delta_weight(name).to(weight.device)
+            merged = merged + self.delta_weight(name).to(weight.device)
             if not torch.isfinite(merged).all():
                 raise MergeError(
                     f"merging adapter {name!r} into {module_path or 'a layer'} would put NaN/Inf in the base weight; "
                     "the adapter weights are corrupt or diverged: reload a good checkpoint (the base is unchanged)")
-            with torch.no_grad():
-                weight.copy_(merged.to(weight.dtype))
-            self._merged.append(name)
-        self._refresh()
+        return todo
 
     def merged_weight(self, module_path: str = "") -> torch.Tensor:
         """W₀ + Σ s·BA over the active unmerged adapters, in fp32 and the (d_out, d_in) layout; W₀ is not changed.

@@ -38,7 +38,7 @@ def _known(model: nn.Module, names: str | list[str], verb: str = "set_active") -
     if isinstance(names, str):
         names = [names]
     elif isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
-        names = list(names)
+        names = list(dict.fromkeys(names))  # each adapter once: merging a name twice would add its ΔW twice
     else:
         raise AdapterError(f"{verb}() takes an adapter name or a list of names, got {names!r} "
                            f"({type(names).__name__}); e.g. {verb}(model, 'default') or {verb}(model, ['a', 'b'])")
@@ -96,20 +96,19 @@ def merge(model: nn.Module, adapters: str | list[str] | None = None) -> None:
     """
     if adapters is None:
         _something_to_merge(model, "merge")
+    elif not _known(model, adapters, "merge"):
+        raise MergeError("merge(model, []): no adapter named; give a name, or call merge(model) for the active ones")
     _merge_layers(list(lora_layers(model)), None if adapters is None else _known(model, adapters, "merge"))
 
 
 def _merge_layers(layers: list[tuple[str, LoraLayer]], names: list[str] | None) -> None:
-    done: list[tuple[LoraLayer, list[str]]] = []
-    try:
-        for path, layer in layers:
-            todo = [n for n in (layer.active if names is None else names) if n in layer.lora_A and n not in layer.merged]
-            layer.merge(todo, module_path=path)
-            done.append((layer, todo))
-    except MergeError:
-        for layer, todo in done:
-            layer.unmerge(todo)
-        raise
+    """Merge into every layer or none: each layer is checked (merge_check) before the first weight is written."""
+    plans = []
+    for path, layer in layers:
+        wanted = [n for n in (layer.active if names is None else names) if n in layer.lora_A]
+        plans.append((path, layer, layer.merge_check(wanted, module_path=path)))
+    for path, layer, todo in plans:
+        layer.merge(todo, module_path=path)
 
 
 def _merge_dense(model: nn.Module) -> None:

@@ -165,9 +165,9 @@ def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..quant import quantize_model
     from ..layers import linear_dims
-    from ..quant.linear import NF4Linear
+    from ..quant import quantize_model, quantize_nf4
+    from ..quant.linear import NF4Linear, quantize_candidates
 
     files = _weight_files(path)
     if files is None:
@@ -187,18 +187,15 @@ def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
             raise ModelError(f"{path} has no tensor {key}; the weights do not fit config.json")
         return _read_tensor(*where[key]).to(device)
 
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in where]
-    head = model.get_output_embeddings()
-    for name, module in list(model.named_modules()):
-        if module is head or linear_dims(module) is None:
+    missing = [k for k in model.state_dict() if k not in where]
+    for name, module, _, reason in quantize_candidates(model):  # the same policy as quantize_model
+        if reason is not None:
             continue
-        lin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        lin.weight = torch.nn.Parameter(read(f"{name}.weight").float(), requires_grad=False)
-        if module.bias is not None:
-            lin.bias = torch.nn.Parameter(read(f"{name}.bias").float(), requires_grad=False)
-        model.set_submodule(name, NF4Linear.from_linear(lin))
-        del lin
+        weight = read(f"{name}.weight").float()
+        weight = weight.t() if linear_dims(module)[2] else weight  # GPT-2's Conv1D stores (d_in, d_out)
+        bias = read(f"{name}.bias").float() if getattr(module, "bias", None) is not None else None
+        model.set_submodule(name, NF4Linear(quantize_nf4(weight.contiguous()), bias))
+        del weight, bias
         _release_freed_memory()
     # What is left in full precision (embeddings, norms, the head): the quantized layers' keys are NF4 buffers
     # now (packed, absmax, ...), which the file does not hold. Integer tensors keep their dtype.

@@ -230,18 +230,8 @@ def quantize_model(model: nn.Module, skip: list[str] | None = None, blocksize: i
     quantized. Embeddings are not linear layers and are never touched. Inside a LoRA layer only the frozen
     base is quantized (through its replace_base()); adapters and modules_to_save copies are left alone.
     """
-    heads = output_heads(model)
-    mha_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    report, wrappers = QuantizeReport(), []
-    for path, module in list(model.named_modules()):
-        if any(path.startswith(w + ".") for w in wrappers):
-            continue
-        if isinstance(module, Wrapper):
-            wrappers.append(path)
-        target = module.wrapped() if isinstance(module, Wrapper) and module.base_replaceable else module
-        if isinstance(target, NF4Linear) or linear_dims(target) is None:
-            continue
-        reason = _why_kept(path, target, heads, skip, mha_out)
+    report = QuantizeReport()
+    for path, module, target, reason in quantize_candidates(model, skip):
         if reason is not None:
             report.skip(path, reason)
             continue
@@ -255,6 +245,25 @@ def quantize_model(model: nn.Module, skip: list[str] | None = None, blocksize: i
         else:
             model.set_submodule(path, quantized)
     return report
+
+
+def quantize_candidates(model: nn.Module, skip: list[str] | None = None) -> list[tuple[str, nn.Module, nn.Module, str | None]]:
+    """(path, module, linear, reason) for every linear layer not yet in NF4: reason None means "quantize it",
+    else why it stays in full precision. `linear` is the module itself, or the base inside a Wrapper
+    (replace it through module.replace_base). The one policy quantize_model and quantize-on-load follow."""
+    heads = output_heads(model)
+    mha_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    found, wrappers = [], []
+    for path, module in model.named_modules():
+        if any(path.startswith(w + ".") for w in wrappers):
+            continue
+        if isinstance(module, Wrapper):
+            wrappers.append(path)
+        target = module.wrapped() if isinstance(module, Wrapper) and module.base_replaceable else module
+        if isinstance(target, NF4Linear) or linear_dims(target) is None:
+            continue
+        found.append((path, module, target, _why_kept(path, target, heads, skip, mha_out)))
+    return found
 
 
 def quantized_bits_per_param(model: nn.Module) -> float:

@@ -42,6 +42,10 @@ def _check(adapters, weights, how, rank):
         raise ConfigError("cannot combine adapters: " + "; ".join(problems))
 
 
+def _shape(f) -> tuple[int, int]:
+    return f.B.shape[0], f.A.shape[1]  # (d_out, d_in) of ΔW
+
+
 def _compatible(parts, how):
     first = parts[0]
     for p in parts[1:]:
@@ -50,9 +54,10 @@ def _compatible(parts, how):
             raise AdapterFileError(f"{p.source} is for base model {b!r}, {first.source} for {a!r}: adapters of "
                                    "different base models cannot be combined")
         for path in set(first.modules) & set(p.modules):
-            if first.modules[path].delta().shape != p.modules[path].delta().shape:
-                raise AdapterFileError(f"{path} has shape {list(p.modules[path].delta().shape)} in {p.source} but "
-                                       f"{list(first.modules[path].delta().shape)} in {first.source}: other base models")
+            mine, theirs = _shape(first.modules[path]), _shape(p.modules[path])
+            if mine != theirs:
+                raise AdapterFileError(f"{path} is {theirs[0]}x{theirs[1]} in {p.source} but {mine[0]}x{mine[1]} in "
+                                       f"{first.source}: adapters of different base models cannot be combined")
         if how == "linear" and set(p.modules) != set(first.modules):
             raise AdapterFileError(f"how='linear' needs the same target modules in every adapter; {p.source} and "
                                    f"{first.source} differ in {sorted(set(p.modules) ^ set(first.modules))[:5]}. "
@@ -88,15 +93,12 @@ def combine_adapters(adapters: list[str | Path], weights: list[float], out: str 
     adapters, weights = list(adapters), list(weights)
     _check(adapters, weights, how, rank)
     parts = [read_factors(a) for a in adapters]
-    how = "linear" if len(parts) == 1 and how == "linear" else how
     _compatible(parts, how)
     paths = sorted(set().union(*(p.modules for p in parts)))
     modules = {path: _combine_module(parts, path, weights, how, rank) for path in paths}
     config = uniform_config(parts[0].config, {path: A.shape[0] for path, (A, _) in modules.items()})
-    targets = [p.config.target_modules for p in parts]
-    if all(isinstance(t, list) for t in targets):
-        config = replace(config, target_modules=sorted(set().union(*targets)))
-    elif all(isinstance(t, str) for t in targets) and len(set(targets)) > 1:
-        config = replace(config, target_modules="|".join(f"({t})" for t in targets))
+    # The inputs' selectors (lists, regexes, layers_to_transform, exclude_modules) may each pick other modules:
+    # the result names exactly the modules it holds, which every PEFT reader resolves the same way.
+    config = replace(config, target_modules=paths, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
     other = next((p.other for p in parts if p.other), {})
     return write_factors(out, config, modules, other, inputs=adapters)

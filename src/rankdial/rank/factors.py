@@ -7,6 +7,7 @@ B = Q_B R_B, Aᵀ = Q_A R_A, so s·B·A = Q_B (s·R_B R_Aᵀ) Q_Aᵀ = (Q_B U) �
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -14,14 +15,13 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapters import read_adapter_config, read_adapter_weights
-from ..adapters.peft_format import CONFIG_NAME, KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, config_to_json
+from ..adapters.io import is_plain_adapter_folder
+from ..adapters.peft_format import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, config_to_json
 from ..atomic import atomic_dir
 from ..config import LoraConfig
 from ..errors import AdapterFileError
 from ..lora.inject import pattern_value
-
-ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, "README.md"}
-
+from ..lora.layer import delta_weight
 
 @dataclass
 class ModuleFactors:
@@ -36,7 +36,7 @@ class ModuleFactors:
         return self.A.shape[0]
 
     def delta(self) -> torch.Tensor:
-        return self.scale * (self.B @ self.A)  # (d_out, d_in)
+        return delta_weight(self.A, self.B, self.scale)  # (d_out, d_in)
 
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U, S, Vh) of ΔW restricted to its rank: U (d_out, r), S (r,), Vh (r, d_in), S descending."""
@@ -126,10 +126,7 @@ def write_factors(out: str | Path, config: LoraConfig, modules: dict[str, tuple[
         tensors[f"{KEY_PREFIX}{path}.lora_A.weight"] = A.contiguous().float()
         tensors[f"{KEY_PREFIX}{path}.lora_B.weight"] = B.contiguous().float()
     tensors.update({k: v.contiguous() for k, v in other.items()})
-    import json
-
-    legacy = lambda f: all(p.name in ADAPTER_FILES for p in f.iterdir())  # noqa: E731
-    with atomic_dir(out, kind="adapter", inputs=inputs, legacy=legacy, what="--out folder") as tmp:
+    with atomic_dir(out, kind="adapter", inputs=inputs, legacy=is_plain_adapter_folder, what="--out folder") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config_to_json(config), indent=2, sort_keys=True) + "\n")
     return Path(out)
