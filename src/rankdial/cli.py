@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print JSON")
     gen.set_defaults(run=cmd_generate)
     inspect = verbs.add_parser("inspect", help="describe an adapter folder: ranks, size, norm of each ΔW",
-                               epilog=EPILOG["inspect"])
+                               epilog=EPILOG["inspect"], formatter_class=fmt)
     inspect.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.add_argument("--spectrum", action="store_true",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ConfigError, RankdialError
+from ..errors import ConfigError, TargetError
 from ..layers import Wrapper, bnb_quant_kind, linear_dims, output_heads, path_matches
 from . import kernels
 from .nf4 import NF4Tensor, quantize_nf4
@@ -41,7 +41,7 @@ class NF4Linear(nn.Module):
     def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         if len(weight.shape) != 2:
-            raise RankdialError(f"NF4Linear needs a 2-D (out_features, in_features) weight, got shape "
+            raise TargetError(f"NF4Linear needs a 2-D (out_features, in_features) weight, got shape "
                                 f"{tuple(weight.shape)}; quantize the linear layer's weight, not another tensor")
         self.out_features, self.in_features = weight.shape
         self.blocksize, self.weight_dtype, self.compute_dtype = weight.blocksize, weight.dtype, compute_dtype
@@ -59,7 +59,7 @@ class NF4Linear(nn.Module):
         """Quantize an nn.Linear (or GPT-2's Conv1D, whose (d_in, d_out) weight is transposed first)."""
         dims = linear_dims(linear)
         if dims is None or isinstance(linear, NF4Linear):
-            raise RankdialError(f"cannot quantize a {type(linear).__name__}: NF4Linear replaces nn.Linear and Conv1D only")
+            raise TargetError(f"cannot quantize a {type(linear).__name__}: NF4Linear replaces nn.Linear and Conv1D only")
         weight = linear.weight.detach()
         weight = weight.t() if dims[2] else weight
         return cls(quantize_nf4(weight.contiguous(), blocksize, double_quant), linear.bias, compute_dtype)
@@ -271,7 +271,7 @@ def quantized_bits_per_param(model: nn.Module) -> float:
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
     params = sum(m.in_features * m.out_features for m in layers)
     if not params:
-        raise RankdialError("the model has no NF4 layers; run quantize_model(model) first")
+        raise TargetError("the model has no NF4 layers; run quantize_model(model) first")
     return 8 * sum(m.weight_bytes for m in layers) / params
 
 
