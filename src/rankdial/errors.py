@@ -56,5 +56,10 @@ class OutputError(RankdialError, ValueError):
     """An output path would replace something rankdial did not write, or one of the command's own inputs."""
 
 
+class RequestError(RankdialError, ValueError):
+    """A serving request cannot be served as asked (larger than the server's limits, a reused id, a batch mismatch)."""
+
+
 __all__ = ["RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError",
-           "ModelError", "DataError", "TrainingError", "TrainingInterrupted", "CheckpointError", "OutputError"]
+           "ModelError", "DataError", "TrainingError", "TrainingInterrupted", "CheckpointError", "OutputError",
+           "RequestError"]

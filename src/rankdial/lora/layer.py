@@ -41,7 +41,8 @@ class LoraLayer(nn.Module):
     The adapter state (which adapters exist, their config, which are active or merged) lives here, on the
     layer; model-level verbs derive a model's adapters from its layers. `scaling` and `lora_dropout` are read
     at every forward, so changing them takes effect at once; `active` and `merged` change only through
-    set_active / merge / unmerge.
+    set_active / merge / unmerge. `routing` is None unless serve.batched_lora.route() set it; while set, it decides
+    the forward (batch row i adds its own adapter's term) and `active` is not read.
 
     Args:
         base_layer: nn.Linear (bitsandbytes' Linear4bit/Linear8bitLt included), GPT-2's Conv1D, or NF4Linear;
@@ -70,6 +71,7 @@ class LoraLayer(nn.Module):
         self._merged: list[str] = []
         self.disabled = False
         self._unmerged_active: tuple[str, ...] = ()
+        self.routing = None  # serve.batched_lora.Routing, set by route(): each batch row adds its own adapter
 
     # -- the base, seen through the wrapper -------------------------------------------------------
     @property
@@ -258,6 +260,8 @@ class LoraLayer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:  # serving: row i adds its own adapter's term (serve.batched_lora.route)
+            return self.routing.forward(self, x)
         adapters = () if self.disabled else self._unmerged_active
         if not adapters:
             return self.base_layer(x)

@@ -1,0 +1,159 @@
+"""Heterogeneous batching: one forward of the base serves a batch whose rows use different LoRA adapters.
+
+    h_i = W₀x_i + s_i·B_i·A_i·x_i      (h_i = W₀x_i for a row with no adapter)
+    x: (N, L, d_in)  A_i: (r_i, d_in)  B_i: (d_out, r_i)  h: (N, L, d_out);  N rows, L tokens per row
+
+The base runs once for the whole batch. The adapter terms come from per-layer stacks (`AdapterStack`: every
+adapter the layer holds, ranks zero-padded to the largest, s folded into B, slot 0 all zeros for "no adapter"):
+each row gathers its slot and two batched matmuls add the terms, as punica's BGMV kernel does (Chen et al. 2023,
+"Punica: Multi-Tenant LoRA Serving", arXiv:2310.18547). Zero padding adds exact zeros, so a rank-2 and a
+rank-16 adapter share one stack. `reference_rows` is the per-request reference: each row alone through the
+single-adapter formula (LoraLayer.reference_forward); tests hold the two equal.
+
+The model-level verbs are explicit, with no global forward context: `route(model, rows)` sets each LoRA
+layer's `routing` (a `Routing`: the stack and the per-row slot index), and `clear_route(model)` removes it.
+While a model is routed, every forward takes rows[i]'s adapter for row i, whatever set_active said. Routing is
+for inference: the stacks are detached copies (rebuilt when a layer's adapters, their weights or their
+scaling change), and dropout is not applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError, ConfigError, MergeError, RequestError
+from ..lora import LoraLayer, ModulesToSave, adapter_names, lora_layers
+from ..lora.inject import named_wrappers
+
+
+def batched_lora(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """z[i] = x[i]·At[index[i]]·Bt[index[i]]:  x (N, L, d_in), At (K, d_in, r), Bt (K, r, d_out), index (N,) → (N, L, d_out)."""
+    return torch.bmm(torch.bmm(x, At[index]), Bt[index])
+
+
+def _stack_key(layer: LoraLayer) -> tuple:
+    """What the stack depends on: the adapters, their weight tensors (in-place updates bump _version), scaling."""
+    return tuple((n, id(layer.lora_A[n].weight), layer.lora_A[n].weight._version, id(layer.lora_B[n].weight),
+                  layer.lora_B[n].weight._version, layer.scaling[n]) for n in layer.lora_A)
+
+
+@dataclass(frozen=True)
+class AdapterStack:
+    """Every adapter of one layer, stacked: slot 0 is "no adapter" (zeros), slot k+1 is the k-th adapter."""
+
+    names: tuple[str, ...]
+    key: tuple
+    At: torch.Tensor  # (K+1, d_in, r_max): Aᵀ, zero-padded past each adapter's rank
+    Bt: torch.Tensor  # (K+1, r_max, d_out): s·Bᵀ, zero-padded likewise
+
+    @classmethod
+    def build(cls, layer: LoraLayer) -> AdapterStack:
+        names = tuple(layer.lora_A)
+        r_max = max(layer.rank(n) for n in names)
+        ref = layer.lora_A[names[0]].weight
+        At = torch.zeros(len(names) + 1, layer.in_features, r_max, device=ref.device, dtype=ref.dtype)
+        Bt = torch.zeros(len(names) + 1, r_max, layer.out_features, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for k, name in enumerate(names, start=1):
+                r = layer.rank(name)
+                At[k, :, :r] = layer.lora_A[name].weight.t()
+                Bt[k, :r, :] = layer.lora_B[name].weight.t() * layer.scaling[name]
+        return cls(names, _stack_key(layer), At, Bt)
+
+    def slot(self, name: str | None) -> int:
+        """The stack slot of adapter `name`; 0 (no term) for None or an adapter this layer does not hold."""
+        return self.names.index(name) + 1 if name in self.names else 0
+
+
+class Routing:
+    """One layer's routing state: its AdapterStack and the slot each batch row uses (set by route())."""
+
+    def __init__(self, stack: AdapterStack, index: torch.Tensor, slots: tuple[int, ...]):
+        self.stack, self.index, self.slots = stack, index, slots
+        self.any_adapter = any(slots)  # no row adds a term in this layer: the base alone
+
+    def forward(self, layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + batched_lora(x): row i of x (its first dimension) adds its own adapter's term."""
+        if x.shape[0] != len(self.slots):
+            raise RequestError(f"the model is routed for {len(self.slots)} rows (route(model, rows)) but this batch has "
+                               f"{x.shape[0]}; call route() with one adapter name (or None) per row")
+        h = layer.base_layer(x)
+        if not self.any_adapter:
+            return h
+        n = x.shape[0]
+        x3 = x.reshape(n, -1, x.shape[-1]).to(self.stack.At.dtype)  # (N, L, d_in)
+        z = batched_lora(x3, self.stack.At, self.stack.Bt, self.index)  # (N, L, d_out)
+        return h + z.view(h.shape).to(h.dtype)
+
+
+def reference_rows(layer: LoraLayer, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
+    """The per-request reference: row i alone through the single-adapter formula (adapters in float32)."""
+    return torch.cat([layer.reference_forward(x[i:i + 1], (name,) if name in layer.lora_A else ())
+                      for i, name in enumerate(rows)])
+
+
+def _check_rows(model: nn.Module, rows) -> list[str | None]:
+    """rows as a list of known adapter names or None; AdapterError names the unknown ones and those loaded."""
+    if not isinstance(rows, (list, tuple)) or not rows or not all(r is None or isinstance(r, str) for r in rows):
+        raise RequestError(f"route() takes a non-empty list with one adapter name (or None) per batch row, got {rows!r}")
+    loaded = adapter_names(model)
+    unknown = sorted({r for r in rows if r is not None and r not in loaded})
+    if unknown:
+        raise AdapterError(f"unknown adapter(s) {unknown} in route(); this model has {loaded or 'no adapters'} "
+                           "(load_adapter() it first, or use None for the base)")
+    return list(rows)
+
+
+def _check_routable(model: nn.Module, layers: list[tuple[str, LoraLayer]], rows: list[str | None]) -> None:
+    """MergeError for merged adapters, AdapterError for whole-module copies, ConfigError for active dropout."""
+    merged = sorted({a for _, layer in layers for a in layer.merged})
+    if merged:
+        raise MergeError(f"adapter(s) {merged} are merged into the base weights, so every row would get them; "
+                         "call unmerge(model) before route()")
+    wanted = set(rows) - {None}
+    for path, wrapper in named_wrappers(model):
+        if isinstance(wrapper, ModulesToSave) and wanted & set(wrapper.modules_to_save):
+            raise AdapterError(f"adapter(s) {sorted(wanted & set(wrapper.modules_to_save))} replace the whole module "
+                               f"{path} (modules_to_save), which cannot differ per row; serve them with set_active()")
+    for path, layer in layers:
+        if layer.training and any(not isinstance(layer.lora_dropout[n], nn.Identity) for n in wanted & set(layer.lora_A)):
+            raise ConfigError(f"{path} is in training mode with LoRA dropout, which route() does not apply; "
+                              "call model.eval() before routing (routing is for inference)")
+
+
+def route(model: nn.Module, rows: list[str | None]) -> None:
+    """Route the next forwards of `model`: batch row i adds adapter rows[i]'s term (None: the base alone).
+
+    Sets `routing` on every LoRA layer; a layer's stack is rebuilt only when its adapters changed since the
+    last route(). A layer that does not hold rows[i]'s adapter adds nothing for that row, as with set_active.
+
+    Raises:
+        AdapterError: a name is not an adapter of the model (the message lists those loaded), or an adapter
+            also replaces whole modules (modules_to_save).
+        MergeError: an adapter is merged into the base: unmerge(model) first.
+        RequestError: rows is not a non-empty list of names and None.
+    """
+    rows = _check_rows(model, rows)
+    layers = list(lora_layers(model))
+    _check_routable(model, layers, rows)
+    indices: dict[tuple, torch.Tensor] = {}  # layers holding the same adapters share one index tensor
+    for _, layer in layers:
+        if not layer.lora_A:  # a wrapper left without adapters computes the base either way
+            layer.routing = None
+            continue
+        old = layer.routing
+        stack = old.stack if old is not None and old.stack.key == _stack_key(layer) else AdapterStack.build(layer)
+        slots = tuple(stack.slot(name) for name in rows)
+        device = stack.At.device
+        if (slots, device) not in indices:
+            indices[slots, device] = torch.tensor(slots, dtype=torch.long, device=device)
+        layer.routing = Routing(stack, indices[slots, device], slots)
+
+
+def clear_route(model: nn.Module) -> None:
+    """Remove the routing from every LoRA layer (and free its stacks): forwards follow set_active again."""
+    for _, layer in lora_layers(model):
+        layer.routing = None

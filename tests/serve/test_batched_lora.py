@@ -1,0 +1,180 @@
+"""Heterogeneous batching held to the per-request reference loop over mixes of adapter popularity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rankdial as rd
+from rankdial.serve import clear_route, reference_rows, route
+from conftest import model_output, tiny_model, token_batch
+
+D_IN, D_OUT = 23, 37  # odd, so no shape lines up by accident
+
+
+def layer_model(ranks: dict[str, int], seed: int, bias: bool = True) -> nn.Sequential:
+    """One LoraLayer (odd shapes) holding the named adapters with non-zero A and B, in eval mode."""
+    torch.manual_seed(seed)
+    layer = rd.LoraLayer(nn.Linear(D_IN, D_OUT, bias=bias))
+    for k, (name, r) in enumerate(ranks.items()):
+        layer.add_adapter(name, r=r, alpha=2.0 * r + k, init_lora_weights=False)
+    return nn.Sequential(layer).eval()
+
+
+def routed_vs_reference(model: nn.Sequential, rows: list[str | None], seed: int, tokens: int = 5) -> float:
+    """max |routed forward - per-row reference| for a random (rows, tokens, d_in) batch."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(rows), tokens, D_IN, generator=g) * 1.7 + 0.3
+    with torch.no_grad():
+        route(model, rows)
+        fast = model(x)
+        clear_route(model)
+        ref = reference_rows(model[0], x, rows)
+    assert ref.abs().max() > 0.1 and fast.shape == ref.shape == (len(rows), tokens, D_OUT)
+    return (fast - ref).abs().max().item()
+
+
+NAMES = [f"ad{i}" for i in range(9)]
+MIXES = {
+    "all_same": ["ad3"] * 7,
+    "all_distinct": NAMES,
+    "skewed": ["ad0"] * 8 + ["ad5", "ad7", "ad0", "ad2"],
+    "some_none": [None, "ad1", None, "ad1", "ad4", None],
+    "all_none": [None] * 3,
+    "one_row": ["ad8"],
+}
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("seed", [11, 12])
+def test_routed_forward_equals_reference_loop(mix, seed):
+    model = layer_model({n: 4 for n in NAMES}, seed)
+    assert routed_vs_reference(model, MIXES[mix], seed + 100) <= 1e-5
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_mixed_ranks_in_one_batch(seed):
+    model = layer_model({"r2": 2, "r8": 8, "r16": 16, "r1": 1}, seed, bias=False)
+    rows = ["r16", "r2", None, "r8", "r2", "r1", "r16", "r16"]
+    assert routed_vs_reference(model, rows, seed + 7, tokens=3) <= 1e-5
+
+
+def test_each_row_gets_its_own_adapter_not_a_neighbours():
+    model = layer_model({"a": 4, "b": 4}, 5)
+    x = torch.randn(1, 2, D_IN).expand(3, 2, D_IN).contiguous()  # the same input on every row
+    with torch.no_grad():
+        route(model, ["a", "b", None])
+        out = model(x)
+        base = model[0].base_layer(x)
+    assert (out[0] - out[1]).abs().max() > 1e-3 and (out[0] - out[2]).abs().max() > 1e-3
+    assert torch.equal(out[2], base[2])  # no adapter: exactly the base
+
+
+def test_two_dimensional_input_rows_are_the_first_dimension():
+    model = layer_model({"a": 3, "b": 5}, 6)
+    x = torch.randn(4, D_IN)
+    with torch.no_grad():
+        route(model, ["b", None, "a", "b"])
+        fast = model(x)
+    assert (fast - reference_rows(model[0], x, ["b", None, "a", "b"])).abs().max() <= 1e-5
+
+
+def test_unknown_adapter_names_the_loaded_ones():
+    model = layer_model({"chat": 4, "sql": 4}, 7)
+    with pytest.raises(rd.AdapterError, match=r"unknown adapter\(s\) \['shell'\].*\['chat', 'sql'\]"):
+        route(model, ["chat", "shell"])
+
+
+def test_merged_adapters_refuse_routing():
+    model = layer_model({"chat": 4, "sql": 4}, 8)
+    rd.set_active(model, "chat")
+    rd.merge(model)
+    with pytest.raises(rd.MergeError, match="unmerge"):
+        route(model, ["sql", None])
+
+
+def test_row_count_mismatch_and_bad_rows_are_refused():
+    model = layer_model({"a": 4}, 9)
+    route(model, ["a", None])
+    with pytest.raises(rd.errors.RequestError, match="routed for 2 rows.*batch has 3"):
+        model(torch.randn(3, 2, D_IN))
+    for bad in ([], "a", [3]):
+        with pytest.raises(rd.errors.RequestError, match="one adapter name"):
+            route(model, bad)
+
+
+def test_training_mode_with_dropout_is_refused():
+    torch.manual_seed(0)
+    layer = rd.LoraLayer(nn.Linear(D_IN, D_OUT))
+    layer.add_adapter("a", r=4, alpha=8, dropout=0.1)
+    with pytest.raises(rd.ConfigError, match="model.eval"):
+        route(nn.Sequential(layer).train(), ["a"])
+
+
+def test_stack_is_reused_until_the_adapters_change():
+    model = layer_model({"a": 4, "b": 2}, 10)
+    route(model, ["a", "b"])
+    stack = model[0].routing.stack
+    route(model, ["b", None, "a"])
+    assert model[0].routing.stack is stack  # same adapters: not rebuilt
+    with torch.no_grad():
+        model[0].lora_B["b"].weight.mul_(3.0)  # an in-place update (an optimizer step, load_adapter)
+    route(model, ["b", "a"])
+    assert model[0].routing.stack is not stack
+    model[0].scaling["a"] *= 0.5
+    model[0].add_adapter("c", r=6, alpha=6, init_lora_weights=False)
+    assert routed_vs_reference(model, ["c", "b", "a", None], 33) <= 1e-5
+
+
+def test_clear_route_restores_set_active():
+    model = layer_model({"a": 4, "b": 4}, 12)
+    x = torch.randn(3, 4, D_IN)
+    rd.set_active(model, "b")
+    with torch.no_grad():
+        before = model(x)
+        route(model, ["a", "a", "a"])
+        routed = model(x)
+        clear_route(model)
+        after = model(x)
+    assert torch.equal(before, after) and (routed - before).abs().max() > 1e-3
+    assert model[0].routing is None
+
+
+def llama_with_adapters(seed: int):
+    """The tiny Llama with three adapters of ranks 2, 8 and 16 (non-zero B), different targets."""
+    model = tiny_model("llama", seed=seed)
+    targets = {"r2": ["q_proj", "v_proj"], "r8": "all-linear", "r16": ["o_proj", "down_proj", "up_proj"]}
+    for name, target in targets.items():
+        r = int(name[1:])
+        rd.inject(model, rd.LoraConfig(r=r, lora_alpha=r + 3, target_modules=target, init_lora_weights=False), adapter=name)
+    return model.eval()
+
+
+def per_row_alone(model, ids: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
+    """Each row's logits run alone, with set_active(that adapter) or, for None, disabled()."""
+    outs = []
+    for i, name in enumerate(rows):
+        if name is None:
+            with rd.disabled(model):
+                outs.append(model_output(model, ids[i:i + 1]))
+        else:
+            rd.set_active(model, name)
+            outs.append(model_output(model, ids[i:i + 1]))
+    return torch.cat(outs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_whole_llama_routed_batch_equals_each_row_alone(quantized):
+    model = llama_with_adapters(seed=21 if quantized else 20)
+    if quantized:
+        rd.quantize_model(model)
+    rows = ["r16", None, "r2", "r8", "r16", "r16", None]
+    ids = token_batch(seed=5, batch=len(rows), length=9)
+    alone = per_row_alone(model, ids, rows)
+    route(model, rows)
+    batched = model_output(model, ids)
+    clear_route(model)
+    assert (batched - alone).abs().max() <= 1e-5
+    assert (alone[0] - per_row_alone(model, ids[:1], [None])).abs().max() > 1e-3  # the adapters do change the logits
