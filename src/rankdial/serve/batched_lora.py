@@ -25,19 +25,24 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, ConfigError, MergeError, RequestError
-from ..lora import LoraLayer, ModulesToSave, adapter_names, lora_layers
-from ..lora.inject import named_wrappers
+from ..lora import LoraLayer, ModulesToSave, adapter_names
+from ..lora.inject import unwrap_model
 
 
-def batched_lora(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """z[i] = x[i]·At[index[i]]·Bt[index[i]]:  x (N, L, d_in), At (K, d_in, r), Bt (K, r, d_out), index (N,) → (N, L, d_out)."""
-    return torch.bmm(torch.bmm(x, At[index]), Bt[index])
+def batched_lora(h: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """h[i] += x[i]·At[index[i]]·Bt[index[i]]:  h (N, L, d_out), x (N, L, d_in), At (K, d_in, r), Bt (K, r, d_out), index (N,).
+
+    Adds into h in place (and returns it): one pass over the output instead of a product and an add.
+    """
+    xa = torch.bmm(x, At.index_select(0, index))  # (N, L, r)
+    return h.baddbmm_(xa, Bt.index_select(0, index))  # (N, L, d_out)
 
 
 def _stack_key(layer: LoraLayer) -> tuple:
     """What the stack depends on: the adapters, their weight tensors (in-place updates bump _version), scaling."""
-    return tuple((n, id(layer.lora_A[n].weight), layer.lora_A[n].weight._version, id(layer.lora_B[n].weight),
-                  layer.lora_B[n].weight._version, layer.scaling[n]) for n in layer.lora_A)
+    B = layer.lora_B._modules
+    return tuple((n, id(wa := a._parameters["weight"]), wa._version, id(wb := B[n]._parameters["weight"]), wb._version,
+                  layer.scaling[n]) for n, a in layer.lora_A._modules.items())
 
 
 @dataclass(frozen=True)
@@ -83,10 +88,10 @@ class Routing:
         h = layer.base_layer(x)
         if not self.any_adapter:
             return h
-        n = x.shape[0]
-        x3 = x.reshape(n, -1, x.shape[-1]).to(self.stack.At.dtype)  # (N, L, d_in)
-        z = batched_lora(x3, self.stack.At, self.stack.Bt, self.index)  # (N, L, d_out)
-        return h + z.view(h.shape).to(h.dtype)
+        n, dtype = x.shape[0], self.stack.At.dtype
+        x3 = x.reshape(n, -1, x.shape[-1]).to(dtype)  # (N, L, d_in)
+        h3 = h.reshape(n, -1, h.shape[-1]).to(dtype, copy=h.dtype != dtype or not h.is_contiguous())  # (N, L, d_out)
+        return batched_lora(h3, x3, self.stack.At, self.stack.Bt, self.index).view(h.shape).to(h.dtype)
 
 
 def reference_rows(layer: LoraLayer, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
@@ -95,26 +100,38 @@ def reference_rows(layer: LoraLayer, x: torch.Tensor, rows: list[str | None]) ->
                       for i, name in enumerate(rows)])
 
 
+def _wrappers(module: nn.Module, prefix: str = ""):
+    """(path, wrapper) for every LoraLayer and ModulesToSave, not walking into them: route() runs every step, and
+    nn.Module.named_modules() would visit every adapter's A, B and dropout."""
+    if isinstance(module, (LoraLayer, ModulesToSave)):
+        yield prefix, module
+        return
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _wrappers(child, f"{prefix}.{name}" if prefix else name)
+
+
 def _check_rows(model: nn.Module, rows) -> list[str | None]:
     """rows as a list of known adapter names or None; AdapterError names the unknown ones and those loaded."""
     if not isinstance(rows, (list, tuple)) or not rows or not all(r is None or isinstance(r, str) for r in rows):
         raise RequestError(f"route() takes a non-empty list with one adapter name (or None) per batch row, got {rows!r}")
-    loaded = adapter_names(model)
+    loaded = {name for _, w in _wrappers(unwrap_model(model)) if isinstance(w, LoraLayer) for name in w.lora_A._modules}
     unknown = sorted({r for r in rows if r is not None and r not in loaded})
     if unknown:
+        loaded = adapter_names(model)
         raise AdapterError(f"unknown adapter(s) {unknown} in route(); this model has {loaded or 'no adapters'} "
                            "(load_adapter() it first, or use None for the base)")
     return list(rows)
 
 
-def _check_routable(model: nn.Module, layers: list[tuple[str, LoraLayer]], rows: list[str | None]) -> None:
+def _check_routable(wrappers: list[tuple[str, nn.Module]], layers: list[tuple[str, LoraLayer]], rows: list[str | None]) -> None:
     """MergeError for merged adapters, AdapterError for whole-module copies, ConfigError for active dropout."""
     merged = sorted({a for _, layer in layers for a in layer.merged})
     if merged:
         raise MergeError(f"adapter(s) {merged} are merged into the base weights, so every row would get them; "
                          "call unmerge(model) before route()")
     wanted = set(rows) - {None}
-    for path, wrapper in named_wrappers(model):
+    for path, wrapper in wrappers:
         if isinstance(wrapper, ModulesToSave) and wanted & set(wrapper.modules_to_save):
             raise AdapterError(f"adapter(s) {sorted(wanted & set(wrapper.modules_to_save))} replace the whole module "
                                f"{path} (modules_to_save), which cannot differ per row; serve them with set_active()")
@@ -137,8 +154,9 @@ def route(model: nn.Module, rows: list[str | None]) -> None:
         RequestError: rows is not a non-empty list of names and None.
     """
     rows = _check_rows(model, rows)
-    layers = list(lora_layers(model))
-    _check_routable(model, layers, rows)
+    wrappers = list(_wrappers(unwrap_model(model)))
+    layers = [(path, w) for path, w in wrappers if isinstance(w, LoraLayer)]
+    _check_routable(wrappers, layers, rows)
     indices: dict[tuple, torch.Tensor] = {}  # layers holding the same adapters share one index tensor
     for _, layer in layers:
         if not layer.lora_A:  # a wrapper left without adapters computes the base either way
@@ -155,5 +173,6 @@ def route(model: nn.Module, rows: list[str | None]) -> None:
 
 def clear_route(model: nn.Module) -> None:
     """Remove the routing from every LoRA layer (and free its stacks): forwards follow set_active again."""
-    for _, layer in lora_layers(model):
-        layer.routing = None
+    for _, wrapper in _wrappers(unwrap_model(model)):
+        if isinstance(wrapper, LoraLayer):
+            wrapper.routing = None
