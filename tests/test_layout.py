@@ -1,6 +1,6 @@
 """DESIGN.md's import directions, checked on the source: quant/ knows nothing of lora/, the neutral modules
 import nothing of the package's layers above them, nothing in the core imports the CLI, lora/ and adapters/
-never reach into train/."""
+never reach into train/, serve/ never imports train/."""
 
 import ast
 from pathlib import Path
@@ -41,7 +41,9 @@ RULES = [
     (("lora",), ("rankdial.adapters", "rankdial.train", "rankdial.cli")),
     (("adapters",), ("rankdial.train", "rankdial.cli")),
     (("models",), ("rankdial.train", "rankdial.lora", "rankdial.adapters", "rankdial.cli")),
-    (("train",), ("rankdial.cli",)),
+    (("train",), ("rankdial.cli", "rankdial.serve")),
+    (("serve",), ("rankdial.train", "rankdial.cli")),
+    (("rank",), ("rankdial.cli", "rankdial.serve")),
 ]
 
 

@@ -4,7 +4,7 @@ from .adapters import (adapter_state_dict, convert_bin_adapter, load_adapter, re
                        set_adapter_state_dict)
 from .config import LoraConfig
 from .errors import (AdapterError, AdapterFileError, CheckpointError, ConfigError, DataError, MergeError, ModelError,
-                     OutputError, RankdialError, TargetError, TrainingError, TrainingInterrupted)
+                     OutputError, RankdialError, RequestError, TargetError, TrainingError, TrainingInterrupted)
 from .lora import (LoraLayer, active_adapters, adapter_names, delete_adapter, disabled, inject, merge, merge_and_unload,
                    set_active, trainable_parameters, unmerge)
 from .lora.verbs import merge_and_requantize, unload
@@ -20,5 +20,5 @@ __all__ = [
     "save_adapter", "load_adapter", "read_adapter_config", "convert_bin_adapter", "adapter_state_dict",
     "set_adapter_state_dict",
     "RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError", "ModelError",
-    "DataError", "TrainingError", "TrainingInterrupted", "CheckpointError", "OutputError",
+    "DataError", "TrainingError", "TrainingInterrupted", "CheckpointError", "OutputError", "RequestError",
 ]
