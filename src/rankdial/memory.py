@@ -1,0 +1,509 @@
+"""The memory bill of a fine-tuning run, planned term by term before anything is loaded.
+
+A Llama-shaped decoder (a preset, a config.json, or its dimensions) and a method (full, LoRA, QLoRA) give the
+bytes of the stored weights, the NF4 quantization constants, the adapters, their gradients, the optimizer state,
+the activations autograd keeps for backward, and the logits and loss buffers, and which accelerator sizes
+(16/24/40/48/80 GB) the peak fits. Sources: Hu et al. 2021 (LoRA, arXiv:2106.09685) for the adapter
+arithmetic r·(d_in + d_out); Dettmers et al. 2023 (QLoRA, arXiv:2305.14314) for NF4 at 4.127 bits per weight;
+Korthikanti et al. 2022 (arXiv:2205.05198) for counting activations tensor by tensor, here redone for what
+transformers' LlamaDecoderLayer and PyTorch's SDPA actually save (see `layer_activation_bytes`).
+
+The planner is checked against measurement: `measure_training_peak` (run it in a fresh process, e.g.
+`python -m rankdial.memory measure '{"model": "default", "method": "lora"}'`) trains a few steps on CPU and
+reports the resident-memory peak minus a baseline taken after the imports and a warm-up step on a tiny model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+GB = 10 ** 9
+ACCELERATOR_GB = (16, 24, 40, 48, 80)
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw-8bit")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # QLoRA's blocks: 64 weights per absmax, 256 absmax per fp32 scale
+ADAM8_BLOCK = 256  # bitsandbytes' 8-bit optimizers: one fp32 absmax per 256 state values
+
+# Llama-2's published shapes (Touvron et al. 2023, Table 1 and the released config.json files).
+PRESETS = {
+    "llama-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, ffn=11008, vocab=32000, tied=False),
+    "llama-13b": dict(hidden=5120, layers=40, heads=40, kv_heads=40, ffn=13824, vocab=32000, tied=False),
+    "llama-70b": dict(hidden=8192, layers=80, heads=64, kv_heads=8, ffn=28672, vocab=32000, tied=False),
+}
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The dimensions that decide a Llama-shaped decoder's memory (head_dim defaults to hidden // heads)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    tied: bool = False
+    head_dim: int | None = None
+    name: str = "custom"
+
+    def __post_init__(self):
+        problems = [f"{k} must be a positive integer, got {getattr(self, k)!r}"
+                    for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab")
+                    if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool) or getattr(self, k) <= 0]
+        if not problems and self.head_dim is None and self.hidden % self.heads:
+            problems.append(f"heads={self.heads} does not divide hidden={self.hidden}; pick a head count that "
+                            f"divides it (e.g. {_divisor_near(self.hidden, self.heads)}) or give head_dim")
+        if not problems and self.heads % self.kv_heads:
+            problems.append(f"kv_heads={self.kv_heads} does not divide heads={self.heads}; grouped-query attention "
+                            f"needs heads to be a multiple of kv_heads (e.g. {_divisor_near(self.heads, self.kv_heads)})")
+        if problems:
+            raise ConfigError(f"model {self.name}: " + "; ".join(problems))
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """Each decoder layer's linear layers as name -> (d_in, d_out)."""
+        h, q, kv, f = self.hidden, self.heads * self.dim_head, self.kv_heads * self.dim_head, self.ffn
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(i * o for i, o in self.linears().values())
+
+    @property
+    def total_params(self) -> int:
+        """Embedding, decoder layers (linears + two RMSNorm weights), final norm, and an untied output head."""
+        embed = self.vocab * self.hidden
+        return embed * (1 if self.tied else 2) + self.linear_params + (2 * self.layers + 1) * self.hidden
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
+
+
+def lora_params(d_in: int, d_out: int, r: int) -> int:
+    """Trainable parameters LoRA adds to one (d_in -> d_out) linear: A is (r, d_in), B is (d_out, r)."""
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r > min(d_in, d_out):
+        raise ConfigError(f"rank r must be an integer in 1..min(d_in, d_out) = 1..{min(d_in, d_out)} for a "
+                          f"{d_in}x{d_out} linear, got {r!r}; typical: 8-64")
+    return r * (d_in + d_out)
+
+
+def model_shape(model: str | Path | dict | LlamaShape = "default") -> LlamaShape:
+    """A LlamaShape from a preset name, "default" (the embedded model), a config.json (or its folder), or dims."""
+    if isinstance(model, LlamaShape):
+        return model
+    if isinstance(model, dict):
+        return LlamaShape(**{"name": "custom", **model})
+    if str(model) == "default":
+        from .models import default_model_path
+
+        return shape_from_config(default_model_path() / "config.json", name="default")
+    if str(model) in PRESETS:
+        return LlamaShape(name=str(model), **PRESETS[str(model)])
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return shape_from_config(path)
+    names = ["default", *PRESETS]
+    near = difflib.get_close_matches(str(model), names, n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    raise ConfigError(f"unknown model {str(model)!r}: not a preset and no config.json there; {hint}"
+                      f"give one of {', '.join(names)}, a config.json path, or dims (hidden, layers, heads, ...)")
+
+
+CONFIG_KEYS = {"hidden_size": "hidden", "num_hidden_layers": "layers", "num_attention_heads": "heads",
+               "intermediate_size": "ffn", "vocab_size": "vocab"}
+
+
+def shape_from_config(path: Path, name: str | None = None) -> LlamaShape:
+    """Read a Hugging Face config.json of a Llama-shaped causal LM (refusing what is not one, naming the gap)."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read {path} as a JSON model config: {err}") from None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else cfg
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} is not a model config (a JSON object); give a Hugging Face config.json")
+    missing = [k for k in CONFIG_KEYS if not isinstance(cfg.get(k), int)]
+    archs = cfg.get("architectures") or []
+    not_causal = archs and not any(str(a).endswith("ForCausalLM") for a in archs)
+    if missing or not_causal:
+        what = (f"it has no {', '.join(missing)}" if missing else "") + \
+               ("; " if missing and not_causal else "") + (f"its architectures {archs} are not a causal LM" if not_causal else "")
+        raise ConfigError(f"{path} is not a Llama-shaped causal LM config: {what}; give a Llama/Mistral-style "
+                          "config.json (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, "
+                          "vocab_size) or the dimensions directly")
+    dims = {v: cfg[k] for k, v in CONFIG_KEYS.items()}
+    return LlamaShape(**dims, kv_heads=cfg.get("num_key_value_heads") or dims["heads"],
+                      tied=bool(cfg.get("tie_word_embeddings", False)), head_dim=cfg.get("head_dim"),
+                      name=name or str(path))
+
+
+@dataclass
+class MemoryPlan:
+    """A run's memory, term by term, in bytes. `total_bytes` is the planned peak (see estimate_memory)."""
+
+    model: str
+    method: str
+    settings: dict
+    weights: int
+    quant_constants: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    workspace: int
+    trainable_params: int
+    total_params: int
+    total_bytes: int = 0
+    fits: list[int] = field(default_factory=list)
+
+    @property
+    def weights_bytes(self) -> int:
+        """The stored base model: dense weights, or NF4 codes plus their constants."""
+        return self.weights + self.quant_constants
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_params / self.total_params
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "weights_bytes": self.weights_bytes, "trainable_share": self.trainable_share}
+
+    def __str__(self) -> str:
+        rows = [("weights", self.weights), ("quant constants", self.quant_constants), ("adapters", self.adapters),
+                ("gradients", self.gradients), ("optimizer state", self.optimizer), ("activations", self.activations),
+                ("logits + loss", self.logits), ("dequant workspace", self.workspace)]
+        lines = [f"{self.method} on {self.model}  "
+                 + " ".join(f"{k}={v}" for k, v in self.settings.items()),
+                 f"trainable {self.trainable_params:,} of {self.total_params:,} ({100 * self.trainable_share:.2f}%)"]
+        lines += [f"  {name:<18} {b / GB:10.3f} GB" for name, b in rows if b]
+        lines.append(f"  {'peak (planned)':<18} {self.total_bytes / GB:10.3f} GB")
+        fits = ", ".join(f"{g} GB" for g in self.fits) or f"none of {', '.join(map(str, ACCELERATOR_GB))} GB"
+        lines.append(f"fits on: {fits}")
+        return "\n".join(lines)
+
+
+def _dtype(value: str, what: str) -> int:
+    name = DTYPE_ALIASES.get(str(value), str(value))
+    if name not in DTYPE_BYTES:
+        raise ConfigError(f"{what} {value!r} is not a known dtype; give one of fp32, bf16, fp16")
+    return DTYPE_BYTES[name]
+
+
+def _targets(targets) -> tuple[str, ...]:
+    if targets == "all-linear":
+        return LLAMA_LINEARS
+    names = [targets] if isinstance(targets, str) else list(targets)
+    bad = [t for t in names if t not in LLAMA_LINEARS]
+    if bad or not names:
+        near = {t: difflib.get_close_matches(t, LLAMA_LINEARS, n=1) for t in bad}
+        hints = "; ".join(f"{t!r} (did you mean {n[0]!r}?)" if n else repr(t) for t, n in near.items())
+        raise ConfigError(f"targets {hints or 'is empty'}: give \"all-linear\" or Llama linear names from "
+                          f"{', '.join(LLAMA_LINEARS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        near = difflib.get_close_matches(str(value), choices, n=1)
+        raise ConfigError(f"{name} {value!r} is unknown; give one of {', '.join(choices)}"
+                          + (f" (did you mean {near[0]!r}?)" if near else ""))
+
+
+def nf4_bytes(numel: int) -> tuple[int, int]:
+    """(codes, constants) of one weight in NF4 with double quantization (QLoRA §2): 4 bits per weight; per
+    64-weight block one 8-bit absmax; per 256 blocks one fp32 scale; one fp32 offset and the 256-entry fp32
+    code book per layer as rankdial stores them. 4 + 8/64 + 32/(64·256) ≈ 4.127 bits per weight."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    return math.ceil(numel / 2), blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 + 4 * 256
+
+
+def layer_activation_bytes(s: LlamaShape, method: str, targets: tuple[str, ...], rank: int, e: int, a: int,
+                           first: bool = False) -> int:
+    """Bytes one decoder layer leaves saved for backward, per token (transformers' LlamaDecoderLayer, SDPA).
+
+    e: bytes of an activation (the compute dtype); a: bytes of an adapter weight. Counted tensor by tensor as
+    autograd saves them (after Korthikanti et al. 2022, redone for this layer); views share storage.
+    """
+    h, q, kv, f = s.hidden, s.heads * s.dim_head, s.kv_heads * s.dim_head, s.ffn
+    full = method == "full"
+    trained = set(LLAMA_LINEARS) if full else set(targets)
+    norm_in = 4 * h + 4  # RMSNorm upcasts its input to fp32 and saves it, with rsqrt(mean x²) per token
+    b = norm_in * (1 if first and not full else 2)  # layer 1's input is a frozen embedding's: no grad, not saved
+    b += 2 * h * e if full else 0  # the normalized x, saved by the trainable norm weight's product
+    b += (2 * q + 2 * kv) * e + 4 * s.heads  # SDPA saves q and k after RoPE, v, its output, fp32 log-sum-exp
+    b += 3 * f * e  # SwiGLU keeps gate(x), up(x) and silu(gate(x)) for silu's and the product's backward
+    inputs = {"norm1": h if trained & {"q_proj", "k_proj", "v_proj"} else 0,
+              "norm2": h if trained & {"gate_proj", "up_proj"} else 0,
+              "act": f if "down_proj" in trained else 0}  # a trained linear saves its input (o_proj's: SDPA's output)
+    b += sum(inputs.values()) * e
+    if not full:
+        b += len(targets) * rank * a  # x·Aᵀ of each adapter, for dL/dB
+        if a != e:  # the adapter branch casts x to the adapter dtype and saves that copy
+            b += (sum(inputs.values()) + (q if "o_proj" in targets else 0)) * a
+    return b
+
+
+def estimate_memory(model="default", method: str = "lora", rank: int = 16, targets="all-linear",
+                    batch_size: int = 1, seq_len: int = 512, dtype: str | None = None, adapter_dtype: str = "fp32",
+                    gradient_checkpointing: bool | None = None, optimizer: str = "adamw") -> MemoryPlan:
+    """Plan the memory of fine-tuning a Llama-shaped model; returns a MemoryPlan (bytes per term).
+
+    model: a preset ("llama-7b", "llama-13b", "llama-70b": Llama-2's shapes), "default" (the embedded model),
+    a config.json path or its folder, a dict of dims (hidden, layers, heads, kv_heads, ffn, vocab, tied,
+    head_dim) or a LlamaShape. dtype: of the weights and activations (fp32/bf16/fp16; default: the config's,
+    bf16 for presets and dims); QLoRA keeps every decoder linear in NF4 and computes in dtype.
+    gradient_checkpointing: None follows the method's recipe: on for QLoRA (Dettmers et al. train with it),
+    off for full and LoRA.
+
+    total_bytes is the planned peak of the steady state (second step on): weights, constants, adapters and
+    optimizer state stay; backward frees a layer's activations as it writes that layer's gradients, so the
+    peak holds the larger of all gradients and (activations + logits + workspace + the output head's gradient,
+    written first). What it does not count: the interpreter, imported libraries and their one-time buffers,
+    the tokenizer and data (constant in the model's size), and allocator slack.
+    """
+    shape = model_shape(model)
+    _choice("method", method, METHODS)
+    _choice("optimizer", optimizer, OPTIMIZERS)
+    _positive("batch_size", batch_size)
+    _positive("seq_len", seq_len)
+    if gradient_checkpointing is None:
+        gradient_checkpointing = method == "qlora"
+    cfg_dtype = _config_dtype(model, shape)
+    e = _dtype(dtype or cfg_dtype, "dtype")
+    a = _dtype(adapter_dtype, "adapter_dtype")
+    tgt = _targets(targets)
+    dims = shape.linears()
+    head = shape.vocab * shape.hidden * (0 if shape.tied else 1)
+    dense = shape.total_params - (shape.linear_params if method == "qlora" else 0)
+    weights, consts = dense * e, 0
+    if method == "qlora":
+        for d_in, d_out in dims.values():
+            codes, c = nf4_bytes(d_in * d_out)
+            weights, consts = weights + codes * shape.layers, consts + c * shape.layers
+    adapter_params = 0 if method == "full" else shape.layers * sum(lora_params(*dims[t], rank) for t in tgt)
+    trainable = shape.total_params if method == "full" else adapter_params
+    p = e if method == "full" else a  # bytes of a trainable parameter (and of its gradient)
+    gradients = trainable * p
+    opt = 2 * trainable * p if optimizer == "adamw" else 2 * trainable + 8 * math.ceil(trainable / ADAM8_BLOCK)
+    n = batch_size * seq_len
+    layer = layer_activation_bytes(shape, method, tgt, rank, e, a)
+    if gradient_checkpointing:  # each layer keeps its input; one layer is recomputed during backward
+        acts = shape.layers * shape.hidden * e + layer
+    else:
+        acts = layer_activation_bytes(shape, method, tgt, rank, e, a, first=True) + (shape.layers - 1) * layer
+    acts += 4 * shape.hidden + 4 + (2 * shape.hidden * e if method == "full" else 0)  # final RMSNorm, as above
+    acts = n * (acts + 8)  # + the int64 token ids the embedding keeps
+    logits = n * shape.vocab * (e + 3 * 4)  # logits, fp32 log-softmax kept by the loss, and two fp32 gradients
+    workspace = max(i * o for i, o in dims.values()) * e if method == "qlora" else 0  # one weight dequantized
+    first_grad = (head or shape.vocab * shape.hidden) * p if method == "full" else 0
+    static = weights + consts + adapter_params * a + opt
+    total = static + max(gradients, acts + logits + workspace + first_grad)
+    settings = dict(rank=rank if method != "full" else None, targets=targets if method != "full" else None,
+                    batch_size=batch_size, seq_len=seq_len, dtype=DTYPE_ALIASES.get(str(dtype or cfg_dtype), dtype or cfg_dtype),
+                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer)
+    return MemoryPlan(shape.name, method, settings, weights, consts, adapter_params * a, gradients, opt, acts, logits,
+                      workspace, trainable, shape.total_params + adapter_params, total,
+                      [g for g in ACCELERATOR_GB if total <= g * GB])
+
+
+def _config_dtype(model, shape: LlamaShape) -> str:
+    """The dtype a config.json names (dtype / torch_dtype), bf16 for presets and dims."""
+    if isinstance(model, (dict, LlamaShape)) or str(model) in PRESETS:
+        return "bf16"
+    path = Path(shape.name if shape.name != "default" else model_shape_path())
+    cfg = json.loads(path.read_text())
+    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "fp32")
+
+
+def model_shape_path() -> Path:
+    from .models import default_model_path
+
+    return default_model_path() / "config.json"
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) * 1024
+
+
+def _return_freed_memory() -> None:
+    """Fix glibc's mmap threshold at 128 KiB: big blocks are mapped on allocation and unmapped on free, so the
+    resident size tracks live tensors (the CPU analogue of CUDA's max_memory_allocated). By default glibc
+    raises the threshold as big blocks are freed (up to 32 MiB), and the heap then keeps freed activations
+    resident: ~25% more peak on these models, slack of the allocator rather than tensors that are alive."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _trim() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:  # hand freed heap memory back, so the baseline holds live memory only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _build(shape: LlamaShape, method: str, rank: int, targets):
+    """A random-weight LlamaForCausalLM of `shape` in fp32, prepared for `method` (no download)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .config import LoraConfig
+    from .lora import inject
+    from .quant import quantize_model
+
+    cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn,
+                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                      num_key_value_heads=shape.kv_heads, head_dim=shape.dim_head, tie_word_embeddings=shape.tied,
+                      use_cache=False)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    if method == "qlora":
+        quantize_model(model)
+    if method == "full":
+        model.requires_grad_(True)
+    else:
+        inject(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    return model.train()
+
+
+def _steps(model, batch_size: int, seq_len: int, steps: int, vocab: int) -> None:
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, vocab, (batch_size, seq_len))
+    for _ in range(steps):
+        out = model(input_ids=ids, labels=ids)  # kept during backward, as a caller of HF models usually does
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del out
+
+
+def measure_training_peak(model="default", method: str = "lora", rank: int = 16, targets="all-linear",
+                          batch_size: int = 1, seq_len: int = 512, steps: int = 2, allocator: str = "live") -> dict:
+    """Measure, in THIS process, the resident-memory peak of a few fp32 AdamW steps on CPU, in bytes.
+
+    Run it in a fresh process (`python -m rankdial.memory measure '{...}'`). The baseline is the resident
+    memory after the interpreter, torch, transformers and rankdial are imported and one warm-up step of the
+    same method has run on a tiny model (lazy imports, kernel and autograd initialisation: ~140 MB that does
+    not grow with the model), then freed and trimmed. The model is then built with random weights and the
+    peak counter (VmHWM) reset, so that the full-precision copy QLoRA quantizes from does not count. Returns
+    {"peak": VmHWM - baseline, "model": resident after building - baseline, "baseline": baseline}.
+    allocator: "live" makes glibc return freed big blocks at once (see _return_freed_memory), so the peak
+    is that of live memory, which is what the planner predicts; "default" leaves glibc as it is, and the peak
+    then also holds freed memory the heap kept. Linux only (reads /proc/self/status).
+    """
+    import torch
+
+    _choice("allocator", allocator, ("live", "default"))
+    if allocator == "live":
+        _return_freed_memory()
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    shape = model_shape(model)
+    tiny = LlamaShape(hidden=64, layers=1, heads=2, kv_heads=2, ffn=128, vocab=128)
+    _steps(_build(tiny, method, min(rank, 32), targets), 2, 16, 2, tiny.vocab)  # lazy imports, kernel init
+    _trim()
+    baseline = _status_kb("VmRSS")
+    net = _build(shape, method, rank, targets)
+    _trim()
+    built = _status_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size (Linux 4.0+)
+    except OSError:
+        pass
+    _steps(net, batch_size, seq_len, steps, shape.vocab)
+    return {"peak": _status_kb("VmHWM") - baseline, "model": built - baseline, "baseline": baseline}
+
+
+def measure_in_fresh_processes(cases: list[dict]) -> list[dict]:
+    """measure_training_peak(**case) for each case, each in its own fresh process.
+
+    One server process (`python -m rankdial.memory serve`) imports torch, transformers and rankdial once and
+    forks a new child per case, so each case starts clean without paying the imports again. A case that fails
+    comes back as {"error": "..."}.
+    """
+    import subprocess
+    import sys
+
+    lines = "".join(json.dumps(case) + "\n" for case in cases)
+    done = subprocess.run([sys.executable, "-m", "rankdial.memory", "serve"], input=lines, capture_output=True,
+                          text=True, check=False)
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if len(results) != len(cases):
+        raise RuntimeError(f"the measuring process returned {len(results)} of {len(cases)} results: {done.stderr[-2000:]}")
+    return results
+
+
+def _serve() -> None:
+    """Read one case (JSON) per line from stdin; measure each in a child forked from this warm process."""
+    import os
+    import sys
+
+    import torch  # noqa: F401 - imported once here, before the forks
+    import transformers  # noqa: F401
+
+    for line in sys.stdin:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            try:
+                result = measure_training_peak(**json.loads(line))
+            except Exception as err:  # noqa: BLE001 - reported to the parent, which raises nothing itself
+                result = {"error": f"{type(err).__name__}: {err}"}
+            os.write(write_end, json.dumps(result).encode())
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            answer = pipe.read()
+        os.waitpid(pid, 0)
+        print(answer or json.dumps({"error": "the measuring process died"}), flush=True)
+
+
+def _main(argv: list[str]) -> int:
+    if argv == ["serve"]:
+        _serve()
+        return 0
+    if len(argv) != 2 or argv[0] != "measure":
+        print("usage: python -m rankdial.memory measure '{\"model\": \"default\", \"method\": \"lora\", ...}' | serve")
+        return 2
+    print(json.dumps(measure_training_peak(**json.loads(argv[1]))))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(_main(sys.argv[1:]))
