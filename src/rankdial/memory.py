@@ -260,8 +260,8 @@ def layer_activation_bytes(s: LlamaShape, method: str, targets: tuple[str, ...],
     b += sum(inputs.values()) * e
     if not full:
         b += len(targets) * rank * a  # x·Aᵀ of each adapter, for dL/dB
-        if a != e:  # the adapter branch casts x to the adapter dtype and saves that copy
-            b += (sum(inputs.values()) + (q if "o_proj" in targets else 0)) * a
+        if a != e:  # each adapter casts its input to the adapter dtype (no autocast) and A saves that copy
+            b += sum(s.linears()[t][0] for t in targets) * a
     return b
 
 
@@ -422,9 +422,12 @@ def measure_training_peak(model="default", method: str = "lora", rank: int = 16,
     is that of live memory, which is what the planner predicts; "default" leaves glibc as it is, and the peak
     then also holds freed memory the heap kept. Linux only (reads /proc/self/status).
     """
+    import time
+
     import torch
 
     _choice("allocator", allocator, ("live", "default"))
+    t0 = time.perf_counter()
     if allocator == "live":
         _return_freed_memory()
 
@@ -437,14 +440,15 @@ def measure_training_peak(model="default", method: str = "lora", rank: int = 16,
     baseline = _status_kb("VmRSS")
     net = _build(shape, method, rank, targets)
     _trim()
-    built = _status_kb("VmRSS")
+    built, t1 = _status_kb("VmRSS"), time.perf_counter()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident size (Linux 4.0+)
     except OSError:
         pass
     _steps(net, batch_size, seq_len, steps, shape.vocab)
-    return {"peak": _status_kb("VmHWM") - baseline, "model": built - baseline, "baseline": baseline}
+    return {"peak": _status_kb("VmHWM") - baseline, "model": built - baseline, "baseline": baseline,
+            "seconds": {"warmup+build": round(t1 - t0, 1), "steps": round(time.perf_counter() - t1, 1)}}
 
 
 def measure_in_fresh_processes(cases: list[dict]) -> list[dict]:
