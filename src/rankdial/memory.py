@@ -408,6 +408,12 @@ def _steps(model, batch_size: int, seq_len: int, steps: int, vocab: int) -> None
         del out
 
 
+def _warm_up(method: str, rank: int, targets) -> None:
+    """Two steps of `method` on a tiny model: lazy imports, kernel and autograd initialisation."""
+    tiny = LlamaShape(hidden=64, layers=1, heads=2, kv_heads=2, ffn=128, vocab=128)
+    _steps(_build(tiny, method, min(rank, 32), targets), 2, 16, 2, tiny.vocab)
+
+
 def measure_training_peak(model="default", method: str = "lora", rank: int = 16, targets="all-linear",
                           batch_size: int = 1, seq_len: int = 512, steps: int = 2, allocator: str = "live") -> dict:
     """Measure, in THIS process, the resident-memory peak of a few fp32 AdamW steps on CPU, in bytes.
@@ -434,8 +440,7 @@ def measure_training_peak(model="default", method: str = "lora", rank: int = 16,
     torch.set_num_threads(1)
     torch.manual_seed(0)
     shape = model_shape(model)
-    tiny = LlamaShape(hidden=64, layers=1, heads=2, kv_heads=2, ffn=128, vocab=128)
-    _steps(_build(tiny, method, min(rank, 32), targets), 2, 16, 2, tiny.vocab)  # lazy imports, kernel init
+    _warm_up(method, rank, targets)
     _trim()
     baseline = _status_kb("VmRSS")
     net = _build(shape, method, rank, targets)
@@ -475,9 +480,11 @@ def _serve() -> None:
     import os
     import sys
 
-    import torch  # noqa: F401 - imported once here, before the forks
-    import transformers  # noqa: F401
+    import torch
 
+    torch.set_num_threads(1)  # no thread pool to carry across fork()
+    for method in METHODS:  # lazy imports and kernel initialisation, once, before the forks
+        _warm_up(method, 16, "all-linear")
     for line in sys.stdin:
         read_end, write_end = os.pipe()
         pid = os.fork()
