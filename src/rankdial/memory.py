@@ -54,6 +54,7 @@ class LlamaShape:
     tied: bool = False
     head_dim: int | None = None
     name: str = "custom"
+    dtype: str = "bf16"  # of the stored weights: a config.json's own, bf16 for presets and dims
 
     def __post_init__(self):
         problems = [f"{k} must be a positive integer, got {getattr(self, k)!r}"
@@ -148,9 +149,10 @@ def shape_from_config(path: Path, name: str | None = None) -> LlamaShape:
                           "config.json (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, "
                           "vocab_size) or the dimensions directly")
     dims = {v: cfg[k] for k, v in CONFIG_KEYS.items()}
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "fp32")
     return LlamaShape(**dims, kv_heads=cfg.get("num_key_value_heads") or dims["heads"],
                       tied=bool(cfg.get("tie_word_embeddings", False)), head_dim=cfg.get("head_dim"),
-                      name=name or str(path))
+                      name=name or str(path), dtype=DTYPE_ALIASES.get(dtype, dtype))
 
 
 @dataclass
@@ -290,57 +292,50 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     _positive("seq_len", seq_len)
     if gradient_checkpointing is None:
         gradient_checkpointing = method == "qlora"
-    cfg_dtype = _config_dtype(model, shape)
-    e = _dtype(dtype or cfg_dtype, "dtype")
-    a = _dtype(adapter_dtype, "adapter_dtype")
-    tgt = _targets(targets)
+    dtype = DTYPE_ALIASES.get(str(dtype), dtype) if dtype else shape.dtype
+    e, a, tgt = _dtype(dtype, "dtype"), _dtype(adapter_dtype, "adapter_dtype"), _targets(targets)
+    weights, consts = _weight_bytes(shape, method, e)
     dims = shape.linears()
-    head = shape.vocab * shape.hidden * (0 if shape.tied else 1)
-    dense = shape.total_params - (shape.linear_params if method == "qlora" else 0)
-    weights, consts = dense * e, 0
-    if method == "qlora":
-        for d_in, d_out in dims.values():
-            codes, c = nf4_bytes(d_in * d_out)
-            weights, consts = weights + codes * shape.layers, consts + c * shape.layers
     adapter_params = 0 if method == "full" else shape.layers * sum(lora_params(*dims[t], rank) for t in tgt)
     trainable = shape.total_params if method == "full" else adapter_params
     p = e if method == "full" else a  # bytes of a trainable parameter (and of its gradient)
     gradients = trainable * p
+    # torch's AdamW keeps two moments in the parameter's dtype; 8-bit: one byte each + an fp32 absmax per block
     opt = 2 * trainable * p if optimizer == "adamw" else 2 * trainable + 8 * math.ceil(trainable / ADAM8_BLOCK)
-    n = batch_size * seq_len
-    layer = layer_activation_bytes(shape, method, tgt, rank, e, a)
-    if gradient_checkpointing:  # each layer keeps its input; one layer is recomputed during backward
-        acts = shape.layers * shape.hidden * e + layer
-    else:
-        acts = layer_activation_bytes(shape, method, tgt, rank, e, a, first=True) + (shape.layers - 1) * layer
-    acts += 4 * shape.hidden + 4 + (2 * shape.hidden * e if method == "full" else 0)  # final RMSNorm, as above
-    acts = n * (acts + 8)  # + the int64 token ids the embedding keeps
-    logits = n * shape.vocab * (e + 3 * 4)  # logits, fp32 log-softmax kept by the loss, and two fp32 gradients
+    acts = batch_size * seq_len * _token_activation_bytes(shape, method, tgt, rank, e, a, gradient_checkpointing)
+    logits = batch_size * seq_len * shape.vocab * (e + 3 * 4)  # logits; fp32 log-softmax kept by the loss; 2 grads
     workspace = max(i * o for i, o in dims.values()) * e if method == "qlora" else 0  # one weight dequantized
-    first_grad = (head or shape.vocab * shape.hidden) * p if method == "full" else 0
-    static = weights + consts + adapter_params * a + opt
-    total = static + max(gradients, acts + logits + workspace + first_grad)
-    settings = dict(rank=rank if method != "full" else None, targets=targets if method != "full" else None,
-                    batch_size=batch_size, seq_len=seq_len, dtype=DTYPE_ALIASES.get(str(dtype or cfg_dtype), dtype or cfg_dtype),
+    first_grad = shape.vocab * shape.hidden * p if method == "full" else 0  # the output head's, written first
+    total = weights + consts + adapter_params * a + opt + max(gradients, acts + logits + workspace + first_grad)
+    settings = dict(rank=None if method == "full" else rank, targets=None if method == "full" else targets,
+                    batch_size=batch_size, seq_len=seq_len, dtype=dtype, adapter_dtype=adapter_dtype,
                     gradient_checkpointing=gradient_checkpointing, optimizer=optimizer)
     return MemoryPlan(shape.name, method, settings, weights, consts, adapter_params * a, gradients, opt, acts, logits,
                       workspace, trainable, shape.total_params + adapter_params, total,
                       [g for g in ACCELERATOR_GB if total <= g * GB])
 
 
-def _config_dtype(model, shape: LlamaShape) -> str:
-    """The dtype a config.json names (dtype / torch_dtype), bf16 for presets and dims."""
-    if isinstance(model, (dict, LlamaShape)) or str(model) in PRESETS:
-        return "bf16"
-    path = Path(shape.name if shape.name != "default" else model_shape_path())
-    cfg = json.loads(path.read_text())
-    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "fp32")
+def _weight_bytes(shape: LlamaShape, method: str, e: int) -> tuple[int, int]:
+    """(weights, quantization constants): QLoRA stores every decoder linear in NF4, the rest in dtype."""
+    if method != "qlora":
+        return shape.total_params * e, 0
+    weights, consts = (shape.total_params - shape.linear_params) * e, 0
+    for d_in, d_out in shape.linears().values():
+        codes, c = nf4_bytes(d_in * d_out)
+        weights, consts = weights + codes * shape.layers, consts + c * shape.layers
+    return weights, consts
 
 
-def model_shape_path() -> Path:
-    from .models import default_model_path
-
-    return default_model_path() / "config.json"
+def _token_activation_bytes(shape: LlamaShape, method: str, tgt: tuple[str, ...], rank: int, e: int, a: int,
+                            checkpointing: bool) -> int:
+    """Bytes saved for backward per token over the whole model (the layers, the final norm, the token ids)."""
+    layer = layer_activation_bytes(shape, method, tgt, rank, e, a)
+    if checkpointing:  # each layer keeps only its input; one layer at a time is recomputed during backward
+        acts = shape.layers * shape.hidden * e + layer
+    else:
+        acts = layer_activation_bytes(shape, method, tgt, rank, e, a, first=True) + (shape.layers - 1) * layer
+    acts += 4 * shape.hidden + 4 + (2 * shape.hidden * e if method == "full" else 0)  # final RMSNorm, as in a layer
+    return acts + 8  # the int64 token id the embedding keeps
 
 
 def _status_kb(key: str) -> int:
