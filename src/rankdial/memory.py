@@ -2,7 +2,8 @@
 
 A Llama-shaped decoder (a preset, a config.json, or its dimensions) and a method (full, LoRA, QLoRA) give the
 bytes of the stored weights, the NF4 quantization constants, the adapters, their gradients, the optimizer state,
-the activations autograd keeps for backward, and the logits and loss buffers, and which accelerator sizes
+the activations autograd keeps for backward, the logits and loss buffers (a term of their own), the NF4
+dequantization workspace, and which accelerator sizes
 (16/24/40/48/80 GB) the peak fits. Sources: Hu et al. 2021 (LoRA, arXiv:2106.09685) for the adapter
 arithmetic r·(d_in + d_out); Dettmers et al. 2023 (QLoRA, arXiv:2305.14314) for NF4 at 4.127 bits per weight;
 Korthikanti et al. 2022 (arXiv:2205.05198) for counting activations tensor by tensor, here redone for what
@@ -22,6 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+
+__all__ = ["estimate_memory", "MemoryPlan", "LlamaShape", "model_shape", "lora_params", "nf4_bytes",
+           "layer_activation_bytes", "measure_training_peak", "measure_in_fresh_processes", "PRESETS"]
 
 GB = 10 ** 9
 ACCELERATOR_GB = (16, 24, 40, 48, 80)
