@@ -8,6 +8,7 @@ from .errors import (AdapterError, AdapterFileError, CheckpointError, ConfigErro
 from .lora import (LoraLayer, active_adapters, adapter_names, delete_adapter, disabled, inject, merge, merge_and_unload,
                    set_active, trainable_parameters, unmerge)
 from .lora.verbs import merge_and_requantize, unload
+from .memory import estimate_memory
 from .quant import NF4Linear, NF4Tensor, dequantize_nf4, quantize_model, quantize_nf4
 
 __version__ = "0.1.0"
@@ -16,7 +17,7 @@ __all__ = [
     "LoraConfig", "LoraLayer",
     "inject", "trainable_parameters", "set_active", "active_adapters", "adapter_names", "delete_adapter",
     "disabled", "merge", "unmerge", "merge_and_unload", "merge_and_requantize", "unload",
-    "quantize_model", "quantize_nf4", "dequantize_nf4", "NF4Tensor", "NF4Linear",
+    "estimate_memory", "quantize_model", "quantize_nf4", "dequantize_nf4", "NF4Tensor", "NF4Linear",
     "save_adapter", "load_adapter", "read_adapter_config", "convert_bin_adapter", "adapter_state_dict",
     "set_adapter_state_dict",
     "RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError", "ModelError",

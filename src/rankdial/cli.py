@@ -25,6 +25,9 @@ EPILOG = {
     "combine": ("examples:\n  rankdial combine out/a out/b --weights 0.5,0.5 --how cat --out out/ab\n"
                 "  rankdial combine out/a out/b --weights 1,-0.3 --how svd --rank 8 --out out/ab8"),
     "convert-bin": "example: rankdial convert-bin downloads/old-adapter",
+    "estimate": ("examples:\n  rankdial estimate llama-70b --method qlora\n"
+                 "  rankdial estimate default --method full --batch-size 16 --seq-len 256 --json\n"
+                 "  rankdial estimate --hidden 4096 --layers 32 --heads 32 --ffn 11008 --vocab 32000"),
 }
 
 
@@ -92,7 +95,7 @@ def _print_spectrum(args: argparse.Namespace) -> int:
         print(json.dumps([row.to_dict() for row in rows], indent=2))
         return 0
     width = max(len(row.module) for row in rows)
-    print(f"singular values of dW = s*B*A per module (effective rank: directions holding 90% / 99% of ||dW||^2)")
+    print("singular values of dW = s*B*A per module (effective rank: directions holding 90% / 99% of ||dW||^2)")
     print(f"  {'module':<{width}}  {'r':>3}  {'90%':>4}  {'99%':>4}  singular values")
     for row in rows:
         values = " ".join(f"{v:.3g}" for v in row.singular_values[:8]) + (" ..." if len(row.singular_values) > 8 else "")
@@ -174,6 +177,47 @@ def _flag_type(key, parse):
     return convert
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .memory import estimate_memory
+
+    dims = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab")}
+    if any(v is not None for v in dims.values()):
+        missing = [f"--{k.replace('_', '-')}" for k, v in dims.items() if v is None and k != "kv_heads"]
+        if missing:
+            raise ConfigError(f"a model given by its dimensions also needs {', '.join(missing)}")
+        model = {**dims, "kv_heads": dims["kv_heads"] or dims["heads"], "tied": args.tied}
+    else:
+        model = args.model
+    targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",")]
+    plan = estimate_memory(model, method=args.method, rank=args.r, targets=targets, batch_size=args.batch_size,
+                           seq_len=args.seq_len, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                           optimizer=args.optimizer)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
+    return 0
+
+
+def add_estimate_parser(verbs, fmt) -> None:
+    p = verbs.add_parser("estimate", help="plan a run's memory term by term (weights, adapters, optimizer, activations)",
+                         epilog=EPILOG["estimate"], formatter_class=fmt)
+    p.add_argument("model", nargs="?", default="default",
+                   help="llama-7b, llama-13b, llama-70b, default, or a config.json / model folder")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--targets", default="all-linear", help="all-linear or a comma list, e.g. q_proj,v_proj")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the config's; bf16 for presets)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on for qlora")
+    p.add_argument("--optimizer", choices=["adamw", "adamw-8bit"], default="adamw")
+    for dim in ("hidden", "layers", "heads", "kv-heads", "ffn", "vocab"):
+        p.add_argument(f"--{dim}", type=int, default=None, help="model dimension (instead of MODEL)")
+    p.add_argument("--tied", action="store_true", help="with dimensions: tied input/output embeddings")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=cmd_estimate)
+
+
 def add_train_parser(verbs, fmt) -> None:
     from .train.config import FIELDS, TrainConfig, flag_help, parse_flag_value
 
@@ -210,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help=DEVICE_HELP)
     demo.set_defaults(run=cmd_demo)
     add_train_parser(verbs, fmt)
+    add_estimate_parser(verbs, fmt)
     merge = verbs.add_parser("merge", help="base + adapter -> a plain model folder that transformers loads",
                              epilog=EPILOG["merge"], formatter_class=fmt)
     merge.add_argument("adapter", help="adapter folder (a rankdial train output, or any PEFT LoRA adapter)")

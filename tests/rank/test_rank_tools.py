@@ -1,6 +1,5 @@
 """Spectrum, truncation and combination of adapter folders, held to the plain SVD and to PEFT."""
 
-import copy
 import json
 
 import pytest

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RankdialError, ModelError
+from ..errors import ModelError
 
 DEFAULT_MODEL_NAME = "kjv-llama-tiny"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

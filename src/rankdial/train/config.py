@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -28,8 +28,10 @@ from typing import Any, Callable
 import torch
 
 from ..atomic import MARKER, atomic_dir, check_target, write_json
-from ..errors import DataError, TrainingError, TrainingInterrupted
-from ..memory import estimate_loaded_model, peak_memory_mb
+from ..errors import DataError, RankdialError, TrainingError, TrainingInterrupted
+from ..memory import estimate_memory, peak_memory_mb
+
+MIB = 1 << 20
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
 from .artefacts import (CONFIG_NAME, DONE_MARKER, METRICS_NAME, PLOT_NAME, RUN_KIND, append_metrics, is_legacy_run,
@@ -157,7 +159,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     for line in data_report:
         say(f"data  {line}")
     lora = (prepare or prepare_model)(net, cfg, base_path)
-    named, trainable, total = _trainable(net, cfg, say)
+    named, trainable, total = _trainable(net, cfg, base_path, say)
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_data.examples)
                                                 / (cfg.batch_size * cfg.grad_accum * dist_info.world)))
     optimizer, scheduler = make_optimizer(named, cfg, total_steps)
@@ -207,7 +209,7 @@ def plan_output(cfg: TrainConfig, resume: bool, overwrite: bool, inputs: list) -
     return "restart"
 
 
-def _trainable(model, cfg: TrainConfig, say) -> tuple[dict, int, int]:
+def _trainable(model, cfg: TrainConfig, base_path: Path, say) -> tuple[dict, int, int]:
     from ..lora import trainable_parameters
 
     if cfg.gradient_checkpointing:
@@ -216,12 +218,32 @@ def _trainable(model, cfg: TrainConfig, say) -> tuple[dict, int, int]:
         model.config.use_cache = False
     report = trainable_parameters(model)
     say(report.summary())
-    mem = estimate_loaded_model(model, report.trainable, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                gradient_checkpointing=cfg.gradient_checkpointing)
-    say(f"memory estimate (MiB): weights {mem['weights_mib']:.1f} + trainable state {mem['train_state_mib']:.1f} "
-        f"+ activations ~{mem['activations_mib']:.1f} = ~{mem['total_mib']:.1f}")
+    say(_memory_plan_line(cfg, base_path))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     return named, report.trainable, report.total
+
+
+def _adapter_writer(model):
+    from ..adapters import save_adapter
+
+    return lambda folder: save_adapter(model, folder)
+
+
+def _memory_plan_line(cfg: TrainConfig, base_path: Path) -> str:
+    """One line of rankdial.memory's plan for this run (Llama-shaped models; others get a short note)."""
+    targets = cfg.lora.target_modules if cfg.method != "full" else "all-linear"
+    try:
+        plan = estimate_memory(base_path, method=cfg.method, rank=cfg.lora.r, targets=targets,
+                               batch_size=cfg.batch_size, seq_len=cfg.max_length, dtype="bf16" if cfg.bf16 else "fp32",
+                               gradient_checkpointing=cfg.gradient_checkpointing)
+    except RankdialError as err:  # a model that is not Llama-shaped, or targets given as a pattern
+        return f"memory plan: not available for this model/targets ({_first_line(err)})"
+    terms = ", ".join(f"{k} {v / MIB:.0f}" for k, v in plan.terms().items() if v)
+    return f"memory plan (rankdial.memory): peak ~{plan.total_bytes / MIB:.0f} MiB ({terms} MiB)"
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0][:160]
 
 
 def resume_from_checkpoint(run: Run) -> None:
@@ -351,12 +373,7 @@ def save(run: Run) -> None:
         return
     state = {"global_batch": run.global_batch, "total_steps": run.total_steps,
              "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed}
-    adapter_fn = None
-    if run.is_lora:
-        from ..adapters import save_adapter
-
-        def adapter_fn(folder):
-            save_adapter(run.model, folder)
+    adapter_fn = _adapter_writer(run.model) if run.is_lora else None
     path = ckpt_io.write_checkpoint(run.work, run.done, run.named, run.optimizer, run.scheduler, state, adapter_fn)
     ckpt_io.prune(run.work, run.cfg.keep_checkpoints)
     run.last_checkpoint = ckpt_io.Checkpoint(path, run.done, state)
@@ -441,7 +458,7 @@ def _where_to_continue(run: Run, advice: str = "") -> str:
     if run.last_checkpoint is not None:
         return (f"the last good checkpoint is {run.last_checkpoint.path} (step {run.last_checkpoint.step}); continue "
                 f"from it by running the same command with --resume{' ' + advice if advice else ''}")
-    return (f"no checkpoint was written (set save_every, e.g. --save-every 50, to make a run resumable); "
+    return ("no checkpoint was written (set save_every, e.g. --save-every 50, to make a run resumable); "
             "--resume would start again from step 0")
 
 
