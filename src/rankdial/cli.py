@@ -318,35 +318,42 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    try:  # transformers' per-file "Loading weights" bars would drown rankdial's own progress
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
     if unknown:
-        import difflib
-
-        flags = [a for action in parser.verb_parsers[args.verb]._actions
-                 for a in action.option_strings if a.startswith("--")]
-        hints = []
-        for u in unknown:
-            near = difflib.get_close_matches(u.split("=")[0], flags, n=1, cutoff=0.6) if u.startswith("--") else []
-            hints.append(f"{u} (did you mean {near[0]}?)" if near else u)
-        print(f"rankdial {args.verb}: error: unknown argument(s): {', '.join(hints)}; "
-              f"see rankdial {args.verb} --help", file=sys.stderr)
-        return 2
+        return _unknown_arguments(parser, args.verb, unknown)
     try:
+        _quiet_transformers()
         return args.run(args)
     except TrainingInterrupted as err:  # says where it stopped, the last checkpoint and --resume
         print(f"rankdial {args.verb}: {_one_line(err)}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # anywhere else, the slow imports included
         print(f"rankdial {args.verb}: interrupted", file=sys.stderr)
         return 130
     except RankdialError as err:
-        print(f"rankdial {args.verb}: error: {err}", file=sys.stderr)
+        print(f"rankdial {args.verb}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _quiet_transformers() -> None:
+    """transformers' per-file "Loading weights" bars would drown rankdial's own progress."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
+def _unknown_arguments(parser: argparse.ArgumentParser, verb: str, unknown: list[str]) -> int:
+    import difflib
+
+    flags = [a for action in parser.verb_parsers[verb]._actions for a in action.option_strings if a.startswith("--")]
+    hints = []
+    for u in unknown:
+        near = difflib.get_close_matches(u.split("=")[0], flags, n=1, cutoff=0.6) if u.startswith("--") else []
+        hints.append(f"{u} (did you mean {near[0]}?)" if near else u)
+    print(f"rankdial {verb}: error: unknown argument(s): {', '.join(hints)}; see rankdial {verb} --help",
+          file=sys.stderr)
+    return 2
 
 
 def _one_line(err: BaseException) -> str:

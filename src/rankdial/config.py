@@ -152,3 +152,23 @@ def _problems(cfg: LoraConfig) -> list[str]:
     if not isinstance(cfg.init_lora_weights, bool):
         p.append(f"init_lora_weights must be True or False, got {cfg.init_lora_weights!r} (other PEFT init schemes are not supported)")
     return p
+
+
+_FIELD_NAMES = [f for f in LoraConfig.__dataclass_fields__]
+_dataclass_init = LoraConfig.__init__
+
+
+def _checked_init(self, *args, **kwargs):
+    """LoraConfig(rr=4) names the unknown field and the nearest known one (a ConfigError, not a TypeError)."""
+    unknown = [k for k in kwargs if k not in LoraConfig.__dataclass_fields__]
+    if unknown or len(args) > len(_FIELD_NAMES):
+        import difflib
+
+        hints = [f"{k!r}" + (f" (did you mean {near[0]!r}?)" if (near := difflib.get_close_matches(k, _FIELD_NAMES, 1))
+                             else "") for k in unknown]
+        raise ConfigError(f"LoraConfig has no field {', '.join(hints) or 'for the extra positional values'}; "
+                          f"its fields are PEFT's: {', '.join(_FIELD_NAMES)}")
+    _dataclass_init(self, *args, **kwargs)
+
+
+LoraConfig.__init__ = _checked_init

@@ -134,13 +134,21 @@ def test_shapes_that_do_not_fit_name_module_and_both_shapes(saved):
 def test_missing_and_unexpected_keys_are_all_listed_at_once(saved):
     def damage(t):
         t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
-        t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")
-        t["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+        t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+        t["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.ones(4, 32)
+        t["base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight"] = torch.ones(32, 4)
         return t
     rewrite(saved, damage)
-    message = load_fails(saved, "missing keys \\(2\\).*unexpected keys \\(1\\)")
-    assert "layers.0.self_attn.q_proj.lora_A" in message and "layers.1.self_attn.v_proj.lora_B" in message
+    message = load_fails(saved, "missing keys \\(2\\).*unexpected keys \\(2\\)")
+    assert "layers.0.self_attn.q_proj.lora_A" in message and "layers.0.self_attn.q_proj.lora_B" in message
     assert "layers.7.self_attn.q_proj" in message
+
+
+def test_a_matrix_without_its_partner_or_of_the_wrong_kind_is_named(saved):
+    rewrite(saved, lambda t: {k: v for k, v in t.items() if not k.endswith("layers.1.self_attn.v_proj.lora_A.weight")})
+    load_fails(saved, "1 LoRA matrices lack their partner .*layers.1.self_attn.v_proj.lora_B")
+    rewrite(saved, lambda t: {k: (v * 100).to(torch.int32) for k, v in t.items()})
+    load_fails(saved, "not floating point")
 
 
 def test_nan_or_inf_in_adapter_weights(saved):
@@ -306,3 +314,26 @@ def test_a_file_the_user_added_to_a_saved_adapter_is_kept(tmp_path):
     with pytest.raises(rd.OutputError, match="eval_notes.txt.*rankdial did not write"):
         rd.save_adapter(trained(r=2), tmp_path / "a")
     assert (tmp_path / "a" / "eval_notes.txt").read_text() == "mine"
+
+
+def test_convert_bin_names_what_it_cannot_convert_and_handles_shared_tensors(saved):
+    tensors = load_file(saved / "adapter_model.safetensors")
+    (saved / "adapter_model.safetensors").unlink()
+    torch.save(list(tensors.values()), saved / "adapter_model.bin")
+    with pytest.raises(rd.AdapterFileError, match="holds a list, not a dict of named tensors"):
+        rd.convert_bin_adapter(saved)
+    first, second = list(tensors)[:2]
+    shared = dict(tensors)
+    shared[second] = shared[first]  # two names, one storage: safetensors itself refuses that
+    torch.save(shared, saved / "adapter_model.bin")
+    rd.convert_bin_adapter(saved)
+    assert torch.equal(load_file(saved / "adapter_model.safetensors")[second], tensors[first])
+
+
+def test_an_old_adapter_folder_with_a_readme_is_not_replaced(tmp_path):
+    rd.save_adapter(trained(), tmp_path / "a")
+    (tmp_path / "a" / ".rankdial-output.json").unlink()  # as written before markers
+    (tmp_path / "a" / "README.md").write_text("my notes")
+    with pytest.raises(rd.OutputError):
+        rd.save_adapter(trained(r=2), tmp_path / "a")
+    assert (tmp_path / "a" / "README.md").read_text() == "my notes"

@@ -221,3 +221,12 @@ def test_saving_from_a_compiled_model_writes_the_inner_models_config(tmp_path):
     config_c = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
     config_m = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
     assert config_c == config_m
+
+
+def test_wrong_types_at_the_api_are_named():
+    with pytest.raises(rd.ConfigError, match="no field 'rr' \\(did you mean 'r'\\?\\)"):
+        rd.LoraConfig(rr=4)
+    for call in (lambda: rd.inject("model", rd.LoraConfig()), lambda: rd.trainable_parameters(5),
+                 lambda: rd.disabled(None).__enter__(), lambda: rd.merge(None)):
+        with pytest.raises(rd.TargetError, match="expected a PyTorch model"):
+            call()

@@ -142,7 +142,7 @@ def test_bad_inputs_are_refused_with_the_reason(tmp_path):
         truncate_adapter(a, a, rank=2)
     assert (a / "adapter_model.safetensors").read_bytes() == before
     (a / "adapter_config.json").write_text(json.dumps({**config_a, "r": 8}))
-    with pytest.raises(rd.AdapterFileError, match="rank 4 in its weights but adapter_config.json says r=8"):
+    with pytest.raises(rd.AdapterFileError, match="another rank in their weights than adapter_config.json says .*rank 4, config r=8"):
         spectrum(a)
 
 

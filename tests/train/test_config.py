@@ -159,3 +159,17 @@ def test_lr_inf_on_the_command_line_is_refused(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "finite" in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_yaml_exponents_without_a_dot_and_binary_config_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("data: d.jsonl\nlr: 1e-4\n")  # YAML 1.1 reads 1e-4 as a string
+    assert make_config(tmp_path / "a.yaml").lr == 1e-4
+    (tmp_path / "b.yaml").write_text("data: d.jsonl\nlr: fast\n")
+    with pytest.raises(ConfigError, match="'lr'.*must be a float"):
+        make_config(tmp_path / "b.yaml")
+    (tmp_path / "c.toml").write_bytes(b"\x80\xff\x00binary")
+    with pytest.raises(ConfigError, match="not a text file"):
+        make_config(tmp_path / "c.toml")
+    (tmp_path / "w.safetensors").write_bytes(b"\x80\xff")
+    with pytest.raises(ConfigError, match="unknown format '.safetensors'"):
+        make_config(tmp_path / "w.safetensors")

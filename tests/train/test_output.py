@@ -147,3 +147,18 @@ def test_bad_values_fail_before_the_model_loads(tiny_model_dir, tmp_path, monkey
     with pytest.raises(ModelError):
         train(**_args(tmp_path / "missing-model", data, tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_overwrite_refuses_a_finished_run_that_holds_the_users_own_file(tiny_model_dir, tmp_path):
+    """--overwrite replaces what rankdial wrote, never a file the user put in the run folder since."""
+    from rankdial.errors import OutputError
+    from rankdial.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(8))
+    args = dict(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "run"), steps=1, batch_size=2,
+                max_length=64, progress=False)
+    train(**args)
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="notes.txt.*rankdial did not write"):
+        train(overwrite=True, **args)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"

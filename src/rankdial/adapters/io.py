@@ -19,12 +19,12 @@ import os
 from ..atomic import atomic_dir, atomic_file
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError
-from ..lora.inject import (Plan, adapter_configs, apply_plan, check_adapter_name, named_wrappers, plan_targets,
-                           unwrap_model, with_task_heads)
+from ..lora.inject import (Plan, adapter_configs, apply_plan, check_adapter_name, named_wrappers, pattern_value,
+                           plan_targets, unwrap_model, with_task_heads)
 from ..lora.layer import LoraLayer
 from ..lora.modules_to_save import ModulesToSave
 from ..lora.verbs import active_adapters, adapter_names, lora_layers
-from .peft_format import (CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, config_from_peft, config_to_peft,
+from .peft_format import (CONFIG_NAME, KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, config_from_peft, config_to_peft,
                           lora_key, saved_key)
 
 
@@ -69,7 +69,7 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
-ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, "README.md"}
+ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME}  # not README.md: a user's notes may be called that
 
 
 def is_plain_adapter_folder(folder: Path) -> bool:
@@ -155,26 +155,56 @@ def expected_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """Raise one AdapterFileError listing every missing key, unexpected key, wrong shape and non-finite tensor."""
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def check_adapter_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one AdapterFileError naming what makes an adapter file broken on its own (whatever the model):
+    tensors that are not floating point or hold NaN/Inf, a lora_A without its lora_B (or the reverse), A and B
+    that do not multiply, and ranks other than adapter_config.json says (r, or its rank_pattern)."""
     problems = []
+    not_float = sorted(k for k, t in tensors.items() if not t.is_floating_point())
+    if not_float:
+        problems.append(f"{len(not_float)} tensors are not floating point (e.g. {not_float[0]}: "
+                        f"{tensors[not_float[0]].dtype})")
     bad = _non_finite(tensors)
     if bad:
-        raise AdapterFileError(f"{source} holds NaN/Inf values in {bad[:5]}{' ...' if len(bad) > 5 else ''}: the "
-                               "adapter is corrupt or its training diverged. Use an earlier checkpoint or retrain "
-                               "(lower the learning rate); nothing was loaded")
+        problems.append(f"NaN/Inf values in {bad[:3]}{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} "
+                        "(the training diverged)")
+    lone = sorted([k for k in tensors if k.endswith(_A) and k[:-len(_A)] + _B not in tensors]
+                  + [k for k in tensors if k.endswith(_B) and k[:-len(_B)] + _A not in tensors])
+    if lone:
+        problems.append(f"{len(lone)} LoRA matrices lack their partner (e.g. {lone[0]}): the file is incomplete")
+    ranks = []
+    for key in sorted(k for k in tensors if k.endswith(_A) and k[:-len(_A)] + _B in tensors):
+        A, B, path = tensors[key], tensors[key[:-len(_A)] + _B], key[len(KEY_PREFIX):-len(_A)]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            problems.append(f"{path}: lora_B has shape {list(B.shape)}, which does not fit lora_A {list(A.shape)}")
+        elif A.shape[0] != pattern_value(config.rank_pattern, path, config.r):
+            ranks.append((path, A.shape[0], pattern_value(config.rank_pattern, path, config.r)))
+    if ranks:
+        path, r, said = ranks[0]
+        problems.append(f"{len(ranks)} modules have another rank in their weights than adapter_config.json says "
+                        f"(e.g. {path}: rank {r}, config r={said}, no rank_pattern entry explains it)")
+    if problems:
+        raise AdapterFileError(f"adapter {source} is broken: {'; '.join(problems)}. Save or train it again")
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise one AdapterFileError listing every missing key, unexpected key and wrong shape for this model."""
+    problems = []
     missing = sorted(set(shapes) - set(tensors))
     unexpected = sorted(set(tensors) - set(shapes))
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
+        problems.append(f"missing keys ({len(missing)}): {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-    for key in sorted(set(shapes) & set(tensors)):
-        if tuple(tensors[key].shape) != shapes[key]:
-            problems.append(f"{key}: the file has shape {list(tensors[key].shape)}, the model needs {list(shapes[key])}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    wrong = [f"{key}: the file has shape {list(tensors[key].shape)}, the model needs {list(shapes[key])}"
+             for key in sorted(set(shapes) & set(tensors)) if tuple(tensors[key].shape) != shapes[key]]
+    problems += wrong[:5] + ([f"... and {len(wrong) - 5} more shapes"] if len(wrong) > 5 else [])
     if problems:
-        raise AdapterFileError(f"{source} does not fit this model (is it for another base model?):\n  - "
-                               + "\n  - ".join(problems))
+        raise AdapterFileError(f"{source} does not fit this model (is it for another base model?): "
+                               + "; ".join(problems))
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", trainable: bool = False,
@@ -187,6 +217,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", t
     path = _folder(path)
     config = with_task_heads(model, read_adapter_config(path))
     tensors = read_adapter_weights(path, allow_pickle)
+    check_adapter_tensors(config, tensors, str(path))
     check_adapter_name(model, adapter)
     plan = plan_targets(model, config)
     _check_tensors(tensors, expected_shapes(model, plan), str(path))
@@ -208,6 +239,9 @@ def set_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], a
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise AdapterFileError(f"set_adapter_state_dict() takes a dict of tensors, got {type(tensors).__name__}")
     adapter = _pick_adapter(model, adapter)
+    bad = _non_finite(tensors)
+    if bad:
+        raise AdapterFileError(f"the state dict holds NaN/Inf values in {bad[:3]}; nothing was copied")
     _check_tensors(tensors, _current_shapes(model, adapter), "the state dict")
     _copy_in(model, tensors, adapter)
 
@@ -238,6 +272,10 @@ def convert_bin_adapter(path: str | Path) -> Path:
         raise AdapterFileError(f"{folder} has no {PICKLE_WEIGHTS_NAME} to convert"
                                + (f" (it already holds {WEIGHTS_NAME})" if target.exists() else ""))
     tensors = read_adapter_weights(folder, allow_pickle=True)
-    with atomic_file(target) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise AdapterFileError(f"{folder / PICKLE_WEIGHTS_NAME} holds a {type(tensors).__name__}, not a dict of named "
+                               "tensors; it is not a PEFT adapter file")
+    with atomic_file(target) as tmp:  # clone: safetensors refuses tensors that share memory
+        save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     return target

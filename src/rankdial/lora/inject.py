@@ -41,7 +41,13 @@ class Plan:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers (paths as the user sees)."""
+    """The model inside DistributedDataParallel / DataParallel / torch.compile wrappers (paths as the user sees).
+
+    Raises TargetError for anything that is not a torch.nn.Module (every model-level verb goes through here).
+    """
+    if not isinstance(model, nn.Module):
+        raise TargetError(f"expected a PyTorch model (torch.nn.Module), got {type(model).__name__} {model!r:.60}; "
+                          "pass the model object itself, e.g. AutoModelForCausalLM.from_pretrained(folder)")
     while True:
         if type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
                 getattr(model, "module", None), nn.Module):
@@ -254,6 +260,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
     """
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"inject() takes a rankdial.LoraConfig, got {type(config).__name__}")
+    unwrap_model(model)  # a clear error for a model that is not an nn.Module
     check_adapter_name(model, adapter)
     config = with_task_heads(model, config)
     return apply_plan(model, config, plan_targets(model, config), adapter, trainable)

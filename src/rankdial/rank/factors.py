@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..adapters import read_adapter_config, read_adapter_weights
-from ..adapters.io import is_plain_adapter_folder
+from ..adapters.io import check_adapter_tensors, is_plain_adapter_folder
 from ..adapters.peft_format import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, config_to_json
 from ..atomic import atomic_dir
 from ..config import LoraConfig
@@ -63,49 +63,24 @@ class AdapterFactors:
 
 
 def read_factors(folder: str | Path) -> AdapterFactors:
-    """Read an adapter folder (rankdial's or PEFT's) into per-module factors, checked as it is read.
-
-    Raises one AdapterFileError naming every problem: a lora_A without its lora_B, A and B that do not multiply,
-    a rank other than adapter_config.json says (with no rank_pattern entry to explain it), NaN/Inf anywhere.
-    """
+    """Read an adapter folder (rankdial's or PEFT's) into per-module factors, checked first
+    (adapters.io.check_adapter_tensors: one AdapterFileError naming every problem)."""
     config = read_adapter_config(folder)
     tensors = read_adapter_weights(folder)
-    modules, other, problems = {}, {}, []
-    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
-    if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        problems.append(f"NaN/Inf values in {bad[:3]}{more} (the training diverged)")
-    for key in sorted(tensors):
+    check_adapter_tensors(config, tensors, str(folder))
+    modules, other = {}, {}
+    for key, tensor in sorted(tensors.items()):
         if key.endswith(".lora_A.weight"):
             path = key[len(KEY_PREFIX):-len(".lora_A.weight")]
-            found = _module(config, path, tensors[key], tensors.get(key.replace(".lora_A.", ".lora_B.")), problems)
-            if found is not None:
-                modules[path] = found
+            r = tensor.shape[0]
+            alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+            B = tensors[key.replace(".lora_A.", ".lora_B.")]
+            modules[path] = ModuleFactors(tensor.float(), B.float(), config.scaling(r, alpha))
         elif not key.endswith(".lora_B.weight"):
-            other[key] = tensors[key]
-    if not modules and not problems:
-        problems.append("it holds no lora_A/lora_B tensors (is it a LoRA adapter?)")
-    if problems:
-        raise AdapterFileError(f"adapter {folder} is broken: {'; '.join(problems)}. Save or train it again")
+            other[key] = tensor
+    if not modules:
+        raise AdapterFileError(f"adapter {folder} holds no lora_A/lora_B tensors; is it a LoRA adapter?")
     return AdapterFactors(config, modules, other, str(folder))
-
-
-def _module(config: LoraConfig, path: str, A: torch.Tensor, B: torch.Tensor | None,
-            problems: list[str]) -> ModuleFactors | None:
-    """One module's factors, or None with the reason appended to `problems`."""
-    if B is None:
-        problems.append(f"it has {path}.lora_A but not {path}.lora_B (the file is incomplete)")
-        return None
-    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-        problems.append(f"{path}: lora_B has shape {list(B.shape)}, which does not fit lora_A {list(A.shape)}")
-        return None
-    r, declared = A.shape[0], pattern_value(config.rank_pattern, path, config.r)
-    if r != declared:
-        said = f"{declared} (its rank_pattern)" if declared != config.r else f"r={config.r} (no rank_pattern entry matches it)"
-        problems.append(f"{path} has rank {r} in its weights but adapter_config.json says {said}")
-        return None
-    alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
-    return ModuleFactors(A.float(), B.float(), config.scaling(r, alpha))
 
 
 def uniform_config(config: LoraConfig, ranks: dict[str, int]) -> LoraConfig:

@@ -190,6 +190,11 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
         raise ConfigError(f"config key {key!r} in {where} is {value!r} ({type(value).__name__}); "
                           f"it must be a {expected.__name__}")
@@ -197,7 +202,12 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 
 
 def _parse_file(path: Path) -> dict:
-    text = path.read_text()
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"config file {path}: unknown format {path.suffix!r}; use .toml, .yaml or .yml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text file (not UTF-8); give a .toml or .yaml config") from None
     try:
         if path.suffix == ".toml":
             return tomllib.loads(text)

@@ -435,6 +435,9 @@ def finish(run: Run) -> TrainResult:
         "trainable_percent": round(res.trainable_percent, 4), "seconds": round(res.seconds, 2),
         "tokens_per_second": round(res.tokens_per_second, 1), "peak_memory_mb": round(res.peak_memory_mb, 1),
         "resumed_from_step": res.resumed_from, "default_model": default})
+    if run.work == run.out:  # written in place: the marker now lists what rankdial wrote (atomic_dir does it itself)
+        write_json(run.out / MARKER, {"kind": RUN_KIND, "written_by": "rankdial",
+                                      "files": sorted(p.name for p in run.out.iterdir() if p.name != MARKER)})
     run.say(summary_text(res))
     return res
 
