@@ -184,6 +184,9 @@ def main() -> None:
                 out[f"{key}_tokens_per_s{suffix}"] = round(tps[m], 1)
                 if name == "large":
                     out[f"{key}_peak_rss_mb"] = round(rss[m], 1)
+    from rankdial.quant import kernel_info
+
+    out["kernel_info"] = kernel_info()  # which NF4 dequantizer / matmul path the QLoRA modes ran on this CPU
     print(json.dumps(out))
 
 
