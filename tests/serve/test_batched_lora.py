@@ -119,12 +119,57 @@ def test_stack_is_reused_until_the_adapters_change():
     route(model, ["b", None, "a"])
     assert model[0].routing.stack is stack  # same adapters: not rebuilt
     with torch.no_grad():
-        model[0].lora_B["b"].weight.mul_(3.0)  # an in-place update (an optimizer step, load_adapter)
+        model[0].lora_B["b"].weight.mul_(3.0)  # an in-place update through autograd's version counter (copy_, mul_)
     route(model, ["b", "a"])
     assert model[0].routing.stack is not stack
-    model[0].scaling["a"] *= 0.5
+    stack = model[0].routing.stack
+    model[0].scaling["a"] *= 0.5  # a scaling change alone
+    route(model, ["b", "a"])
+    assert model[0].routing.stack is not stack
+    assert routed_vs_reference(model, ["b", "a", None], 31) <= 1e-5
     model[0].add_adapter("c", r=6, alpha=6, init_lora_weights=False)
     assert routed_vs_reference(model, ["c", "b", "a", None], 33) <= 1e-5
+
+
+def test_an_adapter_deleted_and_added_again_under_its_name_is_rebuilt():
+    model = layer_model({"a": 4}, 12)
+    route(model, ["a"])
+    for seed in range(20):  # a registry's unload/load cycle: Python may reuse the freed tensors' ids
+        model[0].delete_adapter("a")
+        torch.manual_seed(seed)
+        model[0].add_adapter("a", r=4, alpha=8, init_lora_weights=False)
+        assert routed_vs_reference(model, ["a"], seed) <= 1e-5
+
+
+def test_a_fused_optimizer_step_needs_refresh_and_a_dtype_change_is_seen():
+    model = layer_model({"a": 4, "b": 4}, 13)
+    route(model, ["a", "b"])
+    layer = model[0]
+    opt = torch.optim.AdamW([layer.lora_A["a"].weight], lr=0.5, fused=True)
+    layer.lora_A["a"].weight.grad = torch.ones_like(layer.lora_A["a"].weight)
+    opt.step()  # fused kernels do not bump the version counter
+    x = torch.randn(2, 3, D_IN)
+    with torch.no_grad():
+        route(model, ["a", "b"], refresh=True)
+        torch.testing.assert_close(model(x), reference_rows(layer, x, ["a", "b"]), rtol=1e-5, atol=1e-5)
+    model.double()
+    with torch.no_grad():
+        route(model, ["a", "b"])
+        assert layer.routing.stack.At.dtype == torch.float64
+
+
+def test_an_active_whole_module_copy_or_disabled_is_honoured():
+    model = tiny_model("llama")
+    rd.inject(model, rd.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), adapter="x")
+    with pytest.raises(rd.AdapterError, match="active and replaces the whole module lm_head"):
+        route(model, [None])
+    rd.set_active(model, [])
+    ids = token_batch(batch=2)
+    base = model_output(tiny_model("llama"), ids)
+    route(model, [None, None])
+    torch.testing.assert_close(model_output(model, ids), base, rtol=1e-5, atol=1e-6)
+    with rd.disabled(model):
+        torch.testing.assert_close(model_output(model, ids), base, rtol=1e-5, atol=1e-6)
 
 
 def test_clear_route_restores_set_active():
@@ -178,3 +223,13 @@ def test_whole_llama_routed_batch_equals_each_row_alone(quantized):
     clear_route(model)
     assert (batched - alone).abs().max() <= 1e-5
     assert (alone[0] - per_row_alone(model, ids[:1], [None])).abs().max() > 1e-3  # the adapters do change the logits
+
+
+def test_disabled_computes_the_base_for_every_routed_row():
+    model = layer_model({"a": 4, "b": 2}, 14)
+    x = torch.randn(2, 3, D_IN)
+    with torch.no_grad():
+        route(model, ["a", "b"])
+        with rd.disabled(model):
+            torch.testing.assert_close(model(x), model[0].base_layer(x))
+        assert not torch.allclose(model(x), model[0].base_layer(x))

@@ -72,6 +72,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self._unmerged_active: tuple[str, ...] = ()
         self.routing = None  # serve.batched_lora.Routing, set by route(): each batch row adds its own adapter
+        self.generation = 0  # bumped whenever an adapter is added or deleted (caches such as routing's key on it)
 
     # -- the base, seen through the wrapper -------------------------------------------------------
     @property
@@ -127,6 +128,7 @@ class LoraLayer(nn.Module):
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scaling(r, alpha, use_rslora)
+        self.generation += 1
         if config is None:  # added by hand: recorded all the same, so the model-level verbs see it
             config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
                                 init_lora_weights=init_lora_weights, target_modules=BY_HAND)
@@ -164,6 +166,7 @@ class LoraLayer(nn.Module):
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
         del self.scaling[name]
+        self.generation += 1
         self.configs.pop(name, None)
         self._active = [a for a in self._active if a != name]
         self._refresh()

@@ -39,10 +39,17 @@ def batched_lora(h: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.T
 
 
 def _stack_key(layer: LoraLayer) -> tuple:
-    """What the stack depends on: the adapters, their weight tensors (in-place updates bump _version), scaling."""
+    """What the stack depends on: the layer's adapter generation (bumped by add/delete, so an adapter unloaded and
+    loaded again under the same name is new), each weight's storage, dtype, device and version counter (autograd's
+    in-place ops and copy_ bump it), and the scaling. Updates that bypass the version counter (a fused optimizer
+    step, writes through .data) are not seen: call route(..., refresh=True) or clear_route() after them."""
     B = layer.lora_B._modules
-    return tuple((n, id(wa := a._parameters["weight"]), wa._version, id(wb := B[n]._parameters["weight"]), wb._version,
-                  layer.scaling[n]) for n, a in layer.lora_A._modules.items())
+
+    def weight(t: torch.Tensor) -> tuple:
+        return t.data_ptr(), t.dtype, t.device, t._version
+
+    return (layer.generation,) + tuple((n, weight(a._parameters["weight"]), weight(B[n]._parameters["weight"]),
+                                        layer.scaling[n]) for n, a in layer.lora_A._modules.items())
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,7 @@ class Routing:
             raise RequestError(f"the model is routed for {len(self.slots)} rows (route(model, rows)) but this batch has "
                                f"{x.shape[0]}; call route() with one adapter name (or None) per row")
         h = layer.base_layer(x)
-        if not self.any_adapter:
+        if not self.any_adapter or layer.disabled:
             return h
         n, dtype = x.shape[0], self.stack.At.dtype
         x3 = x.reshape(n, -1, x.shape[-1]).to(dtype)  # (N, L, d_in)
@@ -132,6 +139,10 @@ def _check_routable(wrappers: list[tuple[str, nn.Module]], layers: list[tuple[st
                          "call unmerge(model) before route()")
     wanted = set(rows) - {None}
     for path, wrapper in wrappers:
+        if isinstance(wrapper, ModulesToSave) and wrapper.active is not None and not wrapper.disabled:
+            raise AdapterError(f"adapter {wrapper.active!r} is active and replaces the whole module {path} "
+                               "(modules_to_save), which would apply to every row; call set_active(model, []) "
+                               "before route()")
         if isinstance(wrapper, ModulesToSave) and wanted & set(wrapper.modules_to_save):
             raise AdapterError(f"adapter(s) {sorted(wanted & set(wrapper.modules_to_save))} replace the whole module "
                                f"{path} (modules_to_save), which cannot differ per row; serve them with set_active()")
@@ -141,11 +152,12 @@ def _check_routable(wrappers: list[tuple[str, nn.Module]], layers: list[tuple[st
                               "call model.eval() before routing (routing is for inference)")
 
 
-def route(model: nn.Module, rows: list[str | None]) -> None:
+def route(model: nn.Module, rows: list[str | None], refresh: bool = False) -> None:
     """Route the next forwards of `model`: batch row i adds adapter rows[i]'s term (None: the base alone).
 
     Sets `routing` on every LoRA layer; a layer's stack is rebuilt only when its adapters changed since the
-    last route(). A layer that does not hold rows[i]'s adapter adds nothing for that row, as with set_active.
+    last route() (see _stack_key), or always with refresh=True. A layer that does not hold rows[i]'s adapter adds
+    nothing for that row, as with set_active. Inside rd.disabled(model) every row computes the base.
 
     Raises:
         AdapterError: a name is not an adapter of the model (the message lists those loaded), or an adapter
@@ -163,7 +175,8 @@ def route(model: nn.Module, rows: list[str | None]) -> None:
             layer.routing = None
             continue
         old = layer.routing
-        stack = old.stack if old is not None and old.stack.key == _stack_key(layer) else AdapterStack.build(layer)
+        fresh = old is not None and not refresh and old.stack.key == _stack_key(layer)
+        stack = old.stack if fresh else AdapterStack.build(layer)
         slots = tuple(stack.slot(name) for name in rows)
         device = stack.At.device
         if (slots, device) not in indices:
