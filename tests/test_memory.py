@@ -151,3 +151,11 @@ def test_planned_peaks_agree_with_measured_ones_within_15_percent():
             bad.append(rows[-1])
     print("\n".join(rows))
     assert not bad, "\n".join(rows)
+
+
+def test_dimensions_with_a_typo_or_a_negative_head_dim_are_named():
+    with pytest.raises(ConfigError, match="unknown 'hiden' \\(did you mean 'hidden'\\?\\)"):
+        estimate_memory({"hiden": 64, "layers": 2, "heads": 4, "kv_heads": 4, "ffn": 128, "vocab": 100})
+    with pytest.raises(ConfigError, match="head_dim must be a positive integer"):
+        estimate_memory({"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 4, "ffn": 128, "vocab": 100,
+                         "head_dim": -16})

@@ -144,6 +144,17 @@ def _added_since(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in written and p.name != MARKER)
 
 
+def note_written(folder: str | os.PathLike, names) -> None:
+    """Add top-level `names` to the files a marked folder's marker lists as rankdial's own (for folders rankdial
+    fills over time, such as a training run written in place), so a later replace keeps anything else."""
+    folder = Path(folder)
+    marker = _marker(folder)
+    if not marker:
+        return
+    listed = marker.get("files") if isinstance(marker.get("files"), list) else []
+    write_json(folder / MARKER, {**marker, "files": sorted(set(listed) | set(names))})
+
+
 def _related(a: Path, b: Path) -> bool:
     """True when a and b are the same path or one contains the other."""
     a, b = a.resolve(), b.resolve()

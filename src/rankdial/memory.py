@@ -65,6 +65,9 @@ class LlamaShape:
         problems = [f"{k} must be a positive integer, got {getattr(self, k)!r}"
                     for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab")
                     if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool) or getattr(self, k) <= 0]
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)
+                                          or self.head_dim <= 0):
+            problems.append(f"head_dim must be a positive integer or None, got {self.head_dim!r}")
         if not problems and self.head_dim is None and self.hidden % self.heads:
             problems.append(f"heads={self.heads} does not divide hidden={self.hidden}; pick a head count that "
                             f"divides it (e.g. {_divisor_near(self.hidden, self.heads)}) or give head_dim")
@@ -112,6 +115,15 @@ def model_shape(model: str | Path | dict | LlamaShape = "default") -> LlamaShape
     if isinstance(model, LlamaShape):
         return model
     if isinstance(model, dict):
+        fields = LlamaShape.__dataclass_fields__
+        unknown = [k for k in model if k not in fields]
+        missing = [k for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab") if k not in model]
+        if unknown or missing:
+            hints = [f"{k!r}" + (f" (did you mean {near[0]!r}?)" if (near := difflib.get_close_matches(k, fields, 1))
+                                 else "") for k in unknown]
+            raise ConfigError(f"a model given by its dimensions needs hidden, layers, heads, kv_heads, ffn and vocab"
+                              f"{'; missing ' + ', '.join(missing) if missing else ''}"
+                              f"{'; unknown ' + ', '.join(hints) if hints else ''}")
         return LlamaShape(**{"name": "custom", **model})
     if str(model) == "default":
         from .models import default_model_path

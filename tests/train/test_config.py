@@ -173,3 +173,8 @@ def test_yaml_exponents_without_a_dot_and_binary_config_files(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"\x80\xff")
     with pytest.raises(ConfigError, match="unknown format '.safetensors'"):
         make_config(tmp_path / "w.safetensors")
+
+
+def test_a_trainconfig_built_directly_names_values_of_the_wrong_type():
+    with pytest.raises(ConfigError, match="batch_size='8' \\(str\\): must be of type int"):
+        TrainConfig(data="x", batch_size="8")

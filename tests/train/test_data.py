@@ -120,3 +120,12 @@ def test_metrics_are_strict_json(tmp_path):
     with pytest.raises(TrainingError, match="not a finite number"):
         append_metrics(tmp_path / "m.jsonl", {"step": 2, "eval_loss": float("inf")})
     assert (tmp_path / "m.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n'
+
+
+def test_packing_drops_rows_without_a_target_token():
+    from rankdial.train.data import IGNORE, Dataset, Example, pack
+
+    examples = [Example([1, 2, 3, 4, 5, 6], [IGNORE, IGNORE, IGNORE, IGNORE, 5, 6]),
+                Example([7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [IGNORE] * 9 + [16])]
+    rows = pack(Dataset(examples, "mem", "prompt/completion", 0, 0, []), 8).examples
+    assert rows and all(row.n_targets > 0 for row in rows)

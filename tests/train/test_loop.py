@@ -166,3 +166,46 @@ def test_bf16_autocast_trains_close_to_fp32(tiny_model_dir, tmp_path, method):
     bf16 = _run(tiny_model_dir, tmp_path, "bf16", method=method, steps=3, bf16=True)
     assert all(torch.isfinite(torch.tensor(bf16.losses)))
     assert bf16.losses[0] == pytest.approx(fp32.losses[0], abs=0.05)
+
+
+def test_non_finite_gradients_stop_the_run_before_the_update(tiny_model_dir, tmp_path):
+    """A finite loss with an infinite gradient must not reach the optimizer (it would poison every weight)."""
+    from rankdial.errors import TrainingError
+    from rankdial.train import make_config
+    from rankdial.train.loop import fit, output_folder, setup
+    from rankdial.train.pieces import prepare_model
+
+    def poisoned(model, cfg, base_path):
+        lora = prepare_model(model, cfg, base_path)
+        first = next(p for n, p in model.named_parameters() if ".lora_B." in n)
+        first.register_hook(lambda g: g * float("inf"))
+        return lora
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(8))
+    cfg = make_config(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "run"), steps=3,
+                      batch_size=2, max_length=64, progress=False)
+    run = setup(cfg, prepare=poisoned)
+    before = {n: p.detach().clone() for n, p in run.named.items()}
+    with pytest.raises(TrainingError, match="gradient norm became (inf|nan) at step 1"):
+        with output_folder(run):
+            fit(run)
+    assert all(torch.equal(before[n], p) for n, p in run.named.items())
+
+
+def test_resume_takes_the_configs_lr(tiny_model_dir, tmp_path):
+    import json
+
+    from rankdial.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(8))
+    args = dict(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "run"), steps=4, batch_size=2,
+                max_length=64, progress=False, save_every=2, warmup_ratio=0.0, min_lr_ratio=1.0)  # constant lr
+    train(lr=1e-2, **args)
+    for name in ("summary.json", "adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "run" / name).unlink()  # as if it had stopped after step 2's checkpoint
+    said = []
+    train(lr=1e-4, resume=True, log=said.append, **args)
+    assert any("lr 0.01 -> 0.0001" in line for line in said), said
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r}
+    assert lrs[2] == pytest.approx(1e-2) and lrs[3] == pytest.approx(1e-4) and lrs[4] == pytest.approx(1e-4)

@@ -162,3 +162,20 @@ def test_overwrite_refuses_a_finished_run_that_holds_the_users_own_file(tiny_mod
     with pytest.raises(OutputError, match="notes.txt.*rankdial did not write"):
         train(overwrite=True, **args)
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_of_an_unfinished_run_keeps_the_users_file(tiny_model_dir, tmp_path):
+    from rankdial.errors import OutputError
+    from rankdial.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(8))
+    args = dict(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "run"), steps=4, batch_size=2,
+                max_length=64, progress=False, save_every=2)
+    train(**args)
+    (tmp_path / "run" / "summary.json").unlink()  # as if stopped after its checkpoints
+    (tmp_path / "run" / "thesis-notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="thesis-notes.txt"):
+        train(overwrite=True, **args)
+    assert (tmp_path / "run" / "thesis-notes.txt").read_text() == "mine"
+    (tmp_path / "run" / "thesis-notes.txt").unlink()
+    train(overwrite=True, **args)  # rankdial's own files alone: replaced

@@ -101,6 +101,9 @@ class TrainConfig:
                 problems.append(f"lora: {err}")
         elif not isinstance(self.lora, LoraConfig):
             problems.append(f"lora={self.lora!r}: must be a rankdial.LoraConfig or a table of its keys")
+        wrong = self._type_problems()
+        if wrong:  # comparisons below would raise TypeError on a value of the wrong type
+            raise ConfigError("invalid training config: " + "; ".join(problems + wrong))
         if self.method not in METHODS:
             problems.append(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
         if not self.data:
@@ -118,6 +121,16 @@ class TrainConfig:
         problems += self._range_problems()
         if problems:
             raise ConfigError("invalid training config: " + "; ".join(problems))
+
+    def _type_problems(self) -> list[str]:
+        """Values of the wrong type (TrainConfig(...) built directly skips make_config's conversion)."""
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+        problems = []
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), kinds.get(f.type if isinstance(f.type, str) else "")
+            if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+                problems.append(f"{f.name}={value!r} ({type(value).__name__}): must be of type {f.type}")
+        return problems
 
     def _range_problems(self) -> list[str]:
         problems = []

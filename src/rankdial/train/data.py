@@ -255,8 +255,8 @@ def pack(data: Dataset, max_length: int) -> Dataset:
         while len(ids) >= max_length:
             rows.append(Example(ids[:max_length], labels[:max_length]))
             ids, labels = ids[max_length:], labels[max_length:]
-    if any(t != IGNORE for t in labels[1:]):
-        rows.append(Example(ids, labels))
+    rows.append(Example(ids, labels))
+    rows = [row for row in rows if row.n_targets > 0]  # a row of prompt tokens only would carry no loss at all
     return Dataset(rows, data.source, data.kind + ", packed", data.truncated, data.dropped_no_target,
                    data.skipped_lines)
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..atomic import MARKER, atomic_dir, check_target, write_json
+from ..atomic import MARKER, atomic_dir, check_target, note_written, write_json
 from ..errors import DataError, RankdialError, TrainingError, TrainingInterrupted
 from ..memory import estimate_memory, peak_memory_mb
 
@@ -223,6 +223,19 @@ def _trainable(model, cfg: TrainConfig, base_path: Path, say) -> tuple[dict, int
     return named, report.trainable, report.total
 
 
+def _apply_lr(run: Run, step: int) -> None:
+    """A resumed scheduler carries the lr it was saved with; the config's lr wins (e.g. lowered after a NaN)."""
+    old = run.scheduler.base_lrs[0]
+    if old == run.cfg.lr:
+        return
+    run.scheduler.base_lrs = [run.cfg.lr for _ in run.scheduler.base_lrs]
+    factor = run.scheduler.lr_lambdas[0](step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.cfg.lr * factor
+    run.scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+    run.say(f"--resume: lr {old:g} -> {run.cfg.lr:g} (the config's), from step {step}")
+
+
 def _adapter_writer(model):
     from ..adapters import save_adapter
 
@@ -233,8 +246,8 @@ def _memory_plan_line(cfg: TrainConfig, base_path: Path) -> str:
     """One line of rankdial.memory's plan for this run (Llama-shaped models; others get a short note)."""
     targets = cfg.lora.target_modules if cfg.method != "full" else "all-linear"
     try:
-        plan = estimate_memory(base_path, method=cfg.method, rank=cfg.lora.r, targets=targets,
-                               batch_size=cfg.batch_size, seq_len=cfg.max_length, dtype="bf16" if cfg.bf16 else "fp32",
+        plan = estimate_memory(base_path, method=cfg.method, rank=cfg.lora.r, targets=targets,  # weights load fp32
+                               batch_size=cfg.batch_size, seq_len=cfg.max_length, dtype="fp32",
                                gradient_checkpointing=cfg.gradient_checkpointing)
     except RankdialError as err:  # a model that is not Llama-shaped, or targets given as a pattern
         return f"memory plan: not available for this model/targets ({_first_line(err)})"
@@ -259,8 +272,10 @@ def resume_from_checkpoint(run: Run) -> None:
                             f"{run.total_steps}. Resume with the same config and number of processes")
     try:
         ckpt_io.load_into(found, run.named, run.optimizer, run.scheduler)
-    except ValueError as err:
-        raise TrainingError(str(err)) from None
+    except (ValueError, RuntimeError) as err:  # RuntimeError: a tensor of another shape (another r)
+        raise TrainingError(f"checkpoint {found.path} does not fit this run ({_first_line(err)}); resume with the "
+                            "config it was written with") from None
+    _apply_lr(run, found.step)
     run.start_step = run.done = run.resumed_from = found.step
     run.last_checkpoint = found
     run.say(f"resumed from {found.path} (step {found.step})")
@@ -281,7 +296,8 @@ def output_folder(run: Run):
     if run.dist.main:
         run.out.mkdir(parents=True, exist_ok=True)
         if not (run.out / MARKER).exists():
-            write_json(run.out / MARKER, {"kind": RUN_KIND, "written_by": "rankdial"})
+            existing = sorted(p.name for p in run.out.iterdir())  # a legacy run's own files (checked by plan_output)
+            write_json(run.out / MARKER, {"kind": RUN_KIND, "written_by": "rankdial", "files": existing})
     yield run.work
 
 
@@ -294,6 +310,7 @@ def fit(run: Run) -> None:
         write_json(run.work / CONFIG_NAME, {**cfg.to_dict(), "base_model": str(run.base_path),
                                             "world_size": run.dist.world})
         run.losses, run.eval_losses = read_history(run.work / METRICS_NAME, run.start_step)
+        note_written(run.work, [CONFIG_NAME, METRICS_NAME])
     barrier(run.dist)
     if run.eval_data is not None and run.start_step == 0:
         evaluate_now(run, 0)
@@ -334,8 +351,14 @@ def step(run: Run, model, s: int) -> tuple[float, float]:
         run.optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"the loss became {loss} at step {s + 1}; training stopped and no adapter was written "
                             f"for it; {_where_to_continue(run, 'after lowering lr')}")
-    if run.cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(list(run.named.values()), run.cfg.max_grad_norm)
+    # The norm is computed even without clipping (inf leaves the gradients as they are): a finite loss can still
+    # give non-finite gradients, and one optimizer step with them would poison every weight and checkpoint.
+    max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(list(run.named.values()), max_norm))
+    if not math.isfinite(norm):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(f"the gradient norm became {norm} at step {s + 1} (the loss was {loss:.4g}); training "
+                            f"stopped before the update; {_where_to_continue(run, 'after lowering lr')}")
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
@@ -375,6 +398,7 @@ def save(run: Run) -> None:
              "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed}
     adapter_fn = _adapter_writer(run.model) if run.is_lora else None
     path = ckpt_io.write_checkpoint(run.work, run.done, run.named, run.optimizer, run.scheduler, state, adapter_fn)
+    note_written(run.work, ["checkpoints"])
     ckpt_io.prune(run.work, run.cfg.keep_checkpoints)
     run.last_checkpoint = ckpt_io.Checkpoint(path, run.done, state)
 
@@ -423,6 +447,7 @@ def finish(run: Run) -> TrainResult:
     res = result(run)
     if not run.dist.main:
         return res
+    before = {p.name for p in run.work.iterdir()}
     save_final_model(run.model, run.tokenizer, run.work, run.is_lora)
     default = run.base_path == default_model_path()
     name = "kjv-llama-tiny (default)" if default else run.base_path.name
@@ -435,9 +460,8 @@ def finish(run: Run) -> TrainResult:
         "trainable_percent": round(res.trainable_percent, 4), "seconds": round(res.seconds, 2),
         "tokens_per_second": round(res.tokens_per_second, 1), "peak_memory_mb": round(res.peak_memory_mb, 1),
         "resumed_from_step": res.resumed_from, "default_model": default})
-    if run.work == run.out:  # written in place: the marker now lists what rankdial wrote (atomic_dir does it itself)
-        write_json(run.out / MARKER, {"kind": RUN_KIND, "written_by": "rankdial",
-                                      "files": sorted(p.name for p in run.out.iterdir() if p.name != MARKER)})
+    if run.work == run.out:  # written in place: the marker lists what rankdial wrote (atomic_dir does it itself)
+        note_written(run.out, set(p.name for p in run.out.iterdir()) - before)
     run.say(summary_text(res))
     return res
 
