@@ -100,7 +100,8 @@ def child(mode: str, model_dir: str, batch: int, steps: int, skip: int) -> None:
     model = peft_model(mode, model_dir) if mode.startswith("peft") else None
     prepare = peft_prepare if mode.startswith("peft") else floor_prepare if mode == "floor" else None
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = make_config(model=model_dir, device="cpu", method=method,  # PEFT's modes run on the CPU too data=str(default_samples_path() / "pydoc_qa.jsonl"),
+        # device="cpu": the PEFT modes run on the CPU, so rankdial's must too, GPU or not
+        cfg = make_config(model=model_dir, device="cpu", method=method, data=str(default_samples_path() / "pydoc_qa.jsonl"),
                           output_dir=tmp + "/o", steps=steps, batch_size=batch, lr=1e-3, r=R, lora_alpha=2 * R,
                           max_length=64, progress=False)
         run = setup(cfg, log=lambda *a: None, model=model, prepare=prepare)
