@@ -25,6 +25,8 @@ EPILOG = {
     "combine": ("examples:\n  rankdial combine out/a out/b --weights 0.5,0.5 --how cat --out out/ab\n"
                 "  rankdial combine out/a out/b --weights 1,-0.3 --how svd --rank 8 --out out/ab8"),
     "convert-bin": "example: rankdial convert-bin downloads/old-adapter",
+    "sweep": ("examples:\n  rankdial sweep run.toml --ranks 1,2,4,8,16,64 --out out/sweep\n"
+              "  rankdial sweep --data d.jsonl --eval-fraction 0.1 --steps 200 --ranks 1,4,16 --out out/s"),
     "estimate": ("examples:\n  rankdial estimate llama-70b --method qlora\n"
                  "  rankdial estimate default --method full --batch-size 16 --seq-len 256 --json\n"
                  "  rankdial estimate --hidden 4096 --layers 32 --heads 32 --ffn 11008 --vocab 32000"),
@@ -134,6 +136,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .rank import sweep
+    from .train.config import FIELDS
+
+    overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    print(sweep(args.config, args.ranks, args.out, **overrides))
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .export import merge_to_folder
 
@@ -219,7 +230,7 @@ def add_estimate_parser(verbs, fmt) -> None:
 
 
 def add_train_parser(verbs, fmt) -> None:
-    from .train.config import FIELDS, TrainConfig, flag_help, parse_flag_value
+    from .train.config import TrainConfig
 
     p = verbs.add_parser("train", help="fine-tune with LoRA, QLoRA or in full from a TOML/YAML config and flags",
                          description="Fine-tune a model. Every config key is also a flag (--max-length 512); "
@@ -228,7 +239,28 @@ def add_train_parser(verbs, fmt) -> None:
     p.add_argument("config", nargs="?", default=None, help="a .toml or .yaml config file (optional)")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    _add_config_flags(p)
+    p.set_defaults(run=cmd_train)
+
+
+def add_sweep_parser(verbs, fmt) -> None:
+    p = verbs.add_parser("sweep", help="train one config at several ranks; eval loss against rank and parameters",
+                         description="Train the same config (seed, data) at each rank; every config key is also a "
+                                     "flag. Writes OUT/r<k>/ (complete runs), OUT/sweep.json and OUT/sweep.png.",
+                         epilog=EPILOG["sweep"], formatter_class=fmt)
+    p.add_argument("config", nargs="?", default=None, help="a .toml or .yaml config file (optional)")
+    p.add_argument("--ranks", required=True, help="comma-separated ranks, e.g. 1,2,4,8,16,64")
+    p.add_argument("--out", required=True, help="folder for the sweep (built beside, swapped in when done)")
+    _add_config_flags(p, skip=("output_dir", "r"))
+    p.set_defaults(run=cmd_sweep)
+
+
+def _add_config_flags(p, skip: tuple[str, ...] = ()) -> None:
+    from .train.config import FIELDS, flag_help, parse_flag_value
+
     for key in FIELDS:
+        if key in skip:
+            continue
         flag = "--" + key.replace("_", "-")
         if FIELDS[key].type == "bool":
             p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None,
@@ -236,7 +268,6 @@ def add_train_parser(verbs, fmt) -> None:
         else:
             p.add_argument(flag, dest=key, default=None, metavar=key.upper(), type=_flag_type(key, parse_flag_value),
                            help=flag_help(key))
-    p.set_defaults(run=cmd_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
     add_train_parser(verbs, fmt)
     add_estimate_parser(verbs, fmt)
+    add_sweep_parser(verbs, fmt)
     merge = verbs.add_parser("merge", help="base + adapter -> a plain model folder that transformers loads",
                              epilog=EPILOG["merge"], formatter_class=fmt)
     merge.add_argument("adapter", help="adapter folder (a rankdial train output, or any PEFT LoRA adapter)")

@@ -6,7 +6,8 @@ Everything here works on adapter folders (PEFT's format) alone: no base model is
 from .combine import combine_adapters
 from .factors import AdapterFactors, ModuleFactors, read_factors, write_factors
 from .spectrum import ModuleSpectrum, effective_rank, spectrum, suggest_rank_pattern
+from .sweep import SweepResult, sweep
 from .truncate import TruncateReport, truncate_adapter
 
 __all__ = ["AdapterFactors", "ModuleFactors", "ModuleSpectrum", "TruncateReport", "combine_adapters",
-           "effective_rank", "read_factors", "spectrum", "suggest_rank_pattern", "truncate_adapter", "write_factors"]
+           "effective_rank", "read_factors", "spectrum", "suggest_rank_pattern", "sweep", "SweepResult", "truncate_adapter", "write_factors"]
