@@ -270,10 +270,8 @@ def _add_config_flags(p, skip: tuple[str, ...] = ()) -> None:
                            help=flag_help(key))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rankdial", description="Low-rank adaptation you can see and trust.")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    fmt = argparse.RawDescriptionHelpFormatter
+def add_demo_parser(verbs, fmt) -> None:
+    """demo: the main job on the embedded default model."""
     demo = verbs.add_parser("demo", help="the main job: LoRA and QLoRA fine-tunes of the default model, compared",
                             epilog=EPILOG["demo"], formatter_class=fmt)
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
@@ -284,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="for --tiny: LoRA on the fp32 base, QLoRA on an NF4 base, or both (default)")
     demo.add_argument("--device", default="auto", help=DEVICE_HELP)
     demo.set_defaults(run=cmd_demo)
-    add_train_parser(verbs, fmt)
-    add_estimate_parser(verbs, fmt)
-    add_sweep_parser(verbs, fmt)
+
+def add_model_parsers(verbs, fmt) -> None:
+    """merge and generate: verbs that load a base model and adapters."""
     merge = verbs.add_parser("merge", help="base + adapter -> a plain model folder that transformers loads",
                              epilog=EPILOG["merge"], formatter_class=fmt)
     merge.add_argument("adapter", help="adapter folder (a rankdial train output, or any PEFT LoRA adapter)")
@@ -311,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help=DEVICE_HELP)
     gen.add_argument("--json", action="store_true", help="print JSON")
     gen.set_defaults(run=cmd_generate)
+
+def add_adapter_parsers(verbs, fmt) -> None:
+    """inspect, truncate, combine, convert-bin: verbs on adapter folders alone."""
     inspect = verbs.add_parser("inspect", help="describe an adapter folder: ranks, size, norm of each ΔW",
                                epilog=EPILOG["inspect"], formatter_class=fmt)
     inspect.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
@@ -343,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog=EPILOG["convert-bin"])
     convert.add_argument("folder")
     convert.set_defaults(run=cmd_convert_bin)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankdial", description="Low-rank adaptation you can see and trust.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    fmt = argparse.RawDescriptionHelpFormatter
+    add_demo_parser(verbs, fmt)
+    add_train_parser(verbs, fmt)
+    add_estimate_parser(verbs, fmt)
+    add_sweep_parser(verbs, fmt)
+    add_model_parsers(verbs, fmt)
+    add_adapter_parsers(verbs, fmt)
     parser.verb_parsers = verbs.choices  # {verb: its sub-parser}, for --help checks and typo hints
     return parser
 
