@@ -100,3 +100,29 @@ def qa_rows(n: int = 24):
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
     return [{"prompt": f"What is {words[i % 6]} {i}?\n", "completion": f"It is the number {i} of {words[i % 6]}."}
             for i in range(n)]
+
+
+class MHABlock(torch.nn.Module):
+    """nn.MultiheadAttention (whose forward reads out_proj.weight as a tensor) followed by a plain linear."""
+
+    def __init__(self, dim: int, heads: int, linear: str = "fc"):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.linear_name = linear
+        setattr(self, linear, torch.nn.Linear(dim, dim))
+
+    def forward(self, x):
+        return getattr(self, self.linear_name)(self.attn(x, x, x, need_weights=False)[0])
+
+
+def fail_on_call(monkeypatch, module, name: str, n: int, error: BaseException) -> None:
+    """Make module.<name> raise `error` on its n-th call (1-based) and call the real function otherwise."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)

@@ -359,6 +359,13 @@ def _token_activation_bytes(shape: LlamaShape, method: str, tgt: tuple[str, ...]
     return acts + 8  # the int64 token id the embedding keeps
 
 
+def process_status_bytes(key: str) -> int:
+    """A memory line of /proc/self/status in bytes (VmRSS: resident now; VmHWM: this process's own resident peak,
+    which ru_maxrss is not, since it can carry a parent's peak across fork+exec)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) * 1024
+
+
 def peak_memory_mb(device="cpu") -> float:
     """This process's peak memory in MiB: CUDA's max_memory_allocated on a GPU, else the resident peak (VmHWM)."""
     import resource
@@ -368,8 +375,7 @@ def peak_memory_mb(device="cpu") -> float:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:  # VmHWM: this process's own peak (ru_maxrss can carry a parent's peak across fork+exec)
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    try:
+        return process_status_bytes("VmHWM") / 2**20
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import json
 
-from .memory import METHODS, LlamaShape, _choice, model_shape
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) * 1024
-
+from .memory import METHODS, LlamaShape, _choice, model_shape, process_status_bytes
 
 def _return_freed_memory() -> None:
     """Fix glibc's mmap threshold at 128 KiB: big blocks are mapped on allocation and unmapped on free, so the
@@ -111,17 +106,17 @@ def measure_training_peak(model="default", method: str = "lora", rank: int = 16,
     shape = model_shape(model)
     _warm_up(method, rank, targets)
     _trim()
-    baseline = _status_kb("VmRSS")
+    baseline = process_status_bytes("VmRSS")
     net = _build(shape, method, rank, targets)
     _trim()
-    built, t1 = _status_kb("VmRSS"), time.perf_counter()
+    built, t1 = process_status_bytes("VmRSS"), time.perf_counter()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident size (Linux 4.0+)
     except OSError:
         pass
     _steps(net, batch_size, seq_len, steps, shape.vocab)
-    return {"peak": _status_kb("VmHWM") - baseline, "model": built - baseline, "baseline": baseline,
+    return {"peak": process_status_bytes("VmHWM") - baseline, "model": built - baseline, "baseline": baseline,
             "seconds": {"warmup+build": round(t1 - t0, 1), "steps": round(time.perf_counter() - t1, 1)}}
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import rankdial as rd
 from rankdial.lora import LoraLayer
-from conftest import model_output, tiny_model, token_batch
+from conftest import MHABlock, model_output, tiny_model, token_batch
 
 
 def injected(seed=0, **kwargs):
@@ -81,18 +81,9 @@ def test_tied_head_with_an_adapter_still_ties():
 
 
 def test_multihead_attention_out_proj_is_refused_or_skipped():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.fc(self.attn(x, x, x)[0])
-
     with pytest.raises(rd.TargetError, match="MultiheadAttention.*never run"):
-        rd.inject(Block(), rd.LoraConfig(target_modules=["out_proj"]))
-    model = Block()
+        rd.inject(MHABlock(8, 2), rd.LoraConfig(target_modules=["out_proj"]))
+    model = MHABlock(8, 2)
     rd.inject(model, rd.LoraConfig(r=2, target_modules="all-linear"))
     assert [p for p, m in model.named_modules() if isinstance(m, LoraLayer)] == ["fc"]
     model(torch.randn(1, 3, 8))

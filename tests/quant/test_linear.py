@@ -280,17 +280,10 @@ def test_model_dtype_weight_probes_and_generate_work_after_quantize_model(llama)
 
 
 def test_multihead_attention_out_proj_is_kept_in_full_precision_and_reported():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
-            self.ff = nn.Linear(64, 64)
-
-        def forward(self, x):
-            return self.ff(self.attn(x, x, x, need_weights=False)[0])
+    from conftest import MHABlock
 
     torch.manual_seed(41)
-    block = Block().eval()
+    block = MHABlock(64, 4, linear="ff").eval()
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         before = block(x)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import qa_rows, write_jsonl
+from conftest import fail_on_call, qa_rows, write_jsonl
 from rankdial.train import TrainingInterrupted, train
 
 
@@ -17,15 +17,7 @@ def test_keyboard_interrupt_becomes_training_interrupted(tiny_model_dir, tmp_pat
     import rankdial.train.loop as loop
 
     data = write_jsonl(tmp_path / "d.jsonl", qa_rows(16))
-    real, calls = loop.token_loss_sum, {"n": 0}
-
-    def ctrl_c_in_step_4(*a):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a)
-
-    monkeypatch.setattr(loop, "token_loss_sum", ctrl_c_in_step_4)
+    fail_on_call(monkeypatch, loop, "token_loss_sum", 4, KeyboardInterrupt())  # Ctrl-C in step 4
     common = dict(model=str(tiny_model_dir), data=str(data), steps=6, batch_size=4, max_length=48, progress=False,
                   log=lambda *a: None)
     with pytest.raises(TrainingInterrupted) as err:
@@ -33,7 +25,8 @@ def test_keyboard_interrupt_becomes_training_interrupted(tiny_model_dir, tmp_pat
     message = str(err.value)
     assert "\n" not in message and "after step 3 of 6" in message
     assert str(tmp_path / "a" / "checkpoints" / "step-000002") in message and "--resume" in message
-    calls["n"] = 0
+    monkeypatch.undo()  # count the calls afresh for the second run
+    fail_on_call(monkeypatch, loop, "token_loss_sum", 4, KeyboardInterrupt())
     with pytest.raises(TrainingInterrupted, match="no checkpoint was written .*--save-every"):
         train(output_dir=str(tmp_path / "b"), **common)
 

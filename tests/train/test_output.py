@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import qa_rows, write_jsonl
+from conftest import fail_on_call, qa_rows, write_jsonl
 from rankdial import ConfigError, DataError, ModelError, OutputError
 from rankdial.atomic import MARKER, read_marker
 from rankdial.cli import main
@@ -61,15 +61,7 @@ def test_overwrite_that_crashes_or_is_interrupted_leaves_the_finished_run_intact
     import rankdial.train.loop as loop
 
     data, out, before = finished
-    real, calls = loop.token_loss_sum, {"n": 0}
-
-    def dies_at_step_3(*a):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise crash
-        return real(*a)
-
-    monkeypatch.setattr(loop, "token_loss_sum", dies_at_step_3)
+    fail_on_call(monkeypatch, loop, "token_loss_sum", 3, crash)  # dies at step 3
     expected = RuntimeError if isinstance(crash, RuntimeError) else TrainingInterrupted
     with pytest.raises(expected) as err:
         train(**_args(tiny_model_dir, data, out, steps=6, save_every=1), overwrite=True)

@@ -59,10 +59,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def named_wrappers(model: nn.Module):
-    """Yield (path, module) for every LoraLayer and ModulesToSave in the model."""
-    for path, module in unwrap_model(model).named_modules():
+    """Yield (path, module) for every LoraLayer and ModulesToSave in the model, not walking into them.
+
+    Every model-level verb (and serving's route(), once per step) starts here; nn.Module.named_modules() would
+    also visit each adapter's A, B and dropout modules, which can never hold another wrapper.
+    """
+    def walk(module: nn.Module, prefix: str):
         if isinstance(module, (LoraLayer, ModulesToSave)):
-            yield path, module
+            yield prefix, module
+            return
+        for name, child in module._modules.items():
+            if child is not None:
+                yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+    yield from walk(unwrap_model(model), "")
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import AdapterError, ConfigError, MergeError, RequestError
 from ..lora import LoraLayer, ModulesToSave, adapter_names
-from ..lora.inject import unwrap_model
+from ..lora.inject import named_wrappers
 
 
 def batched_lora(h: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -107,22 +107,11 @@ def reference_rows(layer: LoraLayer, x: torch.Tensor, rows: list[str | None]) ->
                       for i, name in enumerate(rows)])
 
 
-def _wrappers(module: nn.Module, prefix: str = ""):
-    """(path, wrapper) for every LoraLayer and ModulesToSave, not walking into them: route() runs every step, and
-    nn.Module.named_modules() would visit every adapter's A, B and dropout."""
-    if isinstance(module, (LoraLayer, ModulesToSave)):
-        yield prefix, module
-        return
-    for name, child in module._modules.items():
-        if child is not None:
-            yield from _wrappers(child, f"{prefix}.{name}" if prefix else name)
-
-
 def _check_rows(model: nn.Module, rows) -> list[str | None]:
     """rows as a list of known adapter names or None; AdapterError names the unknown ones and those loaded."""
     if not isinstance(rows, (list, tuple)) or not rows or not all(r is None or isinstance(r, str) for r in rows):
         raise RequestError(f"route() takes a non-empty list with one adapter name (or None) per batch row, got {rows!r}")
-    loaded = {name for _, w in _wrappers(unwrap_model(model)) if isinstance(w, LoraLayer) for name in w.lora_A._modules}
+    loaded = {name for _, w in named_wrappers(model) if isinstance(w, LoraLayer) for name in w.lora_A._modules}
     unknown = sorted({r for r in rows if r is not None and r not in loaded})
     if unknown:
         loaded = adapter_names(model)
@@ -166,7 +155,7 @@ def route(model: nn.Module, rows: list[str | None], refresh: bool = False) -> No
         RequestError: rows is not a non-empty list of names and None.
     """
     rows = _check_rows(model, rows)
-    wrappers = list(_wrappers(unwrap_model(model)))
+    wrappers = list(named_wrappers(model))
     layers = [(path, w) for path, w in wrappers if isinstance(w, LoraLayer)]
     _check_routable(wrappers, layers, rows)
     indices: dict[tuple, torch.Tensor] = {}  # layers holding the same adapters share one index tensor
@@ -186,6 +175,6 @@ def route(model: nn.Module, rows: list[str | None], refresh: bool = False) -> No
 
 def clear_route(model: nn.Module) -> None:
     """Remove the routing from every LoRA layer (and free its stacks): forwards follow set_active again."""
-    for _, wrapper in _wrappers(unwrap_model(model)):
+    for _, wrapper in named_wrappers(model):
         if isinstance(wrapper, LoraLayer):
             wrapper.routing = None

@@ -66,14 +66,20 @@ class Dataset:
         return "; ".join(parts)
 
 
+def check_data_file(path: str | Path, what: str = "data file") -> Path:
+    """`path` as a Path, or DataError naming it when it does not exist or is a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a directory, not a file; give a JSONL file with one example per line")
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist; give a JSONL file with one example per line")
+    return path
+
+
 def read_jsonl(path: str | Path, skip_bad_lines: bool = False,
                roles: tuple[str, ...] = ROLES) -> tuple[list[tuple[int, dict]], list[str]]:
     """[(line number, record)] of a JSONL file, and the messages for lines skipped as bad."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist; give a JSONL file with one example per line")
-    if path.is_dir():
-        raise DataError(f"data file {path} is a directory, not a file; give a JSONL file with one example per line")
+    path = check_data_file(path)
     records, skipped = [], []
     with open(path, encoding="utf-8", errors="strict") as f:
         try:

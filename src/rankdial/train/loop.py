@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from ..atomic import MARKER, atomic_dir, check_target, note_written, write_json
-from ..errors import DataError, RankdialError, TrainingError, TrainingInterrupted
+from ..errors import RankdialError, TrainingError, TrainingInterrupted
 from ..memory import estimate_memory, peak_memory_mb
 
 MIB = 1 << 20
@@ -36,7 +36,7 @@ from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
 from .artefacts import (CONFIG_NAME, DONE_MARKER, METRICS_NAME, PLOT_NAME, RUN_KIND, append_metrics, is_legacy_run,
                         plot_losses, read_history, save_final_model)
-from .data import Dataset, collate
+from .data import Dataset, check_data_file, collate
 from .distributed import Dist, all_sum, barrier, init_distributed, pick_run_device
 from .pieces import Sampler, evaluate, load_data, make_optimizer, prepare_model, token_loss_sum
 
@@ -176,11 +176,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
 def check_data_files(cfg: TrainConfig) -> None:
     """Fail fast, before the model loads: each data file named must be a file."""
     for name in ("data", "eval_data"):
-        value = getattr(cfg, name)
-        if value and Path(value).is_dir():
-            raise DataError(f"{name} {value} is a directory, not a file; give a JSONL file with one example per line")
-        if value and not Path(value).is_file():
-            raise DataError(f"{name} file {value} does not exist; give a JSONL file with one example per line")
+        if getattr(cfg, name):
+            check_data_file(getattr(cfg, name), f"{name} file")
 
 
 def plan_output(cfg: TrainConfig, resume: bool, overwrite: bool, inputs: list) -> str:
