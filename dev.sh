@@ -6,6 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+# The playground's browser tests drive Debian's chromium (never a browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing Debian's chromium for the browser tests (apt-get)..." >&2
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; } \
+    || echo "could not install chromium (apt-get install -y chromium): the browser tests will fail" >&2
+fi
 stamp=".venv/.setup-$(cksum < pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
   echo "setting up .venv (torch==2.13.0, rankdial and its test dependencies)..." >&2
@@ -15,7 +22,7 @@ if [ ! -f "$stamp" ]; then
   # `torch` would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import torch, rankdial, peft, bitsandbytes" || { echo "setup failed" >&2; exit 1; }
+  .venv/bin/python -c "import torch, rankdial, peft, bitsandbytes, fastapi, uvicorn, openai, playwright" || { echo "setup failed" >&2; exit 1; }
   rm -f .venv/.setup-*
   touch "$stamp"
 fi
