@@ -189,18 +189,50 @@ def check_target(target: str | os.PathLike, kind: str, inputs: Iterable[str | os
     return target
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def sweep_stale(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders that a killed rankdial process left beside `target` (SIGKILL, power loss:
+    no `finally` ran). Only rankdial's own pattern `.NAME.tmp-PID-*` counts, and only when process PID is gone;
+    a temporary folder of a live process, and every `.NAME.old-*` (which may hold the only good copy after a
+    crash between two renames), are left alone. Returns what was removed."""
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    prefix = f".{target.name}.tmp-"
+    for p in target.parent.iterdir():
+        if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
+            continue
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
                legacy: Callable[[Path], bool] | None = None, what: str = "output folder"):
     """Yield a fresh folder beside `target`; when the block ends without error it replaces `target` whole.
 
     `target` is checked first (check_target). The marker is written into the new folder. On any exception
-    (Ctrl-C included) the temporary folder is removed and `target` is left exactly as it was.
+    (Ctrl-C included) the temporary folder is removed and `target` is left exactly as it was; the ones a
+    killed process could not remove are swept by the next write to the same target (sweep_stale).
     """
     inputs = list(inputs)
     target = check_target(target, kind, inputs, legacy, what)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    sweep_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         files = sorted(p.name for p in tmp.iterdir())
