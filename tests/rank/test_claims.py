@@ -9,8 +9,6 @@ from rankdial.cli import main
 from rankdial.rank.claims import merge_latency, parameter_arithmetic, rank_as_capacity
 from rankdial.rank.claims_report import PLOTS, write_report
 
-GB = 1e9
-
 
 def test_parameter_arithmetic_comes_from_the_planner():
     f = parameter_arithmetic()

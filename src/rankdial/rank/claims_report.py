@@ -92,7 +92,8 @@ def plot_rank(f: dict, png: Path) -> None:
     finals.set_xscale("log", base=2)
     finals.set_xlabel("LoRA rank")
     finals.legend()
-    fig.suptitle(f"true update of rank {f['task']['true_rank']}, d={f['task']['d']}, {f['task']['n_train']} train pairs")
+    t = f["task"]
+    fig.suptitle(f"true update of rank {t['true_rank']}, d={t['d']}, {t['n_train']} train pairs")
     _save(plt, fig, png)
 
 

@@ -20,8 +20,9 @@ def _parameters(f: dict) -> list[str]:
 
 def _merge(f: dict) -> list[str]:
     equal = f["max_abs_diff_merged_vs_unmerged"] < 1e-3
-    return [f"Default model, one forward of 1 × {f['seq_len']} tokens, median of {f['repeats']} rounds (the three timed in turn), LoRA r = {f['rank']} "
-            "on every linear layer (B drawn at random so the adapter changes the output):", "",
+    return [f"Default model, one forward of 1 × {f['seq_len']} tokens, median of {f['repeats']} rounds (the three "
+            f"timed in turn), LoRA r = {f['rank']} on every linear layer (B drawn at random so the adapter changes "
+            "the output):", "",
             "| | latency (ms) | vs base |", "|---|---|---|",
             f"| base | {f['base_ms']:.2f} | 1.00 |",
             f"| LoRA unmerged | {f['unmerged_ms']:.2f} | {f['unmerged_over_base']:.2f} |",
@@ -88,8 +89,8 @@ def _steering(f: dict) -> list[str]:
     lines.append("")
     for name, runs in f["tasks"].items():
         low = runs[0]
-        lines.append(f"- {name}: at the lowest rank (r = {low['rank']}) LoRA's eval loss is {low['loss_over_full']:.2f}× "
-                     f"full fine-tuning's; at the highest (r = {runs[-2]['rank']}) {runs[-2]['loss_over_full']:.2f}×.")
+        lines.append(f"- {name}: at the lowest rank (r = {low['rank']}) LoRA's eval loss is "
+                     f"{low['loss_over_full']:.2f}× full fine-tuning's; at the highest (r = {runs[-2]['rank']}) {runs[-2]['loss_over_full']:.2f}×.")
     return lines
 
 
