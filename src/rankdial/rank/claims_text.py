@@ -88,9 +88,10 @@ def _steering(f: dict) -> list[str]:
                          f"{r['eval_loss']:.3f} | {r['eval_accuracy']:.2f} | {r['loss_over_full']:.2f} |")
     lines.append("")
     for name, runs in f["tasks"].items():
-        low = runs[0]
+        low, high = runs[0], runs[-2]
         lines.append(f"- {name}: at the lowest rank (r = {low['rank']}) LoRA's eval loss is "
-                     f"{low['loss_over_full']:.2f}× full fine-tuning's; at the highest (r = {runs[-2]['rank']}) {runs[-2]['loss_over_full']:.2f}×.")
+                     f"{low['loss_over_full']:.2f}× full fine-tuning's; at the highest (r = {high['rank']}) "
+                     f"{high['loss_over_full']:.2f}×.")
     return lines
 
 
