@@ -46,8 +46,8 @@ class FakeRegistry:
             raise AdapterError(f"unknown adapter {name!r}")
         return self.known[name]
 
-    def load(self, name, path=None, *, pin=False, allow_outside=False):
-        self.calls.append(("load", name, path, allow_outside))
+    def load(self, name, path=None, *, pin=False, allow_any_path=False):
+        self.calls.append(("load", name, path, allow_any_path))
         self.known[name] = Info(name, path or f"/adapters/{name}", 4, 1000, True, pin)
         self.misses += 1
         return self.known[name]

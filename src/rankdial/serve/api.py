@@ -255,7 +255,10 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
             raise ApiError(404, f"no adapter folder {body.name!r} in the adapters directory; available: "
                                 f"{', '.join(sorted(engine.registry.names())) or 'none'}",
                            kind="not_found_error", param="name")
-        info = await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
+        try:
+            info = await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
+        except AdapterError as err:  # the name was checked above: this is a refusal (bad path, budget), not a 404
+            raise ApiError(400, _one_line(err), param="path" if body.path else "name") from None
         return _model_card(engine, info.name)
 
     @app.delete("/v1/adapters/{name}")
@@ -282,7 +285,7 @@ def _load(registry, body: AdapterLoad, admin_checked: bool):
     """Load by name (inside the adapters folder) or by path; a path outside the folder only behind the admin key."""
     if body.path is None:
         return registry.load(body.name, pin=body.pin)
-    return registry.load(body.name, body.path, pin=body.pin, allow_outside=admin_checked)
+    return registry.load(body.name, body.path, pin=body.pin, allow_any_path=admin_checked)
 
 
 # ---- generation ----
