@@ -68,8 +68,9 @@ def lorax_problems(folder) -> list[str]:
         cfg = LoraConfig.from_pretrained(str(folder))
     except Exception as err:  # noqa: BLE001 - any failure is the finding
         return [f"PEFT's LoraConfig.from_pretrained refuses it: {err}"]
-    if getattr(cfg.peft_type, "value", cfg.peft_type) != "LORA":
-        return [f"peft_type is {cfg.peft_type}, not LORA"]
+    kind = getattr(cfg.peft_type, "value", cfg.peft_type)
+    if kind != "LORA":
+        return [f"peft_type is {kind}, not LORA"]
     problems = []
     if not cfg.base_model_name_or_path:
         problems.append("base_model_name_or_path is empty")
