@@ -41,6 +41,12 @@ class FakeRegistry:
     def names(self):
         return list(self.known)
 
+    def exists(self, name):
+        return name in self.known
+
+    def loaded(self):
+        return [n for n, i in self.known.items() if i.loaded]
+
     def info(self, name):
         if name not in self.known:
             raise AdapterError(f"unknown adapter {name!r}")
@@ -111,4 +117,7 @@ class FakeEngine:
     def stats(self):
         return {"running": 0, "waiting": 0, "last_batch_size": 3, "steps": 7}
 
-    tokenizer = staticmethod(lambda text: {"input_ids": text.split()})
+    class tokenizer:
+        @staticmethod
+        def encode(text, add_special_tokens=False):
+            return text.split()

@@ -217,7 +217,7 @@ def adapter_for(engine, model: str) -> str | None:
     """The adapter a request's `model` names (None for the base); ApiError 404 listing what exists."""
     if model == engine.base_name:
         return None
-    if model in engine.registry.names():
+    if engine.registry.exists(model):
         return model
     raise ApiError(404, f"model {model!r} does not exist; available: {', '.join(model_names(engine))}",
                    kind="not_found_error", param="model")
@@ -251,7 +251,7 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
             _require_admin(request, admin_key, "loading an adapter by path")
         if body.name == engine.base_name:
             raise ApiError(400, f"name {body.name!r} is the base model's; choose another name", param="name")
-        if body.path is None and body.name not in engine.registry.names():
+        if body.path is None and not engine.registry.exists(body.name):
             raise ApiError(404, f"no adapter folder {body.name!r} in the adapters directory; available: "
                                 f"{', '.join(sorted(engine.registry.names())) or 'none'}",
                            kind="not_found_error", param="name")
@@ -293,7 +293,7 @@ def _load(registry, body: AdapterLoad, admin_checked: bool):
 def _params(body, limits: ApiLimits) -> SamplingParams:
     max_tokens = body.max_tokens if body.max_tokens is not None else min(16, limits.max_tokens or 16)
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          stop=body.stop, seed=body.seed)
+                          stop=tuple(body.stop or ()), seed=body.seed)
 
 
 def _check_limits(engine, limits: ApiLimits, body, prompt) -> None:
@@ -301,7 +301,7 @@ def _check_limits(engine, limits: ApiLimits, body, prompt) -> None:
         raise ApiError(400, f"max_tokens must be at most {limits.max_tokens}, got {body.max_tokens}; ask for fewer",
                        param="max_tokens")
     if limits.max_prompt_tokens is not None:
-        n = len(prompt) if isinstance(prompt, list) else len(engine.tokenizer(prompt)["input_ids"])
+        n = len(prompt) if isinstance(prompt, list) else len(engine.tokenizer.encode(prompt, add_special_tokens=False))
         if n > limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {n} tokens, more than the server's limit of "
                                 f"{limits.max_prompt_tokens}; shorten it", param="prompt")

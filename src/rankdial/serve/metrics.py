@@ -26,7 +26,7 @@ class EngineCollector:
                                 ("misses", "adapter lookups that had to load the adapter"),
                                 ("evictions", "adapters evicted to stay within the memory budget")):
             yield CounterMetricFamily(f"rankdial_adapter_cache_{name}", help_text, value=getattr(reg, name))
-        loaded = sum(1 for n in reg.names() if _loaded(reg, n))
+        loaded = len(reg.loaded())
         yield GaugeMetricFamily("rankdial_adapters_loaded", "adapters resident in memory", value=loaded)
         yield GaugeMetricFamily("rankdial_adapters_known", "adapters the server can serve", value=len(reg.names()))
         yield GaugeMetricFamily("rankdial_adapter_loaded_bytes", "bytes of adapter weights resident",
@@ -42,13 +42,6 @@ class EngineCollector:
                                 value=stats.get("waiting", 0))
         yield CounterMetricFamily("rankdial_engine_steps", "decode steps the engine has run",
                                   value=stats.get("steps", 0))
-
-
-def _loaded(reg, name: str) -> bool:
-    try:
-        return reg.info(name).loaded
-    except Exception:  # unloaded between names() and info(): not loaded
-        return False
 
 
 class Metrics:
