@@ -214,6 +214,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
+    import signal
     import socket
 
     import uvicorn
@@ -244,8 +245,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn turns SIGTERM and Ctrl-C into a graceful shutdown: no new connections, requests in flight finish,
     # then the app's lifespan drains the engine.
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug", lifespan="on")
+    # uvicorn re-raises the signal it caught once it has shut down; a handler here makes that a clean exit 0
+    # for SIGTERM (Ctrl-C still ends in KeyboardInterrupt, 130, as every verb does).
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(config).run(sockets=[sock])
-    print("rankdial serve: stopped", flush=True)
+    print("rankdial serve: stopped; every request in flight was answered", flush=True)
     return 0
 
 
