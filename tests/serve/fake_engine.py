@@ -85,8 +85,8 @@ class FakeHandle:
 class FakeEngine:
     base_name = "tiny-base"
 
-    def __init__(self, delay: float = 0.0, fail_with: BaseException | None = None):
-        self.registry, self.delay, self.fail_with = FakeRegistry(), delay, fail_with
+    def __init__(self, delay: float = 0.0, fail_with: BaseException | None = None, registry=None):
+        self.registry, self.delay, self.fail_with = registry or FakeRegistry(), delay, fail_with
         self.started = self.stopped = False
         self.handles, self.prompts = [], []
 
@@ -99,7 +99,7 @@ class FakeEngine:
     def submit(self, prompt, adapter, params):
         if self.fail_with is not None:
             raise self.fail_with
-        if adapter is not None and adapter not in self.registry.known:
+        if adapter is not None and not self.registry.exists(adapter):
             raise AdapterError(f"unknown adapter {adapter!r}")
         if isinstance(prompt, list):
             prompt = " ".join(f"t{i}" for i in prompt)

@@ -7,9 +7,14 @@ test_openai_client.py and test_serve_load.py.
 from __future__ import annotations
 
 import json
+import pathlib
+import pickle
 
 import pytest
 from fastapi.testclient import TestClient
+
+import rankdial as rd
+from conftest import tiny_model
 
 from rankdial.errors import ConfigError, RequestError
 from rankdial.serve.api import ApiLimits, create_app
@@ -199,3 +204,62 @@ def test_stream_cancelled_when_consumer_stops_early():
                 if line.startswith("data: {"):
                     break
     assert engine.handles[0].cancelled
+
+
+# ---- security with the real AdapterRegistry (a tiny Llama, adapters written by rankdial) ----
+
+class Boom:
+    """Unpickling this would create the file `path`: the proof that a pickle was loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+@pytest.fixture
+def real_registry(tmp_path):
+    from rankdial.serve.registry import AdapterRegistry
+
+    root, outside = tmp_path / "adapters", tmp_path / "outside"
+    root.mkdir()
+    for folder in (root / "good", outside / "secret"):
+        model = tiny_model("llama")
+        rd.inject(model, rd.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]), adapter="default")
+        rd.save_adapter(model, folder, "default")
+    (root / "link").symlink_to(outside / "secret")  # a symlink out of the adapters folder
+    pickled = root / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((root / "good" / "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(pickle.dumps(Boom(tmp_path / "PWNED")))
+    return AdapterRegistry(tiny_model("llama"), root), tmp_path
+
+
+def test_names_and_paths_cannot_leave_the_adapters_folder(real_registry):
+    registry, tmp = real_registry
+    with client(FakeEngine(registry=registry)) as c:
+        assert c.post("/v1/adapters", json={"name": "good"}).json()["loaded"] is True
+        for path in ("../outside/secret", str(tmp / "outside" / "secret"), "link", "good/../../outside/secret"):
+            r = c.post("/v1/adapters", json={"name": "x1", "path": path})
+            assert "outside the adapters folder" in error_of(r, 400), path
+        assert "outside the adapters folder" in error_of(c.post("/v1/adapters", json={"name": "link"}), 400)
+        for model in ("../good", "good/", "/good"):
+            assert error_of(c.post("/v1/completions", json={"model": model, "prompt": "x"}), 404)
+        r = c.post("/v1/adapters", json={"name": "pickled"})
+        assert "pickle" in error_of(r, 400) and not (tmp / "PWNED").exists()
+        assert [m["id"] for m in c.get("/v1/models").json()["data"] if m.get("loaded")] == ["good"]
+
+
+def test_admin_key_allows_a_path_outside_and_nothing_else_does(real_registry):
+    registry, tmp = real_registry
+    secret = str(tmp / "outside" / "secret")
+    with client(FakeEngine(registry=registry), api_keys=["user"], admin_key="boss") as c:
+        user, boss = {"Authorization": "Bearer user"}, {"Authorization": "Bearer boss"}
+        assert error_of(c.post("/v1/adapters", json={"name": "sec", "path": secret}, headers=user), 403)
+        assert c.post("/v1/adapters", json={"name": "sec", "path": secret}, headers=boss).json()["loaded"] is True
+        assert "sec" in [m["id"] for m in c.get("/v1/models", headers=user).json()["data"]]
+        assert error_of(c.delete("/v1/adapters/sec", headers=user), 403)
+        assert c.delete("/v1/adapters/sec", headers=boss).status_code == 200
+        assert error_of(c.post("/v1/adapters", json={"name": "pickled", "path": "pickled"}, headers=boss), 400)
+    assert not (tmp / "PWNED").exists()
