@@ -3,6 +3,8 @@ changes the output, saved as PEFT folders."""
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ PROMPTS = ["In the beginning God", "And the LORD said unto Moses, Speak unto the
 
 def make_adapter(folder: Path, seed: int, r: int = 4, targets="all-linear", scale: float = 0.6, base="default"):
     """A non-zero adapter folder for `base` (the default model unless a model folder is given)."""
-    model, _ = load_model(resolve_model(base))
+    model = copy.deepcopy(_base(str(base)))
     torch.manual_seed(seed)
     rd.inject(model, rd.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets), adapter="default")
     with torch.no_grad():
@@ -25,3 +27,8 @@ def make_adapter(folder: Path, seed: int, r: int = 4, targets="all-linear", scal
             layer.lora_B["default"].weight.normal_(0, scale / r ** 0.5)
     rd.save_adapter(model, folder, "default")
     return folder
+
+
+@functools.lru_cache(maxsize=2)
+def _base(base: str):
+    return load_model(resolve_model(base))[0]

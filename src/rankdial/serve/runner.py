@@ -100,9 +100,12 @@ class Runner:
         present = {s.id for s in running}
         if [i for i in self.ids if i in present] != self.ids:
             self._select([k for k, i in enumerate(self.ids) if i in present])
+        if not running:
+            return []
         by_id = {s.id: s for s in running}
         old = [by_id[i] for i in self.ids]
-        new = [s for s in running if s.id not in set(self.ids)]
+        known = set(self.ids)
+        new = [s for s in running if s.id not in known]
         logits = []
         if old:
             logits.append(self._decode(old))
