@@ -99,3 +99,15 @@ def test_disconnected_stream_frees_its_slot(server):
         time.sleep(0.05)
     assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
     assert engine.stats()["tokens_generated"] - before < 400  # cancelled well before max_tokens
+
+
+def test_metrics_count_what_the_engine_did(client, server):
+    client.completions.create(model="prophets", prompt=PROMPT, max_tokens=3, temperature=0)
+    text = httpx.get(server[0] + "/metrics", headers={"Authorization": "Bearer test-key"}, timeout=10).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['rankdial_requests_total{route="/v1/completions",status="200"}'] >= 1
+    assert values['rankdial_completion_tokens_total{model="prophets"}'] >= 3
+    assert values["rankdial_adapter_cache_misses_total"] >= 1 and values["rankdial_adapters_loaded"] >= 1
+    assert values["rankdial_engine_steps_total"] > 0 and "rankdial_batch_size" in values
+    assert values['rankdial_request_latency_seconds_count{route="/v1/completions"}'] >= 1

@@ -18,7 +18,6 @@ a stack trace. A streaming client that disconnects cancels its request, which fr
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -28,13 +27,15 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..errors import AdapterError, AdapterFileError, ConfigError, RankdialError, RequestError
+from ..errors import AdapterError, ConfigError, RankdialError
 from .engine import SamplingParams
+from .guard import ApiError, Guard, bearer_matches, error_body
 from .metrics import Metrics
+from .registry import BudgetFull
 from .schemas import ADAPTER_NAME, AdapterLoad, ChatRequest, CompletionRequest
 
 log = logging.getLogger("rankdial.serve")
@@ -54,19 +55,6 @@ class ApiLimits:
             raise ConfigError("; ".join(problems))
 
 
-class ApiError(HTTPException):
-    """An HTTP error with OpenAI's error fields (raised inside routes and the body reader)."""
-
-    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(status, message)
-        self.kind, self.param = kind, param
-
-
-def error_body(status: int, message: str, kind: str | None = None, param: str | None = None) -> JSONResponse:
-    kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
-
-
 def create_app(engine, *, api_keys=None, admin_key: str | None = None, limits: ApiLimits | None = None,
                shutdown_engine: bool = True) -> FastAPI:
     """The FastAPI app serving `engine`. Starts the engine on startup; on shutdown drains it (when
@@ -84,7 +72,7 @@ def create_app(engine, *, api_keys=None, admin_key: str | None = None, limits: A
 
     app = FastAPI(title="rankdial", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
-    app.add_middleware(_Guard, keys=keys + ([admin_key] if admin_key and keys else []),
+    app.add_middleware(Guard, keys=keys + ([admin_key] if admin_key and keys else []),
                        max_body=limits.max_body_bytes, metrics=metrics)
     _add_error_handlers(app)
     _add_model_routes(app, engine, admin_key)
@@ -92,74 +80,8 @@ def create_app(engine, *, api_keys=None, admin_key: str | None = None, limits: A
     return app
 
 
-# ---- guard: bearer keys, body size, request metrics (pure ASGI, so it also sees streamed responses end) ----
-
-class _Guard:
-    def __init__(self, app, *, keys: list[str], max_body: int, metrics: Metrics):
-        self.app, self.keys, self.max_body, self.metrics = app, keys, max_body, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
-        headers = dict(scope.get("headers") or [])
-        problem = self._refuse(headers)
-        if problem is not None:
-            await problem(scope, receive, send)
-            self._count(scope, problem.status_code, start)
-            return
-
-        seen = [0]
-
-        async def limited_receive():
-            message = await receive()
-            if message["type"] == "http.request":
-                seen[0] += len(message.get("body", b""))
-                if seen[0] > self.max_body:
-                    raise ApiError(413, f"request body is larger than the server's limit of {self.max_body} "
-                                        "bytes; send a shorter prompt")
-            return message
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, counting_send)
-        finally:
-            self._count(scope, status[0], start)
-
-    def _refuse(self, headers: dict) -> JSONResponse | None:
-        if self.keys and not _bearer_matches(headers.get(b"authorization", b""), self.keys):
-            response = error_body(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
-                                  "authentication_error")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit():
-            return error_body(400, f"Content-Length must be a number, got {length[:40]!r}")
-        if int(length) > self.max_body:
-            return error_body(413, f"request body of {int(length)} bytes is larger than the server's limit of "
-                                   f"{self.max_body} bytes; send a shorter prompt")
-        return None
-
-    def _count(self, scope, status: int, start: float) -> None:
-        route = scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        self.metrics.requests.labels(path, str(status)).inc()
-        self.metrics.latency.labels(path).observe(time.perf_counter() - start)
-
-
-def _bearer_matches(header: bytes, keys: list[str]) -> bool:
-    scheme, _, token = header.decode("latin-1").partition(" ")
-    token = token.strip()
-    # compare_digest against every key, so timing does not tell which key or how much of it matched
-    return scheme.lower() == "bearer" and sum(hmac.compare_digest(token, k) for k in keys) > 0
-
-
 def _require_admin(request: Request, admin_key: str | None, what: str) -> None:
-    if admin_key and not _bearer_matches(request.headers.get("authorization", "").encode("latin-1"), [admin_key]):
+    if admin_key and not bearer_matches(request.headers.get("authorization", "").encode("latin-1"), [admin_key]):
         raise ApiError(403, f"{what} needs the admin key; send 'Authorization: Bearer <admin key>'",
                        kind="permission_error")
 
@@ -188,6 +110,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RankdialError)
     async def rankdial_error(request, exc: RankdialError):
+        if isinstance(exc, BudgetFull):  # every resident adapter is pinned or in use: try again shortly
+            return error_body(503, _one_line(exc), "server_error")
         status = 404 if isinstance(exc, AdapterError) else 400
         return error_body(status, _one_line(exc), "not_found_error" if status == 404 else None)
 
@@ -257,8 +181,10 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
                            kind="not_found_error", param="name")
         try:
             info = await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
-        except AdapterError as err:  # the name was checked above: this is a refusal (bad path, budget), not a 404
-            raise ApiError(400, _one_line(err), param="path" if body.path else "name") from None
+        except AdapterError as err:  # the name was checked above: a refusal (bad path) or a full budget, not a 404
+            status = 503 if isinstance(err, BudgetFull) else 400
+            raise ApiError(status, _one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
+                           param="path" if body.path else "name") from None
         return _model_card(engine, info.name)
 
     @app.delete("/v1/adapters/{name}")
