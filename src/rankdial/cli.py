@@ -223,7 +223,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.api import ApiLimits, create_app
     from .serve.engine import Engine
 
-    keys = [k for k in (args.api_key or os.environ.get("RANKDIAL_API_KEYS", "").split(",")) if k.strip()]
+    bad = [f"{flag} must be positive, got {value}" for flag, value in (("--max-tokens", args.max_tokens),
+           ("--max-body-kb", args.max_body_kb), ("--budget-mb", args.budget_mb)) if value is not None and value <= 0]
+    if not 0 <= args.port <= 65535:
+        bad.append(f"--port must be in 0-65535 (0 picks a free one), got {args.port}")
+    if bad:
+        raise ConfigError("; ".join(bad))
+    keys = [k.strip() for k in (args.api_key or os.environ.get("RANKDIAL_API_KEYS", "").split(",")) if k.strip()]
     admin = args.admin_key or os.environ.get("RANKDIAL_ADMIN_KEY") or None
     limits = ApiLimits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens)
     budget = int(args.budget_mb * 2**20) if args.budget_mb is not None else None

@@ -263,3 +263,12 @@ def test_admin_key_allows_a_path_outside_and_nothing_else_does(real_registry):
         assert c.delete("/v1/adapters/sec", headers=boss).status_code == 200
         assert error_of(c.post("/v1/adapters", json={"name": "pickled", "path": "pickled"}, headers=boss), 400)
     assert not (tmp / "PWNED").exists()
+
+
+def test_serve_flags_are_checked_before_anything_loads(capsys):
+    from rankdial.cli import main
+
+    assert main(["serve", "--max-tokens", "0", "--budget-mb", "-1", "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-tokens must be positive, got 0" in err
+    assert "--budget-mb must be positive, got -1.0" in err and "--port must be in 0-65535" in err
