@@ -224,14 +224,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.engine import Engine
 
     bad = [f"{flag} must be positive, got {value}" for flag, value in (("--max-tokens", args.max_tokens),
-           ("--max-body-kb", args.max_body_kb), ("--budget-mb", args.budget_mb)) if value is not None and value <= 0]
+           ("--max-prompt-tokens", args.max_prompt_tokens), ("--max-body-kb", args.max_body_kb),
+           ("--budget-mb", args.budget_mb)) if value is not None and value <= 0]
     if not 0 <= args.port <= 65535:
         bad.append(f"--port must be in 0-65535 (0 picks a free one), got {args.port}")
     if bad:
         raise ConfigError("; ".join(bad))
     keys = [k.strip() for k in (args.api_key or os.environ.get("RANKDIAL_API_KEYS", "").split(",")) if k.strip()]
     admin = args.admin_key or os.environ.get("RANKDIAL_ADMIN_KEY") or None
-    limits = ApiLimits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens)
+    limits = ApiLimits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
+                       max_prompt_tokens=args.max_prompt_tokens)
     budget = int(args.budget_mb * 2**20) if args.budget_mb is not None else None
     engine = Engine.from_pretrained(args.base, args.adapters, qlora=args.qlora, device=args.device, budget_bytes=budget)
     app = create_app(engine, api_keys=keys, admin_key=admin, limits=limits)
@@ -272,6 +274,7 @@ def add_serve_parser(verbs, fmt) -> None:
     p.add_argument("--api-key", action="append", help="accept this bearer key (repeat for several; env RANKDIAL_API_KEYS)")
     p.add_argument("--admin-key", help="key for loading by path and unloading (env RANKDIAL_ADMIN_KEY)")
     p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: the engine's)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default: what the model's context allows)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default: 1024)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)

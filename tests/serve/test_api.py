@@ -105,6 +105,15 @@ def test_malformed_json_is_400_and_a_bad_field_is_422_naming_it():
     assert "max_token: unknown field" in error_of(typo, 422)
     assert "messages" in error_of(missing, 422)
     assert 'top_p' in error_of(top_p, 422) and '"high"' in top_p.json()["error"]["message"]
+    with client() as c:
+        plain = c.post("/v1/completions", content=b'{"model": "alpha", "prompt": "x"}',
+                       headers={"content-type": "text/plain"})
+        empty = c.post("/v1/completions")
+        array = c.post("/v1/completions", json=[1, 2])
+        nowhere = c.get("/v1/nowhere")
+    for r in (plain, empty, array):
+        assert "one JSON object (Content-Type: application/json)" in error_of(r, 422)
+    assert "no route GET /v1/nowhere; the routes are /v1/models" in error_of(nowhere, 404)
 
 
 def test_unknown_model_is_404_listing_those_that_exist():

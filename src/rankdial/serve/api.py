@@ -95,6 +95,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             where = errors[0].get("ctx", {}).get("error", "")
             return error_body(400, f"request body is not valid JSON ({where}); send one JSON object")
+        if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # no body, or not a JSON object
+            return error_body(422, "the body must be one JSON object (Content-Type: application/json) with the "
+                                   "request's fields, e.g. {\"model\": ..., \"prompt\": ...}", param="body")
         parts, first = [], None
         for e in errors[:5]:
             loc = ".".join(str(x) for x in e.get("loc", ())[1:]) or "body"
@@ -106,6 +109,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
+        if not isinstance(exc, ApiError) and exc.status_code in (404, 405):
+            what = "no route" if exc.status_code == 404 else "method not allowed:"
+            return error_body(exc.status_code, f"{what} {request.method} {request.url.path}; the routes are "
+                                               "/v1/models, /v1/completions, /v1/chat/completions, /v1/adapters, "
+                                               "/health and /metrics")
         return error_body(exc.status_code, str(exc.detail), getattr(exc, "kind", None), getattr(exc, "param", None))
 
     @app.exception_handler(RankdialError)
