@@ -86,14 +86,21 @@ def test_client_errors_are_the_openai_exceptions(client, server):
         openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
-def test_disconnected_stream_frees_its_slot(server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_slot(server, stream):
     url, engine = server
     before = engine.stats()["tokens_generated"]
-    with httpx.stream("POST", url + "/v1/completions", headers={"Authorization": "Bearer test-key"}, timeout=30,
-                      json={"model": "psalms", "prompt": PROMPT, "max_tokens": 400, "stream": True}) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                break  # leave after the first token
+    body = {"model": "psalms", "prompt": PROMPT, "max_tokens": 400, "stream": stream}
+    if stream:
+        with httpx.stream("POST", url + "/v1/completions", headers={"Authorization": "Bearer test-key"},
+                          timeout=30, json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # leave after the first token
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # give up waiting, which closes the connection
+            httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer test-key"}, json=body,
+                       timeout=httpx.Timeout(30, read=0.3))
     deadline = time.monotonic() + 20
     while engine.stats()["running"] + engine.stats()["waiting"] and time.monotonic() < deadline:
         time.sleep(0.05)
