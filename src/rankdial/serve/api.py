@@ -262,14 +262,16 @@ async def _generate(engine, limits, metrics, request: Request, body, prompt, *, 
         return StreamingResponse(_stream(handle, reply, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+    text, last = [], None
     try:
-        text, last = [], None
         async for event in handle.aevents():
             reply.first_token()
             text.append(event.text)
             last = event
     finally:
         watcher.cancel()
+        if last is None or last.finish_reason is None:  # this handler was cancelled: so is its request
+            handle.cancel()
     if last is None or last.finish_reason == "error":
         raise ApiError(500, f"generation failed: {last.error if last else 'no result'}", kind="server_error")
     reply.finished(last)
