@@ -28,6 +28,10 @@ EPILOG = {
     "sweep": ("examples:\n  rankdial sweep run.toml --ranks 1,2,4,8,16,64 --out out/sweep\n"
               "  rankdial sweep --data d.jsonl --eval-fraction 0.1 --steps 200 --ranks 1,4,16 --out out/s"),
     "claims": "examples:\n  rankdial claims --quick --out out/claims\n  rankdial claims --out docs/claims",
+    "serve": ("examples:\n  rankdial serve --adapters out/demo                (the default model, port 8000)\n"
+              "  rankdial serve --base models/llama --adapters out/adapters --qlora --budget-mb 512\n"
+              "  RANKDIAL_API_KEYS=k1,k2 RANKDIAL_ADMIN_KEY=boss rankdial serve --adapters out/demo --port 0\n"
+              "then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='k1').completions.create(model=NAME, ...)"),
     "estimate": ("examples:\n  rankdial estimate llama-70b --method qlora\n"
                  "  rankdial estimate default --method full --batch-size 16 --seq-len 256 --json\n"
                  "  rankdial estimate --hidden 4096 --layers 32 --heads 32 --ffn 11008 --vocab 32000"),
@@ -217,6 +221,74 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import socket
+
+    import uvicorn
+
+    from .errors import ConfigError
+    from .serve.api import ApiLimits, create_app
+    from .serve.engine import Engine
+
+    bad = [f"{flag} must be positive, got {value}" for flag, value in (("--max-tokens", args.max_tokens),
+           ("--max-prompt-tokens", args.max_prompt_tokens), ("--max-body-kb", args.max_body_kb),
+           ("--budget-mb", args.budget_mb)) if value is not None and value <= 0]
+    if not 0 <= args.port <= 65535:
+        bad.append(f"--port must be in 0-65535 (0 picks a free one), got {args.port}")
+    if bad:
+        raise ConfigError("; ".join(bad))
+    keys = [k.strip() for k in (args.api_key or os.environ.get("RANKDIAL_API_KEYS", "").split(",")) if k.strip()]
+    admin = args.admin_key or os.environ.get("RANKDIAL_ADMIN_KEY") or None
+    limits = ApiLimits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
+                       max_prompt_tokens=args.max_prompt_tokens)
+    budget = int(args.budget_mb * 2**20) if args.budget_mb is not None else None
+    engine = Engine.from_pretrained(args.base, args.adapters, qlora=args.qlora, device=args.device, budget_bytes=budget)
+    app = create_app(engine, api_keys=keys, admin_key=admin, limits=limits)
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port "
+                           "(0 picks a free one)") from None
+    host, port = sock.getsockname()[:2]
+    names = engine.registry.names()
+    print(f"rankdial serve: {engine.base_name} with {len(names)} adapter(s) ({', '.join(sorted(names)) or 'none'}) "
+          f"on http://{host}:{port}/v1  (API keys: {'on' if keys else 'off'}, admin key: {'on' if admin else 'off'})",
+          flush=True)
+    # uvicorn turns SIGTERM and Ctrl-C into a graceful shutdown: no new connections, requests in flight finish,
+    # then the app's lifespan drains the engine.
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug", lifespan="on")
+    # uvicorn re-raises the signal it caught once it has shut down; a handler here makes that a clean exit 0
+    # for SIGTERM (Ctrl-C still ends in KeyboardInterrupt, 130, as every verb does).
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.Server(config).run(sockets=[sock])
+    print("rankdial serve: stopped; every request in flight was answered", flush=True)
+    return 0
+
+
+def add_serve_parser(verbs, fmt) -> None:
+    p = verbs.add_parser("serve", help="serve the base and many adapters per request behind an OpenAI-compatible API",
+                         epilog=EPILOG["serve"], formatter_class=fmt)
+    p.add_argument("--base", default="default", help="base model folder, or 'default' for the embedded model")
+    p.add_argument("--adapters", help="folder of PEFT adapter folders; each folder's name is its model name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--qlora", action="store_true", help="hold the base in 4-bit NF4")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--budget-mb", type=float, help="memory for resident adapters; least recently used evicted first")
+    p.add_argument("--api-key", action="append", help="accept this bearer key (repeat for several; env RANKDIAL_API_KEYS)")
+    p.add_argument("--admin-key", help="key for loading by path and unloading (env RANKDIAL_ADMIN_KEY)")
+    p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: the engine's)")
+    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default: what the model's context allows)")
+    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default: 1024)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(run=cmd_serve)
+
+
 def add_estimate_parser(verbs, fmt) -> None:
     p = verbs.add_parser("estimate", help="plan a run's memory term by term (weights, adapters, optimizer, activations)",
                          epilog=EPILOG["estimate"], formatter_class=fmt)
@@ -376,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_claims_parser(verbs, fmt)
     add_model_parsers(verbs, fmt)
     add_adapter_parsers(verbs, fmt)
+    add_serve_parser(verbs, fmt)
     parser.verb_parsers = verbs.choices  # {verb: its sub-parser}, for --help checks and typo hints
     return parser
 

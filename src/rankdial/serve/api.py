@@ -1,0 +1,363 @@
+"""The OpenAI-compatible HTTP server over one Engine: one base model, many LoRA adapters, chosen per request.
+
+`model` in a request names an adapter (a folder under the adapters directory, or one loaded at run time) or
+the base itself. Routes, with OpenAI's shapes so the official `openai` client works unchanged:
+
+    GET  /v1/models              the base and every adapter
+    POST /v1/completions         prompt -> text           (stream: true -> server-sent events, then [DONE])
+    POST /v1/chat/completions    messages -> reply        (the tokenizer's chat template)
+    POST /v1/adapters            load an adapter by name, or by path (admin key when one is configured)
+    DELETE /v1/adapters/{name}   unload it (admin key when one is configured)
+    GET  /health, GET /metrics   liveness and Prometheus metrics (a registry per app)
+
+Every error reaches the client as {"error": {"message", "type", "param", "code"}} with one line naming the
+field or the model and the fix; an unexpected failure is logged here and answered with a generic 500, never
+a stack trace. A streaming client that disconnects cancels its request, which frees its slot in the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..errors import AdapterError, ConfigError, RankdialError
+from .engine import SamplingParams
+from .guard import ApiError, Guard, bearer_matches, error_body
+from .metrics import Metrics
+from .registry import BudgetFull
+from .schemas import ADAPTER_NAME, AdapterLoad, ChatRequest, CompletionRequest
+
+log = logging.getLogger("rankdial.serve")
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """What one request may ask for. None: the engine's own limit (its max_new_tokens / max_prompt_tokens)."""
+    max_body_bytes: int = 1 << 20
+    max_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+
+    def __post_init__(self):
+        problems = [f"{k} must be a positive integer, got {v!r}" for k, v in vars(self).items()
+                    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1)]
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def create_app(engine, *, api_keys=None, admin_key: str | None = None, limits: ApiLimits | None = None,
+               shutdown_engine: bool = True) -> FastAPI:
+    """The FastAPI app serving `engine`. Starts the engine on startup; on shutdown drains it (when
+    shutdown_engine), so requests in flight finish before the process exits."""
+    limits = limits or ApiLimits()
+    keys = [k for k in (api_keys or []) if k]
+    metrics = Metrics(engine)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        if shutdown_engine:
+            await run_in_threadpool(engine.shutdown, True)
+
+    app = FastAPI(title="rankdial", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
+    app.add_middleware(Guard, keys=keys + ([admin_key] if admin_key and keys else []),
+                       max_body=limits.max_body_bytes, metrics=metrics)
+    _add_error_handlers(app)
+    _add_model_routes(app, engine, admin_key)
+    _add_generation_routes(app, engine, limits, metrics)
+    return app
+
+
+def _require_admin(request: Request, admin_key: str | None, what: str) -> None:
+    if admin_key and not bearer_matches(request.headers.get("authorization", "").encode("latin-1"), [admin_key]):
+        raise ApiError(403, f"{what} needs the admin key; send 'Authorization: Bearer <admin key>'",
+                       kind="permission_error")
+
+
+# ---- errors: every one as OpenAI's error object, one line, never a stack trace ----
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            where = errors[0].get("ctx", {}).get("error", "")
+            return error_body(400, f"request body is not valid JSON ({where}); send one JSON object")
+        if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # no body, or not a JSON object
+            return error_body(422, "the body must be one JSON object (Content-Type: application/json) with the "
+                                   "request's fields, e.g. {\"model\": ..., \"prompt\": ...}", param="body")
+        parts, first = [], None
+        for e in errors[:5]:
+            loc = ".".join(str(x) for x in e.get("loc", ())[1:]) or "body"
+            first = first or loc
+            got = "" if e.get("type") in ("missing", "extra_forbidden") else f", got {_short(e.get('input'))}"
+            what = "unknown field; remove it" if e.get("type") == "extra_forbidden" else e.get("msg", "invalid")
+            parts.append(f"{loc}: {what}{got}")
+        return error_body(422, "; ".join(parts), param=first)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        if not isinstance(exc, ApiError) and exc.status_code in (404, 405):
+            what = "no route" if exc.status_code == 404 else "method not allowed:"
+            return error_body(exc.status_code, f"{what} {request.method} {request.url.path}; the routes are "
+                                               "/v1/models, /v1/completions, /v1/chat/completions, /v1/adapters, "
+                                               "/health and /metrics")
+        return error_body(exc.status_code, str(exc.detail), getattr(exc, "kind", None), getattr(exc, "param", None))
+
+    @app.exception_handler(RankdialError)
+    async def rankdial_error(request, exc: RankdialError):
+        if isinstance(exc, BudgetFull):  # every resident adapter is pinned or in use: try again shortly
+            return error_body(503, _one_line(exc), "server_error")
+        status = 404 if isinstance(exc, AdapterError) else 400
+        return error_body(status, _one_line(exc), "not_found_error" if status == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        ref = uuid.uuid4().hex[:12]
+        log.error("request %s %s failed (ref %s)", request.method, request.url.path, ref, exc_info=exc)
+        return error_body(500, f"internal server error (ref {ref}); the server log has the details")
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+# ---- models and adapters ----
+
+def model_names(engine) -> list[str]:
+    return [engine.base_name] + sorted(engine.registry.names())
+
+
+def adapter_for(engine, model: str) -> str | None:
+    """The adapter a request's `model` names (None for the base); ApiError 404 listing what exists."""
+    if model == engine.base_name:
+        return None
+    if engine.registry.exists(model):
+        return model
+    raise ApiError(404, f"model {model!r} does not exist; available: {', '.join(model_names(engine))}",
+                   kind="not_found_error", param="model")
+
+
+def _model_card(engine, name: str) -> dict:
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "rankdial"}
+    if name == engine.base_name:
+        return card | {"root": name, "parent": None}
+    try:
+        info = engine.registry.info(name)
+    except AdapterError:  # unloaded meanwhile
+        return card | {"root": name, "parent": engine.base_name}
+    return card | {"root": name, "parent": engine.base_name, "rank": info.rank, "bytes": info.bytes,
+                   "loaded": info.loaded, "pinned": info.pinned}
+
+
+def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [_model_card(engine, n) for n in model_names(engine)]}
+
+    @app.get("/v1/models/{name}")
+    async def get_model(name: str):
+        adapter_for(engine, name)
+        return _model_card(engine, name)
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: AdapterLoad, request: Request):
+        if body.path is not None:
+            _require_admin(request, admin_key, "loading an adapter by path")
+        if body.name == engine.base_name:
+            raise ApiError(400, f"name {body.name!r} is the base model's; choose another name", param="name")
+        if body.path is None and not engine.registry.exists(body.name):
+            raise ApiError(404, f"no adapter folder {body.name!r} in the adapters directory; available: "
+                                f"{', '.join(sorted(engine.registry.names())) or 'none'}",
+                           kind="not_found_error", param="name")
+        try:
+            info = await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
+        except AdapterError as err:  # the name was checked above: a refusal (bad path) or a full budget, not a 404
+            status = 503 if isinstance(err, BudgetFull) else 400
+            raise ApiError(status, _one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
+                           param="path" if body.path else "name") from None
+        return _model_card(engine, info.name)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str, request: Request):
+        _require_admin(request, admin_key, "unloading an adapter")
+        if not ADAPTER_NAME.match(name):
+            raise ApiError(400, f"adapter name {name[:60]!r} is not a plain folder name", param="name")
+        adapter_for(engine, name)
+        await run_in_threadpool(engine.registry.unload, name)
+        return {"id": name, "object": "model", "deleted": True}
+
+    @app.get("/health")
+    async def health():
+        stats = engine.stats()
+        return {"status": "ok", "base": engine.base_name, "adapters": len(engine.registry.names()),
+                "running": stats.get("running", 0), "waiting": stats.get("waiting", 0)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _load(registry, body: AdapterLoad, admin_checked: bool):
+    """Load by name (inside the adapters folder) or by path; a path outside the folder only behind the admin key."""
+    if body.path is None:
+        return registry.load(body.name, pin=body.pin)
+    return registry.load(body.name, body.path, pin=body.pin, allow_any_path=admin_checked)
+
+
+# ---- generation ----
+
+def _params(body, limits: ApiLimits) -> SamplingParams:
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(16, limits.max_tokens or 16)
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                          stop=tuple(body.stop or ()), seed=body.seed)
+
+
+def _check_limits(engine, limits: ApiLimits, body, prompt) -> None:
+    if limits.max_tokens is not None and (body.max_tokens or 0) > limits.max_tokens:
+        raise ApiError(400, f"max_tokens must be at most {limits.max_tokens}, got {body.max_tokens}; ask for fewer",
+                       param="max_tokens")
+    if limits.max_prompt_tokens is not None:
+        n = len(prompt) if isinstance(prompt, list) else len(engine.tokenizer.encode(prompt, add_special_tokens=False))
+        if n > limits.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {n} tokens, more than the server's limit of "
+                                f"{limits.max_prompt_tokens}; shorten it", param="prompt")
+
+
+def _add_generation_routes(app: FastAPI, engine, limits: ApiLimits, metrics: Metrics) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _generate(engine, limits, metrics, request, body, body.prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        prompt = engine.chat_prompt([m.as_dict() for m in body.messages])
+        return await _generate(engine, limits, metrics, request, body, prompt, chat=True)
+
+
+async def _generate(engine, limits, metrics, request: Request, body, prompt, *, chat: bool):
+    adapter = adapter_for(engine, body.model)
+    _check_limits(engine, limits, body, prompt)
+    handle = await run_in_threadpool(engine.submit, prompt, adapter, _params(body, limits))
+    reply = _Reply(body.model, chat, metrics, request.url.path)
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(handle, reply, usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+    text, last = [], None
+    try:
+        async for event in handle.aevents():
+            reply.first_token()
+            text.append(event.text)
+            last = event
+    finally:
+        watcher.cancel()
+        if last is None or last.finish_reason is None:  # this handler was cancelled: so is its request
+            handle.cancel()
+    if last is None or last.finish_reason == "error":
+        raise ApiError(500, f"generation failed: {last.error if last else 'no result'}", kind="server_error")
+    reply.finished(last)
+    return reply.full("".join(text), last)
+
+
+async def _cancel_on_disconnect(request: Request, handle) -> None:
+    """The body is read, so the next message is the disconnect (or the end of the response)."""
+    message = await request.receive()
+    if message["type"] == "http.disconnect":
+        handle.cancel()
+
+
+async def _stream(handle, reply: "_Reply", include_usage: bool):
+    done = False
+    try:
+        if reply.chat:
+            yield reply.sse(reply.chunk({"role": "assistant", "content": ""}, None))
+        async for event in handle.aevents():
+            reply.first_token()
+            if event.finish_reason == "error":
+                yield reply.sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error",
+                                           "param": None, "code": 500}})
+                break
+            if event.text or event.finish_reason is not None:
+                content = {"content": event.text} if reply.chat else event.text
+                yield reply.sse(reply.chunk(content if event.text or not reply.chat else {}, event.finish_reason))
+            if event.finish_reason is not None:
+                reply.finished(event)
+                if include_usage:
+                    yield reply.sse(reply.usage_chunk(event))
+        done = True
+        yield "data: [DONE]\n\n"
+    except Exception as exc:  # the response has started: say so in the stream, log the rest
+        log.error("stream failed", exc_info=exc)
+        yield reply.sse({"error": {"message": "internal server error; the server log has the details",
+                                   "type": "server_error", "param": None, "code": 500}})
+    finally:
+        if not done:
+            handle.cancel()  # the client went away (or the stream failed): free the slot
+
+
+class _Reply:
+    """OpenAI's response and chunk shapes for one request, and its metrics."""
+
+    def __init__(self, model: str, chat: bool, metrics: Metrics, route: str):
+        self.model, self.chat, self.metrics, self.route = model, chat, metrics, route
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created, self.start, self.got_first = int(time.time()), time.perf_counter(), False
+
+    def first_token(self) -> None:
+        if not self.got_first:
+            self.got_first = True
+            self.metrics.first_token.labels(self.route).observe(time.perf_counter() - self.start)
+
+    def finished(self, event) -> None:
+        self.metrics.prompt_tokens.labels(self.model).inc(event.prompt_tokens)
+        self.metrics.completion_tokens.labels(self.model).inc(event.completion_tokens)
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def _usage(event) -> dict:
+        return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+    def full(self, text: str, event) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": event.finish_reason}
+            return self._head("chat.completion") | {"choices": [choice], "usage": self._usage(event)}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}
+        return self._head("text_completion") | {"choices": [choice], "usage": self._usage(event)}
+
+    def chunk(self, content, finish_reason) -> dict:
+        if self.chat:
+            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+            return self._head("chat.completion.chunk") | {"choices": [choice]}
+        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish_reason}
+        return self._head("text_completion") | {"choices": [choice]}
+
+    def usage_chunk(self, event) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._head(obj) | {"choices": [], "usage": self._usage(event)}
+
+    @staticmethod
+    def sse(payload: dict) -> str:
+        return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

@@ -1,0 +1,283 @@
+"""The HTTP layer alone (routes, OpenAI shapes, errors, keys, limits, metrics) over a double of the engine.
+
+Generation itself, the openai client, load and shutdown are tested against the real engine in
+test_openai_client.py and test_serve_load.py.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import pickle
+
+import pytest
+from fastapi.testclient import TestClient
+
+import rankdial as rd
+from conftest import tiny_model
+
+from rankdial.errors import ConfigError, RequestError
+from rankdial.serve.api import ApiLimits, create_app
+from fake_engine import FakeEngine
+
+
+def client(engine=None, **kw) -> TestClient:
+    return TestClient(create_app(engine or FakeEngine(), **kw), raise_server_exceptions=False)
+
+
+def error_of(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert body["code"] == status and "Traceback" not in body["message"]
+    return body["message"]
+
+
+def test_models_lists_base_then_every_adapter():
+    with client() as c:
+        data = c.get("/v1/models").json()
+    assert data["object"] == "list"
+    assert [m["id"] for m in data["data"]] == ["tiny-base", "alpha", "beta"]
+    assert data["data"][1]["parent"] == "tiny-base" and data["data"][1]["rank"] == 4
+
+
+def test_completion_shape_usage_and_adapter_routing():
+    engine = FakeEngine()
+    with client(engine) as c:
+        r = c.post("/v1/completions", json={"model": "alpha", "prompt": "one two three", "max_tokens": 10})
+        base = c.post("/v1/completions", json={"model": "tiny-base", "prompt": "one two", "max_tokens": 2})
+    body = r.json()
+    assert r.status_code == 200 and body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["choices"][0]["text"] == " three two one [alpha]" and body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert base.json()["choices"][0] | {} == {"index": 0, "text": " two one", "logprobs": None,
+                                               "finish_reason": "length"}
+    assert engine.started and engine.stopped  # the lifespan starts and drains the engine
+
+
+def test_chat_goes_through_the_chat_template():
+    engine = FakeEngine()
+    with client(engine) as c:
+        r = c.post("/v1/chat/completions", json={"model": "beta", "max_tokens": 50, "messages": [
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+    body = r.json()
+    assert engine.prompts == ["<system> be brief <user> hi <assistant>"]
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["message"]["content"].endswith("[beta]")
+
+
+def sse_payloads(text: str) -> list:
+    lines = [line for line in text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streaming_is_openai_chunks_then_done(chat):
+    req = {"model": "alpha", "max_tokens": 10, "stream": True, "stream_options": {"include_usage": True}}
+    with client() as c:
+        if chat:
+            r = c.post("/v1/chat/completions", json=req | {"messages": [{"role": "user", "content": "a b"}]})
+        else:
+            r = c.post("/v1/completions", json=req | {"prompt": "a b"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_payloads(r.text)
+    usage = chunks.pop()
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+    if chat:
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    else:
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text.endswith("[alpha]") and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_malformed_json_is_400_and_a_bad_field_is_422_naming_it():
+    with client() as c:
+        bad_json = c.post("/v1/completions", content=b'{"model": "alpha", "prompt": ', 
+                          headers={"content-type": "application/json"})
+        zero = c.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 0})
+        typo = c.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_token": 5})
+        missing = c.post("/v1/chat/completions", json={"model": "alpha"})
+        top_p = c.post("/v1/completions", json={"model": "alpha", "prompt": "x", "top_p": "high"})
+    assert "not valid JSON" in error_of(bad_json, 400)
+    assert error_of(zero, 422).startswith("max_tokens:") and zero.json()["error"]["param"] == "max_tokens"
+    assert "max_token: unknown field" in error_of(typo, 422)
+    assert "messages" in error_of(missing, 422)
+    assert 'top_p' in error_of(top_p, 422) and '"high"' in top_p.json()["error"]["message"]
+    with client() as c:
+        plain = c.post("/v1/completions", content=b'{"model": "alpha", "prompt": "x"}',
+                       headers={"content-type": "text/plain"})
+        empty = c.post("/v1/completions")
+        array = c.post("/v1/completions", json=[1, 2])
+        nowhere = c.get("/v1/nowhere")
+    for r in (plain, empty, array):
+        assert "one JSON object (Content-Type: application/json)" in error_of(r, 422)
+    assert "no route GET /v1/nowhere; the routes are /v1/models" in error_of(nowhere, 404)
+
+
+def test_unknown_model_is_404_listing_those_that_exist():
+    with client() as c:
+        r = c.post("/v1/completions", json={"model": "gamma", "prompt": "x"})
+    msg = error_of(r, 404)
+    assert "'gamma'" in msg and "tiny-base, alpha, beta" in msg
+
+
+def test_engine_request_errors_are_400_and_surprises_a_generic_500():
+    with client(FakeEngine(fail_with=RequestError("prompt has 9000 tokens, limit 512"))) as c:
+        r = c.post("/v1/completions", json={"model": "alpha", "prompt": "x"})
+    assert "9000 tokens" in error_of(r, 400)
+    secret = "ZeroDivisionError at /srv/secret/path.py line 3"
+    with client(FakeEngine(fail_with=RuntimeError(secret))) as c:
+        r = c.post("/v1/completions", json={"model": "alpha", "prompt": "x"})
+    msg = error_of(r, 500)
+    assert "internal server error" in msg and "secret" not in r.text and "RuntimeError" not in r.text
+
+
+def test_bearer_keys_guard_every_route():
+    with client(api_keys=["k1", "k2"]) as c:
+        for path in ("/v1/models", "/health", "/metrics"):
+            assert c.get(path).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer nope"}).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer k2"}).status_code == 200
+        r = c.post("/v1/completions", content=b"{not json", headers={"Authorization": "Basic k1"})
+    assert "API key" in error_of(r, 401)  # refused before the body is even read
+
+
+def test_admin_key_for_load_by_path_and_unload():
+    engine = FakeEngine()
+    admin = {"Authorization": "Bearer boss"}
+    with client(engine, admin_key="boss") as c:
+        by_name = c.post("/v1/adapters", json={"name": "alpha", "pin": True})
+        by_path = c.post("/v1/adapters", json={"name": "new", "path": "/elsewhere/new"})
+        unload = c.delete("/v1/adapters/beta")
+        assert by_name.status_code == 200 and by_name.json()["pinned"] is True
+        assert "admin key" in error_of(by_path, 403) and "admin key" in error_of(unload, 403)
+        assert c.post("/v1/adapters", json={"name": "new", "path": "/elsewhere/new"}, headers=admin).json()["loaded"]
+        assert c.delete("/v1/adapters/beta", headers=admin).json()["deleted"] is True
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny-base", "alpha", "new"]
+    assert engine.registry.calls == [("load", "alpha", None, False), ("load", "new", "/elsewhere/new", True),
+                                     ("unload", "beta")]
+
+
+def test_adapter_names_must_be_plain_folder_names():
+    with client() as c:
+        for name in ("../etc", "/abs", "a/b", ".hidden", ""):
+            r = c.post("/v1/adapters", json={"name": name})
+            assert error_of(r, 422).startswith("name:"), name
+        assert "'nothere'" in error_of(c.post("/v1/adapters", json={"name": "nothere"}), 404)
+        assert "base model" in error_of(c.post("/v1/adapters", json={"name": "tiny-base", "path": "/x"}), 400)
+        assert c.delete("/v1/adapters/..%2Fetc").status_code in (400, 404)
+
+
+def test_body_size_max_tokens_and_prompt_limits():
+    limits = ApiLimits(max_body_bytes=300, max_tokens=8, max_prompt_tokens=5)
+    with client(limits=limits) as c:
+        big = c.post("/v1/completions", json={"model": "alpha", "prompt": "x " * 400})
+        chunked = c.post("/v1/completions", content=iter([b'{"model": "alpha", "prompt": "', b"y" * 400, b'"}']),
+                         headers={"content-type": "application/json"})
+        many = c.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 9})
+        long = c.post("/v1/completions", json={"model": "alpha", "prompt": "a b c d e f"})
+        ok = c.post("/v1/completions", json={"model": "alpha", "prompt": "a b c d e", "max_tokens": 8})
+    assert "limit of 300 bytes" in error_of(big, 413) and "limit of 300 bytes" in error_of(chunked, 413)
+    assert "max_tokens must be at most 8, got 9" in error_of(many, 400)
+    assert "6 tokens" in error_of(long, 400) and ok.status_code == 200
+    with pytest.raises(ConfigError, match="max_tokens must be a positive integer, got 0"):
+        ApiLimits(max_tokens=0)
+
+
+def test_metrics_in_prometheus_format_per_app():
+    apps = [client(), client()]
+    with apps[0] as a, apps[1] as b:
+        a.post("/v1/completions", json={"model": "alpha", "prompt": "one two", "max_tokens": 5})
+        a.post("/v1/completions", json={"model": "zzz", "prompt": "x"})
+        text = a.get("/metrics").text
+        other = b.get("/metrics").text
+    assert 'rankdial_requests_total{route="/v1/completions",status="200"} 1.0' in text
+    assert 'rankdial_requests_total{route="/v1/completions",status="404"} 1.0' in text
+    assert 'rankdial_completion_tokens_total{model="alpha"} 3.0' in text
+    assert 'rankdial_request_latency_seconds_count{route="/v1/completions"} 2.0' in text
+    for name in ("rankdial_adapter_cache_hits_total", "rankdial_adapter_cache_misses_total",
+                 "rankdial_adapter_cache_evictions_total", "rankdial_adapters_loaded", "rankdial_batch_size 3.0",
+                 "rankdial_time_to_first_token_seconds_bucket"):
+        assert name in text
+    assert 'route="/v1/completions"' not in other  # a second app counts only its own requests
+
+
+def test_stream_cancelled_when_consumer_stops_early():
+    engine = FakeEngine(delay=0.01)
+    with client(engine) as c:
+        with c.stream("POST", "/v1/completions", json={"model": "alpha", "prompt": "w " * 200,
+                                                        "max_tokens": 150, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break
+    assert engine.handles[0].cancelled
+
+
+# ---- security with the real AdapterRegistry (a tiny Llama, adapters written by rankdial) ----
+
+class Boom:
+    """Unpickling this would create the file `path`: the proof that a pickle was loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+@pytest.fixture
+def real_registry(tmp_path):
+    from rankdial.serve.registry import AdapterRegistry
+
+    root, outside = tmp_path / "adapters", tmp_path / "outside"
+    root.mkdir()
+    for folder in (root / "good", outside / "secret"):
+        model = tiny_model("llama")
+        rd.inject(model, rd.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]), adapter="default")
+        rd.save_adapter(model, folder, "default")
+    (root / "link").symlink_to(outside / "secret")  # a symlink out of the adapters folder
+    pickled = root / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((root / "good" / "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(pickle.dumps(Boom(tmp_path / "PWNED")))
+    return AdapterRegistry(tiny_model("llama"), root), tmp_path
+
+
+def test_names_and_paths_cannot_leave_the_adapters_folder(real_registry):
+    registry, tmp = real_registry
+    with client(FakeEngine(registry=registry)) as c:
+        assert c.post("/v1/adapters", json={"name": "good"}).json()["loaded"] is True
+        for path in ("../outside/secret", str(tmp / "outside" / "secret"), "link", "good/../../outside/secret"):
+            r = c.post("/v1/adapters", json={"name": "x1", "path": path})
+            assert "outside the adapters folder" in error_of(r, 400), path
+        assert "outside the adapters folder" in error_of(c.post("/v1/adapters", json={"name": "link"}), 400)
+        for model in ("../good", "good/", "/good"):
+            assert error_of(c.post("/v1/completions", json={"model": model, "prompt": "x"}), 404)
+        r = c.post("/v1/adapters", json={"name": "pickled"})
+        assert "pickle" in error_of(r, 400) and not (tmp / "PWNED").exists()
+        assert [m["id"] for m in c.get("/v1/models").json()["data"] if m.get("loaded")] == ["good"]
+
+
+def test_admin_key_allows_a_path_outside_and_nothing_else_does(real_registry):
+    registry, tmp = real_registry
+    secret = str(tmp / "outside" / "secret")
+    with client(FakeEngine(registry=registry), api_keys=["user"], admin_key="boss") as c:
+        user, boss = {"Authorization": "Bearer user"}, {"Authorization": "Bearer boss"}
+        assert error_of(c.post("/v1/adapters", json={"name": "sec", "path": secret}, headers=user), 403)
+        assert c.post("/v1/adapters", json={"name": "sec", "path": secret}, headers=boss).json()["loaded"] is True
+        assert "sec" in [m["id"] for m in c.get("/v1/models", headers=user).json()["data"]]
+        assert error_of(c.delete("/v1/adapters/sec", headers=user), 403)
+        assert c.delete("/v1/adapters/sec", headers=boss).status_code == 200
+        assert error_of(c.post("/v1/adapters", json={"name": "pickled", "path": "pickled"}, headers=boss), 400)
+    assert not (tmp / "PWNED").exists()
+
+
+def test_serve_flags_are_checked_before_anything_loads(capsys):
+    from rankdial.cli import main
+
+    assert main(["serve", "--max-tokens", "0", "--budget-mb", "-1", "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-tokens must be positive, got 0" in err
+    assert "--budget-mb must be positive, got -1.0" in err and "--port must be in 0-65535" in err
