@@ -31,7 +31,7 @@ SETTINGS = {
                steer_ranks=[2, 16], steer_steps=30, n_facts=128, adapters_n=[1, 2, 4, 8, 16, 32],
                steer_lrs={"full": [3e-4, 1e-3], "lora": [2e-3, 6e-3]}),
     False: dict(latency_repeats=40, measure=["default", "big"], synthetic_steps=600, ranks=[1, 2, 3, 4, 6, 8, 16, 64],
-                steer_ranks=[1, 8, 64], steer_steps=120, n_facts=512, adapters_n=[1, 2, 4, 8, 16, 32, 64, 128],
+                steer_ranks=[1, 8, 64], steer_steps=100, n_facts=512, adapters_n=[1, 2, 4, 8, 16, 32, 64, 128],
                 steer_lrs=LR_GRIDS),
 }
 BIG = {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 4, "ffn": 2816, "vocab": 4096}  # as tests/test_memory.py
