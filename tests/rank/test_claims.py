@@ -73,8 +73,14 @@ def test_quick_report_writes_every_claim_with_consistent_figures(tmp_path, capsy
     assert 0 < ad["adapter_bytes"] < ad["base_bytes"]
     assert all(row["base_plus_adapters"] < row["full_copies"] for row in ad["rows"] if row["n"] >= 2)
 
-    for name, runs in f["steering"]["tasks"].items():
+    steer = f["steering"]
+    for name, runs in steer["tasks"].items():
         assert runs[-1]["method"] == "full" and all(run["eval_loss"] < run["eval_loss_before"] for run in runs), name
+        for run in runs:  # each method's rate comes from its family's grid, kept by the lowest validation loss
+            grid = steer["lr_grids"][run["method"]]
+            assert run["lr"] in grid and run["lr_grid"] == grid and len(run["lr_search"]) == len(grid)
+            assert run["val_loss"] == min(x["val_loss"] for x in run["lr_search"])
+    assert "Learning rates were tuned, not picked by hand" in report and "validation loss" in report
     assert "report:" in capsys.readouterr().out
 
     # its own report folder may be rewritten; a file the user put there makes it refuse
