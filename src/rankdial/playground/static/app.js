@@ -1,0 +1,357 @@
+// rankdial playground: every number comes from the server's JSON routes; this file only draws them.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const fmt = (n) => Number(n).toLocaleString("en-US");
+const pct = (x) => (100 * x).toFixed(2) + "%";
+const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
+
+function gb(bytes) {
+  if (bytes >= 1e9) return (bytes / 1e9).toFixed(2) + " GB";
+  if (bytes >= 1e6) return (bytes / 1e6).toFixed(2) + " MB";
+  return (bytes / 1e3).toFixed(1) + " kB";
+}
+
+async function api(path, options) {
+  let res;
+  try {
+    res = await fetch(path, options);
+  } catch (e) {
+    throw new Error("the playground server cannot be reached");
+  }
+  const body = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(body.error || "request failed (" + res.status + ")");
+  return body;
+}
+
+function showError(panel, err) {
+  const el = $(panel + "-error");
+  el.textContent = err ? String(err.message || err) : "";
+  el.hidden = !err;
+}
+
+function debounce(fn, ms) {
+  let t = null;
+  return (...args) => { clearTimeout(t); t = setTimeout(() => fn(...args), ms); };
+}
+
+// ------------------------------------------------------------------------------------------ charts
+
+function setupCanvas(canvas) {
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || 300, h = canvas.clientHeight || 200;
+  canvas.width = Math.round(w * ratio);
+  canvas.height = Math.round(h * ratio);
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  ctx.font = "12px system-ui, sans-serif";
+  return { ctx, w, h };
+}
+
+function niceRange(lo, hi) {
+  if (!isFinite(lo) || !isFinite(hi)) return [0, 1];
+  if (lo === hi) return [lo - 1, hi + 1];
+  const pad = (hi - lo) * 0.05;
+  return [lo - pad, hi + pad];
+}
+
+function axes(ctx, box, xr, yr, xlabel, ylabel, ylog) {
+  ctx.strokeStyle = "#888"; ctx.fillStyle = "#444"; ctx.lineWidth = 1;
+  ctx.beginPath(); ctx.moveTo(box.l, box.t); ctx.lineTo(box.l, box.b); ctx.lineTo(box.r, box.b); ctx.stroke();
+  ctx.textAlign = "right"; ctx.textBaseline = "middle";
+  for (let i = 0; i <= 4; i++) {
+    const v = yr[0] + (yr[1] - yr[0]) * i / 4, y = box.b - (box.b - box.t) * i / 4;
+    ctx.fillText(ylog ? Math.pow(10, v).toPrecision(2) : Number(v.toPrecision(3)).toString(), box.l - 4, y);
+  }
+  ctx.textAlign = "center"; ctx.textBaseline = "top";
+  for (let i = 0; i <= 4; i++) {
+    const v = xr[0] + (xr[1] - xr[0]) * i / 4, x = box.l + (box.r - box.l) * i / 4;
+    ctx.fillText(Number(v.toPrecision(3)).toString(), x, box.b + 4);
+  }
+  ctx.fillText(xlabel, (box.l + box.r) / 2, box.b + 18);
+  ctx.save(); ctx.translate(12, (box.t + box.b) / 2); ctx.rotate(-Math.PI / 2); ctx.fillText(ylabel, 0, -6); ctx.restore();
+}
+
+// series: [{label, color, dashed, points: [[x, y], ...]}]
+function lineChart(canvas, series, xlabel, ylabel) {
+  const { ctx, w, h } = setupCanvas(canvas);
+  const box = { l: 52, r: w - 10, t: 10, b: h - 38 };
+  const pts = series.flatMap((s) => s.points);
+  if (!pts.length) { ctx.fillStyle = "#666"; ctx.fillText("no data yet", box.l + 10, box.t + 20); return; }
+  const xr = [0, Math.max(1, ...pts.map((p) => p[0]))];
+  const yr = niceRange(Math.min(...pts.map((p) => p[1])), Math.max(...pts.map((p) => p[1])));
+  axes(ctx, box, xr, yr, xlabel, ylabel);
+  const X = (x) => box.l + (box.r - box.l) * (x - xr[0]) / (xr[1] - xr[0]);
+  const Y = (y) => box.b - (box.b - box.t) * (y - yr[0]) / (yr[1] - yr[0]);
+  series.forEach((s, i) => {
+    ctx.strokeStyle = s.color; ctx.fillStyle = s.color; ctx.lineWidth = 2; ctx.setLineDash(s.dashed ? [5, 4] : []);
+    ctx.beginPath();
+    s.points.forEach((p, j) => (j ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1]))));
+    ctx.stroke();
+    if (s.dashed) s.points.forEach((p) => { ctx.beginPath(); ctx.arc(X(p[0]), Y(p[1]), 2.5, 0, 7); ctx.fill(); });
+    ctx.setLineDash([]);
+    ctx.textAlign = "left"; ctx.textBaseline = "top";
+    ctx.fillRect(box.r - 130, box.t + 4 + 14 * i, 10, 3);
+    ctx.fillText(s.label, box.r - 115, box.t + 14 * i - 1);
+  });
+}
+
+// bars: [{label, parts: [{name, value, color}]}], stacked horizontally
+function barChart(canvas, bars, unit, markers) {
+  const { ctx, w, h } = setupCanvas(canvas);
+  const box = { l: 90, r: w - 12, t: 8, b: h - 30 };
+  const max = Math.max(1e-12, ...bars.map((b) => b.parts.reduce((a, p) => a + p.value, 0)), ...(markers || []).map((m) => m.value));
+  const X = (v) => box.l + (box.r - box.l) * v / max;
+  const bh = Math.min(28, (box.b - box.t) / bars.length - 8);
+  bars.forEach((bar, i) => {
+    const y = box.t + i * (bh + 8);
+    let x0 = 0;
+    bar.parts.forEach((p) => { ctx.fillStyle = p.color; ctx.fillRect(X(x0), y, Math.max(0.5, X(x0 + p.value) - X(x0)), bh); x0 += p.value; });
+    ctx.fillStyle = "#222"; ctx.textAlign = "right"; ctx.textBaseline = "middle";
+    ctx.fillText(bar.label, box.l - 6, y + bh / 2);
+    ctx.textAlign = "left";
+    const txt = unit(x0);
+    ctx.fillText(txt, Math.min(X(x0) + 4, box.r - ctx.measureText(txt).width), y + bh / 2);
+  });
+  (markers || []).forEach((m) => {
+    ctx.strokeStyle = "#999"; ctx.setLineDash([3, 3]); ctx.beginPath(); ctx.moveTo(X(m.value), box.t); ctx.lineTo(X(m.value), box.b); ctx.stroke();
+    ctx.setLineDash([]); ctx.fillStyle = "#666"; ctx.textAlign = "center"; ctx.textBaseline = "top"; ctx.fillText(m.label, X(m.value), box.b + 4);
+  });
+}
+
+// -------------------------------------------------------------------------- Why LoRA is cheap
+
+const loraFields = ["d_in", "d_out", "r", "alpha"];
+
+async function updateLora() {
+  const q = new URLSearchParams(loraFields.map((f) => [f, $("lora-" + f).value.trim()]));
+  try {
+    const d = await api("/api/lora?" + q);
+    showError("lora", null);
+    $("lora-delta_w").textContent = fmt(d.delta_w) + "  (" + d.shapes.delta_w.join(" × ") + ")";
+    $("lora-a").textContent = fmt(d.a);
+    $("lora-b").textContent = fmt(d.b);
+    $("lora-trainable").textContent = fmt(d.trainable);
+    $("lora-share").textContent = pct(d.share);
+    $("lora-scale").textContent = Number(d.scale.toPrecision(4)).toString();
+    barChart($("lora-chart"), [
+      { label: "ΔW", parts: [{ value: d.delta_w, color: "#94a3b8" }] },
+      { label: "A + B", parts: [{ value: d.a, color: COLORS[0] }, { value: d.b, color: COLORS[1] }] },
+    ], (v) => fmt(v) + " params");
+  } catch (e) { showError("lora", e); }
+}
+
+function linkSliders(prefix, fields, onChange) {
+  const later = debounce(onChange, 120);
+  fields.forEach((f) => {
+    const box = $(prefix + "-" + f), range = $(prefix + "-" + f + "-range");
+    if (range) range.addEventListener("input", () => { box.value = range.value; later(); });
+    box.addEventListener("input", () => { if (range && box.value.trim() !== "" && !isNaN(Number(box.value))) range.value = box.value; later(); });
+  });
+}
+
+// -------------------------------------------------------------------------- Will it fit?
+
+const TERM_COLORS = { "weights": "#64748b", "quant constants": "#a3a3a3", "adapters": "#2563eb", "gradients": "#f59e0b",
+  "optimizer state": "#dc2626", "activations": "#16a34a", "logits + loss": "#0891b2", "dequant workspace": "#9333ea" };
+
+async function updatePlan() {
+  const q = new URLSearchParams(["model", "rank", "batch_size", "seq_len"].map((f) => [f, $("plan-" + f).value.trim()]));
+  try {
+    const d = await api("/api/plan?" + q);
+    showError("plan", null);
+    const methods = Object.keys(d.plans);
+    // The bars show the terms; the planned peak (total) is each bar's label, from the planner itself.
+    barChart($("plan-chart"), methods.map((m) => ({ label: m, parts: Object.entries(d.plans[m].terms)
+      .filter(([, v]) => v > 0).map(([k, v]) => ({ name: k, value: v, color: TERM_COLORS[k] || "#999" })) })),
+      (v) => gb(v) + " (sum of terms)",
+      d.accelerators_gb.filter((g) => g * 1e9 <= 1.05 * Math.max(...methods.map((m) => d.plans[m].total_bytes)))
+        .map((g) => ({ value: g * 1e9, label: g + " GB" })));
+    $("plan-rows").innerHTML = "";
+    methods.forEach((m) => {
+      const p = d.plans[m], tr = document.createElement("tr");
+      tr.innerHTML = `<th scope="row">${m}</th><td id="plan-total-${m}" data-bytes="${p.total_bytes}">${gb(p.total_bytes)}</td>` +
+        `<td>${gb(p.weights_bytes)}</td><td>${fmt(p.trainable_params)} (${pct(p.trainable_params / p.total_params)})</td>` +
+        `<td>${p.fits.length ? p.fits.map((g) => g + " GB").join(", ") : "none of " + d.accelerators_gb.join("/") + " GB"}</td>`;
+      $("plan-rows").appendChild(tr);
+    });
+    const legend = Object.entries(TERM_COLORS).map(([k, c]) => `<span><i style="background:${c}"></i>${k}</span>`).join(" ");
+    $("plan-chart").setAttribute("aria-label", "planned memory per term: " + methods.map((m) => m + " " + gb(d.plans[m].total_bytes)).join(", "));
+    let lg = $("plan-legend");
+    if (!lg) { lg = document.createElement("p"); lg.id = "plan-legend"; lg.className = "legend"; $("plan-chart").after(lg); }
+    lg.innerHTML = legend;
+  } catch (e) { showError("plan", e); }
+}
+
+// -------------------------------------------------------------------------- The rank dial, live
+
+const train = { job: null, source: null, runs: {}, order: [] };
+
+function trainSeries() {
+  const series = [];
+  train.order.forEach((r, i) => {
+    const run = train.runs[r], c = COLORS[i % COLORS.length];
+    series.push({ label: "r=" + r + " train", color: c, points: run.train });
+    if (run.eval.length) series.push({ label: "r=" + r + " eval", color: c, dashed: true, points: run.eval });
+  });
+  return series;
+}
+
+function drawTrain() {
+  const canvas = $("train-chart");
+  lineChart(canvas, trainSeries(), "step", "loss (nats/token)");
+  canvas.dataset.points = String(train.order.reduce((a, r) => a + train.runs[r].train.length + train.runs[r].eval.length, 0));
+}
+
+function trainRow(r) {
+  const run = train.runs[r];
+  let tr = $("train-row-" + r);
+  if (!tr) { tr = document.createElement("tr"); tr.id = "train-row-" + r; $("train-rows").appendChild(tr); }
+  const last = (xs) => (xs.length ? xs[xs.length - 1][1].toFixed(4) : "–");
+  tr.innerHTML = `<th scope="row">${r}</th><td>${run.trainable != null ? fmt(run.trainable) : "–"}</td>` +
+    `<td>${last(run.train)}</td><td>${last(run.eval)}</td><td>${run.seconds != null ? run.seconds : "…"}</td>`;
+}
+
+function onTrainEvent(ev) {
+  if (ev.type === "run") {
+    train.runs[ev.rank] = { train: [], eval: [], trainable: ev.trainable, seconds: null };
+    train.order.push(ev.rank);
+    $("train-status").textContent = "training r=" + ev.rank + " …";
+  } else if (ev.type === "step") {
+    train.runs[ev.rank].train.push([ev.step, ev.loss]);
+    $("train-status").textContent = "r=" + ev.rank + ": step " + ev.step + ", loss " + ev.loss.toFixed(4);
+  } else if (ev.type === "eval") {
+    train.runs[ev.rank].eval.push([ev.step, ev.eval_loss]);
+  } else if (ev.type === "run_done") {
+    train.runs[ev.rank].seconds = ev.seconds;
+    if (ev.spectrum) addSpectrum(ev.rank, ev.spectrum);
+  } else if (["done", "cancelled", "error"].includes(ev.type)) {
+    endTrain(ev);
+    return;
+  }
+  if (ev.rank != null) trainRow(ev.rank);
+  drawTrain();
+}
+
+function endTrain(ev) {
+  if (train.source) train.source.close();
+  train.source = null;
+  $("train-start").disabled = false;
+  $("train-cancel").disabled = true;
+  $("train-status").textContent = ev.type === "done" ? "finished" : ev.type === "cancelled" ? "cancelled: " + ev.message : "failed";
+  $("train-status").dataset.state = ev.type;
+  if (ev.type === "error") showError("train", ev.message);
+}
+
+async function startTrain(event) {
+  event.preventDefault();
+  showError("train", null);
+  const f = (n) => $("train-" + n).value.trim();
+  const ranks = f("ranks").split(",").map((s) => s.trim()).filter((s) => s !== "");
+  const num = (s) => (s !== "" && !isNaN(Number(s)) ? Number(s) : s);  // non-numbers go as they are: the server names them
+  const body = { task: f("task"), ranks: ranks.map(num), alpha: num(f("alpha")), steps: num(f("steps")),
+                 examples: num(f("examples")), lr: num(f("lr")) };
+  try {
+    const d = await api("/api/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    train.job = d.id; train.runs = {}; train.order = [];
+    $("train-rows").innerHTML = "";
+    $("train-status").dataset.state = "running";
+    $("train-status").textContent = "starting …";
+    $("train-start").disabled = true;
+    $("train-cancel").disabled = false;
+    drawTrain();
+    train.source = new EventSource("/api/jobs/" + d.id + "/events");
+    train.source.onmessage = (m) => onTrainEvent(JSON.parse(m.data));
+    train.source.onerror = () => { if (train.source && train.source.readyState === 2) endTrain({ type: "error", message: "lost the connection to the server" }); };
+  } catch (e) { showError("train", e); }
+}
+
+async function cancelTrain() {
+  if (!train.job) return;
+  try { await api("/api/jobs/" + train.job, { method: "DELETE" }); } catch (e) { showError("train", e); }
+}
+
+// -------------------------------------------------------------------------- What was learned
+
+const spectra = {};
+
+function addSpectrum(rank, rows) {
+  spectra[rank] = rows;
+  const sel = $("spectrum-run");
+  if (![...sel.options].some((o) => o.value === String(rank))) sel.add(new Option("r=" + rank, String(rank)));
+  sel.value = String(rank);
+  fillModules();
+}
+
+function fillModules() {
+  const rows = spectra[$("spectrum-run").value] || [], sel = $("spectrum-module"), keep = sel.value;
+  sel.innerHTML = "";
+  rows.forEach((row, i) => sel.add(new Option(row.module.replace(/^base_model\.model\./, ""), String(i))));
+  if (keep && keep < rows.length) sel.value = keep;
+  drawSpectrum();
+}
+
+function drawSpectrum() {
+  const rows = spectra[$("spectrum-run").value];
+  if (!rows || !rows.length) return;
+  const row = rows[Number($("spectrum-module").value) || 0];
+  const { ctx, w, h } = setupCanvas($("spectrum-chart"));
+  const box = { l: 52, r: w - 10, t: 10, b: h - 38 }, sv = row.singular_values, max = Math.max(1e-12, ...sv);
+  axes(ctx, box, [1, sv.length], [0, max], "singular value index", "σ");
+  const bw = (box.r - box.l) / sv.length;
+  sv.forEach((s, i) => { ctx.fillStyle = i < row.rank_90 ? COLORS[0] : "#93c5fd"; ctx.fillRect(box.l + i * bw + 1, box.b - (box.b - box.t) * s / max, Math.max(1, bw - 2), (box.b - box.t) * s / max); });
+  const all = rows.map((x) => x.rank_90).sort((a, b) => a - b);
+  $("spectrum-status").textContent = `r=${row.rank}: effective rank ${row.rank_90} at 90% of the energy, ${row.rank_99} at 99%` +
+    ` (median over ${rows.length} modules at 90%: ${all[Math.floor(all.length / 2)]})`;
+}
+
+// -------------------------------------------------------------------------- NF4
+
+async function updateNf4() {
+  const layer = $("nf4-layer").value;
+  try {
+    const d = await api("/api/nf4" + (layer ? "?layer=" + encodeURIComponent(layer) : ""));
+    showError("nf4", null);
+    const sel = $("nf4-layer");
+    if (!sel.options.length) { d.layers.forEach((n) => sel.add(new Option(n, n))); sel.value = d.layer; }
+    $("nf4-shape").textContent = d.shape.join(" × ") + " (" + fmt(d.numel) + " weights)";
+    $("nf4-rmse").textContent = d.rmse.toExponential(3) + " (weights' std " + d.weight_std.toExponential(3) + ")";
+    $("nf4-rel").textContent = pct(d.relative_error);
+    $("nf4-bits_dq").textContent = d.bits_double_quant.toFixed(3);
+    $("nf4-bits_plain").textContent = d.bits_plain.toFixed(3);
+    const { ctx, w, h } = setupCanvas($("nf4-chart"));
+    const box = { l: 52, r: w - 10, t: 10, b: h - 38 }, c = d.histogram.counts, max = Math.max(...c);
+    axes(ctx, box, [d.histogram.lo, d.histogram.hi], [0, max], "weight / block absmax", "count");
+    const X = (v) => box.l + (box.r - box.l) * (v - d.histogram.lo) / (d.histogram.hi - d.histogram.lo);
+    const bw = (box.r - box.l) / c.length;
+    c.forEach((n, i) => { ctx.fillStyle = "#94a3b8"; ctx.fillRect(box.l + i * bw, box.b - (box.b - box.t) * n / max, Math.max(1, bw - 1), (box.b - box.t) * n / max); });
+    ctx.strokeStyle = COLORS[1]; ctx.lineWidth = 1.5;
+    d.levels.forEach((v) => { ctx.beginPath(); ctx.moveTo(X(v), box.t); ctx.lineTo(X(v), box.b); ctx.stroke(); });
+  } catch (e) { showError("nf4", e); }
+}
+
+// -------------------------------------------------------------------------- start
+
+function init() {
+  linkSliders("lora", loraFields, updateLora);
+  ["model", "rank", "batch_size", "seq_len"].forEach((f) => {
+    const el = $("plan-" + f);
+    el.addEventListener(el.tagName === "SELECT" ? "change" : "input", debounce(updatePlan, 150));
+  });
+  $("train-form").addEventListener("submit", startTrain);
+  $("train-cancel").addEventListener("click", cancelTrain);
+  $("spectrum-run").addEventListener("change", fillModules);
+  $("spectrum-module").addEventListener("change", drawSpectrum);
+  $("nf4-layer").addEventListener("change", updateNf4);
+  document.querySelectorAll(".error").forEach((el) => (el.hidden = true));
+  api("/api/limits").then((l) => {
+    $("train-limits").textContent = `Limits: rank ≤ ${l.max_rank}, steps ≤ ${l.max_steps}, examples ≤ ${l.max_examples}, ` +
+      `${l.max_ranks} ranks per sweep, one job per visitor.`;
+  }).catch((e) => showError("train", e));
+  updateLora(); updatePlan(); updateNf4(); drawTrain();
+  if (window.initPanels) window.initPanels();
+  window.addEventListener("resize", debounce(() => { updateLora(); updatePlan(); updateNf4(); drawTrain(); drawSpectrum(); }, 200));
+}
+
+document.addEventListener("DOMContentLoaded", init);
