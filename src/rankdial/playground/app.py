@@ -60,16 +60,14 @@ def create_app(limits: Limits | None = None, jobs: JobManager | None = None) -> 
     app.state.jobs = manager
     _error_handlers(app)
 
-    @app.middleware("http")
-    async def client_cookie(request: Request, call_next):
-        response = await call_next(request)
+    @app.get("/", include_in_schema=False)
+    def index(request: Request):
+        """The page; it gives each visitor an id (a cookie) so that fair use counts visitors, not addresses.
+        Callers without it (scripts) are counted by their address."""
+        response = FileResponse(STATIC / "index.html")
         if COOKIE not in request.cookies:
             response.set_cookie(COOKIE, secrets.token_hex(8), httponly=True, samesite="strict")
         return response
-
-    @app.get("/", include_in_schema=False)
-    def index():
-        return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -177,8 +175,8 @@ def nf4_report(layer: str) -> dict:
         w = f.get_tensor(layer).float()
     q, plain = quantize_nf4(w), quantize_nf4(w, double_quant=False)
     err = dequantize_nf4(q, torch.float32) - w
-    # What NF4 rounds: each weight over its block's absmax (the library's own absmax, undoing double quantization).
-    scaled = w.flatten() / q.absmax_fp32().repeat_interleave(q.blocksize)[: w.numel()]
+    # What NF4 rounds: each weight over its block's absmax (the library's fp32 absmax, exact without double quant).
+    scaled = w.flatten() / plain.absmax_fp32().repeat_interleave(plain.blocksize)[: w.numel()]
     counts = torch.histc(scaled, bins=64, min=-1.0, max=1.0)
     return {"layer": layer, "layers": list(names), "shape": list(w.shape), "numel": w.numel(),
             "histogram": {"lo": -1.0, "hi": 1.0, "counts": counts.tolist()}, "levels": NF4_CODE.tolist(),
