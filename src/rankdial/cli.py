@@ -27,6 +27,7 @@ EPILOG = {
     "convert-bin": "example: rankdial convert-bin downloads/old-adapter",
     "sweep": ("examples:\n  rankdial sweep run.toml --ranks 1,2,4,8,16,64 --out out/sweep\n"
               "  rankdial sweep --data d.jsonl --eval-fraction 0.1 --steps 200 --ranks 1,4,16 --out out/s"),
+    "claims": "examples:\n  rankdial claims --quick --out out/claims\n  rankdial claims --out docs/claims",
     "estimate": ("examples:\n  rankdial estimate llama-70b --method qlora\n"
                  "  rankdial estimate default --method full --batch-size 16 --seq-len 256 --json\n"
                  "  rankdial estimate --hidden 4096 --layers 32 --heads 32 --ffn 11008 --vocab 32000"),
@@ -142,6 +143,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
     print(sweep(args.config, args.ranks, args.out, **overrides))
+    return 0
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    from .rank.claims_report import write_report
+
+    write_report(args.out, quick=args.quick)
+    print(f"report: {args.out}/report.md (figures in claims.json, one PNG per claim)")
     return 0
 
 
@@ -269,6 +278,17 @@ def add_sweep_parser(verbs, fmt) -> None:
     p.set_defaults(run=cmd_sweep)
 
 
+def add_claims_parser(verbs, fmt) -> None:
+    p = verbs.add_parser("claims", help="measure LoRA's case on this machine: a Markdown report with one PNG per claim",
+                         description="Measure each claim (parameter arithmetic, merged latency, memory planned and "
+                                     "measured, rank as capacity, base + N adapters, steering vs new facts) and write "
+                                     "OUT/report.md, OUT/<claim>.png and OUT/claims.json.",
+                         epilog=EPILOG["claims"], formatter_class=fmt)
+    p.add_argument("--quick", action="store_true", help="smaller runs (a couple of minutes on one core), as CI runs")
+    p.add_argument("--out", required=True, help="folder for the report (built beside, swapped in when done)")
+    p.set_defaults(run=cmd_claims)
+
+
 def _add_config_flags(p, skip: tuple[str, ...] = ()) -> None:
     from .train.config import FIELDS, flag_help, parse_flag_value
 
@@ -367,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(verbs, fmt)
     add_estimate_parser(verbs, fmt)
     add_sweep_parser(verbs, fmt)
+    add_claims_parser(verbs, fmt)
     add_model_parsers(verbs, fmt)
     add_adapter_parsers(verbs, fmt)
     add_playground_parser(verbs, fmt)

@@ -1,0 +1,150 @@
+"""The `rankdial claims` report: claims.run_claims' figures as Markdown, one PNG per claim, and claims.json.
+
+The folder is written beside its target and swapped in whole (atomic_dir, kind "claims-report"), so a report
+that fails half way leaves the previous one as it was, and a folder rankdial did not write is never replaced.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..atomic import atomic_dir, atomic_file, write_json, write_text
+from .claims import run_claims
+
+KIND = "claims-report"
+MB = 2**20
+
+
+def _figure(ncols: int = 1, width: float = 5.2):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 3.6), dpi=100)
+    return plt, fig, axes
+
+
+def _save(plt, fig, png: Path) -> None:
+    fig.tight_layout()
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_parameters(f: dict, png: Path) -> None:
+    plt, fig, ax = _figure()
+    methods = list(f["llama_70b"])
+    xs = range(len(methods))
+    ax.bar([x - 0.2 for x in xs], [f["llama_70b"][m]["weights_gb"] for m in methods], 0.4, label="weights")
+    ax.bar([x + 0.2 for x in xs], [f["llama_70b"][m]["total_gb"] for m in methods], 0.4, label="planned peak")
+    for gb in (48, 80):
+        ax.axhline(gb, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(list(xs), methods)
+    ax.set_yscale("log")
+    ax.set_ylabel("GB (planned)")
+    ax.set_title(f"Llama-70B, r={f['r']}; one {f['d']}² layer trains {f['share_percent']:.2f}%")
+    ax.legend()
+    _save(plt, fig, png)
+
+
+def plot_merge(f: dict, png: Path) -> None:
+    plt, fig, ax = _figure()
+    ax.bar(["base", "LoRA unmerged", "LoRA merged"], [f["base_ms"], f["unmerged_ms"], f["merged_ms"]],
+           color=["grey", "tab:orange", "tab:green"])
+    ax.set_ylabel(f"median forward latency (ms), 1×{f['seq_len']} tokens")
+    ax.set_title(f"merged = unmerged to {f['max_abs_diff_merged_vs_unmerged']:.1e} (max |Δlogit|)")
+    _save(plt, fig, png)
+
+
+def plot_memory(f: dict, png: Path) -> None:
+    models = sorted({row["model"] for row in f["rows"]}, key=["default", "big"].index)
+    plt, fig, axes = _figure(len(models))
+    for ax, name in zip(axes if len(models) > 1 else [axes], models):
+        rows = [row for row in f["rows"] if row["model"] == name]
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [row["planned_mb"] for row in rows], 0.4, label="planned")
+        ax.bar([x + 0.2 for x in xs], [row["measured_mb"] or 0 for row in rows], 0.4, label="measured")
+        ax.set_xticks(list(xs), [row["method"] for row in rows])
+        ax.set_ylabel("training peak (MiB)")
+        ax.set_title(f"{name}: batch {rows[0]['batch_size']}×{rows[0]['seq_len']}, fp32, AdamW")
+        ax.legend()
+    _save(plt, fig, png)
+
+
+def plot_rank(f: dict, png: Path) -> None:
+    plt, fig, (curves, finals) = _figure(2)
+    for run in f["runs"]:
+        line, = curves.plot(run["steps"], run["eval_loss"], label=f"r={run['rank']} eval")
+        curves.plot(run["steps"], run["train_loss"], linestyle=":", color=line.get_color())
+    floor = f["task"]["noise_floor"]
+    for ax in (curves, finals):
+        ax.axhline(floor, color="black", linewidth=0.8, linestyle="--", label="noise floor")
+        ax.set_yscale("log")
+        ax.set_ylabel("MSE per output")
+    curves.set_xlabel("step (dotted: train)")
+    curves.legend(fontsize=7)
+    ranks = [run["rank"] for run in f["runs"]]
+    finals.plot(ranks, [run["final_train"] for run in f["runs"]], "o:", label="train")
+    finals.plot(ranks, [run["final_eval"] for run in f["runs"]], "o-", label="eval")
+    finals.axvline(f["task"]["true_rank"], color="red", linewidth=0.8, label="true rank k")
+    finals.set_xscale("log", base=2)
+    finals.set_xlabel("LoRA rank")
+    finals.legend()
+    fig.suptitle(f"true update of rank {f['task']['true_rank']}, d={f['task']['d']}, {f['task']['n_train']} train pairs")
+    _save(plt, fig, png)
+
+
+def plot_adapters(f: dict, png: Path) -> None:
+    plt, fig, ax = _figure()
+    ns = [row["n"] for row in f["rows"]]
+    ax.plot(ns, [row["full_copies"] / MB for row in f["rows"]], "o-", label="N full copies")
+    ax.plot(ns, [row["base_plus_adapters"] / MB for row in f["rows"]], "o-", label="1 base + N adapters")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("N fine-tuned variants")
+    ax.set_ylabel("MiB on disk")
+    ax.set_title(f"default model; adapter r={f['rank']} is {f['adapter_share_percent']:.1f}% of the base")
+    ax.legend()
+    _save(plt, fig, png)
+
+
+def plot_steering(f: dict, png: Path) -> None:
+    plt, fig, axes = _figure(2)
+    for ax, (name, runs) in zip(axes, f["tasks"].items()):
+        lora = [run for run in runs if run["method"] == "lora"]
+        full = runs[-1]
+        ax.plot([run["rank"] for run in lora], [run["eval_loss"] for run in lora], "o-", label="LoRA")
+        ax.axhline(full["eval_loss"], color="tab:red", label="full fine-tuning")
+        ax.axhline(full["eval_loss_before"], color="grey", linestyle=":", label="before training")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("LoRA rank")
+        ax.set_ylabel("eval loss on targets (nats/token)")
+        ax.set_title(f"{name} task, {f['steps']} steps")
+        ax.legend()
+    _save(plt, fig, png)
+
+
+PLOTS = {"parameters": plot_parameters, "merge": plot_merge, "memory": plot_memory, "rank": plot_rank,
+         "adapters": plot_adapters, "steering": plot_steering}
+
+
+def write_report(out: str | Path, quick: bool = True, log=print, figures: dict | None = None) -> dict:
+    """Measure every claim (unless `figures` are given) and write OUT/report.md, OUT/<claim>.png, OUT/claims.json.
+
+    Raises OutputError (before anything is measured) when OUT is a folder rankdial did not write as a report.
+    Returns the figures.
+    """
+    from ..atomic import check_target
+    from .claims_text import markdown
+
+    check_target(out, KIND, what="--out folder")  # fail before minutes of measuring, not after
+    figures = run_claims(quick, log) if figures is None else figures
+    with atomic_dir(out, KIND, what="--out folder") as tmp:
+        for name, plot in PLOTS.items():
+            plot(figures[name], tmp / f"{name}.png")
+        write_json(tmp / "claims.json", figures)
+        command = "rankdial claims --quick" if quick else "rankdial claims"
+        write_text(tmp / "report.md", markdown(figures, command, sys.version.split()[0]))
+    return figures

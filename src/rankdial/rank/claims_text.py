@@ -1,0 +1,112 @@
+"""The words of the claims report: each claim's measured figures as a short Markdown section.
+
+Each verdict is computed from the figures (never written in advance), so the report says what this run saw.
+"""
+
+from __future__ import annotations
+
+MB = 2**20
+
+
+def _parameters(f: dict) -> list[str]:
+    p = f["llama_70b"]
+    rows = [f"| {m} | {v['weights_gb']:.1f} | {v['total_gb']:.1f} | {v['trainable_params']:,} | "
+            f"{', '.join(map(str, v['fits_gb'])) or 'none'} |" for m, v in p.items()]
+    return [f"A {f['d']}×{f['d']} layer at r = {f['r']} trains r·(d_in + d_out) = **{f['trainable']:,}** of "
+            f"{f['layer_params']:,} weights: **{f['share_percent']:.2f}%**.",
+            "", "The planner (`rankdial.estimate_memory`) on Llama-70B, batch 1 × 512 tokens, bf16:", "",
+            "| method | weights (GB) | planned peak (GB) | trainable | fits on (GB) |", "|---|---|---|---|---|", *rows]
+
+
+def _merge(f: dict) -> list[str]:
+    equal = f["max_abs_diff_merged_vs_unmerged"] < 1e-3
+    return [f"Default model, one forward of 1 × {f['seq_len']} tokens, median of {f['repeats']} rounds (the three timed in turn), LoRA r = {f['rank']} "
+            "on every linear layer (B drawn at random so the adapter changes the output):", "",
+            "| | latency (ms) | vs base |", "|---|---|---|",
+            f"| base | {f['base_ms']:.2f} | 1.00 |",
+            f"| LoRA unmerged | {f['unmerged_ms']:.2f} | {f['unmerged_over_base']:.2f} |",
+            f"| LoRA merged | {f['merged_ms']:.2f} | {f['merged_over_base']:.2f} |", "",
+            f"Merged against unmerged logits: max |Δ| = {f['max_abs_diff_merged_vs_unmerged']:.2e} "
+            f"({'equal to fp32 rounding' if equal else 'NOT equal'}); the adapter moved the logits by up to "
+            f"{f['max_abs_diff_adapter_vs_base']:.2f}. The merged model holds no LoRA layers: "
+            f"{not f['merged_has_lora_layers']}."]
+
+
+def _memory(f: dict) -> list[str]:
+    rows = []
+    for r in f["rows"]:
+        measured = f"{r['measured_mb']:.0f}" if r["measured_mb"] is not None else f"failed: {r['error']}"
+        err = f"{100 * (r['planned_mb'] - r['measured_mb']) / r['measured_mb']:+.0f}%" if r["measured_mb"] else "-"
+        rows.append(f"| {r['model']} | {r['method']} | {r['batch_size']}×{r['seq_len']} | {r['trainable_params']:,} | "
+                    f"{r['planned_weights_mb']:.0f} | {r['planned_mb']:.0f} | {measured} | {err} |")
+    return ["Training peak on this CPU (fp32, AdamW, LoRA r = 16 on every linear layer, QLoRA's base in NF4), "
+            "planned by `estimate_memory` and measured in a fresh process per case (VmHWM over a warm baseline); "
+            "\"big\" is a Llama-shaped model with random weights (hidden 1024, 8 layers, GQA 16/4).", "",
+            "| model | method | batch | trainable | weights planned (MiB) | peak planned (MiB) | peak measured (MiB) "
+            "| planned vs measured |", "|---|---|---|---|---|---|---|---|", *rows]
+
+
+def _rank(f: dict) -> list[str]:
+    t = f["task"]
+    rows = [f"| {r['rank']} | {r['final_train']:.4f} | {r['final_eval']:.4f} | "
+            f"{r['final_eval'] - r['final_train']:+.4f} |" for r in f["runs"]]
+    k = t["true_rank"]
+    below = [r for r in f["runs"] if r["rank"] < k]
+    at = [r for r in f["runs"] if r["rank"] == k]
+    top = max(f["runs"], key=lambda r: r["rank"])
+    lines = [f"y = (W₀ + ΔW*)x + noise, rank(ΔW*) = {k}, d = {t['d']}, {t['n_train']} train and {t['n_eval']} eval "
+             f"pairs, noise² = {t['noise_floor']:.3f} (the best possible eval loss). MSE per output:", "",
+             "| LoRA rank | train loss | eval loss | eval − train |", "|---|---|---|---|", *rows, ""]
+    if below and at:
+        lines.append(f"Below k the eval loss stays up (r = {below[-1]['rank']}: {below[-1]['final_eval']:.3f}); at "
+                     f"r = k it reaches {at[0]['final_eval']:.3f} against the floor {t['noise_floor']:.3f}; at "
+                     f"r = {top['rank']} train falls to {top['final_train']:.3f} (below the floor: it fits the noise) "
+                     f"while eval rises to {top['final_eval']:.3f}.")
+    return lines
+
+
+def _adapters(f: dict) -> list[str]:
+    rows = [f"| {r['n']} | {r['base_plus_adapters'] / MB:.1f} | {r['full_copies'] / MB:.1f} | "
+            f"{r['full_copies'] / r['base_plus_adapters']:.1f}× |" for r in f["rows"]]
+    return [f"Default model: base file {f['base_bytes']:,} bytes; one adapter (r = {f['rank']}, every linear layer, "
+            f"as saved) {f['adapter_bytes']:,} bytes ({f['adapter_share_percent']:.1f}% of the base).", "",
+            "| N | 1 base + N adapters (MiB) | N full copies (MiB) | saved |", "|---|---|---|---|", *rows]
+
+
+def _steering(f: dict) -> list[str]:
+    lines = [f"LoRA (α = 2r, every linear layer, lr 2e-3) against full fine-tuning (lr 1e-3), AdamW, {f['steps']} "
+             f"steps of batch {f['batch']}, on the default model. *format*: three random words then the same words "
+             f"as a comma list, evaluated on words never seen in training; *facts*: {f['n_facts']} random "
+             "\"subject is object\" pairs, evaluated on recall. Loss on target tokens only.", "",
+             "| task | method | trainable | eval loss before | eval loss | accuracy | loss / full's |",
+             "|---|---|---|---|---|---|---|"]
+    for name, runs in f["tasks"].items():
+        for r in runs:
+            who = "full" if r["method"] == "full" else f"LoRA r={r['rank']}"
+            lines.append(f"| {name} | {who} | {r['trainable_params']:,} | {r['eval_loss_before']:.3f} | "
+                         f"{r['eval_loss']:.3f} | {r['eval_accuracy']:.2f} | {r['loss_over_full']:.2f} |")
+    lines.append("")
+    for name, runs in f["tasks"].items():
+        low = runs[0]
+        lines.append(f"- {name}: at the lowest rank (r = {low['rank']}) LoRA's eval loss is {low['loss_over_full']:.2f}× "
+                     f"full fine-tuning's; at the highest (r = {runs[-2]['rank']}) {runs[-2]['loss_over_full']:.2f}×.")
+    return lines
+
+
+SECTIONS = [("parameters", "1. The parameter arithmetic", _parameters),
+            ("merge", "2. A merged adapter costs nothing at inference", _merge),
+            ("memory", "3. QLoRA's memory against LoRA and full fine-tuning", _memory),
+            ("rank", "4. Rank is capacity (a synthetic task of known rank)", _rank),
+            ("adapters", "5. One base + N adapters against N full copies", _adapters),
+            ("steering", "6. LoRA steers, it does not re-educate?", _steering)]
+
+
+def markdown(figures: dict, command: str, python: str) -> str:
+    """The report: a header naming the command, then one section and one PNG per claim."""
+    seconds = figures["seconds"]
+    lines = ["# LoRA's case, measured", "",
+             f"Written by `{command}` (Python {python}, CPU, {sum(seconds.values()):.0f} s). Every figure below was "
+             "measured or computed on that run; all of them are in `claims.json`.", ""]
+    for key, title, section in SECTIONS:
+        lines += [f"## {title}", "", *section(figures[key]), "", f"![{key}]({key}.png)", ""]
+    return "\n".join(lines)

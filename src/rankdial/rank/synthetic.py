@@ -1,0 +1,178 @@
+"""Rank as capacity, on a task whose answer is known: y = (W₀ + ΔW*)x + noise with rank(ΔW*) = k.
+
+A frozen random map W₀ (d × d) plus a true update ΔW* = U·diag(σ)·Vᵀ of exact rank k (all k singular values
+equal, so each direction carries the same share 1/k of the signal). A LoRA layer over W₀ learns ΔW = s·B·A
+from n_train noisy pairs. Its capacity is its rank r (Hu et al. 2021, arXiv:2106.09685, §7):
+
+- r < k: the best rank-r update misses k − r of the k directions, so the loss floor is ≈ (k − r)/k + noise²;
+- r = k: it can fit ΔW* exactly, so both losses fall to ≈ noise²;
+- r ≫ k with little data (n_train a little above d): it can also fit the noise, so train loss falls below noise² while
+  eval loss stays above it (over-fitting).
+
+Losses are mean squared errors per output element; ‖ΔW*‖²_F = d, so the signal to learn has variance 1 per
+output element and the untrained loss is ≈ 1 + noise². `train_synthetic` calls `on_step(step, train, eval)`
+as it goes and stops early when `should_stop()` says so (the playground streams its curve this way).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..lora.layer import LoraLayer
+
+
+@dataclass
+class SyntheticTask:
+    """One draw of the task: the frozen W₀, the true ΔW*, and train/eval pairs (x: (n, d), y: (n, d))."""
+    true_rank: int
+    d: int
+    noise: float
+    seed: int
+    W0: torch.Tensor  # (d, d)
+    delta: torch.Tensor  # (d, d), rank true_rank
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_eval: torch.Tensor
+    y_eval: torch.Tensor
+
+    @property
+    def noise_floor(self) -> float:
+        """The loss of the true map itself: noise² (what a perfect fit reaches on fresh data)."""
+        return self.noise ** 2
+
+    def describe(self) -> dict:
+        return {"true_rank": self.true_rank, "d": self.d, "n_train": len(self.x_train), "n_eval": len(self.x_eval),
+                "noise": self.noise, "noise_floor": self.noise_floor, "seed": self.seed}
+
+
+@dataclass
+class SyntheticResult:
+    """One LoRA run on the task: loss curves, final losses, the learned ΔW and its singular values."""
+    rank: int
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    delta: torch.Tensor | None = None  # (d, d), the learned s·B·A
+    singular_values: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+
+    @property
+    def final_train(self) -> float:
+        return self.train_loss[-1]
+
+    @property
+    def final_eval(self) -> float:
+        return self.eval_loss[-1]
+
+    def to_dict(self) -> dict:
+        """Plain figures (no tensors), ready for JSON."""
+        return {"rank": self.rank, "steps": self.steps, "train_loss": self.train_loss, "eval_loss": self.eval_loss,
+                "final_train": self.final_train, "final_eval": self.final_eval,
+                "singular_values": self.singular_values, "stopped_early": self.stopped_early}
+
+
+def _check_int(name: str, value, low: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r} ({hint})")
+    return value
+
+
+def synthetic_task(true_rank: int = 4, d: int = 64, n_train: int = 96, n_eval: int = 512, noise: float = 0.3,
+                   seed: int = 0) -> SyntheticTask:
+    """Draw the task (deterministic for a seed). Raises ConfigError naming any bad argument."""
+    d = _check_int("d", d, 2, "the layer width, e.g. 64")
+    true_rank = _check_int("true_rank", true_rank, 1, "e.g. 4")
+    if true_rank > d:
+        raise ConfigError(f"true_rank must be at most d={d}, got {true_rank}; lower it or raise d")
+    n_train = _check_int("n_train", n_train, 1, "e.g. 96 (not many more than d, so a high rank can fit the noise)")
+    n_eval = _check_int("n_eval", n_eval, 1, "e.g. 512")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise < math.inf:
+        raise ConfigError(f"noise must be a finite number >= 0, got {noise!r} (e.g. 0.3)")
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(d, d, generator=g) / math.sqrt(d)
+    U, _ = torch.linalg.qr(torch.randn(d, true_rank, generator=g))  # (d, k) orthonormal columns
+    V, _ = torch.linalg.qr(torch.randn(d, true_rank, generator=g))
+    delta = U @ V.T * math.sqrt(d / true_rank)  # σ_i = √(d/k): ‖ΔW*‖²_F = d, unit signal variance per output
+
+    def pairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, d, generator=g)
+        return x, x @ (W0 + delta).T + noise * torch.randn(n, d, generator=g)
+
+    x_train, y_train = pairs(n_train)
+    x_eval, y_eval = pairs(n_eval)
+    return SyntheticTask(true_rank, d, float(noise), seed, W0, delta, x_train, y_train, x_eval, y_eval)
+
+
+def lora_over(W0: torch.Tensor, rank: int, alpha: float | None, seed: int) -> LoraLayer:
+    """A LoRA layer (adapter "task", active, trainable) over a frozen nn.Linear holding W₀."""
+    d_out, d_in = W0.shape
+    base = nn.Linear(d_in, d_out, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(W0)
+    base.weight.requires_grad_(False)
+    layer = LoraLayer(base)
+    torch.manual_seed(seed)  # A's Kaiming init: the same seed gives the same start at every call
+    layer.add_adapter("task", r=rank, alpha=float(rank if alpha is None else alpha))
+    layer.set_active(["task"])
+    return layer
+
+
+def train_synthetic(task: SyntheticTask, rank: int, alpha: float | None = None, steps: int = 400, lr: float = 0.02,
+                    seed: int = 0, eval_every: int = 10,
+                    on_step: Callable[[int, float, float], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> SyntheticResult:
+    """Train LoRA at `rank` on the task's train pairs (full batch, Adam); losses recorded every `eval_every` steps.
+
+    alpha defaults to the rank (scale s = 1 at every rank, so ranks differ in capacity alone). `on_step(step,
+    train_loss, eval_loss)` is called at each recorded step; `should_stop()` is asked before each step and ends
+    the run early (result.stopped_early). Raises ConfigError for a rank outside 1..d or bad steps/lr.
+    """
+    _check_int("rank", rank, 1, f"1..{task.d}")
+    if rank > task.d:
+        raise ConfigError(f"rank must be at most min(d_in, d_out) = {task.d}, got {rank}; pick 1..{task.d}")
+    _check_int("steps", steps, 1, "e.g. 400")
+    _check_int("eval_every", eval_every, 1, "e.g. 10")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < lr < math.inf:
+        raise ConfigError(f"lr must be a positive number, got {lr!r} (e.g. 0.02)")
+    layer = lora_over(task.W0, rank, alpha, seed)
+    params = [layer.lora_A["task"].weight, layer.lora_B["task"].weight]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    result = SyntheticResult(rank=rank)
+
+    def record(step: int) -> None:
+        with torch.no_grad():
+            train = float(nn.functional.mse_loss(layer(task.x_train), task.y_train))
+            held = float(nn.functional.mse_loss(layer(task.x_eval), task.y_eval))
+        result.steps.append(step)
+        result.train_loss.append(train)
+        result.eval_loss.append(held)
+        if on_step is not None:
+            on_step(step, train, held)
+
+    record(0)
+    for step in range(1, steps + 1):
+        if should_stop is not None and should_stop():
+            result.stopped_early = True
+            break
+        loss = nn.functional.mse_loss(layer(task.x_train), task.y_train)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % eval_every == 0 or step == steps:
+            record(step)
+    with torch.no_grad():
+        result.delta = layer.delta_weight("task").detach().clone()
+    result.singular_values = [float(s) for s in torch.linalg.svdvals(result.delta)]
+    return result
+
+
+def rank_capacity(task: SyntheticTask, ranks: list[int], **train_kwargs) -> dict:
+    """train_synthetic at each rank; figures per rank plus the task and the noise floor (for the report)."""
+    runs = [train_synthetic(task, r, **train_kwargs) for r in ranks]
+    return {"task": task.describe(), "runs": [run.to_dict() for run in runs]}
