@@ -1,16 +1,25 @@
-"""Serving one base model with many LoRA adapters per request (issue 9): the foundation so far.
+"""Serving one base model with many LoRA adapters per request (issue 9).
 
-What exists:
     batched_lora.py  heterogeneous batching: one forward of the base, row i adds s_i·B_i·A_i·x_i (or nothing);
                      route(model, rows) / clear_route(model), with the per-request reference loop beside it.
     scheduler.py     continuous-batching bookkeeping in plain Python (no torch): admission under batch-size
                      and tokens-in-flight limits, round-robin across adapters, FIFO within one, cancellation.
+    registry.py      AdapterRegistry: adapter folders loaded on first use (read off the engine thread), an LRU
+                     bounded by a budget in bytes with pinning, safe paths, refusal of adapters that do not fit.
+    runner.py        the tensors: one left-padded batch KV cache rebuilt only when requests join or leave;
+                     SamplingParams and sampling (greedy, temperature, top_p, per-request seeded generators).
+    engine.py        Engine: the step (schedule -> routed forward -> one token each -> finished leave) on a
+                     background thread; submit() -> Handle (events() / aevents() / cancel()); generate().
 
-Still to build (see /work/shared/DESIGN.md): registry.py (adapters loaded on first use, memory-budget LRU with
-pinning), runner.py (the tensors and the KV cache, sampling), engine.py (the step: schedule, route, forward,
-sample, finish), api.py (the OpenAI-compatible HTTP server, admin routes, metrics) and `rankdial serve`.
+The HTTP server (api.py, `rankdial serve`) sits on top of Engine.
 """
 
 from .batched_lora import AdapterStack, Routing, batched_lora, clear_route, reference_rows, route
+from .engine import Completion, Engine, Handle, TokenEvent
+from .registry import AdapterInfo, AdapterRegistry
+from .runner import Runner, SamplingParams
+from .scheduler import Scheduler, SchedulerLimits
 
-__all__ = ["route", "clear_route", "batched_lora", "reference_rows", "AdapterStack", "Routing"]
+__all__ = ["Engine", "Handle", "TokenEvent", "Completion", "SamplingParams", "AdapterRegistry", "AdapterInfo",
+           "Scheduler", "SchedulerLimits", "Runner", "route", "clear_route", "batched_lora", "reference_rows",
+           "AdapterStack", "Routing"]

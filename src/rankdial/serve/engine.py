@@ -1,0 +1,416 @@
+"""The serving engine: one base model, many LoRA adapters, requests batched continuously on a background thread.
+
+The step, as in nano-vllm:
+
+    arrivals (adapter loaded? queue it : load it off-thread, park the request) -> scheduler.schedule()
+    -> runner.step(batch): one routed forward, each row with its own adapter -> one token per request
+    -> detokenize, check EOS / stop sequences / max_tokens -> finished and cancelled requests leave
+
+Submitting is synchronous for everything a client can get wrong (RequestError, AdapterError for an unknown
+adapter), so a server answers 4xx before anything is queued. Results come back through a Handle: blocking
+events() for threads, aevents() for asyncio. A client that goes away cancels, and its slot frees at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Iterator
+
+from ..errors import AdapterError, RankdialError, RequestError
+from .registry import AdapterRegistry, BudgetFull
+from .runner import Runner, SamplingParams, Sequence, make_generator
+from .scheduler import Scheduler, SchedulerLimits
+
+log = logging.getLogger("rankdial.serve")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One per generated token, then a final one with finish_reason set ("stop", "length", "cancelled", "error")."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+    token_id: int | None = None  # the token this event is for (None on the final event)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: tuple[int, ...] = ()
+
+
+class Handle:
+    """One submitted request's results: iterate events() (threads) or aevents() (asyncio); cancel() to stop it."""
+
+    def __init__(self, request_id: str, engine: "Engine"):
+        self.id = request_id
+        self._engine = engine
+        self._queue: queue.Queue[TokenEvent] = queue.Queue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aqueue: asyncio.Queue | None = None
+        self.finished = False
+
+    def _push(self, event: TokenEvent) -> None:
+        with self._lock:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
+            else:
+                self._queue.put(event)
+
+    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
+        """The events as they come; TimeoutError if none arrives within `timeout` seconds (the request goes on)."""
+        try:
+            while True:
+                try:
+                    event = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    raise TimeoutError(f"request {self.id}: no token within {timeout} s") from None
+                yield event
+                if event.finish_reason is not None:
+                    self.finished = True
+                    return
+        finally:
+            if not self.finished:  # the reader stopped early: nobody wants the rest
+                self.cancel()
+
+    async def aevents(self) -> AsyncIterator[TokenEvent]:
+        """The events for asyncio; leaving the loop early (a client that disconnects) cancels the request."""
+        with self._lock:
+            self._loop, self._aqueue = asyncio.get_running_loop(), asyncio.Queue()
+            while not self._queue.empty():
+                self._aqueue.put_nowait(self._queue.get_nowait())
+        try:
+            while True:
+                event = await self._aqueue.get()
+                yield event
+                if event.finish_reason is not None:
+                    self.finished = True
+                    return
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    def cancel(self) -> None:
+        """Stop this request; its slot frees at the next step and a final "cancelled" event follows."""
+        self._engine._cancel(self.id)
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Wait for the whole completion (the text without any stop sequence)."""
+        text, ids, last = [], [], None
+        for last in self.events(timeout):
+            text.append(last.text)
+            if last.token_id is not None:
+                ids.append(last.token_id)
+        return Completion("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens, tuple(ids))
+
+
+class _Live:
+    """A request the engine holds: its sequence, its handle, and what of its text has been sent."""
+
+    def __init__(self, seq: Sequence, handle: Handle):
+        self.seq, self.handle = seq, handle
+        self.sent = 0  # characters of the decoded text already sent
+        self.queued = False  # in the scheduler, holding its adapter (registry.acquire)
+        self.done = False
+
+
+class Engine:
+    """Continuous batching over one base model and an AdapterRegistry (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, registry: AdapterRegistry, *, base_name: str = "base",
+                 limits: SchedulerLimits | None = None, max_prompt_tokens: int | None = None,
+                 max_new_tokens: int = 512):
+        self.tokenizer, self.registry, self.base_name = tokenizer, registry, base_name
+        self.model = model
+        self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.max_new_tokens = max_new_tokens
+        self.max_prompt_tokens = max_prompt_tokens or max(1, self.context - 1)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.runner = Runner(model, pad if pad is not None else 0)
+        self.scheduler = Scheduler(limits)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos if isinstance(eos, (list, tuple)) else [eos]
+        self.eos_ids = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
+        self._ids = itertools.count()
+        self._inbox: deque[_Live] = deque()
+        self._cancels: deque[str] = deque()
+        self._live: dict[str, _Live] = {}
+        self._parked: dict[str, list[_Live]] = {}  # adapter being loaded -> its requests
+        self._loads: dict = {}  # adapter -> Future of its load
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = self._closed = False
+        self.steps = self.last_batch_size = self.tokens_generated = 0
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, base: str = "default", adapters_dir: str | None = None, *, qlora: bool = False,
+                        device: str | None = None, budget_bytes: int | None = None, **limits) -> "Engine":
+        """Load the base once (NF4 with qlora) and serve the adapter folders under adapters_dir.
+
+        limits: max_batch_size, max_tokens_in_flight (SchedulerLimits), max_prompt_tokens, max_new_tokens.
+        """
+        from ..models import load_model, load_model_nf4, pick_device, resolve_model
+        from ..models.loading import DEFAULT_MODEL_NAME
+
+        path = resolve_model(base)
+        model, tokenizer = (load_model_nf4 if qlora else load_model)(path, pick_device(device or "auto"))
+        sched = {k: limits.pop(k) for k in ("max_batch_size", "max_tokens_in_flight") if k in limits}
+        unknown = sorted(set(limits) - {"max_prompt_tokens", "max_new_tokens"})
+        if unknown:
+            raise RequestError(f"unknown engine option(s) {unknown}; use max_batch_size, max_tokens_in_flight, "
+                               "max_prompt_tokens or max_new_tokens")
+        registry = AdapterRegistry(model, adapters_dir, budget_bytes=budget_bytes)
+        name = DEFAULT_MODEL_NAME if str(base) == "default" else path.name
+        return cls(model, tokenizer, registry, base_name=name, limits=SchedulerLimits(**sched), **limits)
+
+    # -- requests in --------------------------------------------------------------------------------------
+    def submit(self, prompt: str | list[int], adapter: str | None = None,
+               params: SamplingParams = SamplingParams()) -> Handle:
+        """Check the request (RequestError / AdapterError, nothing queued) and queue it; its Handle."""
+        if self._stopping:
+            raise RequestError("the engine is shutting down and takes no new requests; retry on another replica")
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.max_tokens > self.max_new_tokens:
+            raise RequestError(f"max_tokens is {params.max_tokens}, more than this server's limit of "
+                               f"{self.max_new_tokens}; ask for fewer tokens")
+        adapter = None if adapter in (None, self.base_name) else self.registry.check_known(adapter)
+        ids = self._tokens(prompt)
+        total = len(ids) + params.max_tokens
+        if total > min(self.context, self.scheduler.limits.max_tokens_in_flight):
+            raise RequestError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) is {total} "
+                               f"tokens, more than this model serves ({min(self.context, self.scheduler.limits.max_tokens_in_flight)}); "
+                               "shorten the prompt or lower max_tokens")
+        request_id = f"req-{next(self._ids)}"
+        handle = Handle(request_id, self)
+        seq = Sequence(request_id, adapter, ids, params, make_generator(params.seed, self.runner.device))
+        self._inbox.append(_Live(seq, handle))
+        self.start()
+        self._wake.set()
+        return handle
+
+    def generate(self, prompt: str | list[int], adapter: str | None = None,
+                 params: SamplingParams = SamplingParams(), timeout: float | None = None) -> Completion:
+        """submit() and wait for the whole completion."""
+        return self.submit(prompt, adapter, params).result(timeout)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The prompt for a chat, from the tokenizer's chat template (with the assistant's turn opened)."""
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            for m in messages)
+        if not ok:
+            raise RequestError("messages must be a non-empty list of {'role': 'system'|'user'|'assistant', "
+                               f"'content': str}}, got {str(messages)[:200]}")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(f"the base model {self.base_name} has no chat template; use /v1/completions")
+        return self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                                  tokenize=False, add_generation_prompt=True)
+
+    def _tokens(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            vocab = self.model.config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        else:
+            raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise RequestError("the prompt is empty; send at least one token of text")
+        if len(ids) > self.max_prompt_tokens:
+            raise RequestError(f"the prompt has {len(ids)} tokens, more than this server's limit of "
+                               f"{self.max_prompt_tokens}; shorten it")
+        return ids
+
+    def _cancel(self, request_id: str) -> None:
+        self._cancels.append(request_id)
+        self._wake.set()
+
+    # -- the step -------------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Admit what arrived, run one batched forward, hand out one token per running request; False if idle."""
+        self._take_arrivals()
+        self._take_cancels()
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return False
+        live = [self._live[r.id] for r in batch.requests]
+        with self.registry.lock:
+            tokens = self.runner.step([x.seq for x in live])
+        for x, token in zip(live, tokens):
+            self._record(x, token)
+        self.steps, self.last_batch_size = self.steps + 1, len(live)
+        return True
+
+    def _take_arrivals(self) -> None:
+        while self._inbox:
+            x = self._inbox.popleft()
+            self._live[x.seq.id] = x
+            name = x.seq.adapter
+            if name is None or self.registry.is_loaded(name):
+                self._queue(x)
+            else:
+                self._parked.setdefault(name, []).append(x)
+                if name not in self._loads:
+                    self._loads[name] = self.registry.load_async(name)
+        for name, future in list(self._loads.items()):
+            if future.done():
+                del self._loads[name]
+                self._loaded(name, future.exception())
+
+    def _loaded(self, name: str, error: BaseException | None) -> None:
+        """An adapter load ended: queue its parked requests, retry later if the budget was busy, else fail them."""
+        if isinstance(error, BudgetFull) and self.scheduler.has_work():
+            self._loads[name] = self.registry.load_async(name)  # a request that ends will release room
+            return
+        for x in self._parked.pop(name, []):
+            if x.done:
+                continue
+            if error is None:
+                self._queue(x)
+            else:
+                message = str(error) if isinstance(error, RankdialError) else f"adapter {name!r} failed to load"
+                if not isinstance(error, RankdialError):
+                    log.error("loading adapter %r failed", name, exc_info=error)
+                self._finish(x, "error", message)
+
+    def _queue(self, x: _Live) -> None:
+        self.registry.acquire(x.seq.adapter)
+        x.queued = True
+        self.scheduler.submit(x.seq.id, x.seq.adapter, len(x.seq.prompt), x.seq.params.max_tokens)
+
+    def _take_cancels(self) -> None:
+        while self._cancels:
+            x = self._live.get(self._cancels.popleft())
+            if x is None or x.done:
+                continue
+            self.scheduler.cancel(x.seq.id)
+            self._finish(x, "cancelled")
+
+    def _record(self, x: _Live, token: int) -> None:
+        seq = x.seq
+        seq.tokens.append(token)
+        self.tokens_generated += 1
+        eos = token in self.eos_ids
+        text, stopped = self._new_text(x, final=eos or len(seq.tokens) >= seq.params.max_tokens)
+        reason = "stop" if eos or stopped else ("length" if len(seq.tokens) >= seq.params.max_tokens else None)
+        self.scheduler.record(seq.id, finished=reason is not None)
+        x.handle._push(TokenEvent(text, None, len(seq.prompt), len(seq.tokens), token_id=token))
+        if reason is not None:
+            self._finish(x, reason)
+
+    def _new_text(self, x: _Live, final: bool) -> tuple[str, bool]:
+        """The text to send after this token, and whether a stop sequence ended the request.
+
+        The whole completion is decoded again (stable under byte-level BPE) and text is held back while it could
+        still be the start of a stop sequence, or ends in half a UTF-8 character."""
+        seq, stops = x.seq, x.seq.params.stop
+        ids = [t for t in seq.tokens if t not in self.eos_ids]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in stops:
+            at = text.find(stop, max(0, x.sent - len(stop) + 1))
+            if at >= 0:
+                out, x.sent = text[x.sent:at], at
+                return out, True
+        if final:
+            end = len(text)
+        else:
+            end = len(text) - max((len(s) - 1 for s in stops), default=0)
+            end = end - 1 if text[end - 1:end] == "\ufffd" else end
+        out = text[x.sent:max(end, x.sent)]
+        x.sent += len(out)
+        return out, False
+
+    def _finish(self, x: _Live, reason: str, error: str | None = None) -> None:
+        if x.done:
+            return
+        x.done = True
+        self._live.pop(x.seq.id, None)
+        self.scheduler.cancel(x.seq.id)  # False when it already left (finished by record())
+        if x.queued:
+            self.registry.release(x.seq.adapter)
+        x.handle._push(TokenEvent("", reason, len(x.seq.prompt), len(x.seq.tokens), error))
+
+    # -- the thread --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run steps on a background thread (idempotent)."""
+        if self._thread is None or not self._thread.is_alive():
+            if self._closed:
+                raise RequestError("this engine was shut down; build a new one")
+            self._thread = threading.Thread(target=self._run, name="rankdial-engine", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._closed:
+            try:
+                busy = self.step()
+            except Exception as err:  # noqa: BLE001 - one bad step must not kill the server
+                log.error("engine step failed", exc_info=err)
+                self._fail_running(err)
+                busy = False
+            if not busy:
+                self._wake.wait(0.05 if (self._loads or self._inbox) else 1.0)
+                self._wake.clear()
+
+    def _fail_running(self, err: Exception) -> None:
+        message = str(err) if isinstance(err, RankdialError) else f"internal error in the engine ({type(err).__name__})"
+        for r in self.scheduler.running:
+            self._finish(self._live[r.id], "error", message.splitlines()[0] if message else "internal error")
+        self.runner.release_all()
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._live)
+
+    def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop taking requests; with drain, finish those in flight first (up to `timeout` s), else cancel them."""
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        while drain and self.has_work() and self._thread is not None and self._thread.is_alive() \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for x in list(self._live.values()) + list(self._inbox):
+            self._cancel(x.seq.id)
+        self._inbox_to_live()
+        end = time.monotonic() + 5
+        while self._live and self._thread is not None and self._thread.is_alive() and time.monotonic() < end:
+            time.sleep(0.01)
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.registry.close()
+
+    def _inbox_to_live(self) -> None:
+        if self._thread is None or not self._thread.is_alive():  # no thread will take them: end them here
+            for x in list(self._inbox) + list(self._live.values()):
+                self._finish(x, "cancelled")
+            self._inbox.clear()
+
+    def stats(self) -> dict:
+        parked = sum(len(v) for v in self._parked.values())
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + parked + len(self._inbox),
+                "last_batch_size": self.last_batch_size, "steps": self.steps, "tokens_generated": self.tokens_generated,
+                "adapters_loaded": len(self.registry.loaded()), "adapters_loading": len(self._loads),
+                "loaded_bytes": self.registry.loaded_bytes, "budget_bytes": self.registry.budget_bytes,
+                "hits": self.registry.hits, "misses": self.registry.misses, "evictions": self.registry.evictions}
+
+
+__all__ = ["Engine", "Handle", "TokenEvent", "Completion", "SamplingParams", "SchedulerLimits", "AdapterError"]

@@ -1,0 +1,325 @@
+"""The adapter registry: which LoRA adapters a served model holds, loaded on first use, evicted by memory.
+
+An adapter is a PEFT folder; under the registry's root its name is its folder's name. Loading runs in two
+halves so that a load never stalls requests for other adapters:
+
+    read    (any thread, no lock): resolve the path safely, read adapter_config.json and the safetensors file,
+            check the file on its own (check_adapter_tensors). Pickle files are never read.
+    attach  (under `lock`, which the engine holds while it runs a step): check the targets and shapes against
+            the base, evict least-recently-used adapters until the new one fits the budget, inject and copy.
+
+The cache is an LRU bounded by a budget in BYTES (adapters of different ranks differ in size), with pinning;
+an adapter in use by a running request (acquire/release) is never evicted. Counters: hits, misses, evictions.
+An adapter that does not fit the base is refused with the reason and the others keep serving.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..adapters import read_adapter_config, read_adapter_weights
+from ..adapters.io import _check_tensors, check_adapter_tensors, expected_shapes
+from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from ..config import LoraConfig
+from ..errors import AdapterError, AdapterFileError, RankdialError
+from ..lora import LoraLayer, delete_adapter
+from ..lora.inject import apply_plan, named_wrappers, plan_targets, with_task_heads
+
+DEFAULT_BUDGET_BYTES = 1 << 30  # 1 GiB of adapter weights: hundreds of rank-16 adapters on a 7B model
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")  # a plain folder name: no '.', '/', '\\' or spaces
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: str
+    rank: int  # the largest rank over its layers
+    bytes: int  # its LoRA weights as held in the model (0 until loaded: then the file's size is the estimate)
+    loaded: bool
+    pinned: bool
+
+
+@dataclass
+class _Read:
+    """The first half of a load: what came off the disk, checked on its own."""
+
+    name: str
+    path: Path
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]
+
+
+class BudgetFull(AdapterError):
+    """The budget is held by pinned adapters and adapters in use: the load may succeed once requests finish."""
+
+
+def check_adapter_folder_name(name) -> str:
+    """`name` if it is a plain folder name usable as an adapter name, else AdapterError saying why."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdapterError(f"adapter name must be a plain folder name (letters, digits, '_' and '-', at most 128, "
+                           f"no '.', '/' or spaces), got {name!r}; e.g. 'sql-v2'")
+    return name
+
+
+class AdapterRegistry:
+    """Adapters of one served model: known (folders under root, or loaded by path) and loaded (in the model).
+
+    Args:
+        model: the base model (with or without LoRA layers yet); adapters are injected into it.
+        root: the folder whose sub-folders are the adapters (None: only adapters loaded by path).
+        budget_bytes: the most bytes of adapter weights held in the model at once (default 1 GiB).
+    """
+
+    def __init__(self, model: nn.Module, root: str | Path | None = None, *, budget_bytes: int | None = None):
+        if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
+                                         or budget_bytes < 1):
+            raise AdapterError(f"budget_bytes must be a positive integer (bytes), got {budget_bytes!r}; e.g. {1 << 28}")
+        if root is not None and not Path(root).is_dir():
+            raise AdapterFileError(f"adapters folder {root} does not exist or is not a folder; create it or pass "
+                                   "the folder that holds one sub-folder per adapter")
+        self.model = model
+        self.root = Path(root).resolve() if root is not None else None
+        self.budget_bytes = budget_bytes or DEFAULT_BUDGET_BYTES
+        self.lock = threading.RLock()  # held by the engine during a step and here while the model changes
+        self.hits = self.misses = self.evictions = 0
+        self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        self._paths: dict[str, Path] = {}  # adapters loaded by an explicit path
+        self._pinned: set[str] = set()
+        self._in_use: dict[str, int] = {}
+        self._pending: dict[str, Future] = {}
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
+
+    # -- what is known -------------------------------------------------------------------------------
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(self._loaded.values())
+
+    def loaded(self) -> list[str]:
+        """The adapters held in the model, least recently used first."""
+        return list(self._loaded)
+
+    def names(self) -> list[str]:
+        """Every adapter a request may name: the adapter folders under root, plus those loaded by path."""
+        found = set(self._paths) | set(self._loaded)
+        if self.root is not None:
+            found |= {p.name for p in self.root.iterdir() if _NAME.fullmatch(p.name) and (p / CONFIG_NAME).is_file()}
+        return sorted(found)
+
+    def exists(self, name: str) -> bool:
+        return name in self._loaded or name in self._paths or (
+            isinstance(name, str) and bool(_NAME.fullmatch(name)) and self.root is not None
+            and (self.root / name / CONFIG_NAME).is_file())
+
+    def check_known(self, name) -> str:
+        """`name` if a request may use it, else AdapterError listing the adapters that exist."""
+        if not self.exists(name):
+            raise AdapterError(f"unknown adapter {name!r}; the adapters are {self.names() or 'none'}")
+        return name
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def info(self, name: str) -> AdapterInfo:
+        self.check_known(name)
+        path = self._paths.get(name) or (self.root / name if self.root is not None else Path(name))
+        if name in self._loaded:
+            rank = max((w.rank(name) for _, w in named_wrappers(self.model)
+                        if isinstance(w, LoraLayer) and name in w.lora_A), default=0)
+            size = self._loaded[name]
+        else:
+            rank = 0
+            try:
+                rank = read_adapter_config(path).r
+            except RankdialError:
+                pass
+            size = (path / WEIGHTS_NAME).stat().st_size if (path / WEIGHTS_NAME).is_file() else 0
+        return AdapterInfo(name, str(path), rank, size, name in self._loaded, name in self._pinned)
+
+    # -- loading ---------------------------------------------------------------------------------------
+    def resolve(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> Path:
+        """The folder to load `name` from, refusing anything that resolves outside root unless allowed."""
+        check_adapter_folder_name(name)
+        if path is None:
+            if name in self._paths:
+                return self._paths[name]
+            if self.root is None:
+                raise AdapterError(f"unknown adapter {name!r}: this server has no adapters folder; load it by path")
+            path = self.root / name
+        folder = Path(path).expanduser()
+        if not allow_any_path:
+            if self.root is None:
+                raise AdapterError(f"loading adapter {name!r} by path is not allowed here (no adapters folder, and "
+                                   "loading by path needs the admin permission)")
+            target = (folder if folder.is_absolute() else self.root / folder).resolve()
+            if not target.is_relative_to(self.root):
+                raise AdapterFileError(f"adapter path {str(path)!r} resolves outside the adapters folder {self.root} "
+                                       "(../, an absolute path or a symlink out); only folders inside it may be loaded")
+            folder = target
+        folder = folder.resolve()
+        if not folder.is_dir():
+            raise AdapterFileError(f"adapter {name!r}: {folder} is not a folder; "
+                                   f"the adapters are {self.names() or 'none'}")
+        if not (folder / WEIGHTS_NAME).is_file() and (folder / PICKLE_WEIGHTS_NAME).is_file():
+            raise AdapterFileError(f"adapter {name!r} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which a server "
+                                   f"never loads; convert it with `rankdial convert-bin {folder}`")
+        return folder
+
+    def read(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> _Read:
+        """The first half of a load (no lock, any thread): files read and checked on their own."""
+        folder = self.resolve(name, path, allow_any_path)
+        config = read_adapter_config(folder)
+        tensors = read_adapter_weights(folder, allow_pickle=False)
+        check_adapter_tensors(config, tensors, f"{name!r} ({folder})")
+        if config.modules_to_save:
+            raise AdapterFileError(f"adapter {name!r} replaces whole modules ({config.modules_to_save}, "
+                                   "modules_to_save), which cannot differ per request in a shared batch; merge it "
+                                   "into its own model folder to serve it")
+        return _Read(name, folder, config, tensors)
+
+    def attach(self, read: _Read, *, pin: bool = False, by_path: bool = False) -> AdapterInfo:
+        """The second half (takes `lock`): check against the base, make room, inject and copy the weights."""
+        name = read.name
+        with self.lock:
+            if name in self._loaded:  # loaded meanwhile (two requests for the same new adapter)
+                self._loaded.move_to_end(name)
+                self._pinned |= {name} if pin else set()
+                return self.info(name)
+            try:
+                config = with_task_heads(self.model, read.config)
+                plan = plan_targets(self.model, config)
+                _check_tensors(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
+            except RankdialError as err:
+                raise AdapterFileError(f"adapter {name!r} refused: {err}") from None
+            size = sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4  # float32 A and B, as the layers hold them
+            self._make_room(name, size)
+            apply_plan(self.model, config, plan, name, trainable=False)
+            self._copy_in(name, read.tensors)
+            self._loaded[name] = self._held_bytes(name)
+            if by_path:
+                self._paths[name] = read.path
+            if pin:
+                self._pinned.add(name)
+            return self.info(name)
+
+    def load(self, name: str, path: str | Path | None = None, *, pin: bool = False,
+             allow_any_path: bool = False) -> AdapterInfo:
+        """Load adapter `name` now (from root/name, or `path`), or mark it used if it is loaded; its AdapterInfo.
+
+        Refuses with AdapterError / AdapterFileError (one line, the reason): a name that is not a plain folder
+        name, a path resolving outside root (unless allow_any_path: the admin's load by path), a pickle-only
+        folder, a broken file, targets or shapes that do not fit the base, a budget held by pinned adapters.
+        """
+        check_adapter_folder_name(name)
+        with self.lock:
+            if name in self._loaded and path is None:
+                self.hits += 1
+                self._loaded.move_to_end(name)
+                if pin:
+                    self._pinned.add(name)
+                return self.info(name)
+            if name in self._loaded:
+                raise AdapterError(f"adapter {name!r} is already loaded; unload it first to load another folder "
+                                   "under this name")
+            self.misses += 1
+        return self.attach(self.read(name, path, allow_any_path), pin=pin, by_path=path is not None)
+
+    def load_async(self, name: str) -> Future:
+        """Start loading `name` on the reader thread (the engine's first use); the Future gives its AdapterInfo.
+
+        The read happens off the caller's thread; the attach takes `lock`, so it waits for the step in progress.
+        """
+        with self.lock:
+            if name in self._loaded:
+                self.hits += 1
+                self._loaded.move_to_end(name)
+                done: Future = Future()
+                done.set_result(self.info(name))
+                return done
+            if name not in self._pending or self._pending[name].done():
+                self.misses += 1
+                self._pending[name] = self._reader.submit(lambda: self.attach(self.read(name)))
+            return self._pending[name]
+
+    def unload(self, name: str) -> None:
+        """Remove adapter `name` from the model; AdapterError if unknown, in use by a request, or not loaded."""
+        with self.lock:
+            if name not in self._loaded:
+                self.check_known(name)
+                self._paths.pop(name, None)
+                return
+            if self._in_use.get(name):
+                raise AdapterError(f"adapter {name!r} is in use by {self._in_use[name]} running request(s); "
+                                   "unload it when they finish")
+            self._evict(name)
+            self._paths.pop(name, None)
+
+    # -- pinning and use -------------------------------------------------------------------------------
+    def pin(self, name: str) -> None:
+        """Keep `name` loaded whatever the LRU says (loading it now if needed)."""
+        self.load(name, pin=True)
+
+    def unpin(self, name: str) -> None:
+        self.check_known(name)
+        self._pinned.discard(name)
+
+    def acquire(self, name: str | None) -> None:
+        """A running request uses `name`: never evicted until release()."""
+        if name is not None:
+            with self.lock:
+                self._in_use[name] = self._in_use.get(name, 0) + 1
+                if name in self._loaded:
+                    self._loaded.move_to_end(name)
+
+    def release(self, name: str | None) -> None:
+        if name is not None:
+            with self.lock:
+                left = self._in_use.get(name, 0) - 1
+                if left > 0:
+                    self._in_use[name] = left
+                else:
+                    self._in_use.pop(name, None)
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=False, cancel_futures=True)
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _make_room(self, name: str, size: int) -> None:
+        if size > self.budget_bytes:
+            raise AdapterFileError(f"adapter {name!r} needs {size} bytes, more than the whole adapter budget "
+                                   f"({self.budget_bytes} bytes); raise budget_bytes")
+        while self.loaded_bytes + size > self.budget_bytes:
+            victim = next((n for n in self._loaded if n not in self._pinned and not self._in_use.get(n)), None)
+            if victim is None:
+                raise BudgetFull(f"adapter {name!r} ({size} bytes) does not fit the adapter budget "
+                                 f"({self.budget_bytes} bytes): {self.loaded_bytes} bytes are held by pinned adapters "
+                                 f"or adapters in use; unpin some, unload some or raise budget_bytes")
+            self._evict(victim)
+            self.evictions += 1
+
+    def _evict(self, name: str) -> None:
+        delete_adapter(self.model, name)
+        del self._loaded[name]
+        self._pinned.discard(name)
+
+    def _copy_in(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        from ..adapters.peft_format import lora_key
+
+        with torch.no_grad():
+            for path, layer in named_wrappers(self.model):
+                if isinstance(layer, LoraLayer) and name in layer.lora_A:
+                    layer.lora_A[name].weight.copy_(tensors[lora_key(path, "A")])
+                    layer.lora_B[name].weight.copy_(tensors[lora_key(path, "B")])
+                    layer.set_active([a for a in layer.active if a != name])  # served by routing, never by default
+
+    def _held_bytes(self, name: str) -> int:
+        return sum(p.numel() * p.element_size() for _, layer in named_wrappers(self.model)
+                   if isinstance(layer, LoraLayer) and name in layer.lora_A
+                   for p in (layer.lora_A[name].weight, layer.lora_B[name].weight))

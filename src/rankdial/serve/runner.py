@@ -1,0 +1,216 @@
+"""The runner: every tensor of the serving engine (the batch's KV cache, its masks and positions) and sampling.
+
+One batch KV cache holds every running request, left-padded to a common length T:
+
+    keys/values (N, heads, T, head_dim) per layer   mask (N, T): 1 where a row has a real token
+    position of row i's next token = its own count of real tokens (so padding never shifts RoPE positions)
+
+A decode step feeds each row its last token (N, 1) and grows the cache by one column. The cache is rebuilt only
+when requests join (their prompts are prefilled together, left-padded, then padded on the left to the common
+length and concatenated along the batch) or leave (rows selected, then the columns that every remaining row
+masks are cut). Each forward is routed (serve.batched_lora.route) so row i adds only its own adapter's term.
+A padded position gets an attention weight of exactly zero, so a row's tokens are those it would get alone,
+up to float rounding in the batched matmuls.
+
+Sampling: temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), cut to the smallest set of
+tokens whose probability reaches top_p, drawn with the request's own torch.Generator (same seed, same tokens).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, RequestError
+from .batched_lora import route
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is sampled; every field is checked at construction (RequestError names the field)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            problems.append(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
+            problems.append(f"top_p must be in (0, 1], got {p!r}")
+        stop = self.stop
+        if isinstance(stop, str):
+            object.__setattr__(self, "stop", (stop,))
+        elif isinstance(stop, list):
+            object.__setattr__(self, "stop", tuple(stop))
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 8:
+            problems.append(f"stop must be at most 8 non-empty strings, got {stop!r}")
+        s = self.seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63):
+            problems.append(f"seed must be an integer in [0, 2**63) or None, got {s!r}")
+        if problems:
+            raise RequestError("; ".join(problems))
+
+
+@dataclass
+class Sequence:
+    """One request as the runner sees it: its tokens, its adapter, how to sample it."""
+
+    id: str
+    adapter: str | None
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)  # generated so far
+
+
+class Runner:
+    """Owns the batch KV cache; step() gives every running sequence its next token (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, pad_id: int):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.pad_id = int(pad_id)
+        params = inspect.signature(type(model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x renamed it
+        self._keep_kw = "logits_to_keep" in params
+        self.ids: list[str] = []  # row i of every tensor belongs to request ids[i]
+        self.cache = None  # transformers DynamicCache, (N, heads, T, head_dim) per layer
+        self.mask = None  # (N, T) long
+        self.next_pos = None  # (N,) long: each row's next position
+        self.last = None  # (N,) long: each row's last token, the next decode input
+
+    # -- the step ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, running: list[Sequence]) -> list[int]:
+        """One token for every sequence in `running`: rows that left are dropped, those already in the cache
+        decode one step, new ones are prefilled and join. Returns the tokens in `running`'s order."""
+        present = {s.id for s in running}
+        if [i for i in self.ids if i in present] != self.ids:
+            self._select([k for k, i in enumerate(self.ids) if i in present])
+        if not running:
+            return []
+        by_id = {s.id: s for s in running}
+        old = [by_id[i] for i in self.ids]
+        known = set(self.ids)
+        new = [s for s in running if s.id not in known]
+        logits = []
+        if old:
+            logits.append(self._decode(old))
+        if new:
+            logits.append(self._prefill(new))
+        tokens = sample(torch.cat(logits), old + new)
+        self.last = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        out = dict(zip(self.ids, tokens))
+        return [out[s.id] for s in running]
+
+    def release_all(self) -> None:
+        self.ids, self.cache, self.mask, self.next_pos, self.last = [], None, None, None, None
+
+    def _forward(self, rows: list[str | None], ids, mask, positions, cache) -> torch.Tensor:
+        route(self.model, rows)
+        kwargs = {self._cache_kw: cache, "use_cache": True}
+        if self._keep_kw:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        return out.logits[:, -1].float()  # (n, vocab)
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(seqs), 1)], 1)  # (N, T+1)
+        logits = self._forward([s.adapter for s in seqs], self.last[:, None], self.mask, self.next_pos[:, None],
+                               self.cache)
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        length = max(len(s.prompt) for s in seqs)
+        ids = torch.tensor([[self.pad_id] * (length - len(s.prompt)) + s.prompt for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (length - len(s.prompt)) + [1] * len(s.prompt) for s in seqs], device=self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (n, L): a row's first real token is position 0
+        cache = DynamicCache(config=self.model.config)
+        if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+            raise ConfigError("this model uses sliding-window attention, which the serving runner's batch cache "
+                              "does not support; serve a model with full attention (Llama-shaped)")
+        logits = self._forward([s.adapter for s in seqs], ids, mask, positions, cache)
+        self._join(cache, mask, torch.tensor([len(s.prompt) for s in seqs], device=self.device), [s.id for s in seqs])
+        return logits
+
+    # -- rebuilding the batch cache -------------------------------------------------------------------
+    def _join(self, cache, mask: torch.Tensor, next_pos: torch.Tensor, ids: list[str]) -> None:
+        """Append the prefilled rows: both caches padded on the left to the longer length, then concatenated."""
+        if self.cache is None:
+            self.cache, self.mask, self.next_pos, self.ids = cache, mask, next_pos, list(ids)
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
+            mine.values = torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)])
+        self.mask = torch.cat([_pad_left(self.mask, length), _pad_left(mask, length)])
+        self.next_pos = torch.cat([self.next_pos, next_pos])
+        self.ids += ids
+
+    def _select(self, rows: list[int]) -> None:
+        """Keep only these rows, and cut the leading columns that every kept row masks."""
+        if not rows:
+            self.release_all()
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        mask = self.mask.index_select(0, index)
+        start = int(mask.any(0).nonzero()[0, 0])  # (T,) -> the first column some kept row uses
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self.mask = mask[:, start:]
+        self.next_pos = self.next_pos.index_select(0, index)
+        self.last = self.last.index_select(0, index)
+        self.ids = [self.ids[k] for k in rows]
+
+
+def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Zeros on the left of the sequence dimension (-2 for (N, H, T, D) caches, -1 for (N, T) masks)."""
+    dim = -2 if t.dim() == 4 else -1
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A request's own generator: seeded as asked, or from the OS when no seed is given."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return g
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """The next token of each row: argmax for temperature 0, else top-p sampling with the row's generator."""
+    greedy = logits.argmax(-1).tolist()  # (n,)
+    out = []
+    for i, s in enumerate(seqs):
+        p = s.params
+        if p.temperature == 0:
+            out.append(greedy[i])
+            continue
+        probs = torch.softmax(logits[i] / p.temperature, -1)
+        if p.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # the smallest prefix whose mass reaches top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        out.append(int(torch.multinomial(probs, 1, generator=s.generator)))
+    return out

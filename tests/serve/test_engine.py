@@ -1,0 +1,196 @@
+"""The engine end to end on the embedded default model: every request in a mixed batch gets exactly the greedy
+tokens it gets alone, and those equal a plain transformers greedy loop with the adapter applied by PEFT."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from rankdial.errors import AdapterError, RequestError
+from rankdial.models import load_model, resolve_model
+from rankdial.serve import Engine, SamplingParams
+from rankdial.serve.scheduler import SchedulerLimits
+from engine_helpers import PROMPTS, make_adapter
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for k, r in enumerate([4, 4, 8, 2]):
+        make_adapter(root / f"ad{k}", seed=k, r=r)
+    make_adapter(root / "attn", seed=9, r=16, targets=["q_proj", "v_proj"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(adapters_dir):
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu")
+    yield eng
+    eng.shutdown(drain=False)
+
+
+def peft_greedy(adapters_dir, adapter: str | None, prompt: str, n: int) -> list[int]:
+    """The oracle: transformers' model with the adapter applied by PEFT, greedy, no cache, one token at a time."""
+    model, tok = load_model(resolve_model("default"))
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapters_dir / adapter)).eval()
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False)])
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            out.append(token)
+            if token == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], 1)
+    return out
+
+
+MIXES = {
+    "all_same": ["ad0"] * 5,
+    "all_distinct": ["ad0", "ad1", "ad2", "ad3", "attn"],
+    "skewed": ["ad1", "ad1", "ad1", "ad1", "ad2", "ad1"],
+    "some_none": [None, "ad0", None, "attn", "ad0"],
+    "mixed_ranks": ["ad3", "attn", "ad2", "ad0", "ad3", "attn"],
+}
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_mixed_batch_equals_each_request_alone(engine, mix):
+    rows = MIXES[mix]
+    prompts = [PROMPTS[k % len(PROMPTS)] for k in range(len(rows))]
+    alone = [engine.generate(p, a, GREEDY).token_ids for p, a in zip(prompts, rows)]
+    handles = [engine.submit(p, a, GREEDY) for p, a in zip(prompts, rows)]
+    together = [h.result(timeout=60).token_ids for h in handles]
+    assert together == alone
+    assert all(len(t) == GREEDY.max_tokens for t in together)
+    assert engine.stats()["last_batch_size"] >= 1
+
+
+def test_greedy_equals_peft_oracle(engine, adapters_dir):
+    rows = [("ad2", PROMPTS[1]), ("attn", PROMPTS[0]), (None, PROMPTS[2])]
+    handles = [engine.submit(p, a, GREEDY) for a, p in rows]
+    for (a, p), h in zip(rows, handles):
+        assert list(h.result(timeout=60).token_ids) == peft_greedy(adapters_dir, a, p, GREEDY.max_tokens)
+
+
+def test_adapters_change_the_output(engine):
+    texts = {a: engine.generate(PROMPTS[0], a, GREEDY).text for a in (None, "ad0", "ad1", "attn")}
+    assert len(set(texts.values())) == 4
+
+
+def test_base_name_is_the_base(engine):
+    assert engine.generate(PROMPTS[2], engine.base_name, GREEDY) == engine.generate(PROMPTS[2], None, GREEDY)
+
+
+def test_same_seed_same_text_and_other_seed_differs(engine):
+    p = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=1234)
+    first = engine.generate(PROMPTS[3], "ad1", p)
+    # the same request again, this time in a batch with others
+    others = [engine.submit(q, "ad0", SamplingParams(max_tokens=16, temperature=0.7, seed=k)) for k, q in enumerate(PROMPTS)]
+    again = engine.submit(PROMPTS[3], "ad1", p).result(timeout=60)
+    [h.result(timeout=60) for h in others]
+    assert again.text == first.text
+    texts = {engine.generate(PROMPTS[3], "ad1", SamplingParams(max_tokens=16, temperature=1.0, seed=s)).text
+             for s in range(4)}
+    assert len(texts) > 1
+
+
+def test_stop_sequence_ends_the_text_before_it(engine):
+    full = engine.generate(PROMPTS[0], None, SamplingParams(max_tokens=20, temperature=0))
+    stop = full.text[8:12]
+    assert stop and stop in full.text
+    cut = engine.generate(PROMPTS[0], None, SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.index(stop)]
+    assert cut.completion_tokens < full.completion_tokens
+
+
+def test_streamed_text_adds_up_and_max_tokens_is_length(engine):
+    events = list(engine.submit(PROMPTS[4], "ad2", SamplingParams(max_tokens=7, temperature=0)).events(timeout=60))
+    assert [e.finish_reason for e in events] == [None] * 7 + ["length"]
+    assert events[-1].completion_tokens == 7 and events[-1].prompt_tokens > 0
+    assert "".join(e.text for e in events) == engine.generate(PROMPTS[4], "ad2", SamplingParams(max_tokens=7, temperature=0)).text
+
+
+def test_bad_requests_are_refused_before_queueing(engine):
+    with pytest.raises(AdapterError, match="ad0"):
+        engine.submit("hi", "nope", GREEDY)
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit("", None, GREEDY)
+    with pytest.raises(RequestError, match="max_tokens"):
+        engine.submit("hi", None, SamplingParams(max_tokens=100000))
+    with pytest.raises(RequestError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(RequestError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(RequestError, match="messages"):
+        engine.chat_prompt([{"role": "robot", "content": "x"}])
+
+
+def test_chat_prompt_uses_the_template(engine):
+    prompt = engine.chat_prompt([{"role": "user", "content": "Who wept?"}])
+    assert "<|user|>" in prompt and prompt.endswith("<|assistant|>\n")
+    assert engine.generate(prompt, "ad0", GREEDY).completion_tokens >= 1
+
+
+def test_cancel_frees_the_slot(adapters_dir):
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", max_batch_size=1)
+    try:
+        long = eng.submit(PROMPTS[0], "ad0", SamplingParams(max_tokens=200, temperature=0))
+        events = long.events(timeout=60)
+        next(events)
+        waiting = eng.submit(PROMPTS[1], None, GREEDY)
+        long.cancel()
+        rest = list(events)
+        assert rest[-1].finish_reason == "cancelled" and rest[-1].completion_tokens < 200
+        assert waiting.result(timeout=60).finish_reason == "length"
+        assert eng.stats()["running"] == 0
+    finally:
+        eng.shutdown(drain=False)
+
+
+def test_requests_joining_mid_flight_match_alone(engine):
+    alone = [engine.generate(p, a, SamplingParams(max_tokens=20, temperature=0)).token_ids
+             for p, a in zip(PROMPTS[:4], ["ad0", None, "attn", "ad3"])]
+    handles = []
+    for p, a in zip(PROMPTS[:4], ["ad0", None, "attn", "ad3"]):
+        handles.append(engine.submit(p, a, SamplingParams(max_tokens=20, temperature=0)))
+        time.sleep(0.02)  # the earlier ones are decoding when the next joins
+    assert [h.result(timeout=60).token_ids for h in handles] == alone
+
+
+def test_no_adapter_starves_behind_a_flood(adapters_dir):
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", max_batch_size=2)
+    try:
+        flood = [eng.submit(PROMPTS[k % 6], "ad0", SamplingParams(max_tokens=4, temperature=0)) for k in range(12)]
+        late = eng.submit(PROMPTS[2], "ad1", SamplingParams(max_tokens=4, temperature=0))
+        order, lock = [], threading.Lock()
+
+        def wait(name, h):
+            h.result(timeout=60)
+            with lock:
+                order.append(name)
+
+        threads = [threading.Thread(target=wait, args=(f"f{k}", h)) for k, h in enumerate(flood)]
+        threads.append(threading.Thread(target=wait, args=("late", late)))
+        [t.start() for t in threads]
+        [t.join(60) for t in threads]
+        assert len(order) == 13 and order.index("late") <= 4  # round-robin: admitted right after one flood request
+    finally:
+        eng.shutdown(drain=False)
+
+
+def test_shutdown_drains_requests_in_flight(adapters_dir):
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu")
+    handles = [eng.submit(p, "ad1", SamplingParams(max_tokens=10, temperature=0)) for p in PROMPTS[:3]]
+    eng.shutdown(drain=True, timeout=60)
+    assert [h.result(timeout=5).finish_reason for h in handles] == ["length"] * 3
+    with pytest.raises(RequestError, match="shutting down"):
+        eng.submit("hi", None, GREEDY)

@@ -1,0 +1,178 @@
+"""The adapter registry: safe names and paths, refusals with the reason, a byte-budget LRU with pinning."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from rankdial.errors import AdapterError, AdapterFileError
+from rankdial.memory import process_status_bytes
+from rankdial.models import load_model, resolve_model
+from rankdial.serve import AdapterRegistry, Engine, SamplingParams
+from conftest import make_model_dir
+from engine_helpers import PROMPTS, make_adapter
+
+SIZE_R4 = 4 * (4 * (256 + 256) + 3 * (256 + 768)) * 4 * 4  # r·(d_in+d_out) over 7 linears × 4 layers, float32
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for k in range(4):
+        make_adapter(root / f"a{k}", seed=k, r=4)
+    make_adapter(root / "small", seed=7, r=2, targets=["q_proj"])
+    return root
+
+
+@pytest.fixture
+def registry(root):
+    model, _ = load_model(resolve_model("default"))
+    reg = AdapterRegistry(model, root)
+    yield reg
+    reg.close()
+
+
+def test_names_are_the_adapter_folders(registry, root):
+    (root / "not-an-adapter").mkdir(exist_ok=True)
+    assert registry.names() == ["a0", "a1", "a2", "a3", "small"]
+    info = registry.info("a1")
+    assert (info.name, info.loaded, info.pinned, info.rank) == ("a1", False, False, 4)
+    with pytest.raises(AdapterError, match="a0"):
+        registry.info("zzz")
+
+
+def test_load_on_first_use_then_hits(registry):
+    info = registry.load("a0")
+    assert info.loaded and info.bytes == SIZE_R4 and registry.loaded_bytes == SIZE_R4
+    registry.load("a0")
+    assert (registry.hits, registry.misses) == (1, 1)
+    assert registry.loaded() == ["a0"]
+
+
+@pytest.mark.parametrize("name", ["../a0", "/etc", "a0/../a1", "a.b", "", "a b", None, 3])
+def test_names_that_are_not_plain_folder_names_are_refused(registry, name):
+    with pytest.raises(AdapterError, match="plain folder name"):
+        registry.load(name)
+    assert registry.loaded() == []
+
+
+def test_paths_outside_root_are_refused_unless_allowed(registry, root, tmp_path):
+    outside = make_adapter(tmp_path / "elsewhere", seed=3, r=2, targets=["q_proj"])
+    for path in [str(outside), "../" + outside.name, root / ".." / "x"]:
+        with pytest.raises(AdapterFileError, match="outside the adapters folder"):
+            registry.load("x", path)
+    link = root / "link-out"
+    link.symlink_to(outside, target_is_directory=True)
+    try:
+        with pytest.raises(AdapterFileError, match="outside the adapters folder"):
+            registry.load("link-out")
+    finally:
+        link.unlink()
+    assert registry.loaded() == []
+    assert registry.load("x", outside, allow_any_path=True).loaded  # the admin's load by path
+    assert "x" in registry.names()
+
+
+def test_pickle_only_adapter_is_never_loaded(registry, root, tmp_path):
+    folder = root / "pickled"
+    shutil.copytree(root / "a0", folder)
+    tensors = __import__("safetensors.torch", fromlist=["load_file"]).load_file(folder / "adapter_model.safetensors")
+    torch.save(tensors, folder / "adapter_model.bin")
+    (folder / "adapter_model.safetensors").unlink()
+    try:
+        with pytest.raises(AdapterFileError, match="pickle"):
+            registry.load("pickled")
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_adapter_for_another_base_is_refused_and_others_keep_serving(root, tmp_path):
+    other = make_adapter(root / "other-base", seed=1, r=4, base=make_model_dir(tmp_path / "tiny"))
+    wrong_targets = root / "wrong-targets"
+    shutil.copytree(root / "a1", wrong_targets)
+    config = json.loads((wrong_targets / "adapter_config.json").read_text())
+    (wrong_targets / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["wq", "wv"]}))
+    eng = Engine.from_pretrained("default", str(root), device="cpu")
+    try:
+        with pytest.raises(AdapterFileError, match="refused.*shape"):
+            eng.registry.load("other-base")
+        with pytest.raises(AdapterFileError, match="refused"):
+            eng.registry.load("wrong-targets")
+        bad = eng.submit(PROMPTS[0], "wrong-targets", SamplingParams(max_tokens=3, temperature=0))
+        good = eng.submit(PROMPTS[0], "a2", SamplingParams(max_tokens=3, temperature=0))
+        final = list(bad.events(timeout=60))[-1]
+        assert final.finish_reason == "error" and "wq" in final.error and "\n" not in final.error
+        assert good.result(timeout=60).finish_reason == "length"
+        assert eng.registry.loaded() == ["a2"]
+    finally:
+        eng.shutdown(drain=False)
+        shutil.rmtree(other)
+        shutil.rmtree(wrong_targets)
+
+
+def test_lru_bounded_by_bytes_with_pinning(root):
+    model, _ = load_model(resolve_model("default"))
+    reg = AdapterRegistry(model, root, budget_bytes=int(2.5 * SIZE_R4))
+    reg.load("a0", pin=True)
+    reg.load("a1")
+    reg.load("a2")  # a1 is the least recently used that is not pinned
+    assert reg.loaded() == ["a0", "a2"] and reg.evictions == 1
+    reg.load("small")  # a small adapter fits beside them: ranks differ, so the budget counts bytes
+    assert set(reg.loaded()) == {"a0", "a2", "small"} and reg.evictions == 1
+    reg.acquire("a2")  # in use by a running request: never evicted
+    with pytest.raises(AdapterError, match="pinned adapters or adapters in use"):
+        reg.load("a3")
+    reg.release("a2")
+    reg.unpin("a0")
+    reg.load("a3")
+    assert "a3" in reg.loaded() and reg.loaded_bytes <= reg.budget_bytes
+    assert reg.info("a0").loaded is False and reg.evictions == 3  # a0, then small or a2
+    reg.close()
+
+
+def test_unload_at_run_time_and_in_use(registry):
+    registry.load("a1")
+    registry.acquire("a1")
+    with pytest.raises(AdapterError, match="in use"):
+        registry.unload("a1")
+    registry.release("a1")
+    registry.unload("a1")
+    assert registry.loaded() == [] and registry.loaded_bytes == 0
+    assert not any("lora" in n for n, _ in registry.model.named_modules())  # the wrappers are gone too
+
+
+def test_load_async_reads_off_the_calling_thread(registry):
+    future = registry.load_async("a3")
+    assert future.result(timeout=30).loaded
+    assert registry.load_async("a3").done() and registry.hits == 1
+
+
+def test_model_output_after_load_unload_is_the_base(registry):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = registry.model(input_ids=ids).logits
+        registry.load("a0")
+        registry.unload("a0")
+        after = registry.model(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+@pytest.mark.slow
+def test_a_thousand_load_unload_cycles_leave_memory_flat(registry):
+    def rss() -> int:
+        return process_status_bytes("VmRSS")
+
+    for _ in range(100):  # warm up allocator pools
+        registry.load("small")
+        registry.unload("small")
+    before = rss()
+    for _ in range(1000):
+        registry.load("small")
+        registry.unload("small")
+    grown = rss() - before
+    assert registry.loaded() == [] and registry.misses == 1100
+    assert grown < 16 * 2 ** 20, f"resident memory grew by {grown / 2 ** 20:.1f} MiB over 1,000 cycles"

@@ -1,0 +1,103 @@
+"""The runner's batch KV cache (rows joining and leaving) and sampling, on the embedded default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankdial.errors import RequestError
+from rankdial.models import load_model, resolve_model
+from rankdial.quant import quantize_model
+from rankdial.serve import Engine, SamplingParams
+from rankdial.serve.runner import Runner, Sequence, make_generator, sample
+from engine_helpers import PROMPTS, make_adapter
+
+GREEDY = SamplingParams(max_tokens=64, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return load_model(resolve_model("default"))
+
+
+def seqs(tok, prompts, tag=""):
+    return [Sequence(f"{tag}{k}", None, tok.encode(p), GREEDY) for k, p in enumerate(prompts)]
+
+
+def run_alone(model, tok, prompt, n):
+    runner = Runner(model, 0)
+    s = seqs(tok, [prompt])[0]
+    for _ in range(n):
+        s.tokens.append(runner.step([s])[0])
+    return s.tokens
+
+
+def test_rows_join_and_leave_and_keep_their_tokens(model_tok):
+    model, tok = model_tok
+    runner = Runner(model, 0)
+    first, second = seqs(tok, PROMPTS[:3], "a"), seqs(tok, PROMPTS[3:], "b")
+    running = list(first)
+    for step in range(10):
+        if step == 3:
+            running += second  # join mid-flight: the cache is padded to a common length
+        if step == 6:
+            running = [s for s in running if s.id not in ("a1", "b0")]  # leave: rows selected, columns cut
+        for s, t in zip(running, runner.step(running)):
+            s.tokens.append(t)
+        assert runner.mask.shape == (len(running), runner.cache.layers[0].keys.shape[2])
+    assert runner.ids == [s.id for s in running]
+    assert int(runner.mask.sum(1).min()) > 0 and bool(runner.mask[:, 0].any())  # no column every row masks
+    for s in first + second:
+        assert s.tokens == run_alone(model, tok, tok.decode(s.prompt), len(s.tokens))
+
+
+def test_all_rows_leaving_empties_the_cache(model_tok):
+    model, tok = model_tok
+    runner = Runner(model, 0)
+    s = seqs(tok, PROMPTS[:2])
+    runner.step(s)
+    runner.step([])
+    assert runner.cache is None and runner.ids == []
+
+
+def test_sampling_top_p_near_zero_is_greedy_and_seeds_repeat():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    tight = [Sequence(str(k), None, [1], SamplingParams(temperature=1.0, top_p=1e-6), make_generator(k, "cpu"))
+             for k in range(3)]
+    assert sample(logits, tight) == logits.argmax(-1).tolist()
+
+    def draw(seed):
+        s = Sequence("x", None, [1], SamplingParams(temperature=2.0, seed=seed), make_generator(seed, "cpu"))
+        return [sample(logits[:1], [s])[0] for _ in range(20)]
+
+    assert draw(5) == draw(5) and draw(5) != draw(6)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    s = Sequence("x", None, [1], SamplingParams(temperature=1.0, top_p=0.75), make_generator(0, "cpu"))
+    assert {sample(logits, [s])[0] for _ in range(300)} == {0, 1}
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("max_tokens", True), ("temperature", float("nan")),
+                                         ("top_p", 1.5), ("stop", ("",)), ("seed", -1)])
+def test_sampling_params_name_the_bad_field(field, value):
+    with pytest.raises(RequestError, match=field):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.slow
+def test_nf4_base_mixed_batch_equals_alone(tmp_path):
+    for k, r in enumerate([4, 8]):
+        make_adapter(tmp_path / f"q{k}", seed=20 + k, r=r)
+    eng = Engine.from_pretrained("default", str(tmp_path), qlora=True, device="cpu")
+    try:
+        assert type(eng.model.model.layers[0].self_attn.q_proj).__name__ == "NF4Linear"
+        rows = ["q0", "q1", None, "q0", "q1"]
+        params = SamplingParams(max_tokens=10, temperature=0)
+        alone = [eng.generate(PROMPTS[k], a, params).token_ids for k, a in enumerate(rows)]
+        handles = [eng.submit(PROMPTS[k], a, params) for k, a in enumerate(rows)]
+        assert [h.result(timeout=60).token_ids for h in handles] == alone
+        assert len({alone[0], alone[1], alone[2]}) == 3
+    finally:
+        eng.shutdown(drain=False)
