@@ -140,3 +140,73 @@ def test_phone_width_and_keyboard_reach_every_control(browser, server, tmp_path)
         assert {"lora-r-range", "lora-r", "plan-model", "train-ranks", "train-start", "nf4-layer"} <= reached
     finally:
         page.close()
+
+
+def test_the_synthetic_task_shows_under_and_over_fitting(page, server):
+    open_page(page, server)
+    page.select_option("#train-task", "synthetic")
+    assert page.input_value("#train-steps") == "300"
+    page.fill("#train-ranks", "1,4")
+    page.fill("#train-steps", "150")
+    page.click("#train-start")
+    page.wait_for_function("document.getElementById('train-status').dataset.state === 'done'", timeout=60_000)
+    assert page.locator("#train-rows tr").count() == 2
+    assert page.locator("#spectrum-run option").count() >= 2 and "effective rank" in text(page, "spectrum-status")
+    assert page.errors == []
+
+
+def test_merge_and_many_adapters_panels(page, server, tmp_path):
+    open_page(page, server)
+    page.click("#merge-run")
+    page.wait_for_function("document.getElementById('merge-status').dataset.state === 'done'", timeout=60_000)
+    assert "merged / base" in text(page, "merge-status") and "plain model again" in text(page, "merge-status")
+    page.locator("#p-merge").screenshot(path=str(tmp_path / "p-merge-after.png"))
+    served = httpx.get(server + "/api/adapters").json()["adapters"]
+    page.fill("#many-prompt", "What does len do?")
+    page.click("#many-run")
+    page.wait_for_function("document.querySelectorAll('#many-answers div').length > 0", timeout=60_000)
+    assert page.locator("#many-answers div").count() == 1 + len(served)
+    assert page.locator("#many-answers div b").first.inner_text().startswith("base")
+    page.locator("#p-many").screenshot(path=str(tmp_path / "p-many-after.png"))
+    assert page.errors == []
+    page.fill("#many-prompt", "")  # refused: chromium logs the 422 as a failed resource, nothing else
+    page.click("#many-run")
+    page.wait_for_selector("#many-error:not([hidden])")
+    assert "prompt" in text(page, "many-error")
+    assert all("status of 422" in e for e in page.errors), page.errors
+
+
+STEERING = {"ranks": [2], "steps": 3, "batch": 16, "n_facts": 8, "tasks": {
+    "format": [{"rank": 2, "eval_loss": 2.0, "loss_over_full": 1.1}, {"rank": None, "eval_loss": 1.8, "loss_over_full": 1.0}],
+    "facts": [{"rank": 2, "eval_loss": 5.0, "loss_over_full": 2.5}, {"rank": None, "eval_loss": 2.0, "loss_over_full": 1.0}]}}
+
+
+@pytest.fixture(scope="module")
+def stub_server():
+    """A playground whose text job crashes and whose steering job returns figures at once (in the library's shape)."""
+    from rankdial.playground import JobManager, Limits, create_app
+
+    def crash(job, check):
+        raise MemoryError("pretend the job ran out of memory")
+
+    def steering(job, check):
+        job.emit({"type": "log", "line": "format: LoRA r=2 ..."})
+        job.emit({"type": "steering", "figures": STEERING})
+
+    from conftest import running
+
+    limits = Limits()
+    with running(create_app(limits, JobManager(limits, runners={"text": crash, "steering": steering}))) as url:
+        yield url
+
+
+def test_a_crash_shows_an_error_and_the_server_keeps_serving(page, stub_server):
+    open_page(page, stub_server)
+    page.click("#train-start")
+    page.wait_for_selector("#train-error:not([hidden])")
+    assert "MemoryError" in text(page, "train-error") and "Traceback" not in text(page, "train-error")
+    page.click("#steer-run")
+    page.wait_for_function("document.getElementById('steer-status').dataset.state === 'done'")
+    assert "facts: LoRA/full eval loss r=2 2.50×" in text(page, "steer-status")
+    assert httpx.get(stub_server + "/api/lora").status_code == 200
+    assert page.errors == []

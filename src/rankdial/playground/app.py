@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
+import tempfile
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +26,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from ..errors import RankdialError
 from .jobs import TASKS, BusyError, JobManager, Limits
+from .panels import AdapterShelf, add_routes
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "rankdial_client"
@@ -40,7 +43,7 @@ class ApiError(Exception):
 class TrainRequest(BaseModel):
     task: Literal[TASKS] = "text"  # type: ignore[valid-type]
     ranks: list[int] = Field(default=[4], min_length=1)
-    alpha: float = Field(default=16.0, gt=0, le=1024)
+    alpha: float | None = Field(default=None, gt=0, le=1024)  # None: the library's default for the task
     steps: int = Field(default=40, ge=1)
     examples: int = Field(default=128, ge=8)
     lr: float = Field(default=1e-3, gt=0, le=0.1)
@@ -49,12 +52,15 @@ class TrainRequest(BaseModel):
 def create_app(limits: Limits | None = None, jobs: JobManager | None = None) -> FastAPI:
     """The playground app; `jobs` replaces the job manager (tests give it their own runners)."""
     limits = limits or Limits()
-    manager = jobs or JobManager(limits)
+    shelf = AdapterShelf(Path(tempfile.mkdtemp(prefix="rankdial-playground-adapters-")))
+    manager = jobs or JobManager(limits, keep_adapter=shelf.keep)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         manager.shutdown()  # cancel running jobs when the server stops
+        shelf.close()
+        shutil.rmtree(shelf.root, ignore_errors=True)
 
     app = FastAPI(title="rankdial playground", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.jobs = manager
@@ -112,6 +118,8 @@ def create_app(limits: Limits | None = None, jobs: JobManager | None = None) -> 
     def job_state(job_id: str, request: Request):
         job = _job(manager, job_id, request)
         return {"id": job.id, "state": job.state, "spec": job.spec, "events": len(job.events)}
+
+    add_routes(app, shelf, ApiError)
 
     return app
 
@@ -199,7 +207,7 @@ def check_train(body: TrainRequest, limits: Limits) -> dict:
     bad = [r for r in ranks if not 1 <= r <= limits.max_rank]
     if bad:
         raise ApiError(422, f"ranks must be between 1 and {limits.max_rank} here, got {bad[0]}", "ranks")
-    _between("steps", body.steps, 1, limits.max_steps)
+    _between("steps", body.steps, 1, limits.max_synthetic_steps if body.task == "synthetic" else limits.max_steps)
     _between("examples", body.examples, 8, limits.max_examples)
     return {"task": body.task, "ranks": ranks, "alpha": body.alpha, "steps": body.steps, "examples": body.examples,
             "lr": body.lr}

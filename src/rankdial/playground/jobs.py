@@ -18,9 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..errors import RankdialError
 
-TASKS = ("text", "synthetic")
+TASKS = ("text", "synthetic", "steering")
+SYNTHETIC = dict(true_rank=4, d=64, n_eval=512, noise=0.3, seed=0)  # the claims report's task (rank_as_capacity)
+# transformers' model loading is not thread-safe (it patches torch's module init while it builds on the meta
+# device: two loads at once leave meta tensors), so every library call here that loads a model holds this lock.
+MODEL_LOADING = threading.Lock()
 EVAL_ROWS = 24  # held-out questions scored at each evaluation (of the 40 shipped): a live chart needs quick evals
 
 
@@ -28,7 +34,8 @@ EVAL_ROWS = 24  # held-out questions scored at each evaluation (of the 40 shippe
 class Limits:
     """What one visitor may ask for (the API rejects more with a 4xx naming the field)."""
 
-    max_steps: int = 200
+    max_steps: int = 200  # of the text task (a step: a batch of 8 through the default model)
+    max_synthetic_steps: int = 2000  # of the synthetic task (a step: one 64x64 layer, 96-256 rows)
     max_rank: int = 64
     max_examples: int = 256
     max_ranks: int = 4  # runs in one sweep
@@ -59,7 +66,7 @@ class Job:
     listeners: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     workdir: Path | None = None
-    results: dict[int, Any] = field(default_factory=dict)  # rank -> spectrum rows (text task)
+    keep_adapter: Callable[[str, Path], None] | None = None  # (name, folder) of each finished text run
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def emit(self, event: dict) -> None:
@@ -90,9 +97,13 @@ class Job:
 class JobManager:
     """Starts, tracks and cancels jobs; `runners` maps a task name to fn(job, check) that emits its events."""
 
-    def __init__(self, limits: Limits | None = None, runners: dict[str, Callable] | None = None):
+    def __init__(self, limits: Limits | None = None, runners: dict[str, Callable] | None = None,
+                 keep_adapter: Callable[[str, Path], None] | None = None):
+        from .panels import run_steering_job  # panels imports this module
+
         self.limits = limits or Limits()
-        self.runners = runners or {"text": run_text_job, "synthetic": run_synthetic_job}
+        self.runners = runners or {"text": run_text_job, "synthetic": run_synthetic_job, "steering": run_steering_job}
+        self.keep_adapter = keep_adapter
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -111,7 +122,7 @@ class JobManager:
                                 "minute", 429)
             for old in [j for j in self.jobs.values() if j.client == client]:  # keep only the latest per client
                 self._drop(old)
-            job = Job(f"job{next(self._ids)}", client, spec)
+            job = Job(f"job{next(self._ids)}", client, spec, keep_adapter=self.keep_adapter)
             self.jobs[job.id] = job
         threading.Thread(target=self._run, args=(job,), name=f"playground-{job.id}", daemon=True).start()
         return job
@@ -158,6 +169,7 @@ def run_text_job(job: Job, check: Callable[[], None]) -> None:
     from ..models.loading import default_samples_path
     from ..rank.spectrum import spectrum
     from ..train import make_config
+    from ..train.config import LORA_DEFAULTS
     from ..train.loop import finish, fit, output_folder, setup
 
     spec, samples = job.spec, default_samples_path()
@@ -171,9 +183,10 @@ def run_text_job(job: Job, check: Callable[[], None]) -> None:
         out = job.workdir / f"r{r}"
         cfg = make_config({"data": str(data), "eval_data": str(held_out),
                            "output_dir": str(out), "steps": spec["steps"], "batch_size": 8, "r": r,
-                           "lora_alpha": spec["alpha"], "lr": spec["lr"], "eval_every": max(1, spec["steps"] // 10),
+                           "lora_alpha": spec["alpha"] or LORA_DEFAULTS["lora_alpha"], "lr": spec["lr"], "eval_every": max(1, spec["steps"] // 10),
                            "max_length": 96, "progress": False, "device": "cpu", "seed": 0})
-        run = setup(cfg, log=lambda *a, **k: None)
+        with MODEL_LOADING:
+            run = setup(cfg, log=lambda *a, **k: None)
         job.emit({"type": "run", "rank": r, "trainable": run.trainable, "total": run.total_params,
                   "steps": run.total_steps})
 
@@ -188,31 +201,41 @@ def run_text_job(job: Job, check: Callable[[], None]) -> None:
             fit(run, on_step=on_step)
             res = finish(run)
         rows = [row.to_dict() for row in spectrum(out)]
-        job.results[r] = rows
+        if job.keep_adapter is not None:
+            job.keep_adapter(f"r{r}-{job.id}", out)
         job.emit({"type": "run_done", "rank": r, "eval_loss": res.eval_losses[-1][1], "loss": res.losses[-1],
                   "seconds": round(res.seconds, 2), "spectrum": rows})
         del run, res
 
 
 def run_synthetic_job(job: Job, check: Callable[[], None]) -> None:
-    """The synthetic task with a known true rank (rankdial.rank.claims.train_synthetic), one run per rank."""
-    try:
-        from ..rank.claims import train_synthetic
-    except ImportError:
-        raise RankdialError("the synthetic task needs rankdial.rank.claims (not in this build); use the text task")
+    """The synthetic task with a known true rank (rankdial.rank.synthetic): LoRA at each rank learns a target
+    update of rank SYNTHETIC["true_rank"] from `examples` noisy pairs; what it learned is its ΔW's spectrum."""
+    from ..memory import lora_params
+    from ..rank.spectrum import effective_rank
+    from ..rank.synthetic import synthetic_task, train_synthetic
+
     spec = job.spec
+    task = synthetic_task(n_train=spec["examples"], **SYNTHETIC)
+    job.emit({"type": "task", **task.describe()})
     for r in spec["ranks"]:
         check()
-        job.emit({"type": "run", "rank": r, "steps": spec["steps"]})
+        job.emit({"type": "run", "rank": r, "trainable": lora_params(task.d, task.d, r), "steps": spec["steps"]})
 
-        def on_step(step, loss, eval_loss=None, r=r, **_):
-            job.emit({"type": "step", "rank": r, "step": step, "loss": loss})
-            if eval_loss is not None:
-                job.emit({"type": "eval", "rank": r, "step": step, "eval_loss": eval_loss})
+        def on_step(step, train, held, r=r):
+            if step:
+                job.emit({"type": "step", "rank": r, "step": step, "loss": train})
+            job.emit({"type": "eval", "rank": r, "step": step, "eval_loss": held})
 
-        res = train_synthetic(rank=r, steps=spec["steps"], on_step=on_step, should_stop=_stopper(check))
+        res = train_synthetic(task, r, alpha=spec["alpha"], steps=spec["steps"], lr=spec["lr"],
+                              eval_every=max(1, spec["steps"] // 50), on_step=on_step, should_stop=_stopper(check))
         check()  # a stopped run returns early: report it as cancelled, not done
-        job.emit({"type": "run_done", "rank": r, **_plain(res)})
+        sv = torch.tensor(res.singular_values)
+        rows = [{"module": f"synthetic ΔW (true rank {task.true_rank})", "rank": r, "d_in": task.d, "d_out": task.d,
+                 "singular_values": res.singular_values[: max(r, task.true_rank) + 8],
+                 "rank_90": effective_rank(sv, 0.9), "rank_99": effective_rank(sv, 0.99)}]
+        job.emit({"type": "run_done", "rank": r, "loss": res.final_train, "eval_loss": res.final_eval,
+                  "noise_floor": task.noise_floor, "spectrum": rows})
 
 
 def _stopper(check: Callable[[], None]) -> Callable[[], bool]:
@@ -225,6 +248,3 @@ def _stopper(check: Callable[[], None]) -> Callable[[], bool]:
     return should_stop
 
 
-def _plain(res: Any) -> dict:
-    d = res if isinstance(res, dict) else getattr(res, "__dict__", {})
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, list, type(None))) and k != "type"}

@@ -223,8 +223,11 @@ function onTrainEvent(ev) {
     $("train-status").textContent = "r=" + ev.rank + ": step " + ev.step + ", loss " + ev.loss.toFixed(4);
   } else if (ev.type === "eval") {
     train.runs[ev.rank].eval.push([ev.step, ev.eval_loss]);
+  } else if (ev.type === "task") {
+    train.task = ev;
+    $("train-status").textContent = `synthetic task: true rank ${ev.true_rank}, d = ${ev.d}, ${ev.n_train} training pairs, noise floor ${ev.noise_floor.toFixed(3)}`;
   } else if (ev.type === "run_done") {
-    train.runs[ev.rank].seconds = ev.seconds;
+    train.runs[ev.rank].seconds = ev.seconds != null ? ev.seconds : "–";
     if (ev.spectrum) addSpectrum(ev.rank, ev.spectrum);
   } else if (["done", "cancelled", "error"].includes(ev.type)) {
     endTrain(ev);
@@ -232,6 +235,17 @@ function onTrainEvent(ev) {
   }
   if (ev.rank != null) trainRow(ev.rank);
   drawTrain();
+}
+
+const TASK_DEFAULTS = {
+  text: { ranks: "4", alpha: "16", steps: "40", examples: "128", lr: "0.001" },
+  synthetic: { ranks: "1,4,16,64", alpha: "", steps: "300", examples: "96", lr: "0.02" },
+};
+
+function onTaskChange() {
+  const d = TASK_DEFAULTS[$("train-task").value];
+  Object.entries(d).forEach(([k, v]) => ($("train-" + k).value = v));
+  $("train-alpha").placeholder = $("train-task").value === "synthetic" ? "= r" : "";
 }
 
 function endTrain(ev) {
@@ -242,6 +256,7 @@ function endTrain(ev) {
   $("train-status").textContent = ev.type === "done" ? "finished" : ev.type === "cancelled" ? "cancelled: " + ev.message : "failed";
   $("train-status").dataset.state = ev.type;
   if (ev.type === "error") showError("train", ev.message);
+  refreshAdapters();
 }
 
 async function startTrain(event) {
@@ -250,7 +265,7 @@ async function startTrain(event) {
   const f = (n) => $("train-" + n).value.trim();
   const ranks = f("ranks").split(",").map((s) => s.trim()).filter((s) => s !== "");
   const num = (s) => (s !== "" && !isNaN(Number(s)) ? Number(s) : s);  // non-numbers go as they are: the server names them
-  const body = { task: f("task"), ranks: ranks.map(num), alpha: num(f("alpha")), steps: num(f("steps")),
+  const body = { task: f("task"), ranks: ranks.map(num), alpha: f("alpha") === "" ? null : num(f("alpha")), steps: num(f("steps")),
                  examples: num(f("examples")), lr: num(f("lr")) };
   try {
     const d = await api("/api/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
@@ -331,6 +346,110 @@ async function updateNf4() {
   } catch (e) { showError("nf4", e); }
 }
 
+// -------------------------------------------------------------------------- Merge
+
+async function runMerge() {
+  $("merge-run").disabled = true;
+  $("merge-status").textContent = "measuring on the default model …";
+  showError("merge", null);
+  try {
+    const d = await api("/api/merge", { method: "POST" });
+    $("merge-status").textContent = `median of ${d.repeats} forwards of ${d.seq_len} tokens, adapter r=${d.rank}: ` +
+      `merged / base = ${d.merged_over_base.toFixed(2)}, unmerged / base = ${d.unmerged_over_base.toFixed(2)}; ` +
+      `max |merged − unmerged| = ${d.max_abs_diff_merged_vs_unmerged.toExponential(2)} ` +
+      `(the adapter moves the base's logits by up to ${d.max_abs_diff_adapter_vs_base.toFixed(2)}); ` +
+      (d.merged_has_lora_layers ? "the merged model still has LoRA layers" : "the merged model is a plain model again");
+    $("merge-status").dataset.state = "done";
+    barChart($("merge-chart"), [
+      { label: "base", parts: [{ value: d.base_ms, color: "#64748b" }] },
+      { label: "unmerged", parts: [{ value: d.unmerged_ms, color: COLORS[1] }] },
+      { label: "merged", parts: [{ value: d.merged_ms, color: COLORS[2] }] },
+    ], (v) => v.toFixed(1) + " ms");
+  } catch (e) { showError("merge", e); $("merge-status").textContent = ""; }
+  $("merge-run").disabled = false;
+}
+
+// -------------------------------------------------------------------------- Steer vs re-educate
+
+async function runSteering() {
+  showError("steer", null);
+  try {
+    const d = await api("/api/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ task: "steering" }) });
+    $("steer-run").disabled = true;
+    $("steer-status").textContent = "training LoRA at several ranks and in full, on both tasks …";
+    $("steer-status").dataset.state = "running";
+    const source = new EventSource("/api/jobs/" + d.id + "/events");
+    source.onmessage = (m) => {
+      const ev = JSON.parse(m.data);
+      if (ev.type === "log") $("steer-status").textContent = ev.line;
+      else if (ev.type === "steering") drawSteering(ev.figures);
+      else if (["done", "cancelled", "error"].includes(ev.type)) {
+        source.close();
+        $("steer-run").disabled = false;
+        $("steer-status").dataset.state = ev.type;
+        if (ev.type !== "done") { showError("steer", ev.message); $("steer-status").textContent = ""; }
+      }
+    };
+  } catch (e) { showError("steer", e); }
+}
+
+function drawSteering(f) {
+  const bars = [];
+  Object.entries(f.tasks).forEach(([task, runs]) => runs.forEach((run) => {
+    const label = task + " " + (run.rank == null ? "full" : "r=" + run.rank);
+    bars.push({ label, parts: [{ value: run.eval_loss, color: run.rank == null ? "#64748b" : COLORS[task === Object.keys(f.tasks)[0] ? 0 : 1] }] });
+  }));
+  $("steer-chart").style.height = Math.max(150, 36 * bars.length + 40) + "px";
+  barChart($("steer-chart"), bars, (v) => "eval loss " + v.toFixed(3));
+  const gaps = Object.entries(f.tasks).map(([task, runs]) => task + ": LoRA/full eval loss " +
+    runs.filter((r) => r.rank != null).map((r) => "r=" + r.rank + " " + r.loss_over_full.toFixed(2) + "×").join(", "));
+  $("steer-status").textContent = `${f.steps} steps each. ` + gaps.join("; ");
+}
+
+// -------------------------------------------------------------------------- One base, many adapters
+
+let adapterBytes = null;
+
+async function refreshAdapters() {
+  try {
+    const d = await api("/api/adapters");
+    adapterBytes = d.bytes;
+    $("many-run").dataset.adapters = String(d.adapters.length);
+    if (!$("many-answers").children.length) {
+      $("many-answers").innerHTML = `<p class="status">${d.adapters.length ? d.adapters.length + " adapters from your runs are ready: " + d.adapters.join(", ")
+        : "The base alone for now: each finished text run above adds its adapter here."}</p>`;
+    }
+    drawMany();
+  } catch (e) { showError("many", e); }
+}
+
+function drawMany() {
+  if (!adapterBytes) return;
+  const rows = adapterBytes.rows;
+  lineChart($("many-chart"), [
+    { label: "N full copies", color: COLORS[1], dashed: true, points: rows.map((r) => [r.n, r.full_copies / 1e6]) },
+    { label: "base + N adapters", color: COLORS[0], dashed: true, points: rows.map((r) => [r.n, r.base_plus_adapters / 1e6]) },
+  ], "N fine-tunes (adapter r=" + adapterBytes.rank + ")", "MB on disk");
+}
+
+async function runAnswers(event) {
+  event.preventDefault();
+  showError("many", null);
+  $("many-run").disabled = true;
+  try {
+    const d = await api("/api/answers", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ prompt: $("many-prompt").value }) });
+    const box = $("many-answers");
+    box.innerHTML = "";
+    d.answers.forEach((a) => {
+      const div = document.createElement("div"), b = document.createElement("b");
+      b.textContent = a.adapter ? "adapter " + a.adapter : "base (" + a.model + ")";
+      div.append(b, document.createTextNode(a.text));
+      box.appendChild(div);
+    });
+  } catch (e) { showError("many", e); }
+  $("many-run").disabled = false;
+}
+
 // -------------------------------------------------------------------------- start
 
 function init() {
@@ -340,6 +459,10 @@ function init() {
     el.addEventListener(el.tagName === "SELECT" ? "change" : "input", debounce(updatePlan, 150));
   });
   $("train-form").addEventListener("submit", startTrain);
+  $("train-task").addEventListener("change", onTaskChange);
+  $("merge-run").addEventListener("click", runMerge);
+  $("steer-run").addEventListener("click", runSteering);
+  $("many-form").addEventListener("submit", runAnswers);
   $("train-cancel").addEventListener("click", cancelTrain);
   $("spectrum-run").addEventListener("change", fillModules);
   $("spectrum-module").addEventListener("change", drawSpectrum);
@@ -349,9 +472,8 @@ function init() {
     $("train-limits").textContent = `Limits: rank ≤ ${l.max_rank}, steps ≤ ${l.max_steps}, examples ≤ ${l.max_examples}, ` +
       `${l.max_ranks} ranks per sweep, one job per visitor.`;
   }).catch((e) => showError("train", e));
-  updateLora(); updatePlan(); updateNf4(); drawTrain();
-  if (window.initPanels) window.initPanels();
-  window.addEventListener("resize", debounce(() => { updateLora(); updatePlan(); updateNf4(); drawTrain(); drawSpectrum(); }, 200));
+  updateLora(); updatePlan(); updateNf4(); drawTrain(); refreshAdapters();
+  window.addEventListener("resize", debounce(() => { updateLora(); updatePlan(); updateNf4(); drawTrain(); drawSpectrum(); drawMany(); }, 200));
 }
 
 document.addEventListener("DOMContentLoaded", init);
