@@ -15,9 +15,9 @@ from rankdial.playground.jobs import Job
 
 
 def stepper(job: Job, check) -> None:
-    """A stand-in training job: 200 steps of 20 ms each, checking for cancellation as the real one does."""
-    job.emit({"type": "run", "rank": job.spec["ranks"][0], "steps": 200})
-    for s in range(1, 201):
+    """A stand-in training job: steps of 20 ms each, checking for cancellation as the real one does."""
+    job.emit({"type": "run", "rank": job.spec["ranks"][0], "steps": job.spec["steps"]})
+    for s in range(1, job.spec["steps"] + 1):
         time.sleep(0.02)
         job.emit({"type": "step", "rank": job.spec["ranks"][0], "step": s, "loss": 1.0 / s})
         check()
@@ -107,30 +107,30 @@ def test_a_job_streams_and_one_job_per_client(client):
     assert second.status_code == 409 and "one job per visitor" in second.json()["error"]
     got = events(client, job)
     steps = [e["step"] for e in got if e["type"] == "step"]
-    assert got[0]["type"] == "start" and got[-1]["type"] == "done" and steps == list(range(1, 201))
+    assert got[0]["type"] == "start" and got[-1]["type"] == "done" and steps == list(range(1, 11))
     assert client.post("/api/jobs", json={"ranks": [4]}).status_code == 202  # the first has finished
 
 
 def test_another_client_cannot_see_or_cancel_a_job(client):
-    job = client.post("/api/jobs", json={"ranks": [4]}).json()["id"]
+    job = client.post("/api/jobs", json={"ranks": [4], "steps": 200}).json()["id"]
     with TestClient(client.app) as other:
         assert other.delete(f"/api/jobs/{job}").status_code == 404
     client.delete(f"/api/jobs/{job}")
 
 
 def test_the_machine_wide_cap(client):
-    first = client.post("/api/jobs", json={"ranks": [4]}).json()["id"]
+    first = client.post("/api/jobs", json={"ranks": [4], "steps": 200}).json()["id"]
     others = [TestClient(client.app) for _ in range(2)]
     for other in others:
         other.get("/")  # each its own visitor
-    assert others[0].post("/api/jobs", json={"ranks": [4]}).status_code == 202
+    assert others[0].post("/api/jobs", json={"ranks": [4], "steps": 200}).status_code == 202
     busy = others[1].post("/api/jobs", json={"ranks": [4]})
     assert busy.status_code == 429 and "limit" in busy.json()["error"]
     client.delete(f"/api/jobs/{first}")
 
 
 def test_cancel_stops_the_job(client):
-    job = client.post("/api/jobs", json={"ranks": [4]}).json()["id"]
+    job = client.post("/api/jobs", json={"ranks": [4], "steps": 200}).json()["id"]
     got = []
     reader = threading.Thread(target=lambda: got.extend(events(client, job)))
     reader.start()
@@ -141,7 +141,7 @@ def test_cancel_stops_the_job(client):
 
 
 def test_a_client_that_goes_away_stops_its_job(client):
-    job = client.post("/api/jobs", json={"ranks": [4]}).json()["id"]  # and never listens
+    job = client.post("/api/jobs", json={"ranks": [4], "steps": 200}).json()["id"]  # and never listens
     body = wait_state(client, job, timeout=5)
     assert body["state"] == "cancelled" and body["events"] < 60
 

@@ -123,6 +123,24 @@ def test_cancel_from_the_page(page, server):
     assert page.errors == []
 
 
+def test_closing_the_page_stops_its_job(browser, server):
+    page = browser.new_page()
+    open_page(page, server)
+    page.fill("#train-ranks", "4")
+    page.fill("#train-steps", "200")
+    page.click("#train-start")
+    page.wait_for_function("Number(document.getElementById('train-chart').dataset.points) > 0", timeout=60_000)
+    job = page.evaluate("train.job")
+    page.close()  # the visitor goes away mid-run
+    deadline, state = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        state = browser.request.get(f"{server}/api/jobs/{job}").json()["state"]
+        if state != "running":
+            break
+        time.sleep(0.25)
+    assert state == "cancelled"
+
+
 def test_phone_width_and_keyboard_reach_every_control(browser, server, tmp_path):
     page = browser.new_page()
     page.set_viewport_size({"width": 375, "height": 740})

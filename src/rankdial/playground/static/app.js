@@ -53,7 +53,7 @@ function niceRange(lo, hi) {
   if (!isFinite(lo) || !isFinite(hi)) return [0, 1];
   if (lo === hi) return [lo - 1, hi + 1];
   const pad = (hi - lo) * 0.05;
-  return [lo - pad, hi + pad];
+  return [lo >= 0 ? Math.max(0, lo - pad) : lo - pad, hi + pad];  // losses and bytes never dip below zero
 }
 
 function axes(ctx, box, xr, yr, xlabel, ylabel, ylog) {
@@ -91,6 +91,11 @@ function lineChart(canvas, series, xlabel, ylabel) {
     ctx.stroke();
     if (s.dashed) s.points.forEach((p) => { ctx.beginPath(); ctx.arc(X(p[0]), Y(p[1]), 2.5, 0, 7); ctx.fill(); });
     ctx.setLineDash([]);
+  });
+  ctx.fillStyle = "rgba(255,255,255,0.85)";  // the legend on a light box, over the curves
+  ctx.fillRect(box.r - 134, box.t - 2, 134, 14 * series.length + 4);
+  series.forEach((s, i) => {
+    ctx.fillStyle = s.color;
     ctx.textAlign = "left"; ctx.textBaseline = "top";
     ctx.fillRect(box.r - 130, box.t + 4 + 14 * i, 10, 3);
     ctx.fillText(s.label, box.r - 115, box.t + 14 * i - 1);
