@@ -96,6 +96,12 @@ def test_training_caps_are_422_naming_the_field(client, body, field):
     assert r.status_code == 422 and r.json()["field"] == field, r.text
 
 
+def test_an_oversized_body_is_413(client):
+    r = client.post("/api/jobs", content=b'{"ranks": [' + b"1, " * 20_000 + b'1]}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["field"] == "body"
+
+
 def test_malformed_json_is_422(client):
     r = client.post("/api/jobs", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["field"] == "body"

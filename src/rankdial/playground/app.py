@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from ..errors import RankdialError
 from .jobs import TASKS, BusyError, JobManager, Limits
@@ -32,6 +32,7 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "rankdial_client"
 PLAN_MODELS = ("default", "llama-7b", "llama-13b", "llama-70b")
 METHODS = ("full", "lora", "qlora")
+MAX_BODY = 16 * 1024  # bytes of a request body: every form on the page fits in well under 1 kB
 
 
 class ApiError(Exception):
@@ -42,7 +43,7 @@ class ApiError(Exception):
 
 class TrainRequest(BaseModel):
     task: Literal[TASKS] = "text"  # type: ignore[valid-type]
-    ranks: list[int] = Field(default=[4], min_length=1)
+    ranks: list[int] = Field(default=[4], min_length=1, max_length=16)
     alpha: float | None = Field(default=None, gt=0, le=1024)  # None: the library's default for the task
     steps: int = Field(default=40, ge=1)
     examples: int = Field(default=128, ge=8)
@@ -65,6 +66,14 @@ def create_app(limits: Limits | None = None, jobs: JobManager | None = None) -> 
     app = FastAPI(title="rankdial playground", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.jobs = manager
     _error_handlers(app)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length", "chunked" if "transfer-encoding" in request.headers else "0")
+        if not size.isdigit() or int(size) > MAX_BODY:
+            return JSONResponse({"error": f"the request body is over {MAX_BODY} bytes (or its length is not "
+                                          "given); send less", "field": "body"}, status_code=413)
+        return await call_next(request)
 
     @app.get("/", include_in_schema=False)
     def index(request: Request):

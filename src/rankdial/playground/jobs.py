@@ -27,6 +27,7 @@ SYNTHETIC = dict(true_rank=4, d=64, n_eval=512, noise=0.3, seed=0)  # the claims
 # transformers' model loading is not thread-safe (it patches torch's module init while it builds on the meta
 # device: two loads at once leave meta tensors), so every library call here that loads a model holds this lock.
 MODEL_LOADING = threading.Lock()
+KEEP_FINISHED = 100  # finished jobs kept for their pages to read (the oldest go first)
 EVAL_ROWS = 24  # held-out questions scored at each evaluation (of the 40 shipped): a live chart needs quick evals
 
 
@@ -72,6 +73,13 @@ class Job:
     def emit(self, event: dict) -> None:
         with self._cond:
             self.events.append(event)
+            self._cond.notify_all()
+
+    def end(self, state: str, event: dict) -> None:
+        """The last event and the final state together, so a stream that sees the state has seen the event."""
+        with self._cond:
+            self.events.append(event)
+            self.state = state
             self._cond.notify_all()
 
     def events_since(self, i: int) -> list[dict]:
@@ -120,8 +128,9 @@ class JobManager:
             if len(self.running()) >= self.limits.max_running:
                 raise BusyError(f"the machine is running {len(self.running())} jobs, its limit; try again in a "
                                 "minute", 429)
-            for old in [j for j in self.jobs.values() if j.client == client]:  # keep only the latest per client
-                self._drop(old)
+            finished = [j for j in self.jobs.values() if j.finished]
+            for old in [j for j in finished if j.client == client] + finished[:-KEEP_FINISHED]:
+                self.jobs.pop(old.id, None)  # a visitor's latest job only, and a bounded number in all
             job = Job(f"job{next(self._ids)}", client, spec, keep_adapter=self.keep_adapter)
             self.jobs[job.id] = job
         threading.Thread(target=self._run, args=(job,), name=f"playground-{job.id}", daemon=True).start()
@@ -132,23 +141,16 @@ class JobManager:
         try:
             job.emit({"type": "start", "spec": job.spec})
             self.runners[job.spec["task"]](job, lambda: job.check(self.limits.grace_s))
-            job.state = "done"
-            job.emit({"type": "done"})
+            job.end("done", {"type": "done"})
         except JobCancelled as stop:
-            job.state = "cancelled"
-            job.emit({"type": "cancelled", "message": str(stop)})
+            job.end("cancelled", {"type": "cancelled", "message": str(stop)})
         except RankdialError as err:
-            job.state = "error"
-            job.emit({"type": "error", "message": str(err).splitlines()[0]})
+            job.end("error", {"type": "error", "message": str(err).splitlines()[0]})
         except Exception as err:  # a crash in a job ends the job, never the server, and shows no trace
-            job.state = "error"
-            job.emit({"type": "error", "message": f"the job failed: {type(err).__name__}: "
-                                                  f"{str(err).splitlines()[0] if str(err) else 'no message'}"})
+            first = str(err).splitlines()[0] if str(err) else "no message"
+            job.end("error", {"type": "error", "message": f"the job failed: {type(err).__name__}: {first}"})
         finally:
             shutil.rmtree(job.workdir, ignore_errors=True)
-
-    def _drop(self, job: Job) -> None:
-        self.jobs.pop(job.id, None)
 
     def get(self, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
