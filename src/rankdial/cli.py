@@ -247,6 +247,7 @@ def cmd_playground(args: argparse.Namespace) -> int:
 
 def add_playground_parser(verbs, fmt) -> None:
     p = verbs.add_parser("playground", help="a local web page: turn the rank dial, watch training, memory, NF4",
+                         epilog="example: rankdial playground --port 7860   (then open http://127.0.0.1:7860/)",
                          formatter_class=fmt)
     p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: 7860)")
     p.set_defaults(run=cmd_playground)
