@@ -20,16 +20,19 @@ from ..config import LoraConfig
 from ..lora import inject, merge_and_unload
 from ..memory import estimate_memory, lora_params
 from ..models.loading import default_model_path, load_model, resolve_model
-from .steering import steering
+from .steering import LR_GRIDS, steering
 from .synthetic import rank_capacity, synthetic_task
 
 GB = 1e9
 # What each mode runs: quick is the CI test (a couple of minutes on one core), full is the README's report.
+# steer_lrs: each steering method's learning-rate grid, chosen per method on a validation split.
 SETTINGS = {
     True: dict(latency_repeats=10, measure=["default"], synthetic_steps=300, ranks=[1, 2, 4, 8, 64],
-               steer_ranks=[2, 16], steer_steps=40, n_facts=128, adapters_n=[1, 2, 4, 8, 16, 32]),
+               steer_ranks=[2, 16], steer_steps=30, n_facts=128, adapters_n=[1, 2, 4, 8, 16, 32],
+               steer_lrs={"full": [3e-4, 1e-3], "lora": [2e-3, 6e-3]}),
     False: dict(latency_repeats=40, measure=["default", "big"], synthetic_steps=600, ranks=[1, 2, 3, 4, 6, 8, 16, 64],
-                steer_ranks=[1, 4, 16, 64], steer_steps=150, n_facts=512, adapters_n=[1, 2, 4, 8, 16, 32, 64, 128]),
+                steer_ranks=[1, 8, 64], steer_steps=100, n_facts=512, adapters_n=[1, 2, 4, 8, 16, 32, 64, 128],
+                steer_lrs=LR_GRIDS),
 }
 BIG = {"hidden": 1024, "layers": 8, "heads": 16, "kv_heads": 4, "ffn": 2816, "vocab": 4096}  # as tests/test_memory.py
 
@@ -134,9 +137,10 @@ def rank_as_capacity(ranks: list[int], steps: int) -> dict:
                          steps=steps)
 
 
-def steers_not_reeducates(ranks: list[int], steps: int, n_facts: int, log=None) -> dict:
+def steers_not_reeducates(ranks: list[int], steps: int, n_facts: int, log=None, lr_grids: dict | None = None) -> dict:
+    """steering.steering on the default model; each method's learning rate picked from lr_grids on validation."""
     model, tokenizer = load_model(resolve_model("default"))
-    return steering(model, tokenizer, ranks, steps, n_facts=n_facts, log=log)
+    return steering(model, tokenizer, ranks, steps, n_facts=n_facts, log=log, lr_grids=lr_grids)
 
 
 def run_claims(quick: bool = True, log=print) -> dict:
@@ -148,7 +152,8 @@ def run_claims(quick: bool = True, log=print) -> dict:
              ("memory", lambda: memory_bill(s["measure"])),
              ("rank", lambda: rank_as_capacity(s["ranks"], s["synthetic_steps"])),
              ("adapters", lambda: adapters_vs_copies(s["adapters_n"])),
-             ("steering", lambda: steers_not_reeducates(s["steer_ranks"], s["steer_steps"], s["n_facts"], log))]
+             ("steering", lambda: steers_not_reeducates(s["steer_ranks"], s["steer_steps"], s["n_facts"], log,
+                                                             s["steer_lrs"]))]
     figures = {"quick": bool(quick), "settings": s, "seconds": {}}
     for name, measure in steps:
         t0 = time.perf_counter()

@@ -92,7 +92,8 @@ def plot_rank(f: dict, png: Path) -> None:
     finals.set_xscale("log", base=2)
     finals.set_xlabel("LoRA rank")
     finals.legend()
-    fig.suptitle(f"true update of rank {f['task']['true_rank']}, d={f['task']['d']}, {f['task']['n_train']} train pairs")
+    t = f["task"]
+    fig.suptitle(f"true update of rank {t['true_rank']}, d={t['d']}, {t['n_train']} train pairs")
     _save(plt, fig, png)
 
 
@@ -116,12 +117,15 @@ def plot_steering(f: dict, png: Path) -> None:
         lora = [run for run in runs if run["method"] == "lora"]
         full = runs[-1]
         ax.plot([run["rank"] for run in lora], [run["eval_loss"] for run in lora], "o-", label="LoRA")
-        ax.axhline(full["eval_loss"], color="tab:red", label="full fine-tuning")
+        for run in lora:
+            ax.annotate(f"lr {run['lr']:g}", (run["rank"], run["eval_loss"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+        ax.axhline(full["eval_loss"], color="tab:red", label=f"full fine-tuning (lr {full['lr']:g})")
         ax.axhline(full["eval_loss_before"], color="grey", linestyle=":", label="before training")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("LoRA rank")
         ax.set_ylabel("eval loss on targets (nats/token)")
-        ax.set_title(f"{name} task, {f['steps']} steps")
+        ax.set_title(f"{name} task, {f['steps']} steps, lr chosen on validation", fontsize=9)
         ax.legend()
     _save(plt, fig, png)
 

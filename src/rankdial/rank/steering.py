@@ -4,9 +4,15 @@ Both tasks are built from the default model's own vocabulary (single-token words
 sequence has a fixed length and needs no padding; the loss counts the target tokens only.
 
 - format (a style): three random words, ":", then the same words as "w1 , w2 , w3 ." A skill that
-  applies to any words; evaluated on fresh words never seen in training.
+  applies to any words. The vocabulary's words are split three ways: training rows use one half, validation
+  rows a quarter and eval rows the last quarter, so both held-out splits use words never seen in training.
 - facts (new knowledge): n random pairs "subject is object"; the model must store each arbitrary object.
-  Evaluated on the facts themselves: recall is the measure.
+  Recall is the measure, so every fact is trained on; the validation split is a disjoint quarter of the facts
+  and the eval split the other three quarters (a held-out fact cannot be recalled by definition).
+
+Learning rates are not picked by hand: each method (full fine-tuning, and LoRA at each rank) is trained at every
+rate of its family's grid, and the rate with the lowest VALIDATION loss is kept; the eval figures quoted are that
+run's. The eval split never takes part in the choice.
 
 The claim (Hu et al. 2021; Biderman et al. 2024, "LoRA Learns Less and Forgets Less", arXiv:2405.09673):
 LoRA at low rank matches full fine-tuning on the style task and falls behind on the facts task unless its rank
@@ -23,19 +29,28 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LoraConfig
+from ..errors import ConfigError, DataError
 from ..lora import inject
 
 IGNORE = -100
+# Learning-rate grids per method family, each spanning 10x around that family's usual rate (AdamW).
+LR_GRIDS = {"full": [1e-4, 3e-4, 1e-3], "lora": [6e-4, 2e-3, 6e-3]}
 
 
 @dataclass
 class TokenTask:
-    """Fixed-length token sequences with labels (IGNORE outside the target); eval rows may be the train rows."""
+    """Fixed-length token sequences with labels (IGNORE outside the target).
+
+    val_* picks the learning rate, eval_* is what the report quotes; the two never share a row. For a recall
+    task both are (disjoint) subsets of the training rows.
+    """
     name: str
     train_ids: torch.Tensor  # (n, T)
     train_labels: torch.Tensor
     eval_ids: torch.Tensor
     eval_labels: torch.Tensor
+    val_ids: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
 
 
 def word_ids(tokenizer, min_len: int = 4) -> list[int]:
@@ -50,8 +65,10 @@ def _labels(ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
     return labels
 
 
-def format_task(tokenizer, n_train: int = 256, n_eval: int = 64, n_words: int = 3, seed: int = 0) -> TokenTask:
-    """w1..wn ":" w1 "," w2 ... "." with fresh words at eval (train and eval draw from disjoint halves)."""
+def format_task(tokenizer, n_train: int = 256, n_eval: int = 64, n_words: int = 3, seed: int = 0,
+                n_val: int | None = None) -> TokenTask:
+    """w1..wn ":" w1 "," w2 ... "." with fresh words at validation and eval (disjoint word pools: train half,
+    validation quarter, eval quarter). n_val defaults to n_eval."""
     words = word_ids(tokenizer)
     rng = random.Random(seed)
     rng.shuffle(words)
@@ -65,13 +82,19 @@ def format_task(tokenizer, n_train: int = 256, n_eval: int = 64, n_words: int = 
             out.append(w + [colon] + target)
         return torch.tensor(out)
 
-    half = len(words) // 2
-    train, held = rows(words[:half], n_train), rows(words[half:], n_eval)
-    return TokenTask("format", train, _labels(train, n_words + 1), held, _labels(held, n_words + 1))
+    half, quarter = len(words) // 2, len(words) // 4
+    train = rows(words[:half], n_train)
+    val = rows(words[half:half + quarter], n_eval if n_val is None else n_val)
+    held = rows(words[half + quarter:], n_eval)
+    p = n_words + 1
+    return TokenTask("format", train, _labels(train, p), held, _labels(held, p), val, _labels(val, p))
 
 
 def facts_task(tokenizer, n_facts: int = 256, seed: int = 0) -> TokenTask:
-    """n_facts "subject is object" pairs, distinct subjects, objects drawn at random; eval = the facts."""
+    """n_facts "subject is object" pairs, distinct subjects, objects drawn at random; all are trained on.
+
+    Recall is measured on the facts themselves: validation = the first quarter, eval = the other three quarters.
+    """
     words = word_ids(tokenizer)
     rng = random.Random(seed + 1)
     subjects = rng.sample(words, n_facts)
@@ -79,7 +102,8 @@ def facts_task(tokenizer, n_facts: int = 256, seed: int = 0) -> TokenTask:
     is_id = tokenizer.convert_tokens_to_ids("Ġis")
     ids = torch.tensor([[s, is_id, o] for s, o in zip(subjects, objects)])
     labels = _labels(ids, 2)
-    return TokenTask("facts", ids, labels, ids, labels)
+    n_val = max(1, n_facts // 4)
+    return TokenTask("facts", ids, labels, ids[n_val:], labels[n_val:], ids[:n_val], labels[:n_val])
 
 
 def evaluate(model, ids: torch.Tensor, labels: torch.Tensor, batch: int = 128) -> tuple[float, float]:
@@ -100,8 +124,9 @@ def fine_tune(base_model, task: TokenTask, rank: int | None, steps: int, batch: 
               seed: int = 0) -> dict:
     """Train a copy of base_model on the task: LoRA at `rank` on all linear layers (α = 2r), or full when None.
 
-    AdamW; lr 2e-3 for LoRA and 1e-3 for full fine-tuning unless given (each method's usual range).
-    Returns the figures: trainable parameters, eval loss and accuracy before and after, seconds.
+    AdamW; lr 2e-3 for LoRA and 1e-3 for full fine-tuning unless given (the middle/top of LR_GRIDS).
+    Returns the figures: trainable parameters, eval loss and accuracy before and after, validation loss and
+    accuracy after (when the task has a validation split), seconds.
     """
     torch.manual_seed(seed)
     model = copy.deepcopy(base_model)
@@ -123,25 +148,60 @@ def fine_tune(base_model, task: TokenTask, rank: int | None, steps: int, batch: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    seconds = round(time.perf_counter() - t0, 2)
     after = evaluate(model, task.eval_ids, task.eval_labels)
+    val = (None, None) if task.val_ids is None else evaluate(model, task.val_ids, task.val_labels)
     return {"method": "full" if rank is None else "lora", "rank": rank, "lr": lr, "steps": steps,
             "trainable_params": sum(p.numel() for p in params), "eval_loss_before": before[0],
-            "eval_loss": after[0], "eval_accuracy": after[1], "seconds": round(time.perf_counter() - t0, 2)}
+            "eval_loss": after[0], "eval_accuracy": after[1], "val_loss": val[0], "val_accuracy": val[1],
+            "seconds": seconds}
+
+
+def select_lr(base_model, task: TokenTask, rank: int | None, steps: int, lrs: list[float], batch: int = 32,
+              seed: int = 0) -> dict:
+    """Train at each learning rate in `lrs` and keep the run with the lowest validation loss (first on ties).
+
+    The eval figures play no part in the choice. Returns the kept run's figures plus `lr_grid`, `lr_search`
+    (each rate's validation loss and accuracy), `lr_at_edge` (the kept rate is the grid's smallest or largest,
+    when the grid has more than one) and `search_seconds` (training time of the whole grid).
+    """
+    if task.val_ids is None:
+        raise DataError(f"task {task.name!r} has no validation split; learning-rate selection needs one "
+                         "(build it with format_task or facts_task)")
+    if not lrs or not all(isinstance(lr, (int, float)) and 0 < lr < 1 for lr in lrs):
+        raise ConfigError(f"the learning-rate grid must be a non-empty list of rates in (0, 1), got {lrs!r} "
+                          "(e.g. [6e-4, 2e-3, 6e-3])")
+    runs = [fine_tune(base_model, task, rank, steps, batch=batch, lr=lr, seed=seed) for lr in lrs]
+    best = min(runs, key=lambda run: run["val_loss"])
+    lrs_sorted = sorted(lrs)
+    return {**best, "lr_grid": list(lrs),
+            "lr_search": [{"lr": run["lr"], "val_loss": run["val_loss"], "val_accuracy": run["val_accuracy"]}
+                          for run in runs],
+            "lr_at_edge": len(lrs) > 1 and best["lr"] in (lrs_sorted[0], lrs_sorted[-1]),
+            "search_seconds": round(sum(run["seconds"] for run in runs), 2)}
 
 
 def steering(base_model, tokenizer, ranks: list[int], steps: int, n_facts: int = 256, batch: int = 16,
-             seed: int = 0, log=None) -> dict:
-    """Each task trained at each LoRA rank and fully; figures per run and LoRA's loss gap to full per task."""
+             seed: int = 0, log=None, lr_grids: dict | None = None) -> dict:
+    """Each task trained at each LoRA rank and fully, each method at the learning rate its grid's validation
+    loss picks (lr_grids {"full": [...], "lora": [...]}, default LR_GRIDS); figures per method (the kept run)
+    and LoRA's eval-loss gap to full per task."""
+    grids = {**LR_GRIDS, **(lr_grids or {})}
     tasks = [format_task(tokenizer, seed=seed), facts_task(tokenizer, n_facts=n_facts, seed=seed)]
-    figures = {"ranks": ranks, "steps": steps, "batch": batch, "n_facts": n_facts, "tasks": {}}
+    figures = {"ranks": ranks, "steps": steps, "batch": batch, "n_facts": n_facts, "lr_grids": grids,
+               "selected_on": "validation loss", "split_sizes": {}, "tasks": {}}
     for task in tasks:
+        figures["split_sizes"][task.name] = {"train": len(task.train_ids), "val": len(task.val_ids),
+                                             "eval": len(task.eval_ids)}
         runs = []
         for rank in [*ranks, None]:
-            runs.append(fine_tune(base_model, task, rank, steps, batch=batch, seed=seed))
+            grid = grids["full" if rank is None else "lora"]
+            runs.append(select_lr(base_model, task, rank, steps, grid, batch=batch, seed=seed))
             if log:
                 row = runs[-1]
-                log(f"  {task.name}: {'full' if rank is None else f'LoRA r={rank}'} eval loss "
-                    f"{row['eval_loss']:.3f} accuracy {row['eval_accuracy']:.2f} ({row['seconds']} s)")
+                log(f"  {task.name}: {'full' if rank is None else f'LoRA r={rank}'} lr {row['lr']:g} (by val loss "
+                    f"{row['val_loss']:.3f}) eval loss {row['eval_loss']:.3f} accuracy {row['eval_accuracy']:.2f} "
+                    f"({row['search_seconds']} s for {len(grid)} rates)")
         full = runs[-1]
         for row in runs:
             row["loss_over_full"] = row["eval_loss"] / full["eval_loss"] if full["eval_loss"] > 0 else float("inf")

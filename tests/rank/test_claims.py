@@ -1,0 +1,97 @@
+"""rankdial claims: LoRA's case measured on this run, its report, and its refusals (rank/claims*.py)."""
+
+import json
+
+import pytest
+
+from rankdial import OutputError
+from rankdial.cli import main
+from rankdial.rank.claims import merge_latency, parameter_arithmetic, rank_as_capacity
+from rankdial.rank.claims_report import PLOTS, write_report
+
+
+def test_parameter_arithmetic_comes_from_the_planner():
+    f = parameter_arithmetic()
+    assert f["trainable"] == 131_072 and f"{f['share_percent']:.2f}" == "0.78"
+    p = f["llama_70b"]
+    assert 125 <= p["full"]["weights_gb"] <= 150 and 33 <= p["qlora"]["total_gb"] <= 48
+    assert p["qlora"]["total_gb"] < p["lora"]["total_gb"] < p["full"]["total_gb"]
+    assert parameter_arithmetic(d=1024, r=8)["trainable"] == 8 * 2048
+
+
+def test_a_user_folder_or_a_file_is_refused_before_anything_is_measured(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="rankdial did not write it"):
+        write_report(mine, quick=True, log=pytest.fail)  # log is called once measuring starts
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    afile = tmp_path / "report.md"
+    afile.write_text("x")
+    assert main(["claims", "--quick", "--out", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "x"
+    with pytest.raises(SystemExit):
+        main(["claims", "--quick"])  # --out is required
+
+
+@pytest.mark.slow
+def test_merged_adapter_equals_unmerged_and_changes_the_base():
+    f = merge_latency(repeats=2, seq_len=16)
+    assert f["max_abs_diff_merged_vs_unmerged"] < 1e-3 < f["max_abs_diff_adapter_vs_base"]
+    assert not f["merged_has_lora_layers"] and min(f["base_ms"], f["unmerged_ms"], f["merged_ms"]) > 0
+
+
+@pytest.mark.slow
+def test_quick_report_writes_every_claim_with_consistent_figures(tmp_path, capsys):
+    out = tmp_path / "claims"
+    assert main(["claims", "--quick", "--out", str(out)]) == 0
+    f = json.loads((out / "claims.json").read_text())
+    report = (out / "report.md").read_text()
+    for name in PLOTS:
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and f"![{name}]({name}.png)" in report
+    assert "**131,072**" in report and "**0.78%**" in report and "rankdial claims --quick" in report
+
+    merge = f["merge"]
+    assert merge["max_abs_diff_merged_vs_unmerged"] < 1e-3 < merge["max_abs_diff_adapter_vs_base"]
+    assert "equal to fp32 rounding" in report
+
+    mem = {row["method"]: row for row in f["memory"]["rows"] if row["model"] == "default"}
+    assert all(row["error"] is None and row["measured_mb"] > 0 for row in mem.values())
+    assert mem["qlora"]["planned_weights_mb"] < mem["lora"]["planned_weights_mb"]
+    assert mem["lora"]["trainable_params"] < mem["full"]["trainable_params"]
+
+    rank = f["rank"]
+    k, floor = rank["task"]["true_rank"], rank["task"]["noise_floor"]
+    by_rank = {run["rank"]: run for run in rank["runs"]}
+    assert max(r["final_eval"] for r in rank["runs"] if r["rank"] >= k) < min(
+        r["final_eval"] for r in rank["runs"] if r["rank"] < k)
+    assert by_rank[k]["final_eval"] < 1.5 * floor  # at k it fits, close to the noise floor
+    top = by_rank[max(by_rank)]
+    assert top["final_train"] < floor < top["final_eval"] and top["final_eval"] > by_rank[k]["final_eval"]
+
+    ad = f["adapters"]
+    assert 0 < ad["adapter_bytes"] < ad["base_bytes"]
+    assert all(row["base_plus_adapters"] < row["full_copies"] for row in ad["rows"] if row["n"] >= 2)
+
+    steer = f["steering"]
+    for name, runs in steer["tasks"].items():
+        assert runs[-1]["method"] == "full" and all(run["eval_loss"] < run["eval_loss_before"] for run in runs), name
+        for run in runs:  # each method's rate comes from its family's grid, kept by the lowest validation loss
+            grid = steer["lr_grids"][run["method"]]
+            assert run["lr"] in grid and run["lr_grid"] == grid and len(run["lr_search"]) == len(grid)
+            assert run["val_loss"] == min(x["val_loss"] for x in run["lr_search"])
+    assert "Learning rates were tuned, not picked by hand" in report and "validation loss" in report
+    assert "report:" in capsys.readouterr().out
+
+    # its own report folder may be rewritten; a file the user put there makes it refuse
+    write_report(out, figures=f, log=None)
+    (out / "mine.txt").write_text("mine")
+    with pytest.raises(OutputError, match="mine.txt"):
+        write_report(out, figures=f, log=None)
+    assert (out / "mine.txt").read_text() == "mine"
+
+
+def test_rank_capacity_claim_runs_each_rank_on_the_known_task():
+    f = rank_as_capacity([1, 4], steps=5)
+    assert f["task"]["true_rank"] == 4 and [run["rank"] for run in f["runs"]] == [1, 4]
+    assert all(len(run["steps"]) == 2 and len(run["singular_values"]) == 64 for run in f["runs"])
