@@ -29,13 +29,18 @@ from ..lora import LoraLayer, ModulesToSave, adapter_names
 from ..lora.inject import named_wrappers
 
 
-def batched_lora(h: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+GATHER_CACHE_BYTES = 4 << 20  # per layer: a Routing keeps its rows' gathered A and B when they take at most this
+
+
+def batched_lora(h: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """h[i] += x[i]·At[index[i]]·Bt[index[i]]:  h (N, L, d_out), x (N, L, d_in), At (K, d_in, r), Bt (K, r, d_out), index (N,).
 
+    With index None, At (N, d_in, r) and Bt (N, r, d_out) are already one per row (gathered beforehand).
     Adds into h in place (and returns it): one pass over the output instead of a product and an add.
     """
-    xa = torch.bmm(x, At.index_select(0, index))  # (N, L, r)
-    return h.baddbmm_(xa, Bt.index_select(0, index))  # (N, L, d_out)
+    if index is not None:
+        At, Bt = At.index_select(0, index), Bt.index_select(0, index)
+    return h.baddbmm_(torch.bmm(x, At), Bt)  # (N, L, r) then (N, L, d_out)
 
 
 def _stack_key(layer: LoraLayer) -> tuple:
@@ -86,6 +91,9 @@ class Routing:
     def __init__(self, stack: AdapterStack, index: torch.Tensor, slots: tuple[int, ...]):
         self.stack, self.index, self.slots = stack, index, slots
         self.any_adapter = any(slots)  # no row adds a term in this layer: the base alone
+        self._rows = None  # (At, Bt) gathered per row: a decode step reuses them (small enough, see GATHER_CACHE_BYTES)
+        per_row = stack.At[0].numel() + stack.Bt[0].numel()
+        self._keep_rows = len(slots) * per_row * stack.At.element_size() <= GATHER_CACHE_BYTES
 
     def forward(self, layer: LoraLayer, x: torch.Tensor) -> torch.Tensor:
         """base(x) + batched_lora(x): row i of x (its first dimension) adds its own adapter's term."""
@@ -98,7 +106,11 @@ class Routing:
         n, dtype = x.shape[0], self.stack.At.dtype
         x3 = x.reshape(n, -1, x.shape[-1]).to(dtype)  # (N, L, d_in)
         h3 = h.reshape(n, -1, h.shape[-1]).to(dtype, copy=h.dtype != dtype or not h.is_contiguous())  # (N, L, d_out)
-        return batched_lora(h3, x3, self.stack.At, self.stack.Bt, self.index).view(h.shape).to(h.dtype)
+        if not self._keep_rows:
+            return batched_lora(h3, x3, self.stack.At, self.stack.Bt, self.index).view(h.shape).to(h.dtype)
+        if self._rows is None:
+            self._rows = (self.stack.At.index_select(0, self.index), self.stack.Bt.index_select(0, self.index))
+        return batched_lora(h3, x3, *self._rows).view(h.shape).to(h.dtype)
 
 
 def reference_rows(layer: LoraLayer, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:

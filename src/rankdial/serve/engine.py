@@ -63,13 +63,18 @@ class Handle:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aqueue: asyncio.Queue | None = None
         self.finished = False
+        self._ended = threading.Event()  # the final event was pushed (result() waits on it, not on every token)
+        self._pushed = 0
 
     def _push(self, event: TokenEvent) -> None:
         with self._lock:
+            self._pushed += 1
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
             else:
                 self._queue.put(event)
+            if event.finish_reason is not None:
+                self._ended.set()
 
     def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
         """The events as they come; TimeoutError if none arrives within `timeout` seconds (the request goes on)."""
@@ -109,7 +114,15 @@ class Handle:
         self._engine._cancel(self.id)
 
     def result(self, timeout: float | None = None) -> Completion:
-        """Wait for the whole completion (the text without any stop sequence)."""
+        """Wait for the whole completion (the text without any stop sequence); TimeoutError (the request is
+        cancelled) if no token arrives within `timeout` seconds. Sleeps until the final event instead of waking
+        at every token, so a thread per waiting request costs the engine's thread nothing."""
+        seen = self._pushed
+        while not self._ended.wait(timeout):
+            if self._pushed == seen:
+                self.cancel()
+                raise TimeoutError(f"request {self.id}: no token within {timeout} s")
+            seen = self._pushed
         text, ids, last = [], [], None
         for last in self.events(timeout):
             text.append(last.text)

@@ -19,7 +19,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,11 +27,11 @@ from torch import nn
 
 from ..adapters import read_adapter_config, read_adapter_weights
 from ..adapters.io import _check_tensors, check_adapter_tensors, expected_shapes
-from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, RankdialError
 from ..lora import LoraLayer, delete_adapter
-from ..lora.inject import apply_plan, named_wrappers, plan_targets, with_task_heads
+from ..lora.inject import Plan, named_wrappers, plan_targets, with_task_heads
 
 DEFAULT_BUDGET_BYTES = 1 << 30  # 1 GiB of adapter weights: hundreds of rank-16 adapters on a 7B model
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")  # a plain folder name: no '.', '/', '\\' or spaces
@@ -95,6 +95,7 @@ class AdapterRegistry:
         self._pinned: set[str] = set()
         self._in_use: dict[str, int] = {}
         self._pending: dict[str, Future] = {}
+        self._plans: dict[str, Plan] = {}
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
 
     # -- what is known -------------------------------------------------------------------------------
@@ -194,15 +195,13 @@ class AdapterRegistry:
                 return self.info(name)
             try:
                 config = with_task_heads(self.model, read.config)
-                plan = plan_targets(self.model, config)
+                plan = self._plan(config)
                 _check_tensors(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
             except RankdialError as err:
                 raise AdapterFileError(f"adapter {name!r} refused: {err}") from None
             size = sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4  # float32 A and B, as the layers hold them
             self._make_room(name, size)
-            apply_plan(self.model, config, plan, name, trainable=False)
-            self._copy_in(name, read.tensors)
-            self._loaded[name] = self._held_bytes(name)
+            self._loaded[name] = self._attach(name, config, plan, read.tensors)
             if by_path:
                 self._paths[name] = read.path
             if pin:
@@ -309,17 +308,31 @@ class AdapterRegistry:
         del self._loaded[name]
         self._pinned.discard(name)
 
-    def _copy_in(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        from ..adapters.peft_format import lora_key
+    def _plan(self, config: LoraConfig) -> Plan:
+        """plan_targets, cached by config: the plan depends only on the base's structure (wrappers are seen
+        through) and the config, and computing it walks the whole model, which grows with every adapter loaded."""
+        key = repr(config)
+        if key not in self._plans:
+            self._plans[key] = plan_targets(self.model, config)
+        return self._plans[key]
 
+    def _attach(self, name: str, config: LoraConfig, plan: Plan, tensors: dict[str, torch.Tensor]) -> int:
+        """apply_plan for serving, touching only the plan's layers (apply_plan's freeze_base walks every parameter
+        of the model, so its cost would grow with the adapters loaded): wrap, add (inactive, frozen), copy in.
+        Returns the bytes the adapter holds."""
+        recorded = replace(config, fan_in_fan_out=any(t.fan_in_fan_out for t in plan.targets))
+        held = 0
         with torch.no_grad():
-            for path, layer in named_wrappers(self.model):
-                if isinstance(layer, LoraLayer) and name in layer.lora_A:
-                    layer.lora_A[name].weight.copy_(tensors[lora_key(path, "A")])
-                    layer.lora_B[name].weight.copy_(tensors[lora_key(path, "B")])
-                    layer.set_active([a for a in layer.active if a != name])  # served by routing, never by default
-
-    def _held_bytes(self, name: str) -> int:
-        return sum(p.numel() * p.element_size() for _, layer in named_wrappers(self.model)
-                   if isinstance(layer, LoraLayer) and name in layer.lora_A
-                   for p in (layer.lora_A[name].weight, layer.lora_B[name].weight))
+            for t in plan.targets:
+                layer = self.model.get_submodule(t.path)
+                if not isinstance(layer, LoraLayer):
+                    layer.requires_grad_(False)
+                    layer = LoraLayer(layer)
+                    self.model.set_submodule(t.path, layer)
+                layer.add_adapter(name, t.r, t.alpha, config.lora_dropout, config.use_rslora, False, config=recorded)
+                for side in ("A", "B"):
+                    weight = getattr(layer, f"lora_{side}")[name].weight
+                    weight.requires_grad_(False)
+                    weight.copy_(tensors[lora_key(t.path, side)])
+                    held += weight.numel() * weight.element_size()
+        return held

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, RequestError
+from ..lora import LoraLayer
+from ..lora.inject import named_wrappers
 from .batched_lora import route
 
 
@@ -91,6 +93,7 @@ class Runner:
         self.mask = None  # (N, T) long
         self.next_pos = None  # (N,) long: each row's next position
         self.last = None  # (N,) long: each row's last token, the next decode input
+        self._routed = None  # (rows, [(layer, its Routing, its generation)]) of the last route(): see _route
 
     # -- the step ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -119,8 +122,26 @@ class Runner:
     def release_all(self) -> None:
         self.ids, self.cache, self.mask, self.next_pos, self.last = [], None, None, None, None
 
-    def _forward(self, rows: list[str | None], ids, mask, positions, cache) -> torch.Tensor:
+    def _route(self, rows: list[str | None]) -> None:
+        """route() the model for these rows, unless it is still routed for exactly them: same rows, every LoRA
+        layer still holding the Routing we set and the adapters it had (generation). route() walks every layer
+        and every adapter, so calling it at each decode step would cost more than the step's LoRA terms.
+        Weights changed in place while serving are not seen: call invalidate_route() after such a change."""
+        key = tuple(rows)
+        if self._routed is not None and self._routed[0] == key and all(
+                layer.routing is routing and layer.generation == generation
+                for layer, routing, generation in self._routed[1]):
+            return
         route(self.model, rows)
+        self._routed = (key, [(layer, layer.routing, layer.generation) for _, layer in named_wrappers(self.model)
+                              if isinstance(layer, LoraLayer)])
+
+    def invalidate_route(self) -> None:
+        """Make the next forward call route() again (after adapter weights were changed in place)."""
+        self._routed = None
+
+    def _forward(self, rows: list[str | None], ids, mask, positions, cache) -> torch.Tensor:
+        self._route(rows)
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._keep_kw:
             kwargs["logits_to_keep"] = 1
