@@ -182,3 +182,13 @@ def test_a_real_text_run_streams_losses_and_its_spectrum():
     done = next(e for e in got if e["type"] == "run_done")
     assert done["spectrum"] and all(len(row["singular_values"]) == 2 for row in done["spectrum"])
     assert all(0 <= row["rank_90"] <= 2 for row in done["spectrum"])
+
+
+def test_the_committed_steering_report_is_served_as_written(client):
+    from rankdial.playground.panels import CLAIMS_REPORT
+
+    d = client.get("/api/steering/report").json()
+    if CLAIMS_REPORT.is_file():
+        assert d["figures"] == json.loads(CLAIMS_REPORT.read_text())["steering"]
+    else:
+        assert d["figures"] is None

@@ -21,6 +21,7 @@ from .jobs import MODEL_LOADING
 
 MAX_ADAPTERS = 6  # adapters kept for the serving panel (the newest; each is a few hundred kB)
 ANSWER_TOKENS = 24
+CLAIMS_REPORT = Path(__file__).resolve().parents[3] / "docs" / "claims" / "claims.json"  # src/rankdial/playground/
 
 
 class AnswerRequest(BaseModel):
@@ -88,6 +89,10 @@ def add_routes(app: FastAPI, shelf: AdapterShelf, errors) -> None:
         finally:
             measuring.release()
 
+    @app.get("/api/steering/report")
+    def steering_report():
+        return {"figures": committed_steering(), "source": "docs/claims/claims.json"}
+
     @app.get("/api/adapters")
     def adapters():
         return {"adapters": shelf.names(), "bytes": adapter_bytes()}
@@ -106,6 +111,17 @@ def add_routes(app: FastAPI, shelf: AdapterShelf, errors) -> None:
             rows.append({"model": name or engine.base_name, "adapter": name, "text": done.text,
                          "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason})
         return {"prompt": body.prompt, "answers": rows}
+
+
+def committed_steering() -> dict | None:
+    """The steering figures of the report `rankdial claims --out docs/claims` wrote into this checkout, if any
+    (a source checkout has it; an installed package does not, and the page offers the quick run instead)."""
+    import json
+
+    try:
+        return json.loads(CLAIMS_REPORT.read_text(encoding="utf-8"))["steering"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @lru_cache(maxsize=1)
@@ -131,5 +147,6 @@ def run_steering_job(job, check) -> None:
         job.emit({"type": "log", "line": line.strip()})
         check()
 
-    figures = steering(model, tokenizer, s["steer_ranks"], s["steer_steps"], n_facts=s["n_facts"], log=log)
+    figures = steering(model, tokenizer, s["steer_ranks"], s["steer_steps"], n_facts=s["n_facts"], log=log,
+                       lr_grids=s.get("steer_lrs"))
     job.emit({"type": "steering", "figures": figures})

@@ -387,7 +387,7 @@ async function runSteering() {
     source.onmessage = (m) => {
       const ev = JSON.parse(m.data);
       if (ev.type === "log") $("steer-status").textContent = ev.line;
-      else if (ev.type === "steering") drawSteering(ev.figures);
+      else if (ev.type === "steering") { drawSteering(ev.figures); $("steer-status").textContent = "Measured now (quick settings). " + $("steer-status").textContent; }
       else if (["done", "cancelled", "error"].includes(ev.type)) {
         source.close();
         $("steer-run").disabled = false;
@@ -395,6 +395,15 @@ async function runSteering() {
         if (ev.type !== "done") { showError("steer", ev.message); $("steer-status").textContent = ""; }
       }
     };
+  } catch (e) { showError("steer", e); }
+}
+
+async function showCommittedSteering() {
+  try {
+    const d = await api("/api/steering/report");
+    if (!d.figures) { $("steer-status").textContent = "No report in this checkout: run the quick version."; return; }
+    drawSteering(d.figures);
+    $("steer-status").textContent = "The committed report (" + d.source + ", written by rankdial claims). " + $("steer-status").textContent;
   } catch (e) { showError("steer", e); }
 }
 
@@ -477,7 +486,7 @@ function init() {
     $("train-limits").textContent = `Limits: rank ≤ ${l.max_rank}, steps ≤ ${l.max_steps}, examples ≤ ${l.max_examples}, ` +
       `${l.max_ranks} ranks per sweep, one job per visitor.`;
   }).catch((e) => showError("train", e));
-  updateLora(); updatePlan(); updateNf4(); drawTrain(); refreshAdapters();
+  updateLora(); updatePlan(); updateNf4(); drawTrain(); refreshAdapters(); showCommittedSteering();
   window.addEventListener("resize", debounce(() => { updateLora(); updatePlan(); updateNf4(); drawTrain(); drawSpectrum(); drawMany(); }, 200));
 }
 
