@@ -48,7 +48,7 @@ def test_the_verb_prints_its_address_and_serves_the_page():
                 time.sleep(0.2)
         assert page is not None and page.status_code == 200 and "rankdial playground" in page.text
         assert "http://" not in page.text and "https://" not in page.text  # no CDN, no fonts, nothing fetched
-        for asset in ("/static/app.js", "/static/style.css"):
+        for asset in ("/static/app.js", "/static/charts.js", "/static/style.css"):
             body = httpx.get(f"http://127.0.0.1:{port}{asset}").text
             assert "http://" not in body and "https://" not in body  # nothing fetched from elsewhere
     finally:
