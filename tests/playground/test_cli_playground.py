@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import free_port
+from pg_server import free_port
 
 
 def cli(*args: str) -> list[str]:

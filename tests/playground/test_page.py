@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from pg_server import browser, page, running, server  # noqa: F401 (fixtures)
 from rankdial.memory import estimate_memory
 
 pytestmark = pytest.mark.slow
@@ -211,7 +212,6 @@ def stub_server():
         job.emit({"type": "log", "line": "format: LoRA r=2 ..."})
         job.emit({"type": "steering", "figures": STEERING})
 
-    from conftest import running
 
     limits = Limits()
     with running(create_app(limits, JobManager(limits, runners={"text": crash, "steering": steering}))) as url:

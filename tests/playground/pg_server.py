@@ -1,4 +1,8 @@
-"""The playground served on 127.0.0.1 by uvicorn in a thread (a free port), and Debian's chromium driven by Playwright."""
+"""Helpers and fixtures for the playground's tests: the app served on 127.0.0.1 (a free port) by uvicorn in a
+thread, and Debian's chromium driven by Playwright. Test modules import the fixtures they use.
+
+(Not a conftest.py: a second conftest module would shadow the root one that other tests import by name.)
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -40,6 +39,11 @@ def running(app, timeout: float = 20.0):
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
