@@ -310,6 +310,21 @@ def add_estimate_parser(verbs, fmt) -> None:
     p.set_defaults(run=cmd_estimate)
 
 
+def cmd_playground(args: argparse.Namespace) -> int:
+    from .playground import serve
+
+    serve(port=args.port)
+    return 0
+
+
+def add_playground_parser(verbs, fmt) -> None:
+    p = verbs.add_parser("playground", help="a local web page: turn the rank dial, watch training, memory, NF4",
+                         epilog="example: rankdial playground --port 7860   (then open http://127.0.0.1:7860/)",
+                         formatter_class=fmt)
+    p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: 7860)")
+    p.set_defaults(run=cmd_playground)
+
+
 def add_train_parser(verbs, fmt) -> None:
     from .train.config import TrainConfig
 
@@ -449,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_parsers(verbs, fmt)
     add_adapter_parsers(verbs, fmt)
     add_serve_parser(verbs, fmt)
+    add_playground_parser(verbs, fmt)
     parser.verb_parsers = verbs.choices  # {verb: its sub-parser}, for --help checks and typo hints
     return parser
 

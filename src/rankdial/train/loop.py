@@ -300,8 +300,10 @@ def output_folder(run: Run):
 
 # ------------------------------------------------------------------------------------------------ the loop
 
-def fit(run: Run) -> None:
-    """The config and metrics files, the evaluation at step 0, then step/evaluate/save up to total_steps."""
+def fit(run: Run, on_step: Callable[[Run], None] | None = None) -> None:
+    """The config and metrics files, the evaluation at step 0, then step/evaluate/save up to total_steps.
+    on_step(run), if given, is called after each step and its evaluation (the playground streams from it; an
+    exception it raises stops the run there)."""
     cfg = run.cfg
     if run.dist.main:
         write_json(run.work / CONFIG_NAME, {**cfg.to_dict(), "base_model": str(run.base_path),
@@ -324,6 +326,8 @@ def fit(run: Run) -> None:
             evaluate_now(run, run.done, bar)
         if cfg.save_every and run.done % cfg.save_every == 0 and run.done < run.total_steps:
             save(run)
+        if on_step is not None:
+            on_step(run)
     bar.close()
     if run.eval_data is not None and not cfg.eval_every:
         evaluate_now(run, run.total_steps)
