@@ -253,6 +253,7 @@ class _Exploit:
         return (exec, ("open('PWNED', 'w').write('x')",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the hostile file, read by torch's safe unpickler
 def test_a_malicious_pickle_never_runs(saved, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (saved / "adapter_model.safetensors").unlink()
