@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import read_adapter_config, read_adapter_weights
-from ..adapters.io import _check_tensors, check_adapter_tensors, expected_shapes
+from ..adapters.io import check_tensor_shapes, check_adapter_tensors, expected_shapes
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, RankdialError
@@ -196,7 +196,7 @@ class AdapterRegistry:
             try:
                 config = with_task_heads(self.model, read.config)
                 plan = self._plan(config)
-                _check_tensors(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
+                check_tensor_shapes(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
             except RankdialError as err:
                 raise AdapterFileError(f"adapter {name!r} refused: {err}") from None
             size = sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4  # float32 A and B, as the layers hold them
@@ -329,7 +329,8 @@ class AdapterRegistry:
                     layer.requires_grad_(False)
                     layer = LoraLayer(layer)
                     self.model.set_submodule(t.path, layer)
-                layer.add_adapter(name, t.r, t.alpha, config.lora_dropout, config.use_rslora, False, config=recorded)
+                layer.add_adapter(name, t.r, t.alpha, config.lora_dropout, config.use_rslora, False, config=recorded,
+                                  init=False)  # overwritten just below: no random initialisation
                 for side in ("A", "B"):
                     weight = getattr(layer, f"lora_{side}")[name].weight
                     weight.requires_grad_(False)
