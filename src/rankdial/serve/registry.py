@@ -31,7 +31,7 @@ from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAM
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, RankdialError
 from ..lora import LoraLayer, delete_adapter
-from ..lora.inject import Plan, named_wrappers, plan_targets, with_task_heads
+from ..lora.inject import Plan, plan_targets, with_task_heads
 
 DEFAULT_BUDGET_BYTES = 1 << 30  # 1 GiB of adapter weights: hundreds of rank-16 adapters on a 7B model
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")  # a plain folder name: no '.', '/', '\\' or spaces
@@ -96,6 +96,7 @@ class AdapterRegistry:
         self._in_use: dict[str, int] = {}
         self._pending: dict[str, Future] = {}
         self._plans: dict[str, Plan] = {}
+        self._ranks: dict[str, int] = {}  # loaded adapter -> its largest rank (info() without walking the model)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
 
     # -- what is known -------------------------------------------------------------------------------
@@ -132,8 +133,7 @@ class AdapterRegistry:
         self.check_known(name)
         path = self._paths.get(name) or (self.root / name if self.root is not None else Path(name))
         if name in self._loaded:
-            rank = max((w.rank(name) for _, w in named_wrappers(self.model)
-                        if isinstance(w, LoraLayer) and name in w.lora_A), default=0)
+            rank = self._ranks[name]
             size = self._loaded[name]
         else:
             rank = 0
@@ -202,6 +202,7 @@ class AdapterRegistry:
             size = sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4  # float32 A and B, as the layers hold them
             self._make_room(name, size)
             self._loaded[name] = self._attach(name, config, plan, read.tensors)
+            self._ranks[name] = max((t.r for t in plan.targets), default=0)
             if by_path:
                 self._paths[name] = read.path
             if pin:
@@ -306,6 +307,7 @@ class AdapterRegistry:
     def _evict(self, name: str) -> None:
         delete_adapter(self.model, name)
         del self._loaded[name]
+        self._ranks.pop(name, None)
         self._pinned.discard(name)
 
     def _plan(self, config: LoraConfig) -> Plan:
