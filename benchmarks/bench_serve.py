@@ -163,7 +163,7 @@ def main() -> None:
     reqs = requests(n_req)
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     names = make_adapters(root, 128)
-    engine = Engine.from_pretrained("default", str(root), device="cpu", max_batch_size=64)
+    engine = Engine.from_pretrained("default", str(root), device="cpu", max_batch_size=64, freeze_gc=True)
     print(json.dumps({"config": {"requests": n_req, "rank": RANK, "threads": args.threads, "max_batch_size": 64,
                                  "device": "cpu", "model": "kjv-llama-tiny", "quick": args.quick}}))
     for name in names:

@@ -211,3 +211,18 @@ def test_incremental_detokenization_adds_up_to_the_whole_decode(engine):
             detok.ids.append(token)
             pieces.append(detok.step(tok, final=k == len(ids) - 1))
         assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_freeze_gc_freezes_the_objects_alive_and_is_off_by_default(adapters_dir):
+    import gc
+
+    gc.unfreeze()
+    Engine.from_pretrained("default", str(adapters_dir), device="cpu").shutdown(drain=False)
+    assert gc.get_freeze_count() == 0
+    try:
+        eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", freeze_gc=True)
+        assert gc.get_freeze_count() > 10_000  # the model's objects, at least
+        assert eng.generate("Jesus wept", "ad0", GREEDY).completion_tokens > 0
+        eng.shutdown(drain=False)
+    finally:
+        gc.unfreeze()

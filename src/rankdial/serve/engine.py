@@ -14,6 +14,7 @@ events() for threads, aevents() for asyncio. A client that goes away cancels, an
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import queue
@@ -196,10 +197,16 @@ class Engine:
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, base: str = "default", adapters_dir: str | None = None, *, qlora: bool = False,
-                        device: str | None = None, budget_bytes: int | None = None, **limits) -> "Engine":
+                        device: str | None = None, budget_bytes: int | None = None, freeze_gc: bool = False,
+                        **limits) -> "Engine":
         """Load the base once (NF4 with qlora) and serve the adapter folders under adapters_dir.
 
         limits: max_batch_size, max_tokens_in_flight (SchedulerLimits), max_prompt_tokens, max_new_tokens.
+        freeze_gc: for a server process: once the base is loaded, collect and gc.freeze() every object alive
+        (the model's hundreds of thousands of Python objects), so the cyclic collector's full passes, which
+        adapter loads and decode steps trigger, no longer walk them (a full pass over ~430k objects took ~0.5 s;
+        amortised, ~4.6 -> ~0.4 ms per adapter load). Process-wide: cycles among the frozen objects are never
+        collected, so leave it off in a process that builds and drops many engines (tests).
         """
         from ..models import load_model, load_model_nf4, pick_device, resolve_model
         from ..models.loading import DEFAULT_MODEL_NAME
@@ -212,6 +219,9 @@ class Engine:
             raise RequestError(f"unknown engine option(s) {unknown}; use max_batch_size, max_tokens_in_flight, "
                                "max_prompt_tokens or max_new_tokens")
         registry = AdapterRegistry(model, adapters_dir, budget_bytes=budget_bytes)
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         name = DEFAULT_MODEL_NAME if str(base) == "default" else path.name
         return cls(model, tokenizer, registry, base_name=name, limits=SchedulerLimits(**sched), **limits)
 
