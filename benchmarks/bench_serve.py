@@ -14,6 +14,16 @@ Memory: base + 32 adapters vs 32 merged copies, computed from the tensors' bytes
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve.py --quick     # ~2 minutes on one core
 
 Ends with one JSON line of figures and ratios.
+
+Figures (2-core machine shared by 5 people; rounds of the same configuration differ by up to 2x, so ratios only):
+  `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve.py` (full, 128 requests, after the runner/loading
+  work of h-engine's second pass): ratio_32_vs_base 0.90, speedup_vs_swap 9.8, speedup_vs_peft_mixed 2.0,
+  base_speedup_vs_transformers 0.89 (engine base 730 tok/s vs static-batch generate 821; generate_batch 111),
+  load_ratio_vs_raw_read 4.2 (16.0 ms vs 3.8 ms), p99_ms_32_adapters 3827, memory merged/adapters 14.7x.
+  `... --quick` just before (64 requests): base_speedup_vs_transformers 0.91, load_ratio_vs_raw_read 4.2
+  (17 ms vs 4.2 ms; it was 6.7, 26 ms, before add_adapter(init=False) and gc freezing).
+  A same-process check alternating the engine (stepped synchronously and threaded) with generate, 3 times,
+  gave engine/generate 0.65, 1.5-1.8, 1.0-1.1: the base comparison is within this machine's noise.
 """
 
 from __future__ import annotations
