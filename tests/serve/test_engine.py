@@ -194,3 +194,35 @@ def test_shutdown_drains_requests_in_flight(adapters_dir):
     assert [h.result(timeout=5).finish_reason for h in handles] == ["length"] * 3
     with pytest.raises(RequestError, match="shutting down"):
         eng.submit("hi", None, GREEDY)
+
+
+def test_incremental_detokenization_adds_up_to_the_whole_decode(engine):
+    from rankdial.serve.engine import Detokenizer
+
+    tok = engine.tokenizer
+    g = torch.Generator().manual_seed(0)
+    words = tok.encode("Thou shalt not — naïve café “quoted” 🙏 and… ünïcödé", add_special_tokens=False)
+    special = [t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None]
+    cases = [words, words[::-1]] + [torch.randint(0, len(tok), (40,), generator=g).tolist() for _ in range(30)]
+    cases += [words[:5] + special + words[5:]]
+    for ids in cases:
+        detok, pieces = Detokenizer(), []
+        for k, token in enumerate(ids):
+            detok.ids.append(token)
+            pieces.append(detok.step(tok, final=k == len(ids) - 1))
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_freeze_gc_freezes_the_objects_alive_and_is_off_by_default(adapters_dir):
+    import gc
+
+    gc.unfreeze()
+    Engine.from_pretrained("default", str(adapters_dir), device="cpu").shutdown(drain=False)
+    assert gc.get_freeze_count() == 0
+    try:
+        eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", freeze_gc=True)
+        assert gc.get_freeze_count() > 10_000  # the model's objects, at least
+        assert eng.generate("Jesus wept", "ad0", GREEDY).completion_tokens > 0
+        eng.shutdown(drain=False)
+    finally:
+        gc.unfreeze()

@@ -176,3 +176,21 @@ def test_a_thousand_load_unload_cycles_leave_memory_flat(registry):
     grown = rss() - before
     assert registry.loaded() == [] and registry.misses == 1100
     assert grown < 16 * 2 ** 20, f"resident memory grew by {grown / 2 ** 20:.1f} MiB over 1,000 cycles"
+
+
+def test_load_copies_the_file_exactly_and_draws_no_random_numbers(registry, root):
+    from safetensors.torch import load_file
+
+    from rankdial.lora import lora_layers
+
+    state = torch.random.get_rng_state()
+    registry.load("a2")
+    assert torch.equal(torch.random.get_rng_state(), state)  # add_adapter(init=False): no initialisation work
+    tensors = load_file(str(root / "a2" / "adapter_model.safetensors"))
+    layers = [(path, layer) for path, layer in lora_layers(registry.model) if "a2" in layer.lora_A]
+    assert len(layers) * 2 == len(tensors)
+    for path, layer in layers:
+        A, B = layer.lora_A["a2"].weight, layer.lora_B["a2"].weight
+        assert type(layer.lora_A["a2"]) is torch.nn.Linear and layer.lora_A["a2"].bias is None
+        assert torch.equal(A, tensors[f"base_model.model.{path}.lora_A.weight"]) and not A.requires_grad
+        assert torch.equal(B, tensors[f"base_model.model.{path}.lora_B.weight"])

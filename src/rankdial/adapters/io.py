@@ -190,7 +190,7 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor], 
         raise AdapterFileError(f"adapter {source} is broken: {'; '.join(problems)}. Save or train it again")
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+def check_tensor_shapes(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
     """Raise one AdapterFileError listing every missing key, unexpected key and wrong shape for this model."""
     problems = []
     missing = sorted(set(shapes) - set(tensors))
@@ -220,7 +220,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", t
     check_adapter_tensors(config, tensors, str(path))
     check_adapter_name(model, adapter)
     plan = plan_targets(model, config)
-    _check_tensors(tensors, expected_shapes(model, plan), str(path))
+    check_tensor_shapes(tensors, expected_shapes(model, plan), str(path))
     apply_plan(model, config, plan, adapter, trainable)
     _copy_in(model, tensors, adapter)
     return config
@@ -242,7 +242,7 @@ def set_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], a
     bad = _non_finite(tensors)
     if bad:
         raise AdapterFileError(f"the state dict holds NaN/Inf values in {bad[:3]}; nothing was copied")
-    _check_tensors(tensors, _current_shapes(model, adapter), "the state dict")
+    check_tensor_shapes(tensors, _current_shapes(model, adapter), "the state dict")
     _copy_in(model, tensors, adapter)
 
 

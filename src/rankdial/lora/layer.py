@@ -31,6 +31,17 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out:
     return delta.T if fan_in_fan_out else delta
 
 
+def _empty_linear(d_in: int, d_out: int, device: torch.device, dtype: torch.dtype) -> nn.Linear:
+    """nn.Linear(d_in, d_out, bias=False) with an uninitialised weight: nn.Linear's own __init__ draws a
+    Kaiming init (and torch.nn.utils.skip_init's meta-device round trip costs more than that on small layers)."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = d_in, d_out
+    layer.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype))
+    layer.register_parameter("bias", None)
+    return layer
+
+
 class LoraLayer(nn.Module):
     """Wraps a linear layer: x ↦ W₀x + Σ_active (α/r)·B·A·dropout(x).
 
@@ -105,10 +116,12 @@ class LoraLayer(nn.Module):
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    init_lora_weights: bool = True, config: LoraConfig | None = None) -> None:
+                    init_lora_weights: bool = True, config: LoraConfig | None = None, *, init: bool = True) -> None:
         """Add adapter `name` (inactive); A Kaiming-uniform and B zero unless init_lora_weights is False.
 
-        `config` is the model-level LoraConfig it was injected with (what save_adapter writes).
+        `config` is the model-level LoraConfig it was injected with (what save_adapter writes). init=False leaves
+        A and B uninitialised (torch.empty, no random numbers drawn) for a caller that copies weights into them
+        straight away, as the serving registry's load does; the layer is wrong until it does.
         Raises AdapterError for a bad or taken name, ConfigError for a bad r, alpha or dropout.
         """
         check_name(name)
@@ -118,13 +131,16 @@ class LoraLayer(nn.Module):
         if problems:
             raise ConfigError(f"adapter {name!r}: " + "; ".join(problems))
         device, dtype = self._base_device_dtype()
-        A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))  # the same init as nn.Linear and PEFT
-        if init_lora_weights:
-            nn.init.zeros_(B.weight)
+        if not init:
+            A, B = _empty_linear(self.in_features, r, device, dtype), _empty_linear(r, self.out_features, device, dtype)
         else:
-            nn.init.normal_(B.weight, std=1.0 / math.sqrt(r))
+            A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+            B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))  # the same init as nn.Linear and PEFT
+            if init_lora_weights:
+                nn.init.zeros_(B.weight)
+            else:
+                nn.init.normal_(B.weight, std=1.0 / math.sqrt(r))
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scaling(r, alpha, use_rslora)

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from ..adapters import read_adapter_config, read_adapter_weights
-from ..adapters.io import _check_tensors, check_adapter_tensors, expected_shapes
+from ..adapters.io import check_tensor_shapes, check_adapter_tensors, expected_shapes
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, RankdialError
 from ..lora import LoraLayer, delete_adapter
-from ..lora.inject import Plan, named_wrappers, plan_targets, with_task_heads
+from ..lora.inject import Plan, plan_targets, with_task_heads
 
 DEFAULT_BUDGET_BYTES = 1 << 30  # 1 GiB of adapter weights: hundreds of rank-16 adapters on a 7B model
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")  # a plain folder name: no '.', '/', '\\' or spaces
@@ -96,6 +96,7 @@ class AdapterRegistry:
         self._in_use: dict[str, int] = {}
         self._pending: dict[str, Future] = {}
         self._plans: dict[str, Plan] = {}
+        self._ranks: dict[str, int] = {}  # loaded adapter -> its largest rank (info() without walking the model)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
 
     # -- what is known -------------------------------------------------------------------------------
@@ -132,8 +133,7 @@ class AdapterRegistry:
         self.check_known(name)
         path = self._paths.get(name) or (self.root / name if self.root is not None else Path(name))
         if name in self._loaded:
-            rank = max((w.rank(name) for _, w in named_wrappers(self.model)
-                        if isinstance(w, LoraLayer) and name in w.lora_A), default=0)
+            rank = self._ranks[name]
             size = self._loaded[name]
         else:
             rank = 0
@@ -196,12 +196,13 @@ class AdapterRegistry:
             try:
                 config = with_task_heads(self.model, read.config)
                 plan = self._plan(config)
-                _check_tensors(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
+                check_tensor_shapes(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
             except RankdialError as err:
                 raise AdapterFileError(f"adapter {name!r} refused: {err}") from None
             size = sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4  # float32 A and B, as the layers hold them
             self._make_room(name, size)
             self._loaded[name] = self._attach(name, config, plan, read.tensors)
+            self._ranks[name] = max((t.r for t in plan.targets), default=0)
             if by_path:
                 self._paths[name] = read.path
             if pin:
@@ -306,6 +307,7 @@ class AdapterRegistry:
     def _evict(self, name: str) -> None:
         delete_adapter(self.model, name)
         del self._loaded[name]
+        self._ranks.pop(name, None)
         self._pinned.discard(name)
 
     def _plan(self, config: LoraConfig) -> Plan:
@@ -329,7 +331,8 @@ class AdapterRegistry:
                     layer.requires_grad_(False)
                     layer = LoraLayer(layer)
                     self.model.set_submodule(t.path, layer)
-                layer.add_adapter(name, t.r, t.alpha, config.lora_dropout, config.use_rslora, False, config=recorded)
+                layer.add_adapter(name, t.r, t.alpha, config.lora_dropout, config.use_rslora, False, config=recorded,
+                                  init=False)  # overwritten just below: no random initialisation
                 for side in ("A", "B"):
                     weight = getattr(layer, f"lora_{side}")[name].weight
                     weight.requires_grad_(False)
