@@ -244,7 +244,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ApiLimits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
                        max_prompt_tokens=args.max_prompt_tokens)
     budget = int(args.budget_mb * 2**20) if args.budget_mb is not None else None
-    engine = Engine.from_pretrained(args.base, args.adapters, qlora=args.qlora, device=args.device, budget_bytes=budget)
+    engine = Engine.from_pretrained(args.base, args.adapters, qlora=args.qlora, device=args.device, budget_bytes=budget,
+                                    freeze_gc=True)  # the base lives as long as the server: GC never rescans it
     app = create_app(engine, api_keys=keys, admin_key=admin, limits=limits)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
