@@ -226,3 +226,16 @@ def test_freeze_gc_freezes_the_objects_alive_and_is_off_by_default(adapters_dir)
         eng.shutdown(drain=False)
     finally:
         gc.unfreeze()
+
+
+def test_requests_for_a_loaded_adapter_count_as_cache_hits(adapters_dir):
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu")
+    try:
+        for _ in range(3):
+            eng.generate("in the beginning", "ad1", SamplingParams(max_tokens=2, temperature=0))
+        stats = eng.stats()
+        assert (stats["misses"], stats["hits"]) == (1, 2)
+        assert eng.registry.info("ad1").loaded
+        assert not eng.registry._in_use  # every request released what it held
+    finally:
+        eng.shutdown(drain=False)

@@ -312,12 +312,10 @@ class Engine:
             x = self._inbox.popleft()
             self._live[x.seq.id] = x
             name = x.seq.adapter
-            if name is None or self.registry.is_loaded(name):
+            if name is None or self.registry.try_acquire(name, hit=True):
                 self._queue(x)
             else:
-                self._parked.setdefault(name, []).append(x)
-                if name not in self._loads:
-                    self._loads[name] = self.registry.load_async(name)
+                self._park(x)
         for name, future in list(self._loads.items()):
             if future.done():
                 del self._loads[name]
@@ -332,15 +330,25 @@ class Engine:
             if x.done:
                 continue
             if error is None:
-                self._queue(x)
+                if self.registry.try_acquire(name):
+                    self._queue(x)
+                else:  # evicted by another load before this request could hold it: load it again
+                    self._park(x)
             else:
                 message = str(error) if isinstance(error, RankdialError) else f"adapter {name!r} failed to load"
                 if not isinstance(error, RankdialError):
                     log.error("loading adapter %r failed", name, exc_info=error)
                 self._finish(x, "error", message)
 
+    def _park(self, x: _Live) -> None:
+        """Hold x until its adapter has loaded (one load per adapter, however many requests wait for it)."""
+        name = x.seq.adapter
+        self._parked.setdefault(name, []).append(x)
+        if name not in self._loads:
+            self._loads[name] = self.registry.load_async(name)
+
     def _queue(self, x: _Live) -> None:
-        self.registry.acquire(x.seq.adapter)
+        """Into the scheduler; x's adapter (if any) was acquired by the caller and is released by _finish."""
         x.queued = True
         self.scheduler.submit(x.seq.id, x.seq.adapter, len(x.seq.prompt), x.seq.params.max_tokens)
 

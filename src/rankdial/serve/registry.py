@@ -278,6 +278,17 @@ class AdapterRegistry:
                 if name in self._loaded:
                     self._loaded.move_to_end(name)
 
+    def try_acquire(self, name: str, hit: bool = False) -> bool:
+        """acquire(name) if it is loaded, in one step under the lock (so no load on the reader thread can evict it
+        in between); False if it is not loaded. `hit`: count a cache hit (a request found its adapter loaded)."""
+        with self.lock:
+            if name not in self._loaded:
+                return False
+            self._in_use[name] = self._in_use.get(name, 0) + 1
+            self._loaded.move_to_end(name)
+            self.hits += hit
+            return True
+
     def release(self, name: str | None) -> None:
         if name is not None:
             with self.lock:
