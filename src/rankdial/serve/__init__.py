@@ -11,7 +11,9 @@
     engine.py        Engine: the step (schedule -> routed forward -> one token each -> finished leave) on a
                      background thread; submit() -> Handle (events() / aevents() / cancel()); generate().
 
-The HTTP server (api.py, `rankdial serve`) sits on top of Engine.
+    api.py           create_app(engine): the OpenAI-compatible HTTP API (models, completions, chat, SSE
+                     streaming, adapter load/unload, health, Prometheus metrics) that `rankdial serve` runs;
+                     guard.py (bearer keys, body limit), schemas.py (request models), metrics.py beside it.
 """
 
 from .batched_lora import AdapterStack, Routing, batched_lora, clear_route, reference_rows, route
