@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from rankdial.atomic import atomic_dir, read_marker, sweep_stale
+from rankdial.atomic import _HOST, atomic_dir, read_marker, sweep_stale
 
 
 def _dead_pid() -> int:
@@ -15,12 +15,12 @@ def _dead_pid() -> int:
 
 def test_next_write_sweeps_what_a_killed_process_left(tmp_path):
     target = tmp_path / "out"
-    stale = tmp_path / f".out.tmp-{_dead_pid()}-abc123"
+    stale = tmp_path / f".out.tmp-{_dead_pid()}@{_HOST}-abc123"
     (stale / "sub").mkdir(parents=True)
     (stale / "sub" / "half.safetensors").write_bytes(b"x" * 10)
     with atomic_dir(target, kind="adapter") as tmp:
         assert not stale.exists()
-        assert tmp.name.startswith(f".out.tmp-{os.getpid()}-")
+        assert tmp.name.startswith(f".out.tmp-{os.getpid()}@{_HOST}-")
         (tmp / "a.txt").write_text("a")
     assert read_marker(target) == "adapter" and (target / "a.txt").read_text() == "a"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -28,13 +28,14 @@ def test_next_write_sweeps_what_a_killed_process_left(tmp_path):
 
 def test_live_processes_old_copies_and_user_files_are_left_alone(tmp_path):
     target = tmp_path / "out"
-    live = tmp_path / f".out.tmp-{os.getppid()}-abc123"  # a live process (our parent) may still be writing it
+    live = tmp_path / f".out.tmp-{os.getppid()}@{_HOST}-abc123"  # a live process (our parent) may still be writing it
+    remote = tmp_path / f".out.tmp-{_dead_pid()}@another_machine-abc123"  # dead here, maybe alive there
     old = tmp_path / ".out.old-abc123"  # after a crash between two renames this may be the only good copy
-    other = tmp_path / f".other.tmp-{_dead_pid()}-abc123"  # another target's
+    other = tmp_path / f".other.tmp-{_dead_pid()}@{_HOST}-abc123"  # another target's
     mine = tmp_path / ".out.tmp-notapid"  # not rankdial's pattern
-    for p in (live, old, other, mine):
+    for p in (live, remote, old, other, mine):
         p.mkdir()
-    link = tmp_path / f".out.tmp-{_dead_pid()}-link"
+    link = tmp_path / f".out.tmp-{_dead_pid()}@{_HOST}-link"
     link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     assert sweep_stale(target) == []
-    assert all(p.exists() for p in (live, old, other, mine)) and link.is_symlink()
+    assert all(p.exists() for p in (live, remote, old, other, mine)) and link.is_symlink()

@@ -17,7 +17,9 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -189,6 +191,9 @@ def check_target(target: str | os.PathLike, kind: str, inputs: Iterable[str | os
     return target
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"  # no "-": it ends the PID@HOST field
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -201,7 +206,8 @@ def _alive(pid: int) -> bool:
 
 def sweep_stale(target: str | os.PathLike) -> list[Path]:
     """Remove the temporary folders that a killed rankdial process left beside `target` (SIGKILL, power loss:
-    no `finally` ran). Only rankdial's own pattern `.NAME.tmp-PID-*` counts, and only when process PID is gone;
+    no `finally` ran). Only rankdial's own pattern `.NAME.tmp-PID@HOST-*` counts, and only when HOST is this machine
+    (a shared filesystem may hold another machine's live writer) and process PID is gone;
     a temporary folder of a live process, and every `.NAME.old-*` (which may hold the only good copy after a
     crash between two renames), are left alone. Returns what was removed."""
     target = Path(target)
@@ -212,8 +218,8 @@ def sweep_stale(target: str | os.PathLike) -> list[Path]:
     for p in target.parent.iterdir():
         if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
             continue
-        pid = p.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        pid, _, host = p.name[len(prefix):].split("-", 1)[0].partition("@")
+        if host == _HOST and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -232,7 +238,7 @@ def atomic_dir(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.P
     target = check_target(target, kind, inputs, legacy, what)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}@{_HOST}-", dir=target.parent))
     try:
         yield tmp
         files = sorted(p.name for p in tmp.iterdir())
