@@ -1,8 +1,12 @@
-"""The temporary folders a killed process leaves beside an output are swept by the next write, and nothing else."""
+"""Atomic folders: a target that cannot be written is refused before any work, and the temporary folders a killed
+process leaves beside an output are swept by the next write, and nothing else."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from rankdial.atomic import _HOST, atomic_dir, read_marker, sweep_stale
 
@@ -39,3 +43,16 @@ def test_live_processes_old_copies_and_user_files_are_left_alone(tmp_path):
     link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     assert sweep_stale(target) == []
     assert all(p.exists() for p in (live, remote, old, other, mine)) and link.is_symlink()
+
+
+@pytest.mark.parametrize("where", ["file_below", "empty", "proc"])
+def test_a_target_that_cannot_be_written_is_refused_before_any_work(tmp_path, where):
+    from rankdial.atomic import check_target
+    from rankdial.errors import OutputError
+
+    (tmp_path / "thesis.txt").write_text("mine")
+    target = {"file_below": tmp_path / "thesis.txt" / "x", "empty": "", "proc": Path("/proc/rankdial-report")}[where]
+    with pytest.raises(OutputError) as err:
+        check_target(target, kind="claims-report", what="--out folder")
+    assert "--out folder" in str(err.value) and "\n" not in str(err.value)
+    assert (tmp_path / "thesis.txt").read_text() == "mine"

@@ -163,6 +163,23 @@ def _related(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def _check_writable_parent(target: Path, what: str) -> None:
+    """The nearest existing folder above `target` must be a folder that takes new entries (checked by making and
+    removing an empty temporary folder there), so a bad path is refused before hours of work, not after."""
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{what} {target} lies below {parent}, which is a file, not a folder; choose another path")
+    if target.exists():
+        return
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rankdial-probe-", dir=parent))
+    except OSError as err:
+        raise OutputError(f"{what} {target} cannot be created: {parent} does not take new folders "
+                          f"({err.strerror or err}); choose another path") from None
+
+
 def check_target(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
                  legacy: Callable[[Path], bool] | None = None, what: str = "output folder") -> Path:
     """Raise OutputError unless `target` may receive a new output of `kind`; returns it as a Path.
@@ -171,7 +188,10 @@ def check_target(target: str | os.PathLike, kind: str, inputs: Iterable[str | os
     `legacy` recognises as rankdial's own). Refused: a file, any other folder, and any path that is, holds or
     lies inside one of `inputs`.
     """
+    if not str(target).strip():
+        raise OutputError(f"{what} is empty; give the path of a folder to write")
     target = Path(target)
+    _check_writable_parent(target, what)
     for source in inputs:
         if source is not None and Path(source).exists() and _related(target, Path(source)):
             raise OutputError(f"{what} {target} is (or contains, or lies inside) {source}, an input of this "
