@@ -17,7 +17,8 @@
 """
 
 from .batched_lora import AdapterStack, Routing, batched_lora, clear_route, reference_rows, route
-from .engine import Completion, Engine, Handle, TokenEvent
+from .engine import Engine
+from .handle import Completion, Handle, TokenEvent
 from .registry import AdapterInfo, AdapterRegistry
 from .runner import Runner, SamplingParams
 from .scheduler import Scheduler, SchedulerLimits
