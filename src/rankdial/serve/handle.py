@@ -23,6 +23,7 @@ class TokenEvent:
     completion_tokens: int
     error: str | None = None
     token_id: int | None = None  # the token this event is for (None on the final event)
+    unavailable: bool = False  # an error that is temporary (the adapter budget stayed full): a retry may succeed
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,13 @@ class Handle:
         with self._lock:
             self._pushed += 1
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
-            else:
+                try:
+                    self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
+                except RuntimeError:  # the reader's event loop is closed: nobody reads this request any more
+                    self._loop = None
+                    if event.finish_reason is None:
+                        self.cancel()  # only this request; the engine's step goes on for the others
+            if self._loop is None:
                 self._queue.put(event)
             if event.finish_reason is not None:
                 self._ended.set()
