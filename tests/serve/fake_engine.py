@@ -19,6 +19,7 @@ class Event:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    unavailable: bool = False
 
 
 @dataclass(frozen=True)

@@ -228,6 +228,29 @@ def test_error_classes_choose_the_status():
         assert "too long" in error_of(c.post("/v1/completions", json={"model": "alpha", "prompt": "x"}), 400)
 
 
+def test_a_generation_error_is_503_when_temporary_and_500_otherwise():
+    from fake_engine import Event
+
+    class FailingHandle:
+        def __init__(self, unavailable):
+            self.unavailable = unavailable
+
+        async def aevents(self):
+            yield Event("", "error", 1, 0, "adapter 'alpha' found no room in the adapter budget", self.unavailable)
+
+        def cancel(self):
+            pass
+
+    for unavailable, status in ((True, 503), (False, 500)):
+        engine = FakeEngine()
+        engine.submit = lambda *a, u=unavailable: FailingHandle(u)
+        with client(engine) as c:
+            r = c.post("/v1/completions", json={"model": "alpha", "prompt": "x"})
+            assert "no room in the adapter budget" in error_of(r, status)
+            chunks = c.post("/v1/completions", json={"model": "alpha", "prompt": "x", "stream": True}).text
+            assert f'"code":{status}' in chunks
+
+
 def test_body_size_limit():
     with client(limits=ApiLimits(max_body_bytes=300)) as c:
         big = c.post("/v1/completions", json={"model": "alpha", "prompt": "x " * 400})

@@ -65,11 +65,13 @@ MIXES = {
 def test_mixed_batch_equals_each_request_alone(engine, mix):
     rows = MIXES[mix]
     prompts = [PROMPTS[k % len(PROMPTS)] for k in range(len(rows))]
-    alone = [engine.generate(p, a, GREEDY).token_ids for p, a in zip(prompts, rows)]
+    alone = [engine.generate(p, a, GREEDY).token_ids for p, a in zip(prompts, rows)]  # also loads the adapters
+    engine.largest_batch = 0
     handles = [engine.submit(p, a, GREEDY) for p, a in zip(prompts, rows)]
     together = [h.result(timeout=60).token_ids for h in handles]
     assert together == alone
     assert all(len(t) == GREEDY.max_tokens for t in together)
+    assert engine.largest_batch == len(rows)  # the mixed rows ran together, in one batch
 
 
 def test_greedy_equals_peft_oracle(engine, adapters_dir):
@@ -241,16 +243,6 @@ def test_requests_for_a_loaded_adapter_count_as_cache_hits(adapters_dir):
 
 
 SIZE_R4 = 4 * (4 * (256 + 256) + 3 * (256 + 768)) * 4 * 4  # one rank-4 all-linear adapter of the default model
-
-
-def test_mixed_rows_run_in_one_batch(engine):
-    rows = MIXES["all_distinct"]
-    for a in rows:  # loaded beforehand, so no request waits for a load
-        engine.generate(PROMPTS[0], a, SamplingParams(max_tokens=1, temperature=0))
-    engine.largest_batch = 0
-    handles = [engine.submit(PROMPTS[k], a, GREEDY) for k, a in enumerate(rows)]
-    [h.result(timeout=60) for h in handles]
-    assert engine.largest_batch == len(rows)
 
 
 def test_eviction_under_load_every_request_ends_right(adapters_dir, engine):
