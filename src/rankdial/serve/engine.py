@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 
-from ..errors import AdapterError, RankdialError, RequestError, Unavailable
+from ..errors import AdapterError, ConfigError, RankdialError, RequestError, Unavailable
 from .handle import Completion, Detokenizer, Handle, TokenEvent
 from .registry import AdapterRegistry, BudgetFull
 from .runner import Runner, SamplingParams, Sequence, make_generator
@@ -54,7 +54,7 @@ class Engine:
                ("max_prompt_tokens", max_prompt_tokens)) if v is not None and (isinstance(v, bool) or
                                                                                not isinstance(v, int) or v < 1)]
         if bad:
-            raise RequestError("; ".join(bad))
+            raise ConfigError("; ".join(bad))
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens or max(1, self.context - 1)
         self.budget_wait_s = budget_wait_s  # how long a request waits for room in a full adapter budget
