@@ -3,7 +3,7 @@
 from .adapters import (adapter_state_dict, convert_bin_adapter, load_adapter, read_adapter_config, save_adapter,
                        set_adapter_state_dict)
 from .config import LoraConfig
-from .errors import (AdapterError, AdapterFileError, CheckpointError, ConfigError, DataError, MergeError, ModelError,
+from .errors import (AdapterError, AdapterFileError, AdapterInUse, Unavailable, CheckpointError, ConfigError, DataError, MergeError, ModelError,
                      OutputError, RankdialError, RequestError, TargetError, TrainingError, TrainingInterrupted)
 from .lora import (LoraLayer, active_adapters, adapter_names, delete_adapter, disabled, inject, merge, merge_and_unload,
                    set_active, trainable_parameters, unmerge)
@@ -22,4 +22,5 @@ __all__ = [
     "set_adapter_state_dict",
     "RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError", "ModelError",
     "DataError", "TrainingError", "TrainingInterrupted", "CheckpointError", "OutputError", "RequestError",
+    "AdapterInUse", "Unavailable",
 ]

@@ -222,52 +222,37 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
     import signal
-    import socket
 
     import uvicorn
 
-    from .errors import ConfigError
-    from .serve.api import ApiLimits, create_app
-    from .serve.engine import Engine
+    from .serve.launch import app_from_args, check_serve_flags
+    from .serve.listen import listen_socket
 
-    bad = [f"{flag} must be positive, got {value}" for flag, value in (("--max-tokens", args.max_tokens),
-           ("--max-prompt-tokens", args.max_prompt_tokens), ("--max-body-kb", args.max_body_kb),
-           ("--budget-mb", args.budget_mb)) if value is not None and value <= 0]
-    if not 0 <= args.port <= 65535:
-        bad.append(f"--port must be in 0-65535 (0 picks a free one), got {args.port}")
-    if bad:
-        raise ConfigError("; ".join(bad))
-    keys = [k.strip() for k in (args.api_key or os.environ.get("RANKDIAL_API_KEYS", "").split(",")) if k.strip()]
-    admin = args.admin_key or os.environ.get("RANKDIAL_ADMIN_KEY") or None
-    limits = ApiLimits(max_body_bytes=args.max_body_kb * 1024, max_tokens=args.max_tokens,
-                       max_prompt_tokens=args.max_prompt_tokens)
-    budget = int(args.budget_mb * 2**20) if args.budget_mb is not None else None
-    engine = Engine.from_pretrained(args.base, args.adapters, qlora=args.qlora, device=args.device, budget_bytes=budget,
-                                    freeze_gc=True)  # the base lives as long as the server: GC never rescans it
-    app = create_app(engine, api_keys=keys, admin_key=admin, limits=limits)
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    check_serve_flags(args)
+    sock = listen_socket(args.host, args.port)  # before the model loads: a port in use fails at once
     try:
-        sock.bind((args.host, args.port))
-    except OSError as err:
+        app, line = app_from_args(args)
+    except BaseException:
         sock.close()
-        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another --port "
-                           "(0 picks a free one)") from None
+        raise
     host, port = sock.getsockname()[:2]
-    names = engine.registry.names()
-    print(f"rankdial serve: {engine.base_name} with {len(names)} adapter(s) ({', '.join(sorted(names)) or 'none'}) "
-          f"on http://{host}:{port}/v1  (API keys: {'on' if keys else 'off'}, admin key: {'on' if admin else 'off'})",
-          flush=True)
+    print(line.format(url=f"http://{host}:{port}/v1"), flush=True)
     # uvicorn turns SIGTERM and Ctrl-C into a graceful shutdown: no new connections, requests in flight finish,
-    # then the app's lifespan drains the engine.
+    # then the app's lifespan drains the engine (cancelling what still runs after --drain-timeout).
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug", lifespan="on")
     # uvicorn re-raises the signal it caught once it has shut down; a handler here makes that a clean exit 0
     # for SIGTERM (Ctrl-C still ends in KeyboardInterrupt, 130, as every verb does).
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(config).run(sockets=[sock])
-    print("rankdial serve: stopped; every request in flight was answered", flush=True)
+    cancelled = app.state.cancelled_at_shutdown
+    if cancelled is None:
+        print("rankdial serve: stopped", flush=True)
+    elif cancelled:
+        print(f"rankdial serve: stopped; {cancelled} request(s) still running after --drain-timeout "
+              f"{args.drain_timeout:g} s were cancelled", flush=True)
+    else:
+        print("rankdial serve: stopped; every request in flight was answered", flush=True)
     return 0
 
 
@@ -283,9 +268,11 @@ def add_serve_parser(verbs, fmt) -> None:
     p.add_argument("--budget-mb", type=float, help="memory for resident adapters; least recently used evicted first")
     p.add_argument("--api-key", action="append", help="accept this bearer key (repeat for several; env RANKDIAL_API_KEYS)")
     p.add_argument("--admin-key", help="key for loading by path and unloading (env RANKDIAL_ADMIN_KEY)")
-    p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: the engine's)")
+    p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: 512)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default: what the model's context allows)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default: 1024)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM / Ctrl-C, seconds to let requests in flight finish before cancelling them (default: 30)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)
 

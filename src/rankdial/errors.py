@@ -60,6 +60,15 @@ class RequestError(RankdialError, ValueError):
     """A serving request cannot be served as asked (larger than the server's limits, a reused id, a batch mismatch)."""
 
 
+class AdapterInUse(AdapterError):
+    """An adapter cannot be unloaded now: running requests use it (unload it when they finish)."""
+
+
+class Unavailable(RankdialError, RuntimeError):
+    """The server cannot take this request now (it is shutting down, or the adapter budget stays full); retry later
+    or on another replica. A server answers it with 503."""
+
+
 __all__ = ["RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError",
            "ModelError", "DataError", "TrainingError", "TrainingInterrupted", "CheckpointError", "OutputError",
-           "RequestError"]
+           "RequestError", "AdapterInUse", "Unavailable"]

@@ -19,6 +19,7 @@ class Event:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    unavailable: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class FakeRegistry:
 
     def unload(self, name):
         self.calls.append(("unload", name))
-        self.known.pop(name)
+        return self.known.pop(name).loaded
 
 
 class FakeHandle:
@@ -85,8 +86,10 @@ class FakeHandle:
 class FakeEngine:
     base_name = "tiny-base"
 
-    def __init__(self, delay: float = 0.0, fail_with: BaseException | None = None, registry=None):
+    def __init__(self, delay: float = 0.0, fail_with: BaseException | None = None, registry=None,
+                 max_new_tokens: int = 512):
         self.registry, self.delay, self.fail_with = registry or FakeRegistry(), delay, fail_with
+        self.max_new_tokens = max_new_tokens
         self.started = self.stopped = False
         self.handles, self.prompts = [], []
 
@@ -95,6 +98,7 @@ class FakeEngine:
 
     def shutdown(self, drain=True, timeout=30.0):
         self.stopped = True
+        return 0
 
     def submit(self, prompt, adapter, params):
         if self.fail_with is not None:

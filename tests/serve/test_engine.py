@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from rankdial.errors import AdapterError, RequestError
+from rankdial.errors import AdapterError, RequestError, Unavailable
 from rankdial.models import load_model, resolve_model
 from rankdial.serve import Engine, SamplingParams
 from rankdial.serve.scheduler import SchedulerLimits
@@ -65,12 +65,13 @@ MIXES = {
 def test_mixed_batch_equals_each_request_alone(engine, mix):
     rows = MIXES[mix]
     prompts = [PROMPTS[k % len(PROMPTS)] for k in range(len(rows))]
-    alone = [engine.generate(p, a, GREEDY).token_ids for p, a in zip(prompts, rows)]
+    alone = [engine.generate(p, a, GREEDY).token_ids for p, a in zip(prompts, rows)]  # also loads the adapters
+    engine.largest_batch = 0
     handles = [engine.submit(p, a, GREEDY) for p, a in zip(prompts, rows)]
     together = [h.result(timeout=60).token_ids for h in handles]
     assert together == alone
     assert all(len(t) == GREEDY.max_tokens for t in together)
-    assert engine.stats()["last_batch_size"] >= 1
+    assert engine.largest_batch == len(rows)  # the mixed rows ran together, in one batch
 
 
 def test_greedy_equals_peft_oracle(engine, adapters_dir):
@@ -192,7 +193,7 @@ def test_shutdown_drains_requests_in_flight(adapters_dir):
     handles = [eng.submit(p, "ad1", SamplingParams(max_tokens=10, temperature=0)) for p in PROMPTS[:3]]
     eng.shutdown(drain=True, timeout=60)
     assert [h.result(timeout=5).finish_reason for h in handles] == ["length"] * 3
-    with pytest.raises(RequestError, match="shutting down"):
+    with pytest.raises(Unavailable, match="shutting down"):  # a 503 from the server
         eng.submit("hi", None, GREEDY)
 
 
@@ -239,3 +240,163 @@ def test_requests_for_a_loaded_adapter_count_as_cache_hits(adapters_dir):
         assert not eng.registry._in_use  # every request released what it held
     finally:
         eng.shutdown(drain=False)
+
+
+SIZE_R4 = 4 * (4 * (256 + 256) + 3 * (256 + 768)) * 4 * 4  # one rank-4 all-linear adapter of the default model
+
+
+def test_eviction_under_load_every_request_ends_right(adapters_dir, engine):
+    """A budget of 1.5 adapters, requests for two adapters at once: the second waits for the first's requests to
+    release it, is loaded in its place, and every answer equals the request alone."""
+    rows = ["ad0", "ad1", None, "ad0", "ad1", "ad0", None, "ad1"]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    alone = [engine.generate(PROMPTS[k % 6], a, params).token_ids for k, a in enumerate(rows)]
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", budget_bytes=int(1.5 * SIZE_R4))
+    try:
+        for _ in range(2):  # twice: the second round finds ad1 resident and must evict it for ad0
+            handles = [eng.submit(PROMPTS[k % 6], a, params) for k, a in enumerate(rows)]
+            results = [h.result(timeout=60) for h in handles]
+            assert [r.finish_reason for r in results] == ["length"] * len(rows)
+            assert [r.token_ids for r in results] == alone
+        assert eng.registry.evictions >= 2 and eng.registry.loaded_bytes <= eng.registry.budget_bytes
+        assert not eng.registry._in_use
+    finally:
+        eng.shutdown(drain=False)
+
+
+def test_a_row_whose_adapter_left_the_model_fails_alone(adapters_dir, engine):
+    """If an adapter leaves the model under a running request (it must not, but a bug could make it), that
+    request ends with an error naming only its adapter; the other rows of the batch go on to the right answer."""
+    params = SamplingParams(max_tokens=30, temperature=0)
+    rows = [("ad0", PROMPTS[0]), (None, PROMPTS[1]), ("ad1", PROMPTS[2])]
+    alone = [engine.generate(p, a, params).token_ids for a, p in rows]
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu")
+    try:
+        for a, p in rows:
+            eng.generate(p, a, SamplingParams(max_tokens=1, temperature=0))  # loaded
+        handles = [eng.submit(p, a, params) for a, p in rows]
+        events = handles[2].events(timeout=60)
+        next(events)  # ad1's request is running
+        with eng.registry.lock:
+            eng.registry._evict("ad1")  # behind the engine's back
+        final = list(events)[-1]
+        assert final.finish_reason == "error" and "'ad1'" in final.error and "ad0" not in final.error
+        assert [h.result(timeout=60).token_ids for h in handles[:2]] == alone[:2]
+    finally:
+        eng.shutdown(drain=False)
+
+
+def test_a_full_budget_is_waited_for_with_a_deadline_and_one_read(adapters_dir):
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", budget_bytes=int(1.5 * SIZE_R4),
+                                 budget_wait_s=0.3)
+    reads, read = [], eng.registry.read
+    eng.registry.read = lambda name, *a, **k: reads.append(name) or read(name, *a, **k)
+    try:
+        eng.registry.pin("ad0")  # the budget holds ad0 for good: ad1 can never fit
+        reads.clear()
+        busy = eng.submit(PROMPTS[0], None, SamplingParams(max_tokens=400, temperature=0))  # keeps the engine busy
+        start = time.monotonic()
+        final = list(eng.submit(PROMPTS[1], "ad1", GREEDY).events(timeout=60))[-1]
+        assert final.finish_reason == "error" and final.unavailable  # a 503 from the server
+        assert "budget" in final.error and "--budget-mb" in final.error and "0.3 s" in final.error
+        assert time.monotonic() - start < 10 and not busy.finished  # it did not wait for the busy request
+        assert reads == ["ad1"]  # the retries reused the files read once
+        assert "ad1" not in eng.registry._held_reads  # given up: the read is dropped
+        busy.cancel()
+    finally:
+        eng.shutdown(drain=False)
+
+
+def test_racing_first_submits_start_one_engine_thread(adapters_dir, monkeypatch):
+    from rankdial.serve import engine as engine_module
+
+    started = []
+
+    class SlowThread(threading.Thread):  # widens the window between "no thread yet" and "thread started"
+        def start(self):
+            started.append(self)
+            time.sleep(0.05)
+            super().start()
+
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu")
+    monkeypatch.setattr(engine_module.threading, "Thread", SlowThread)
+    barrier = threading.Barrier(6)
+    handles = []
+
+    def submit():
+        barrier.wait()
+        handles.append(eng.submit(PROMPTS[0], None, SamplingParams(max_tokens=2, temperature=0)))
+
+    threads = [threading.Thread(target=submit) for _ in range(6)]
+    try:
+        [t.start() for t in threads]
+        [t.join(30) for t in threads]
+        assert len([t for t in started if t.name == "rankdial-engine"]) == 1
+        assert all(h.result(timeout=60).finish_reason == "length" for h in handles) and len(handles) == 6
+    finally:
+        monkeypatch.undo()
+        eng.shutdown(drain=False)
+
+
+def test_a_closed_client_loop_cancels_only_its_request(engine):
+    import asyncio
+
+    params = SamplingParams(max_tokens=20, temperature=0)
+    alone = engine.generate(PROMPTS[1], "ad0", params).token_ids
+    gone = engine.submit(PROMPTS[0], None, SamplingParams(max_tokens=200, temperature=0))
+    loop = asyncio.new_event_loop()
+    with gone._lock:  # as aevents() does, then the loop closes under it (a client's thread that ended)
+        gone._loop, gone._aqueue = loop, asyncio.Queue()
+    loop.close()
+    other = engine.submit(PROMPTS[1], "ad0", params)
+    assert other.result(timeout=60).token_ids == alone
+    final = list(gone.events(timeout=60))[-1]
+    assert final.finish_reason == "cancelled" and final.completion_tokens < 200
+
+
+def test_a_chat_template_that_raises_is_a_request_error(engine):
+    template = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = "{{ raise_exception('only user turns are supported') }}"
+    try:
+        with pytest.raises(RequestError, match="only user turns are supported"):
+            engine.chat_prompt([{"role": "system", "content": "x"}])
+    finally:
+        engine.tokenizer.chat_template = template
+
+
+def test_a_slow_adapter_read_does_not_block_other_requests(adapters_dir, engine):
+    params = SamplingParams(max_tokens=10, temperature=0)
+    alone = {a: engine.generate(PROMPTS[3], a, params).token_ids for a in (None, "ad0", "ad2")}
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu")
+    release, read = threading.Event(), eng.registry.read
+
+    def slow_read(name, *args, **kw):
+        if name == "ad2":
+            release.wait(60)  # the disk is slow for ad2
+        return read(name, *args, **kw)
+
+    eng.registry.read = slow_read
+    try:
+        eng.generate(PROMPTS[0], "ad0", SamplingParams(max_tokens=1, temperature=0))  # ad0 resident
+        slow = eng.submit(PROMPTS[3], "ad2", params)
+        time.sleep(0.1)  # ad2's read has started and hangs
+        others = [eng.submit(PROMPTS[3], a, params) for a in (None, "ad0")]
+        assert [h.result(timeout=30).token_ids for h in others] == [alone[None], alone["ad0"]]
+        assert not slow.finished and eng.stats()["adapters_loading"] == 1
+        release.set()
+        assert slow.result(timeout=60).token_ids == alone["ad2"]
+    finally:
+        release.set()
+        eng.shutdown(drain=False)
+
+
+def test_shutdown_says_how_many_requests_it_cancelled(adapters_dir):
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu")
+    quick = eng.submit(PROMPTS[0], None, SamplingParams(max_tokens=2, temperature=0))
+    quick.result(timeout=60)
+    slow = [eng.submit(PROMPTS[k], None, SamplingParams(max_tokens=400, temperature=0)) for k in range(2)]
+    deadline = time.monotonic() + 30
+    while eng.stats()["running"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert eng.shutdown(drain=True, timeout=0.2) == 2
+    assert all(list(h.events(timeout=10))[-1].finish_reason == "cancelled" for h in slow)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
 
-from rankdial.errors import AdapterError, AdapterFileError
+from rankdial.errors import AdapterError, AdapterFileError, AdapterInUse
 from rankdial.memory import process_status_bytes
 from rankdial.models import load_model, resolve_model
 from rankdial.serve import AdapterRegistry, Engine, SamplingParams
@@ -53,7 +54,7 @@ def test_load_on_first_use_then_hits(registry):
     assert registry.loaded() == ["a0"]
 
 
-@pytest.mark.parametrize("name", ["../a0", "/etc", "a0/../a1", "a.b", "", "a b", None, 3])
+@pytest.mark.parametrize("name", ["../a0", "/etc", "a0/../a1", "a.b", "_x", "-x", "", "a b", None, 3])
 def test_names_that_are_not_plain_folder_names_are_refused(registry, name):
     with pytest.raises(AdapterError, match="plain folder name"):
         registry.load(name)
@@ -137,10 +138,11 @@ def test_lru_bounded_by_bytes_with_pinning(root):
 def test_unload_at_run_time_and_in_use(registry):
     registry.load("a1")
     registry.acquire("a1")
-    with pytest.raises(AdapterError, match="in use"):
+    with pytest.raises(AdapterInUse, match="in use"):  # a 409 from the server
         registry.unload("a1")
     registry.release("a1")
-    registry.unload("a1")
+    assert registry.unload("a1") is True
+    assert registry.unload("a1") is False  # known, no longer loaded: nothing to free
     assert registry.loaded() == [] and registry.loaded_bytes == 0
     assert not any("lora" in n for n, _ in registry.model.named_modules())  # the wrappers are gone too
 
@@ -149,6 +151,36 @@ def test_load_async_reads_off_the_calling_thread(registry):
     future = registry.load_async("a3")
     assert future.result(timeout=30).loaded
     assert registry.load_async("a3").done() and registry.hits == 1
+
+
+def test_a_finished_load_leaves_no_pending_future(root, tmp_path):
+    """A refused load's exception (its traceback holds the read tensors) must not stay in the registry."""
+    other = make_adapter(root / "other-base2", seed=1, r=4, base=make_model_dir(tmp_path / "tiny"))
+    model, _ = load_model(resolve_model("default"))
+    reg = AdapterRegistry(model, root)
+    try:
+        refused, loaded = reg.load_async("other-base2"), reg.load_async("a1")
+        with pytest.raises(AdapterFileError, match="refused"):
+            refused.result(timeout=30)
+        assert loaded.result(timeout=30).loaded
+        deadline = time.monotonic() + 10  # the done-callback runs just after the waiters wake
+        while reg._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reg._pending == {}
+    finally:
+        reg.close()
+        shutil.rmtree(other)
+
+
+def test_the_plan_cache_is_bounded(registry, monkeypatch):
+    from rankdial.serve import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "_MAX_PLANS", 2)
+    from rankdial.config import LoraConfig
+
+    for r in (2, 4, 8, 16):
+        registry._plan(LoraConfig(r=r, target_modules=["q_proj"]))
+    assert len(registry._plans) == 2
 
 
 def test_model_output_after_load_unload_is_the_base(registry):

@@ -10,14 +10,18 @@
                      SamplingParams and sampling (greedy, temperature, top_p, per-request seeded generators).
     engine.py        Engine: the step (schedule -> routed forward -> one token each -> finished leave) on a
                      background thread; submit() -> Handle (events() / aevents() / cancel()); generate().
+    handle.py        Handle, TokenEvent, Completion and the incremental Detokenizer (what a client holds).
 
     api.py           create_app(engine): the OpenAI-compatible HTTP API (models, completions, chat, SSE
                      streaming, adapter load/unload, health, Prometheus metrics) that `rankdial serve` runs;
                      guard.py (bearer keys, body limit), schemas.py (request models), metrics.py beside it.
+    launch.py        `rankdial serve`'s flags -> the app; listen.py listen_socket(host, port): the bound socket,
+                     a ConfigError naming --port / --host if it cannot be (for the playground too).
 """
 
 from .batched_lora import AdapterStack, Routing, batched_lora, clear_route, reference_rows, route
-from .engine import Completion, Engine, Handle, TokenEvent
+from .engine import Engine
+from .handle import Completion, Handle, TokenEvent
 from .registry import AdapterInfo, AdapterRegistry
 from .runner import Runner, SamplingParams
 from .scheduler import Scheduler, SchedulerLimits

@@ -7,11 +7,13 @@ the base itself. Routes, with OpenAI's shapes so the official `openai` client wo
     POST /v1/completions         prompt -> text           (stream: true -> server-sent events, then [DONE])
     POST /v1/chat/completions    messages -> reply        (the tokenizer's chat template)
     POST /v1/adapters            load an adapter by name, or by path (admin key when one is configured)
-    DELETE /v1/adapters/{name}   unload it (admin key when one is configured)
+    DELETE /v1/adapters/{name}   unload it (admin key when one is configured): {"deleted": true} if it was loaded,
+                                 {"deleted": false} if it was known but not loaded; 409 while requests use it
     GET  /health, GET /metrics   liveness and Prometheus metrics (a registry per app)
 
 Every error reaches the client as {"error": {"message", "type", "param", "code"}} with one line naming the
-field or the model and the fix; an unexpected failure is logged here and answered with a generic 500, never
+field or the model and the fix (the status from the error's class: Unavailable 503, AdapterInUse 409, another
+AdapterError 404, any other RankdialError 400); an unexpected failure is logged here and answered with a generic 500, never
 a stack trace. A streaming client that disconnects cancels its request, which frees its slot in the batch.
 """
 
@@ -31,22 +33,21 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..errors import AdapterError, ConfigError, RankdialError
+from ..errors import AdapterError, AdapterInUse, ConfigError, RankdialError, Unavailable
 from .engine import SamplingParams
 from .guard import ApiError, Guard, bearer_matches, error_body
 from .metrics import Metrics
-from .registry import BudgetFull
-from .schemas import ADAPTER_NAME, AdapterLoad, ChatRequest, CompletionRequest
+from .registry import check_adapter_folder_name
+from .schemas import AdapterLoad, ChatRequest, CompletionRequest
 
 log = logging.getLogger("rankdial.serve")
 
 
 @dataclass(frozen=True)
 class ApiLimits:
-    """What one request may ask for. None: the engine's own limit (its max_new_tokens / max_prompt_tokens)."""
+    """What the HTTP layer limits. The token limits (max_tokens, prompt tokens) are the engine's own
+    (Engine.max_new_tokens / max_prompt_tokens), enforced once, in Engine.submit."""
     max_body_bytes: int = 1 << 20
-    max_tokens: int | None = None
-    max_prompt_tokens: int | None = None
 
     def __post_init__(self):
         problems = [f"{k} must be a positive integer, got {v!r}" for k, v in vars(self).items()
@@ -56,10 +57,12 @@ class ApiLimits:
 
 
 def create_app(engine, *, api_keys=None, admin_key: str | None = None, limits: ApiLimits | None = None,
-               shutdown_engine: bool = True) -> FastAPI:
+               shutdown_engine: bool = True, drain_timeout: float = 30.0) -> FastAPI:
     """The FastAPI app serving `engine`. Starts the engine on startup; on shutdown drains it (when
-    shutdown_engine), so requests in flight finish before the process exits."""
+    shutdown_engine), so requests in flight finish before the process exits; those still running after
+    drain_timeout seconds are cancelled, and app.state.cancelled_at_shutdown says how many."""
     limits = limits or ApiLimits()
+    admin_key = admin_key or None  # an empty key is no key: "" must not switch on loading by any path
     keys = [k for k in (api_keys or []) if k]
     metrics = Metrics(engine)
 
@@ -68,15 +71,16 @@ def create_app(engine, *, api_keys=None, admin_key: str | None = None, limits: A
         engine.start()
         yield
         if shutdown_engine:
-            await run_in_threadpool(engine.shutdown, True)
+            app.state.cancelled_at_shutdown = await run_in_threadpool(engine.shutdown, True, drain_timeout)
 
     app = FastAPI(title="rankdial", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
+    app.state.cancelled_at_shutdown = None  # set once the lifespan has shut the engine down
     app.add_middleware(Guard, keys=keys + ([admin_key] if admin_key and keys else []),
                        max_body=limits.max_body_bytes, metrics=metrics)
     _add_error_handlers(app)
     _add_model_routes(app, engine, admin_key)
-    _add_generation_routes(app, engine, limits, metrics)
+    _add_generation_routes(app, engine, metrics)
     return app
 
 
@@ -118,16 +122,25 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RankdialError)
     async def rankdial_error(request, exc: RankdialError):
-        if isinstance(exc, BudgetFull):  # every resident adapter is pinned or in use: try again shortly
-            return error_body(503, _one_line(exc), "server_error")
-        status = 404 if isinstance(exc, AdapterError) else 400
-        return error_body(status, _one_line(exc), "not_found_error" if status == 404 else None)
+        status, kind = status_of(exc)
+        return error_body(status, _one_line(exc), kind)
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
         ref = uuid.uuid4().hex[:12]
         log.error("request %s %s failed (ref %s)", request.method, request.url.path, ref, exc_info=exc)
         return error_body(500, f"internal server error (ref {ref}); the server log has the details")
+
+
+def status_of(err: RankdialError) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type for a rankdial error, from its class."""
+    if isinstance(err, Unavailable):  # shutting down, or the adapter budget stays full: retry later
+        return 503, "server_error"
+    if isinstance(err, AdapterInUse):
+        return 409, "conflict_error"
+    if isinstance(err, AdapterError):
+        return 404, "not_found_error"
+    return 400, "invalid_request_error"
 
 
 def _short(value) -> str:
@@ -190,7 +203,7 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
         try:
             info = await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
         except AdapterError as err:  # the name was checked above: a refusal (bad path) or a full budget, not a 404
-            status = 503 if isinstance(err, BudgetFull) else 400
+            status = 503 if isinstance(err, Unavailable) else 400
             raise ApiError(status, _one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
                            param="path" if body.path else "name") from None
         return _model_card(engine, info.name)
@@ -198,11 +211,14 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str, request: Request):
         _require_admin(request, admin_key, "unloading an adapter")
-        if not ADAPTER_NAME.match(name):
-            raise ApiError(400, f"adapter name {name[:60]!r} is not a plain folder name", param="name")
+        try:
+            check_adapter_folder_name(name)
+        except AdapterError as err:
+            raise ApiError(400, _one_line(err), param="name") from None
         adapter_for(engine, name)
-        await run_in_threadpool(engine.registry.unload, name)
-        return {"id": name, "object": "model", "deleted": True}
+        was_loaded = await run_in_threadpool(engine.registry.unload, name)
+        # deleted: whether it was loaded and is now unloaded; a known adapter that was not loaded stays servable
+        return {"id": name, "object": "model", "deleted": bool(was_loaded), "loaded": False}
 
     @app.get("/health")
     async def health():
@@ -224,38 +240,28 @@ def _load(registry, body: AdapterLoad, admin_checked: bool):
 
 # ---- generation ----
 
-def _params(body, limits: ApiLimits) -> SamplingParams:
-    max_tokens = body.max_tokens if body.max_tokens is not None else min(16, limits.max_tokens or 16)
+def _params(engine, body) -> SamplingParams:
+    """The request's sampling; max_tokens defaults to 16 (OpenAI's default), or the engine's limit if lower."""
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(16, engine.max_new_tokens)
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           stop=tuple(body.stop or ()), seed=body.seed)
 
 
-def _check_limits(engine, limits: ApiLimits, body, prompt) -> None:
-    if limits.max_tokens is not None and (body.max_tokens or 0) > limits.max_tokens:
-        raise ApiError(400, f"max_tokens must be at most {limits.max_tokens}, got {body.max_tokens}; ask for fewer",
-                       param="max_tokens")
-    if limits.max_prompt_tokens is not None:
-        n = len(prompt) if isinstance(prompt, list) else len(engine.tokenizer.encode(prompt, add_special_tokens=False))
-        if n > limits.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {n} tokens, more than the server's limit of "
-                                f"{limits.max_prompt_tokens}; shorten it", param="prompt")
-
-
-def _add_generation_routes(app: FastAPI, engine, limits: ApiLimits, metrics: Metrics) -> None:
+def _add_generation_routes(app: FastAPI, engine, metrics: Metrics) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await _generate(engine, limits, metrics, request, body, body.prompt, chat=False)
+        return await _generate(engine, metrics, request, body, body.prompt, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         prompt = engine.chat_prompt([m.as_dict() for m in body.messages])
-        return await _generate(engine, limits, metrics, request, body, prompt, chat=True)
+        return await _generate(engine, metrics, request, body, prompt, chat=True)
 
 
-async def _generate(engine, limits, metrics, request: Request, body, prompt, *, chat: bool):
+async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bool):
     adapter = adapter_for(engine, body.model)
-    _check_limits(engine, limits, body, prompt)
-    handle = await run_in_threadpool(engine.submit, prompt, adapter, _params(body, limits))
+    # the engine checks the token limits (tokenizing once, off the event loop): RequestError -> 400
+    handle = await run_in_threadpool(engine.submit, prompt, adapter, _params(engine, body))
     reply = _Reply(body.model, chat, metrics, request.url.path)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -273,7 +279,8 @@ async def _generate(engine, limits, metrics, request: Request, body, prompt, *, 
         if last is None or last.finish_reason is None:  # this handler was cancelled: so is its request
             handle.cancel()
     if last is None or last.finish_reason == "error":
-        raise ApiError(500, f"generation failed: {last.error if last else 'no result'}", kind="server_error")
+        status = 503 if last is not None and last.unavailable else 500  # 503: busy now, a retry may succeed
+        raise ApiError(status, f"generation failed: {last.error if last else 'no result'}", kind="server_error")
     reply.finished(last)
     return reply.full("".join(text), last)
 
@@ -294,7 +301,7 @@ async def _stream(handle, reply: "_Reply", include_usage: bool):
             reply.first_token()
             if event.finish_reason == "error":
                 yield reply.sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error",
-                                           "param": None, "code": 500}})
+                                           "param": None, "code": 503 if event.unavailable else 500}})
                 break
             if event.text or event.finish_reason is not None:
                 content = {"content": event.text} if reply.chat else event.text

@@ -13,145 +13,20 @@ events() for threads, aevents() for asyncio. A client that goes away cancels, an
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
 
-from ..errors import AdapterError, RankdialError, RequestError
+from ..errors import AdapterError, ConfigError, RankdialError, RequestError, Unavailable
+from .handle import Completion, Detokenizer, Handle, TokenEvent
 from .registry import AdapterRegistry, BudgetFull
 from .runner import Runner, SamplingParams, Sequence, make_generator
 from .scheduler import Scheduler, SchedulerLimits
 
 log = logging.getLogger("rankdial.serve")
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One per generated token, then a final one with finish_reason set ("stop", "length", "cancelled", "error")."""
-
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-    token_id: int | None = None  # the token this event is for (None on the final event)
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    token_ids: tuple[int, ...] = ()
-
-
-class Handle:
-    """One submitted request's results: iterate events() (threads) or aevents() (asyncio); cancel() to stop it."""
-
-    def __init__(self, request_id: str, engine: "Engine"):
-        self.id = request_id
-        self._engine = engine
-        self._queue: queue.Queue[TokenEvent] = queue.Queue()
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._aqueue: asyncio.Queue | None = None
-        self.finished = False
-        self._ended = threading.Event()  # the final event was pushed (result() waits on it, not on every token)
-        self._pushed = 0
-
-    def _push(self, event: TokenEvent) -> None:
-        with self._lock:
-            self._pushed += 1
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
-            else:
-                self._queue.put(event)
-            if event.finish_reason is not None:
-                self._ended.set()
-
-    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
-        """The events as they come; TimeoutError if none arrives within `timeout` seconds (the request goes on)."""
-        try:
-            while True:
-                try:
-                    event = self._queue.get(timeout=timeout)
-                except queue.Empty:
-                    raise TimeoutError(f"request {self.id}: no token within {timeout} s") from None
-                yield event
-                if event.finish_reason is not None:
-                    self.finished = True
-                    return
-        finally:
-            if not self.finished:  # the reader stopped early: nobody wants the rest
-                self.cancel()
-
-    async def aevents(self) -> AsyncIterator[TokenEvent]:
-        """The events for asyncio; leaving the loop early (a client that disconnects) cancels the request."""
-        with self._lock:
-            self._loop, self._aqueue = asyncio.get_running_loop(), asyncio.Queue()
-            while not self._queue.empty():
-                self._aqueue.put_nowait(self._queue.get_nowait())
-        try:
-            while True:
-                event = await self._aqueue.get()
-                yield event
-                if event.finish_reason is not None:
-                    self.finished = True
-                    return
-        finally:
-            if not self.finished:
-                self.cancel()
-
-    def cancel(self) -> None:
-        """Stop this request; its slot frees at the next step and a final "cancelled" event follows."""
-        self._engine._cancel(self.id)
-
-    def result(self, timeout: float | None = None) -> Completion:
-        """Wait for the whole completion (the text without any stop sequence); TimeoutError (the request is
-        cancelled) if no token arrives within `timeout` seconds. Sleeps until the final event instead of waking
-        at every token, so a thread per waiting request costs the engine's thread nothing."""
-        seen = self._pushed
-        while not self._ended.wait(timeout):
-            if self._pushed == seen:
-                self.cancel()
-                raise TimeoutError(f"request {self.id}: no token within {timeout} s")
-            seen = self._pushed
-        text, ids, last = [], [], None
-        for last in self.events(timeout):
-            text.append(last.text)
-            if last.token_id is not None:
-                ids.append(last.token_id)
-        return Completion("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens, tuple(ids))
-
-
-class Detokenizer:
-    """Incremental detokenization, as vLLM's detokenize_incrementally: each step decodes only the tokens since
-    `prefix` (a few), twice: up to `read` (the text already given out) and up to the newest token; the new text is
-    the difference. A window that ends in half a UTF-8 character ("\ufffd") waits for the next token (except the
-    final step). The pieces add up to tokenizer.decode(ids, skip_special_tokens=True) of the whole list (tested),
-    at a cost per token that does not grow with the completion."""
-
-    def __init__(self):
-        self.ids: list[int] = []
-        self.prefix = self.read = 0  # token offsets: the window starts at prefix; text up to read was given out
-
-    def step(self, tokenizer, final: bool = False) -> str:
-        if self.read == len(self.ids):
-            return ""
-        before = tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        after = tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
-            return ""  # nothing printable yet (a special token, or half a character)
-        self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):]
 
 
 class _Live:
@@ -171,12 +46,18 @@ class Engine:
 
     def __init__(self, model, tokenizer, registry: AdapterRegistry, *, base_name: str = "base",
                  limits: SchedulerLimits | None = None, max_prompt_tokens: int | None = None,
-                 max_new_tokens: int = 512):
+                 max_new_tokens: int = 512, budget_wait_s: float = 30.0):
         self.tokenizer, self.registry, self.base_name = tokenizer, registry, base_name
         self.model = model
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        bad = [f"{k} must be a positive integer, got {v!r}" for k, v in (("max_new_tokens", max_new_tokens),
+               ("max_prompt_tokens", max_prompt_tokens)) if v is not None and (isinstance(v, bool) or
+                                                                               not isinstance(v, int) or v < 1)]
+        if bad:
+            raise ConfigError("; ".join(bad))
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens or max(1, self.context - 1)
+        self.budget_wait_s = budget_wait_s  # how long a request waits for room in a full adapter budget
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.runner = Runner(model, pad if pad is not None else 0)
         self.scheduler = Scheduler(limits)
@@ -187,12 +68,15 @@ class Engine:
         self._inbox: deque[_Live] = deque()
         self._cancels: deque[str] = deque()
         self._live: dict[str, _Live] = {}
-        self._parked: dict[str, list[_Live]] = {}  # adapter being loaded -> its requests
+        self._parked: dict[str, list[_Live]] = {}  # adapter being loaded -> its requests (engine thread only)
+        self._n_parked = 0  # len of all of _parked, for stats() from other threads
         self._loads: dict = {}  # adapter -> Future of its load
+        self._budget_wait: dict[str, list] = {}  # adapter -> [when its wait for budget room ends, tried when idle]
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
         self._stopping = self._closed = False
-        self.steps = self.last_batch_size = self.tokens_generated = 0
+        self.steps = self.last_batch_size = self.largest_batch = self.tokens_generated = 0
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -201,7 +85,8 @@ class Engine:
                         **limits) -> "Engine":
         """Load the base once (NF4 with qlora) and serve the adapter folders under adapters_dir.
 
-        limits: max_batch_size, max_tokens_in_flight (SchedulerLimits), max_prompt_tokens, max_new_tokens.
+        limits: max_batch_size, max_tokens_in_flight (SchedulerLimits), max_prompt_tokens, max_new_tokens,
+        budget_wait_s (how long a request waits for room in a full adapter budget before a 503-style error).
         freeze_gc: for a server process: once the base is loaded, collect and gc.freeze() every object alive
         (the model's hundreds of thousands of Python objects), so the cyclic collector's full passes, which
         adapter loads and decode steps trigger, no longer walk them (a full pass over ~430k objects took ~0.5 s;
@@ -214,10 +99,11 @@ class Engine:
         path = resolve_model(base)
         model, tokenizer = (load_model_nf4 if qlora else load_model)(path, pick_device(device or "auto"))
         sched = {k: limits.pop(k) for k in ("max_batch_size", "max_tokens_in_flight") if k in limits}
-        unknown = sorted(set(limits) - {"max_prompt_tokens", "max_new_tokens"})
+        limits = {k: v for k, v in limits.items() if v is not None}  # None: the default
+        unknown = sorted(set(limits) - {"max_prompt_tokens", "max_new_tokens", "budget_wait_s"})
         if unknown:
             raise RequestError(f"unknown engine option(s) {unknown}; use max_batch_size, max_tokens_in_flight, "
-                               "max_prompt_tokens or max_new_tokens")
+                               "max_prompt_tokens, max_new_tokens or budget_wait_s")
         registry = AdapterRegistry(model, adapters_dir, budget_bytes=budget_bytes)
         if freeze_gc:
             gc.collect()
@@ -230,7 +116,7 @@ class Engine:
                params: SamplingParams = SamplingParams()) -> Handle:
         """Check the request (RequestError / AdapterError, nothing queued) and queue it; its Handle."""
         if self._stopping:
-            raise RequestError("the engine is shutting down and takes no new requests; retry on another replica")
+            raise Unavailable("the engine is shutting down and takes no new requests; retry on another replica")
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         if params.max_tokens > self.max_new_tokens:
@@ -266,8 +152,14 @@ class Engine:
                                f"'content': str}}, got {str(messages)[:200]}")
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestError(f"the base model {self.base_name} has no chat template; use /v1/completions")
-        return self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
-                                                  tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
+                                                      tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:  # the template refused these messages (raise_exception): the client's to fix
+            raise RequestError(f"the chat template of {self.base_name} refused these messages: "
+                               f"{str(err).splitlines()[0][:200] if str(err) else type(err).__name__}") from None
 
     def _tokens(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -301,11 +193,22 @@ class Engine:
             return False
         live = [self._live[r.id] for r in batch.requests]
         with self.registry.lock:
-            tokens = self.runner.step([x.seq for x in live])
+            live = self._drop_rows_without_adapter(live)
+            tokens = self.runner.step([x.seq for x in live]) if live else []
         for x, token in zip(live, tokens):
             self._record(x, token)
         self.steps, self.last_batch_size = self.steps + 1, len(live)
+        self.largest_batch = max(self.largest_batch, len(live))
         return True
+
+    def _drop_rows_without_adapter(self, live: list[_Live]) -> list[_Live]:
+        """Fail the rows whose adapter is not in the model (held by the registry lock, so it cannot go meanwhile),
+        each with an error naming only its own adapter, so that route() never fails the whole batch."""
+        missing = [x for x in live if x.seq.adapter is not None and not self.registry.is_loaded(x.seq.adapter)]
+        for x in missing:
+            log.error("request %s: adapter %r left the model while the request ran", x.seq.id, x.seq.adapter)
+            self._finish(x, "error", f"adapter {x.seq.adapter!r} was unloaded while this request ran; retry it")
+        return [x for x in live if x not in missing] if missing else live
 
     def _take_arrivals(self) -> None:
         while self._inbox:
@@ -322,11 +225,24 @@ class Engine:
                 self._loaded(name, future.exception())
 
     def _loaded(self, name: str, error: BaseException | None) -> None:
-        """An adapter load ended: queue its parked requests, retry later if the budget was busy, else fail them."""
-        if isinstance(error, BudgetFull) and self.scheduler.has_work():
-            self._loads[name] = self.registry.load_async(name)  # a request that ends will release room
-            return
-        for x in self._parked.pop(name, []):
+        """An adapter load ended: queue its parked requests, retry later if the budget was busy (for up to
+        budget_wait_s, while running requests may release room; the retry reuses the files already read), else
+        fail them."""
+        if isinstance(error, BudgetFull):
+            wait = self._budget_wait.setdefault(name, [time.monotonic() + self.budget_wait_s, False])
+            idle = not self.scheduler.has_work()  # nothing runs: one more try (those that held it just left)
+            if time.monotonic() < wait[0] and not (idle and wait[1]):
+                wait[1] = idle
+                self._loads[name] = self.registry.load_async(name)  # a request that ends will release room
+                return
+            self.registry.drop_held_read(name)
+            error = BudgetFull(f"adapter {name!r} found no room in the adapter budget ({self.registry.budget_bytes} "
+                               f"bytes) within {self.budget_wait_s:g} s: it is held by pinned adapters or adapters "
+                               "in use; retry later, or raise the budget (--budget-mb)")
+        self._budget_wait.pop(name, None)
+        parked = self._parked.pop(name, [])
+        self._n_parked -= len(parked)
+        for x in parked:
             if x.done:
                 continue
             if error is None:
@@ -338,12 +254,13 @@ class Engine:
                 message = str(error) if isinstance(error, RankdialError) else f"adapter {name!r} failed to load"
                 if not isinstance(error, RankdialError):
                     log.error("loading adapter %r failed", name, exc_info=error)
-                self._finish(x, "error", message)
+                self._finish(x, "error", message, unavailable=isinstance(error, Unavailable))
 
     def _park(self, x: _Live) -> None:
         """Hold x until its adapter has loaded (one load per adapter, however many requests wait for it)."""
         name = x.seq.adapter
         self._parked.setdefault(name, []).append(x)
+        self._n_parked += 1
         if name not in self._loads:
             self._loads[name] = self.registry.load_async(name)
 
@@ -396,7 +313,7 @@ class Engine:
         x.sent += len(out)
         return out, False
 
-    def _finish(self, x: _Live, reason: str, error: str | None = None) -> None:
+    def _finish(self, x: _Live, reason: str, error: str | None = None, unavailable: bool = False) -> None:
         if x.done:
             return
         x.done = True
@@ -404,16 +321,17 @@ class Engine:
         self.scheduler.cancel(x.seq.id)  # False when it already left (finished by record())
         if x.queued:
             self.registry.release(x.seq.adapter)
-        x.handle._push(TokenEvent("", reason, len(x.seq.prompt), len(x.seq.tokens), error))
+        x.handle._push(TokenEvent("", reason, len(x.seq.prompt), len(x.seq.tokens), error, unavailable=unavailable))
 
     # -- the thread --------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Run steps on a background thread (idempotent)."""
-        if self._thread is None or not self._thread.is_alive():
-            if self._closed:
-                raise RequestError("this engine was shut down; build a new one")
-            self._thread = threading.Thread(target=self._run, name="rankdial-engine", daemon=True)
-            self._thread.start()
+        """Run steps on a background thread (idempotent and thread-safe: one thread however many callers race)."""
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                if self._closed:
+                    raise Unavailable("this engine was shut down; build a new one")
+                self._thread = threading.Thread(target=self._run, name="rankdial-engine", daemon=True)
+                self._thread.start()
 
     def _run(self) -> None:
         while not self._closed:
@@ -428,24 +346,27 @@ class Engine:
                 self._wake.clear()
 
     def _fail_running(self, err: Exception) -> None:
-        message = str(err) if isinstance(err, RankdialError) else f"internal error in the engine ({type(err).__name__})"
-        for r in self.scheduler.running:
-            self._finish(self._live[r.id], "error", message.splitlines()[0] if message else "internal error")
+        # one message for every row, naming nothing of the batch (other clients' adapters); the log has the rest
+        message = f"internal error in the engine's step ({type(err).__name__}); retry the request"
+        for r in list(self.scheduler.running):
+            self._finish(self._live[r.id], "error", message)
         self.runner.release_all()
 
     def has_work(self) -> bool:
         return bool(self._inbox or self._live)
 
-    def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
-        """Stop taking requests; with drain, finish those in flight first (up to `timeout` s), else cancel them."""
+    def shutdown(self, drain: bool = True, timeout: float = 30.0) -> int:
+        """Stop taking requests; with drain, finish those in flight first (up to `timeout` s), else cancel them.
+        Returns how many requests it cancelled (0: every request in flight was answered in full)."""
         self._stopping = True
         deadline = time.monotonic() + timeout
         while drain and self.has_work() and self._thread is not None and self._thread.is_alive() \
                 and time.monotonic() < deadline:
             time.sleep(0.01)
-        for x in list(self._live.values()) + list(self._inbox):
-            self._cancel(x.seq.id)
-        self._inbox_to_live()
+        left = {x.seq.id: x for x in list(self._live.values()) + list(self._inbox) if not x.done}
+        for request_id in left:
+            self._cancel(request_id)
+        self._end_all_if_no_thread()
         end = time.monotonic() + 5
         while self._live and self._thread is not None and self._thread.is_alive() and time.monotonic() < end:
             time.sleep(0.01)
@@ -454,20 +375,23 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.registry.close()
+        return len(left)
 
-    def _inbox_to_live(self) -> None:
+    def _end_all_if_no_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():  # no thread will take them: end them here
             for x in list(self._inbox) + list(self._live.values()):
                 self._finish(x, "cancelled")
             self._inbox.clear()
 
     def stats(self) -> dict:
-        parked = sum(len(v) for v in self._parked.values())
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + parked + len(self._inbox),
-                "last_batch_size": self.last_batch_size, "steps": self.steps, "tokens_generated": self.tokens_generated,
+        # read from HTTP threads while the engine thread changes things: only counters and len() of containers,
+        # never an iteration over them (_parked is counted by the engine thread in _n_parked)
+        waiting = len(self.scheduler.waiting) + self._n_parked + len(self._inbox)
+        return {"running": len(self.scheduler.running), "waiting": waiting,
+                "last_batch_size": self.last_batch_size, "largest_batch": self.largest_batch, "steps": self.steps, "tokens_generated": self.tokens_generated,
                 "adapters_loaded": len(self.registry.loaded()), "adapters_loading": len(self._loads),
                 "loaded_bytes": self.registry.loaded_bytes, "budget_bytes": self.registry.budget_bytes,
                 "hits": self.registry.hits, "misses": self.registry.misses, "evictions": self.registry.evictions}
 
 
-__all__ = ["Engine", "Handle", "TokenEvent", "Completion", "SamplingParams", "SchedulerLimits", "AdapterError"]
+__all__ = ["Engine", "Handle", "TokenEvent", "Completion", "Detokenizer", "SamplingParams", "SchedulerLimits", "AdapterError"]

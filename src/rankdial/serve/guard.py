@@ -87,7 +87,9 @@ class Guard:
 
 
 def bearer_matches(header: bytes, keys: list[str]) -> bool:
-    scheme, _, token = header.decode("latin-1").partition(" ")
+    """Whether the Authorization header's raw bytes are 'Bearer <one of keys>'. Compared as bytes (keys in UTF-8):
+    hmac.compare_digest refuses str holding non-ASCII, so a header such as 'Bearer été' is just a wrong key."""
+    scheme, _, token = header.partition(b" ")
     token = token.strip()
     # compare_digest against every key, so timing does not tell which key or how much of it matched
-    return scheme.lower() == "bearer" and sum(hmac.compare_digest(token, k) for k in keys) > 0
+    return scheme.lower() == b"bearer" and sum(hmac.compare_digest(token, k.encode("utf-8")) for k in keys) > 0

@@ -29,12 +29,15 @@ from ..adapters import read_adapter_config, read_adapter_weights
 from ..adapters.io import check_tensor_shapes, check_adapter_tensors, expected_shapes
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
 from ..config import LoraConfig
-from ..errors import AdapterError, AdapterFileError, RankdialError
+from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable
 from ..lora import LoraLayer, delete_adapter
 from ..lora.inject import Plan, plan_targets, with_task_heads
 
 DEFAULT_BUDGET_BYTES = 1 << 30  # 1 GiB of adapter weights: hundreds of rank-16 adapters on a 7B model
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")  # a plain folder name: no '.', '/', '\\' or spaces
+# A plain folder name, the one rule for an adapter's name (the API's schemas use it too): no '.', '/', '\\', spaces
+# or leading '_' / '-', so a name never walks out of the adapters folder nor names a hidden or private folder.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")
+_MAX_PLANS = 64  # distinct adapter configs whose target plans are cached (each is small; the bound keeps it so)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class _Read:
     tensors: dict[str, torch.Tensor]
 
 
-class BudgetFull(AdapterError):
+class BudgetFull(AdapterError, Unavailable):
     """The budget is held by pinned adapters and adapters in use: the load may succeed once requests finish."""
 
 
@@ -65,7 +68,8 @@ def check_adapter_folder_name(name) -> str:
     """`name` if it is a plain folder name usable as an adapter name, else AdapterError saying why."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise AdapterError(f"adapter name must be a plain folder name (letters, digits, '_' and '-', at most 128, "
-                           f"no '.', '/' or spaces), got {name!r}; e.g. 'sql-v2'")
+                           f"starting with a letter or digit; no '.', '/' or spaces), got {str(name)[:140]!r}; "
+                           "e.g. 'sql-v2'")
     return name
 
 
@@ -94,7 +98,8 @@ class AdapterRegistry:
         self._paths: dict[str, Path] = {}  # adapters loaded by an explicit path
         self._pinned: set[str] = set()
         self._in_use: dict[str, int] = {}
-        self._pending: dict[str, Future] = {}
+        self._pending: dict[str, Future] = {}  # loads in progress (a done-callback removes each when it ends)
+        self._held_reads: dict[str, _Read] = {}  # reads whose attach found the budget full, kept for the retry
         self._plans: dict[str, Plan] = {}
         self._ranks: dict[str, int] = {}  # loaded adapter -> its largest rank (info() without walking the model)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
@@ -243,23 +248,53 @@ class AdapterRegistry:
                 done: Future = Future()
                 done.set_result(self.info(name))
                 return done
-            if name not in self._pending or self._pending[name].done():
-                self.misses += 1
-                self._pending[name] = self._reader.submit(lambda: self.attach(self.read(name)))
-            return self._pending[name]
+            if name in self._pending:
+                return self._pending[name]
+            retry = name in self._held_reads
+            self.misses += not retry
+            future = self._reader.submit(self._read_and_attach, name)
+            self._pending[name] = future
+        future.add_done_callback(lambda f: self._forget_pending(name, f))
+        return future
 
-    def unload(self, name: str) -> None:
-        """Remove adapter `name` from the model; AdapterError if unknown, in use by a request, or not loaded."""
+    def _read_and_attach(self, name: str) -> AdapterInfo:
+        """The reader thread's load: read the files (or take the read a full budget left behind) and attach.
+        On BudgetFull the read is kept for the retry (load_async again), so a retry does not read the files again."""
+        with self.lock:
+            read = self._held_reads.pop(name, None)
+        read = read or self.read(name)
+        try:
+            return self.attach(read)
+        except BudgetFull as err:
+            with self.lock:
+                self._held_reads[name] = read
+            raise BudgetFull(str(err)) from None  # a fresh exception: its traceback holds no tensors
+
+    def _forget_pending(self, name: str, future: Future) -> None:
+        with self.lock:
+            if self._pending.get(name) is future:
+                del self._pending[name]
+
+    def drop_held_read(self, name: str) -> None:
+        """Forget the read a full budget left behind for `name` (its waiter gave up)."""
+        with self.lock:
+            self._held_reads.pop(name, None)
+
+    def unload(self, name: str) -> bool:
+        """Remove adapter `name` from the model (and forget the path of one loaded by path); True if it was loaded,
+        False if it was known but not loaded (nothing to free). AdapterError if unknown, AdapterInUse if running
+        requests use it."""
         with self.lock:
             if name not in self._loaded:
                 self.check_known(name)
                 self._paths.pop(name, None)
-                return
+                return False
             if self._in_use.get(name):
-                raise AdapterError(f"adapter {name!r} is in use by {self._in_use[name]} running request(s); "
+                raise AdapterInUse(f"adapter {name!r} is in use by {self._in_use[name]} running request(s); "
                                    "unload it when they finish")
             self._evict(name)
             self._paths.pop(name, None)
+            return True
 
     # -- pinning and use -------------------------------------------------------------------------------
     def pin(self, name: str) -> None:
@@ -326,6 +361,8 @@ class AdapterRegistry:
         through) and the config, and computing it walks the whole model, which grows with every adapter loaded."""
         key = repr(config)
         if key not in self._plans:
+            if len(self._plans) >= _MAX_PLANS:
+                del self._plans[next(iter(self._plans))]  # the oldest
             self._plans[key] = plan_targets(self.model, config)
         return self._plans[key]
 

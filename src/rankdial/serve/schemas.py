@@ -6,13 +6,12 @@ OpenAI fields that only have one meaning here (`n`, `echo`, `logprobs`, `user`) 
 
 from __future__ import annotations
 
-import re
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# A plain folder name: what an adapter may be called, so a name never walks out of the adapters folder.
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from ..errors import AdapterError
+from .registry import check_adapter_folder_name
 
 
 class _Strict(BaseModel):
@@ -83,6 +82,14 @@ class ChatRequest(_Sampling):
 
 
 class AdapterLoad(_Strict):
-    name: str = Field(pattern=ADAPTER_NAME.pattern)
+    name: str  # the registry's one rule for a name (check_adapter_folder_name)
     path: str | None = Field(None, min_length=1)
     pin: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, value):
+        try:
+            return check_adapter_folder_name(value)
+        except AdapterError as err:  # pydantic reports a ValueError as a 422 naming the field
+            raise ValueError(str(err)) from None

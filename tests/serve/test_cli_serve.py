@@ -1,0 +1,87 @@
+"""`rankdial serve`'s flags: the token limits reach the engine (one source of truth), the listening socket's
+errors name the flag, and the last line tells the truth about requests cancelled at shutdown."""
+
+from __future__ import annotations
+
+import gc
+import signal
+import socket
+
+import pytest
+from fastapi.testclient import TestClient
+
+from rankdial.cli import build_parser, cmd_serve
+from rankdial.errors import ConfigError
+from rankdial.serve.launch import app_from_args, check_serve_flags
+from rankdial.serve.listen import listen_socket
+
+
+def serve_args(*flags):
+    return build_parser().parse_args(["serve", "--port", "0", *flags])
+
+
+def test_token_limit_flags_reach_the_engine_and_are_enforced_once():
+    app, line = app_from_args(serve_args("--max-tokens", "8", "--max-prompt-tokens", "5"), freeze_gc=False)
+    engine = app.state.engine
+    assert (engine.max_new_tokens, engine.max_prompt_tokens) == (8, 5)
+    assert "max_tokens <= 8" in line and "prompt <= 5 tokens" in line
+    calls = []
+    encode = engine.tokenizer.encode
+    engine.tokenizer.encode = lambda *a, **k: calls.append(a) or encode(*a, **k)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        many = c.post("/v1/completions", json={"model": engine.base_name, "prompt": "Jesus wept", "max_tokens": 9})
+        calls.clear()
+        long = c.post("/v1/completions", json={"model": engine.base_name, "prompt": "In the beginning God created "
+                                                                                   "the heaven and the earth"})
+        long_calls = len(calls)
+        ok = c.post("/v1/completions", json={"model": engine.base_name, "prompt": "Jesus wept", "max_tokens": 8})
+    assert many.status_code == 400 and "limit of 8" in many.json()["error"]["message"]
+    assert long.status_code == 400 and "limit of 5" in long.json()["error"]["message"]
+    assert long_calls == 1  # the prompt is tokenized once, by the engine
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 8
+
+
+def test_bad_flags_are_named_together():
+    with pytest.raises(ConfigError, match="--drain-timeout must be positive.*--port must be in 0-65535"):
+        check_serve_flags(serve_args("--drain-timeout", "0", "--port", "70000"))
+
+
+def test_listen_socket_names_the_flag():
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{port} .*choose another --port"):
+            listen_socket("127.0.0.1", port)
+        with pytest.raises(ConfigError, match="--web-port must be in 0-65535"):
+            listen_socket("127.0.0.1", 70000, port_flag="--web-port")
+        sock = listen_socket("127.0.0.1", 0)
+        assert sock.getsockname()[1] > 0
+        sock.close()
+    finally:
+        taken.close()
+
+
+@pytest.mark.parametrize("cancelled, says", [(0, "every request in flight was answered"),
+                                              (2, "2 request(s) still running after --drain-timeout 1.5 s were "
+                                                  "cancelled")])
+def test_the_last_line_tells_how_many_requests_were_cancelled(monkeypatch, capsys, cancelled, says):
+    import uvicorn
+
+    seen = {}
+
+    def run(server, sockets):  # instead of serving: what the lifespan's engine.shutdown() reported
+        seen["drain"] = server.config.app.state  # the app cmd_serve built
+        server.config.app.state.cancelled_at_shutdown = cancelled
+        [s.close() for s in sockets]
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    try:
+        assert cmd_serve(serve_args("--drain-timeout", "1.5")) == 0
+    finally:
+        gc.unfreeze()
+        seen["drain"].engine.shutdown(drain=False)
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == f"rankdial serve: stopped; {says}"
