@@ -9,20 +9,24 @@ Bad values get a 4xx whose body is {"error": message, "field": name}; nothing re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import shutil
+import signal
 import tempfile
-from contextlib import asynccontextmanager
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from ..errors import RankdialError
 from .jobs import TASKS, BusyError, JobManager, Limits
@@ -45,10 +49,10 @@ class ApiError(Exception):
 class TrainRequest(BaseModel):
     task: Literal[TASKS] = "text"  # type: ignore[valid-type]
     ranks: list[int] = Field(default=[4], min_length=1, max_length=16)
-    alpha: float | None = Field(default=None, gt=0, le=1024)  # None: the library's default for the task
+    alpha: float | None = Field(default=None, gt=0, le=1024, allow_inf_nan=False)  # None: the task's default
     steps: int = Field(default=40, ge=1)
     examples: int = Field(default=128, ge=8)
-    lr: float = Field(default=1e-3, gt=0, le=0.1)
+    lr: float = Field(default=1e-3, gt=0, le=0.1, allow_inf_nan=False)
 
 
 def create_app(limits: Limits | None = None, jobs: JobManager | None = None, device: str = "auto") -> FastAPI:
@@ -58,7 +62,7 @@ def create_app(limits: Limits | None = None, jobs: JobManager | None = None, dev
     shelf = AdapterShelf(Path(tempfile.mkdtemp(prefix="rankdial-playground-adapters-")), device)
     manager = jobs or JobManager(limits, keep_adapter=shelf.keep, device=device)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         manager.shutdown()  # cancel running jobs when the server stops
@@ -67,6 +71,7 @@ def create_app(limits: Limits | None = None, jobs: JobManager | None = None, dev
 
     app = FastAPI(title="rankdial playground", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.jobs = manager
+    app.state.stopping = threading.Event()  # set by begin_shutdown: event streams end, jobs are cancelled
     _error_handlers(app)
     app.middleware("http")(_limit_body)
     _page_routes(app, limits)
@@ -128,7 +133,7 @@ def _job_routes(app: FastAPI, manager: JobManager, limits: Limits) -> None:
     @app.get("/api/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request):
         job = _job(manager, job_id, request)
-        return StreamingResponse(_stream(job, request), media_type="text/event-stream",
+        return StreamingResponse(_stream(job, request, app.state.stopping), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     @app.delete("/api/jobs/{job_id}")
@@ -217,7 +222,8 @@ def nf4_report(layer: str) -> dict:
 
 def _between(field: str, value, lo, hi) -> None:
     if not lo <= value <= hi:
-        raise ApiError(422, f"{field} must be between {lo:g} and {hi:g}, got {value:g}", field)
+        got = f"{value:,}" if isinstance(value, int) and abs(value) < 10**30 else f"{value:.6g}"
+        raise ApiError(422, f"{field} must be between {lo:g} and {hi:g}, got {got}", field)
 
 
 def check_train(body: TrainRequest, limits: Limits) -> dict:
@@ -265,11 +271,12 @@ def client_of(request: Request) -> str:
 def _job(manager: JobManager, job_id: str, request: Request):
     job = manager.get(job_id)
     if job is None or job.client != client_of(request):
-        raise ApiError(404, f"no job {job_id!r} of yours; start one with POST /api/jobs", "job_id")
+        shown = job_id if len(job_id) <= 40 else job_id[:40] + "..."
+        raise ApiError(404, f"no job {shown!r} of yours; start one with POST /api/jobs", "job_id")
     return job
 
 
-async def _stream(job, request: Request):
+async def _stream(job, request: Request, stopping: threading.Event):
     """Server-sent events: every event of the job from the first, then new ones as they come, until it ends."""
     import time
 
@@ -282,7 +289,7 @@ async def _stream(job, request: Request):
                 yield f"data: {json.dumps(event)}\n\n"
             if job.finished and sent >= len(job.events):
                 return
-            if await request.is_disconnected():
+            if stopping.is_set() or await request.is_disconnected():
                 return
             await asyncio.sleep(0.1)
     finally:
@@ -294,6 +301,13 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
         return JSONResponse({"error": err.message, "field": err.field}, status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err: HTTPException):  # no such route, wrong method, an unreadable body
+        message = {404: f"no such page or route: {request.url.path[:80]}", 405: f"{request.method} is not allowed on "
+                   f"{request.url.path[:80]}"}.get(err.status_code, str(err.detail))
+        return JSONResponse({"error": message, "field": "body" if err.status_code == 400 else None},
+                            status_code=err.status_code, headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, err: RequestValidationError):
@@ -323,15 +337,55 @@ def serve(port: int = 7860, host: str = "127.0.0.1", log=print) -> None:
     the serving (as `rankdial serve` does). Ctrl-C gives open requests (event streams) GRACE_S seconds, then
     closes them; the lifespan then cancels the running jobs.
     """
-    import uvicorn
-
     sock = listen_socket(host, port)
     try:
         log(f"rankdial playground on http://{host}:{sock.getsockname()[1]}/  (Ctrl-C stops it)")
-        config = uvicorn.Config(create_app(), log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACE_S)
-        uvicorn.Server(config).run(sockets=[sock])
+        app = create_app()
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACE_S)
+        server = PlaygroundServer(config, app)
+        server.run(sockets=[sock])
     finally:
         sock.close()
+    if server.stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt  # Ctrl-C ends the verb as it ends every verb (exit code 130)
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """The server is stopping: end every event stream now and ask every running job to stop (neither waits)."""
+    app.state.stopping.set()
+    for job in app.state.jobs.running():
+        job.cancel("the playground is shutting down")
+
+
+class PlaygroundServer(uvicorn.Server):
+    """uvicorn's server, which on Ctrl-C or SIGTERM first ends the playground's event streams and cancels its jobs
+    (begin_shutdown), so that its graceful shutdown has no open stream to wait for.
+
+    uvicorn re-raises the signal it caught from inside its event loop once it has shut down, which logs the
+    lifespan task's cancellation as a trace; this one records the signal instead (`stopped_by`) and restores the
+    previous handlers, and serve() turns a Ctrl-C into KeyboardInterrupt after the loop has ended.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self.playground, self.stopped_by = app, None
+
+    def handle_exit(self, sig, frame) -> None:
+        self.stopped_by = self.stopped_by or sig
+        begin_shutdown(self.playground)
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def listen_socket(host: str, port: int):
