@@ -103,9 +103,16 @@ def test_ctrl_c_stops_the_server_promptly_while_a_job_streams():
             time.sleep(0.05)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        proc.wait(20)
-        assert time.monotonic() - t0 < 3, f"the server took {time.monotonic() - t0:.1f} s to stop"
         reader.join(5)
+        while time.monotonic() - t0 < 10:  # stopped serving: the port refuses connections
+            try:
+                c.get("/api/limits", timeout=1)
+                time.sleep(0.05)
+            except httpx.TransportError:
+                break
+        stopped = time.monotonic() - t0
+        assert stopped < 2, f"the server took {stopped:.1f} s to stop serving"  # was 7 s: streams held it open
+        assert proc.wait(30) == 130  # then Python's own exit (seconds with torch loaded, on a busy machine)
         assert "step" in seen and "broken" not in seen
         assert "Traceback" not in proc.stderr.read()
     finally:
