@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -110,12 +111,23 @@ def test_jobs_and_the_serving_engine_take_the_library_device_choice(monkeypatch,
     assert asked == ["auto"] and job.device == "cpu"
     job.workdir = tmp_path
     assert _text_config(job, 2, tmp_path / "d.jsonl", tmp_path / "e.jsonl").device == "cpu"
-    got = {}
-    monkeypatch.setattr(Engine, "from_pretrained",
-                        classmethod(lambda cls, base, adapters, device=None, **kw: got.update(device=device,
-                                                                                               locked=MODEL_LOADING.locked())))
-    AdapterShelf(tmp_path, device="auto").get_engine()
-    assert got == {"device": "auto", "locked": True}
+    got = {"starts": 0}
+
+    class FakeEngine:
+        def start(self):
+            time.sleep(0.01)
+            got["starts"] += 1
+
+    def build(cls, base, adapters, device=None, **kw):
+        got.update(device=device, locked=MODEL_LOADING.locked())
+        return FakeEngine()
+
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(build))
+    shelf = AdapterShelf(tmp_path, device="auto")
+    askers = [threading.Thread(target=shelf.get_engine) for _ in range(8)]  # requests that arrive together
+    [t.start() for t in askers]
+    [t.join(10) for t in askers]
+    assert got == {"device": "auto", "locked": True, "starts": 1} and isinstance(shelf.engine, FakeEngine)
 
 
 def test_serve_hands_uvicorn_the_socket_it_bound(monkeypatch):

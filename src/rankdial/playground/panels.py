@@ -66,8 +66,11 @@ class AdapterShelf:
         with self._lock:
             if self.engine is None:
                 with MODEL_LOADING:
-                    self.engine = Engine.from_pretrained("default", str(self.root), device=self.device,
-                                                         max_new_tokens=64)
+                    engine = Engine.from_pretrained("default", str(self.root), device=self.device, max_new_tokens=64)
+                # Its step thread starts here, once, under the shelf's lock: requests that arrive together would
+                # otherwise each start one from Engine.submit (two threads stepping one engine fail its steps).
+                engine.start()
+                self.engine = engine
             return self.engine
 
     def close(self) -> None:
