@@ -119,3 +119,10 @@ def test_ctrl_c_stops_the_server_promptly_while_a_job_streams():
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_diverged_loss_streams_as_strict_json(client):
+    from rankdial.playground.app import event_json
+
+    line = event_json({"type": "step", "loss": float("nan"), "spectrum": [{"sv": [1.0, float("inf")]}]})
+    assert json.loads(line, parse_constant=pytest.fail) == {"type": "step", "loss": None, "spectrum": [{"sv": [1.0, None]}]}

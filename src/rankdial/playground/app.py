@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import secrets
 import shutil
 import signal
@@ -286,7 +287,7 @@ async def _stream(job, request: Request, stopping: threading.Event):
         while True:
             for event in job.events_since(sent):
                 sent += 1
-                yield f"data: {json.dumps(event)}\n\n"
+                yield f"data: {event_json(event)}\n\n"
             if job.finished and sent >= len(job.events):
                 return
             if stopping.is_set() or await request.is_disconnected():
@@ -295,6 +296,19 @@ async def _stream(job, request: Request, stopping: threading.Event):
     finally:
         job.listeners -= 1
         job.last_seen = time.monotonic()
+
+
+def event_json(event: dict) -> str:
+    """The event as strict JSON: a diverged run's NaN or infinite loss becomes null (the browser's JSON.parse
+    rejects NaN and Infinity, which json.dumps writes by default)."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(finite(event), allow_nan=False)
 
 
 def _error_handlers(app: FastAPI) -> None:
