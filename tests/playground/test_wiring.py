@@ -140,6 +140,7 @@ def test_serve_hands_uvicorn_the_socket_it_bound(monkeypatch):
     def run(self, sockets=None):
         (sock,) = sockets
         port = sock.getsockname()[1]
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # listening already: a client waits
         with socket.socket() as rival, pytest.raises(OSError):
             rival.bind(("127.0.0.1", port))  # the port is ours from the check on: no window for another process
         held.append(port)

@@ -403,7 +403,7 @@ class PlaygroundServer(uvicorn.Server):
 
 
 def listen_socket(host: str, port: int):
-    """A TCP socket bound to host:port (0: a free port), or ConfigError naming --port.
+    """A TCP socket bound to host:port (0: a free port) and listening, or ConfigError naming --port.
 
     (The playground's own small version; `rankdial serve` binds its socket in cli.cmd_serve the same way.)
     """
@@ -418,6 +418,7 @@ def listen_socket(host: str, port: int):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(128)  # listening from here: a client that comes after the address is printed waits, not refused
     except OSError as err:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}); pick another port with "
