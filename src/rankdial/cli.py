@@ -309,7 +309,7 @@ def add_playground_parser(verbs, fmt) -> None:
     p = verbs.add_parser("playground", help="a local web page: turn the rank dial, watch training, memory, NF4",
                          epilog="example: rankdial playground --port 7860   (then open http://127.0.0.1:7860/)",
                          formatter_class=fmt)
-    p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: 7860)")
+    p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: 7860; 0 picks a free one)")
     p.set_defaults(run=cmd_playground)
 
 

@@ -95,3 +95,29 @@ def test_rank_capacity_claim_runs_each_rank_on_the_known_task():
     f = rank_as_capacity([1, 4], steps=5)
     assert f["task"]["true_rank"] == 4 and [run["rank"] for run in f["runs"]] == [1, 4]
     assert all(len(run["steps"]) == 2 and len(run["singular_values"]) == 64 for run in f["runs"])
+
+
+def _rank_figures(evals: dict[int, tuple[float, float]]) -> dict:
+    runs = [{"rank": r, "final_train": tr, "final_eval": ev} for r, (tr, ev) in evals.items()]
+    return {"task": {"true_rank": 4, "d": 64, "n_train": 96, "n_eval": 512, "noise_floor": 0.09}, "runs": runs}
+
+
+def test_the_rank_verdict_is_worded_from_the_figures_either_way():
+    from rankdial.rank.claims_text import _rank
+
+    usual = " ".join(_rank(_rank_figures({2: (0.5, 0.6), 4: (0.085, 0.095), 64: (0.03, 0.2)})))
+    assert "eval loss stays up" in usual and "below the floor: it fits the noise" in usual and "eval rises to" in usual
+    other = " ".join(_rank(_rank_figures({2: (0.05, 0.08), 4: (0.085, 0.095), 64: (0.1, 0.09)})))
+    assert "does not stay up" in other and "not below the floor: it does not fit the noise" in other
+    assert "it fits the noise" not in other.replace("does not fit", "") and "eval rises" not in other
+    assert "does not rise above r = k's" in other
+
+
+def test_the_steering_verdict_says_from_r_up_only_when_every_higher_rank_does_as_well():
+    from rankdial.rank.claims_text import _steering_verdict
+
+    full = {"eval_loss": 1.0}
+    runs = lambda *losses: [{"rank": r, "eval_loss": x} for r, x in zip((1, 8, 64), losses)]  # noqa: E731
+    assert _steering_verdict(runs(1.2, 0.9, 0.8), full).endswith("from r = 8 up")
+    assert _steering_verdict(runs(0.9, 1.1, 0.8), full) == "LoRA matches or beats full fine-tuning only at r = 1, 64"
+    assert _steering_verdict(runs(1.2, 1.1, 1.3), full) == "no LoRA rank reaches full fine-tuning"

@@ -9,20 +9,25 @@ Bad values get a 4xx whose body is {"error": message, "field": name}; nothing re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import secrets
 import shutil
+import signal
 import tempfile
-from contextlib import asynccontextmanager
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from ..errors import RankdialError
 from .jobs import TASKS, BusyError, JobManager, Limits
@@ -32,6 +37,7 @@ STATIC = Path(__file__).parent / "static"
 COOKIE = "rankdial_client"
 PLAN_MODELS = ("default", "llama-7b", "llama-13b", "llama-70b")
 METHODS = ("full", "lora", "qlora")
+GRACE_S = 3  # seconds Ctrl-C leaves open requests (event streams) before it closes them
 MAX_BODY = 16 * 1024  # bytes of a request body: every form on the page fits in well under 1 kB
 
 
@@ -44,19 +50,20 @@ class ApiError(Exception):
 class TrainRequest(BaseModel):
     task: Literal[TASKS] = "text"  # type: ignore[valid-type]
     ranks: list[int] = Field(default=[4], min_length=1, max_length=16)
-    alpha: float | None = Field(default=None, gt=0, le=1024)  # None: the library's default for the task
+    alpha: float | None = Field(default=None, gt=0, le=1024, allow_inf_nan=False)  # None: the task's default
     steps: int = Field(default=40, ge=1)
     examples: int = Field(default=128, ge=8)
-    lr: float = Field(default=1e-3, gt=0, le=0.1)
+    lr: float = Field(default=1e-3, gt=0, le=0.1, allow_inf_nan=False)
 
 
-def create_app(limits: Limits | None = None, jobs: JobManager | None = None) -> FastAPI:
-    """The playground app; `jobs` replaces the job manager (tests give it their own runners)."""
+def create_app(limits: Limits | None = None, jobs: JobManager | None = None, device: str = "auto") -> FastAPI:
+    """The playground app; `jobs` replaces the job manager (tests give it their own runners); models train and
+    serve on `device` (rankdial.models.loading.pick_device: auto is CUDA when there is one)."""
     limits = limits or Limits()
-    shelf = AdapterShelf(Path(tempfile.mkdtemp(prefix="rankdial-playground-adapters-")))
-    manager = jobs or JobManager(limits, keep_adapter=shelf.keep)
+    shelf = AdapterShelf(Path(tempfile.mkdtemp(prefix="rankdial-playground-adapters-")), device)
+    manager = jobs or JobManager(limits, keep_adapter=shelf.keep, device=device)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         manager.shutdown()  # cancel running jobs when the server stops
@@ -65,16 +72,26 @@ def create_app(limits: Limits | None = None, jobs: JobManager | None = None) -> 
 
     app = FastAPI(title="rankdial playground", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.jobs = manager
+    app.state.stopping = threading.Event()  # set by begin_shutdown: event streams end, jobs are cancelled
     _error_handlers(app)
+    app.middleware("http")(_limit_body)
+    _page_routes(app, limits)
+    _job_routes(app, manager, limits)
+    add_routes(app, shelf, ApiError)
+    return app
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length", "chunked" if "transfer-encoding" in request.headers else "0")
-        if not size.isdigit() or int(size) > MAX_BODY:
-            return JSONResponse({"error": f"the request body is over {MAX_BODY} bytes (or its length is not "
-                                          "given); send less", "field": "body"}, status_code=413)
-        return await call_next(request)
 
+async def _limit_body(request: Request, call_next):
+    """Refuse a body over MAX_BODY bytes, or one whose length is not given, before anything reads it."""
+    size = request.headers.get("content-length", "chunked" if "transfer-encoding" in request.headers else "0")
+    if not size.isdigit() or int(size) > MAX_BODY:
+        return JSONResponse({"error": f"the request body is over {MAX_BODY} bytes (or its length is not "
+                                      "given); send less", "field": "body"}, status_code=413)
+    return await call_next(request)
+
+
+def _page_routes(app: FastAPI, limits: Limits) -> None:
+    """The page, its static files, and the panels that are one library call each."""
     @app.get("/", include_in_schema=False)
     def index(request: Request):
         """The page; it gives each visitor an id (a cookie) so that fair use counts visitors, not addresses.
@@ -102,6 +119,9 @@ def create_app(limits: Limits | None = None, jobs: JobManager | None = None) -> 
     def nf4(layer: str = "model.layers.0.mlp.up_proj.weight"):
         return nf4_report(layer)
 
+
+def _job_routes(app: FastAPI, manager: JobManager, limits: Limits) -> None:
+    """Start a training job, stream its events, read its state, cancel it (each visitor sees only its own)."""
     @app.post("/api/jobs", status_code=202)
     def start_job(body: TrainRequest, request: Request):
         spec = check_train(body, limits)
@@ -114,7 +134,7 @@ def create_app(limits: Limits | None = None, jobs: JobManager | None = None) -> 
     @app.get("/api/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request):
         job = _job(manager, job_id, request)
-        return StreamingResponse(_stream(job, request), media_type="text/event-stream",
+        return StreamingResponse(_stream(job, request, app.state.stopping), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     @app.delete("/api/jobs/{job_id}")
@@ -128,14 +148,11 @@ def create_app(limits: Limits | None = None, jobs: JobManager | None = None) -> 
         job = _job(manager, job_id, request)
         return {"id": job.id, "state": job.state, "spec": job.spec, "events": len(job.events)}
 
-    add_routes(app, shelf, ApiError)
-
-    return app
-
 
 # ------------------------------------------------------------------------------------------------ panels
 
 def lora_numbers(d_in: int, d_out: int, r: int, alpha: float) -> dict:
+    from ..config import lora_scaling
     from ..memory import lora_params
 
     _between("d_in", d_in, 1, 65536)
@@ -143,7 +160,7 @@ def lora_numbers(d_in: int, d_out: int, r: int, alpha: float) -> dict:
     _between("r", r, 1, min(d_in, d_out, 4096))
     _between("alpha", alpha, 1e-6, 1e6)
     trainable = lora_params(d_in, d_out, r)
-    return {"d_in": d_in, "d_out": d_out, "r": r, "alpha": alpha, "scale": alpha / r,
+    return {"d_in": d_in, "d_out": d_out, "r": r, "alpha": alpha, "scale": lora_scaling(r, alpha),
             "delta_w": d_in * d_out, "a": r * d_in, "b": d_out * r, "trainable": trainable,
             "share": trainable / (d_in * d_out), "shapes": {"delta_w": [d_out, d_in], "a": [r, d_in], "b": [d_out, r]}}
 
@@ -206,20 +223,46 @@ def nf4_report(layer: str) -> dict:
 
 def _between(field: str, value, lo, hi) -> None:
     if not lo <= value <= hi:
-        raise ApiError(422, f"{field} must be between {lo:g} and {hi:g}, got {value:g}", field)
+        got = f"{value:,}" if isinstance(value, int) and abs(value) < 10**30 else f"{value:.6g}"
+        raise ApiError(422, f"{field} must be between {lo:g} and {hi:g}, got {got}", field)
 
 
 def check_train(body: TrainRequest, limits: Limits) -> dict:
-    ranks = sorted(set(body.ranks))
+    """The job's spec: exactly what it will run, each value within the caps (ApiError naming the field)."""
+    if body.task == "steering":
+        return _check_steering(body, limits)
+    ranks = _check_ranks(body.ranks, limits)
+    _between("steps", body.steps, 1, limits.max_synthetic_steps if body.task == "synthetic" else limits.max_steps)
+    _between("examples", body.examples, 8, limits.max_examples)
+    return {"task": body.task, "ranks": ranks, "alpha": body.alpha, "steps": body.steps, "examples": body.examples,
+            "lr": body.lr}
+
+
+def _check_steering(body: TrainRequest, limits: Limits) -> dict:
+    """Steering runs at the job's ranks and steps (the quick report's when not given); its own alpha (2r),
+    learning-rate grids and data, so a request that sets those is refused rather than ignored."""
+    from ..rank.claims import SETTINGS
+
+    given = body.model_fields_set
+    unused = [f for f in ("alpha", "lr", "examples") if f in given]
+    if unused:
+        raise ApiError(422, f"{unused[0]}: the steering task sets its own (alpha = 2r, learning rates tuned on a "
+                            "grid, its own data); send only task, ranks and steps", unused[0])
+    quick = SETTINGS[True]
+    ranks = _check_ranks(body.ranks if "ranks" in given else quick["steer_ranks"], limits)
+    steps = body.steps if "steps" in given else quick["steer_steps"]
+    _between("steps", steps, 1, limits.max_steering_steps)
+    return {"task": "steering", "ranks": ranks, "steps": steps}
+
+
+def _check_ranks(ranks: list[int], limits: Limits) -> list[int]:
+    ranks = sorted(set(ranks))
     if len(ranks) > limits.max_ranks:
         raise ApiError(422, f"ranks: at most {limits.max_ranks} ranks in one sweep, got {len(ranks)}", "ranks")
     bad = [r for r in ranks if not 1 <= r <= limits.max_rank]
     if bad:
         raise ApiError(422, f"ranks must be between 1 and {limits.max_rank} here, got {bad[0]}", "ranks")
-    _between("steps", body.steps, 1, limits.max_synthetic_steps if body.task == "synthetic" else limits.max_steps)
-    _between("examples", body.examples, 8, limits.max_examples)
-    return {"task": body.task, "ranks": ranks, "alpha": body.alpha, "steps": body.steps, "examples": body.examples,
-            "lr": body.lr}
+    return ranks
 
 
 def client_of(request: Request) -> str:
@@ -229,11 +272,12 @@ def client_of(request: Request) -> str:
 def _job(manager: JobManager, job_id: str, request: Request):
     job = manager.get(job_id)
     if job is None or job.client != client_of(request):
-        raise ApiError(404, f"no job {job_id!r} of yours; start one with POST /api/jobs", "job_id")
+        shown = job_id if len(job_id) <= 40 else job_id[:40] + "..."
+        raise ApiError(404, f"no job {shown!r} of yours; start one with POST /api/jobs", "job_id")
     return job
 
 
-async def _stream(job, request: Request):
+async def _stream(job, request: Request, stopping: threading.Event):
     """Server-sent events: every event of the job from the first, then new ones as they come, until it ends."""
     import time
 
@@ -243,10 +287,10 @@ async def _stream(job, request: Request):
         while True:
             for event in job.events_since(sent):
                 sent += 1
-                yield f"data: {json.dumps(event)}\n\n"
+                yield f"data: {event_json(event)}\n\n"
             if job.finished and sent >= len(job.events):
                 return
-            if await request.is_disconnected():
+            if stopping.is_set() or await request.is_disconnected():
                 return
             await asyncio.sleep(0.1)
     finally:
@@ -254,10 +298,30 @@ async def _stream(job, request: Request):
         job.last_seen = time.monotonic()
 
 
+def event_json(event: dict) -> str:
+    """The event as strict JSON: a diverged run's NaN or infinite loss becomes null (the browser's JSON.parse
+    rejects NaN and Infinity, which json.dumps writes by default)."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return json.dumps(finite(event), allow_nan=False)
+
+
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
         return JSONResponse({"error": err.message, "field": err.field}, status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err: HTTPException):  # no such route, wrong method, an unreadable body
+        message = {404: f"no such page or route: {request.url.path[:80]}", 405: f"{request.method} is not allowed on "
+                   f"{request.url.path[:80]}"}.get(err.status_code, str(err.detail))
+        return JSONResponse({"error": message, "field": "body" if err.status_code == 400 else None},
+                            status_code=err.status_code, headers=getattr(err, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, err: RequestValidationError):
@@ -281,20 +345,82 @@ def _error_handlers(app: FastAPI) -> None:
 
 
 def serve(port: int = 7860, host: str = "127.0.0.1", log=print) -> None:
-    """Run the playground with uvicorn until Ctrl-C; prints the address first. Local by default (127.0.0.1)."""
-    import socket
+    """Run the playground with uvicorn until Ctrl-C; prints the address first. Local by default (127.0.0.1).
 
-    import uvicorn
+    The socket is bound here and handed to uvicorn, so no other process can take the port between the check and
+    the serving (as `rankdial serve` does). Ctrl-C gives open requests (event streams) GRACE_S seconds, then
+    closes them; the lifespan then cancels the running jobs.
+    """
+    sock = listen_socket(host, port)
+    try:
+        log(f"rankdial playground on http://{host}:{sock.getsockname()[1]}/  (Ctrl-C stops it)")
+        app = create_app()
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACE_S)
+        server = PlaygroundServer(config, app)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if server.stopped_by == signal.SIGINT:
+        raise KeyboardInterrupt  # Ctrl-C ends the verb as it ends every verb (exit code 130)
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """The server is stopping: end every event stream now and ask every running job to stop (neither waits)."""
+    app.state.stopping.set()
+    for job in app.state.jobs.running():
+        job.cancel("the playground is shutting down")
+
+
+class PlaygroundServer(uvicorn.Server):
+    """uvicorn's server, which on Ctrl-C or SIGTERM first ends the playground's event streams and cancels its jobs
+    (begin_shutdown), so that its graceful shutdown has no open stream to wait for.
+
+    uvicorn re-raises the signal it caught from inside its event loop once it has shut down, which logs the
+    lifespan task's cancellation as a trace; this one records the signal instead (`stopped_by`) and restores the
+    previous handlers, and serve() turns a Ctrl-C into KeyboardInterrupt after the loop has ended.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self.playground, self.stopped_by = app, None
+
+    def handle_exit(self, sig, frame) -> None:
+        self.stopped_by = self.stopped_by or sig
+        begin_shutdown(self.playground)
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def listen_socket(host: str, port: int):
+    """A TCP socket bound to host:port (0: a free port) and listening, or ConfigError naming --port.
+
+    (The playground's own small version; `rankdial serve` binds its socket in cli.cmd_serve the same way.)
+    """
+    import socket
 
     from ..errors import ConfigError
 
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError(f"--port must be an integer in 1..65535, got {port!r} (default: 7860)")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}); pick another port with "
-                              f"--port, e.g. --port {port + 1}") from None
-    log(f"rankdial playground on http://{host}:{port}/  (Ctrl-C stops it)")
-    uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be an integer in 0..65535 (0 picks a free one), got {port!r} "
+                          "(default: 7860)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)  # listening from here: a client that comes after the address is printed waits, not refused
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}); pick another port with "
+                          f"--port, e.g. --port {port + 1 if port < 65535 else 7860} (0 picks a free one)") from None
+    return sock

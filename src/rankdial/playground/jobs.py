@@ -4,7 +4,7 @@ Fair use: one job per client at a time, at most `max_running` jobs on the machin
 (`Limits`); a job can be cancelled, and a job nobody has listened to for `grace_s` seconds (the page was closed)
 cancels itself at its next step. A job that fails ends with an "error" event holding one line, never a trace.
 The math is the library's: `rankdial.train.loop`'s stages, `rankdial.rank.spectrum`, and (for the synthetic task)
-`rankdial.rank.claims.train_synthetic`.
+`rankdial.rank.synthetic.train_synthetic` on the claims report's task (`synthetic.CLAIMS_TASK`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import torch
 from ..errors import RankdialError
 
 TASKS = ("text", "synthetic", "steering")
-SYNTHETIC = dict(true_rank=4, d=64, n_eval=512, noise=0.3, seed=0)  # the claims report's task (rank_as_capacity)
 # transformers' model loading is not thread-safe (it patches torch's module init while it builds on the meta
 # device: two loads at once leave meta tensors), so every library call here that loads a model holds this lock.
 MODEL_LOADING = threading.Lock()
@@ -42,6 +41,7 @@ class Limits:
     max_ranks: int = 4  # runs in one sweep
     max_running: int = 2  # jobs on the whole machine at once (2 CPU cores)
     grace_s: float = 5.0  # a job with no listener for this long is cancelled
+    max_steering_steps: int = 60  # of the steering task (each step runs for 2 tasks x (ranks + 1) x 2 rates)
 
 
 class JobCancelled(Exception):
@@ -67,6 +67,7 @@ class Job:
     listeners: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     workdir: Path | None = None
+    device: str = "cpu"  # where its models train (JobManager's, from rankdial.models.loading.pick_device)
     keep_adapter: Callable[[str, Path], None] | None = None  # (name, folder) of each finished text run
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -106,9 +107,11 @@ class JobManager:
     """Starts, tracks and cancels jobs; `runners` maps a task name to fn(job, check) that emits its events."""
 
     def __init__(self, limits: Limits | None = None, runners: dict[str, Callable] | None = None,
-                 keep_adapter: Callable[[str, Path], None] | None = None):
+                 keep_adapter: Callable[[str, Path], None] | None = None, device: str = "auto"):
+        from ..models.loading import pick_device
         from .panels import run_steering_job  # panels imports this module
 
+        self.device = str(pick_device(device))  # a bad device fails here, when the playground starts
         self.limits = limits or Limits()
         self.runners = runners or {"text": run_text_job, "synthetic": run_synthetic_job, "steering": run_steering_job}
         self.keep_adapter = keep_adapter
@@ -131,7 +134,7 @@ class JobManager:
             finished = [j for j in self.jobs.values() if j.finished]
             for old in [j for j in finished if j.client == client] + finished[:-KEEP_FINISHED]:
                 self.jobs.pop(old.id, None)  # a visitor's latest job only, and a bounded number in all
-            job = Job(f"job{next(self._ids)}", client, spec, keep_adapter=self.keep_adapter)
+            job = Job(f"job{next(self._ids)}", client, spec, keep_adapter=self.keep_adapter, device=self.device)
             self.jobs[job.id] = job
         threading.Thread(target=self._run, args=(job,), name=f"playground-{job.id}", daemon=True).start()
         return job
@@ -168,57 +171,75 @@ class JobManager:
 def run_text_job(job: Job, check: Callable[[], None]) -> None:
     """A real LoRA run per rank on the default model (Python docstring Q&A), streaming train and eval loss; each
     finished run's adapter is read back for its spectrum."""
+    data, held_out = _write_text_data(job.workdir, job.spec["examples"])
+    for r in job.spec["ranks"]:
+        check()
+        _text_run(job, r, _text_config(job, r, data, held_out), check)
+
+
+def _write_text_data(workdir: Path, examples: int) -> tuple[Path, Path]:
+    """The first `examples` shipped Q&A rows as train data and EVAL_ROWS held-out ones, as JSONL in workdir."""
     from ..models.loading import default_samples_path
-    from ..rank.spectrum import spectrum
+
+    samples = default_samples_path()
+    data, held_out = workdir / "train.jsonl", workdir / "eval.jsonl"
+    for target, source, n in ((data, "pydoc_qa.jsonl", examples), (held_out, "pydoc_qa_eval.jsonl", EVAL_ROWS)):
+        rows = (samples / source).read_text(encoding="utf-8").splitlines()[:n]
+        target.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return data, held_out
+
+
+def _text_config(job: Job, r: int, data: Path, held_out: Path):
     from ..train import make_config
     from ..train.config import LORA_DEFAULTS
+
+    spec = job.spec
+    return make_config({"data": str(data), "eval_data": str(held_out), "output_dir": str(job.workdir / f"r{r}"),
+                        "steps": spec["steps"], "batch_size": 8, "r": r,
+                        "lora_alpha": spec["alpha"] or LORA_DEFAULTS["lora_alpha"], "lr": spec["lr"],
+                        "eval_every": max(1, spec["steps"] // 10), "max_length": 96, "progress": False,
+                        "device": job.device, "seed": 0})
+
+
+def _text_run(job: Job, r: int, cfg, check: Callable[[], None]) -> None:
+    """One rank: set up under MODEL_LOADING, train streaming its losses, then its ΔW's spectrum."""
+    from ..rank.spectrum import spectrum
     from ..train.loop import finish, fit, output_folder, setup
 
-    spec, samples = job.spec, default_samples_path()
-    train_rows = (samples / "pydoc_qa.jsonl").read_text(encoding="utf-8").splitlines()[:spec["examples"]]
-    data, held_out = job.workdir / "train.jsonl", job.workdir / "eval.jsonl"
-    data.write_text("\n".join(train_rows) + "\n", encoding="utf-8")
-    eval_rows = (samples / "pydoc_qa_eval.jsonl").read_text(encoding="utf-8").splitlines()[:EVAL_ROWS]
-    held_out.write_text("\n".join(eval_rows) + "\n", encoding="utf-8")
-    for r in spec["ranks"]:
+    with MODEL_LOADING:
+        run = setup(cfg, log=lambda *a, **k: None)
+    job.emit({"type": "run", "rank": r, "trainable": run.trainable, "total": run.total_params,
+              "steps": run.total_steps})
+    sent = [0]
+
+    def on_step(run):
+        for at, value in run.eval_losses[sent[0]:]:  # the eval at step 0 comes before the first step
+            job.emit({"type": "eval", "rank": r, "step": at, "eval_loss": value})
+        sent[0] = len(run.eval_losses)
+        job.emit({"type": "step", "rank": r, "step": run.done, "loss": run.losses[-1]})
         check()
-        out = job.workdir / f"r{r}"
-        cfg = make_config({"data": str(data), "eval_data": str(held_out),
-                           "output_dir": str(out), "steps": spec["steps"], "batch_size": 8, "r": r,
-                           "lora_alpha": spec["alpha"] or LORA_DEFAULTS["lora_alpha"], "lr": spec["lr"], "eval_every": max(1, spec["steps"] // 10),
-                           "max_length": 96, "progress": False, "device": "cpu", "seed": 0})
-        with MODEL_LOADING:
-            run = setup(cfg, log=lambda *a, **k: None)
-        job.emit({"type": "run", "rank": r, "trainable": run.trainable, "total": run.total_params,
-                  "steps": run.total_steps})
 
-        def on_step(run, r=r, sent=[0]):
-            for at, value in run.eval_losses[sent[0]:]:  # the eval at step 0 comes before the first step
-                job.emit({"type": "eval", "rank": r, "step": at, "eval_loss": value})
-            sent[0] = len(run.eval_losses)
-            job.emit({"type": "step", "rank": r, "step": run.done, "loss": run.losses[-1]})
-            check()
-
-        with output_folder(run):
-            fit(run, on_step=on_step)
-            res = finish(run)
-        rows = [row.to_dict() for row in spectrum(out)]
-        if job.keep_adapter is not None:
-            job.keep_adapter(f"r{r}-{job.id}", out)
-        job.emit({"type": "run_done", "rank": r, "eval_loss": res.eval_losses[-1][1], "loss": res.losses[-1],
-                  "seconds": round(res.seconds, 2), "spectrum": rows})
-        del run, res
+    with output_folder(run):
+        fit(run, on_step=on_step)
+        res = finish(run)
+    out = Path(cfg.output_dir)
+    rows = [row.to_dict() for row in spectrum(out)]
+    if job.keep_adapter is not None:
+        job.keep_adapter(f"r{r}-{job.id}", out)
+    job.emit({"type": "run_done", "rank": r, "eval_loss": res.eval_losses[-1][1], "loss": res.losses[-1],
+              "seconds": round(res.seconds, 2), "spectrum": rows})
 
 
 def run_synthetic_job(job: Job, check: Callable[[], None]) -> None:
     """The synthetic task with a known true rank (rankdial.rank.synthetic): LoRA at each rank learns a target
-    update of rank SYNTHETIC["true_rank"] from `examples` noisy pairs; what it learned is its ΔW's spectrum."""
+    update of the claims report's true rank (synthetic.CLAIMS_TASK) from `examples` noisy pairs; what it learned
+    is its ΔW's spectrum."""
     from ..memory import lora_params
     from ..rank.spectrum import effective_rank
-    from ..rank.synthetic import synthetic_task, train_synthetic
+    from ..rank.synthetic import CLAIMS_TASK, synthetic_task, train_synthetic
 
     spec = job.spec
-    task = synthetic_task(n_train=spec["examples"], **SYNTHETIC)
+    task = synthetic_task(**{**CLAIMS_TASK, "n_train": spec["examples"]})
     job.emit({"type": "task", **task.describe()})
     for r in spec["ranks"]:
         check()

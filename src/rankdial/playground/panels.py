@@ -1,8 +1,9 @@
 """The playground's panels that stand on LoRA's case (rankdial.rank.claims) and on the serving engine.
 
-Merge: claims.merge_latency on the default model. Steer vs re-educate: rankdial.rank.steering at the claims
-report's quick settings, run as a job (its log lines stream). One base, many adapters: the adapters this playground has trained
-(each finished text run is kept, the newest MAX_ADAPTERS) answered side by side by rankdial.serve.Engine, and
+Merge: claims.merge_latency on the default model. Steer vs re-educate: claims.steers_not_reeducates at the
+job's ranks and steps (the page asks for the claims report's quick settings), run as a job (its log lines stream).
+One base, many adapters: the adapters this playground has trained, by any visitor (each finished text run is
+kept on one shared shelf, the newest MAX_ADAPTERS), answered side by side by rankdial.serve.Engine, and
 claims.adapters_vs_copies for the bytes.
 """
 
@@ -31,8 +32,8 @@ class AnswerRequest(BaseModel):
 class AdapterShelf:
     """The folder of adapters the playground's text runs have produced (its own temporary folder, nothing else)."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, device: str = "auto"):
+        self.root, self.device = root, device
         self._lock = threading.Lock()
         self.order: list[str] = []
         self.engine = None
@@ -65,7 +66,11 @@ class AdapterShelf:
         with self._lock:
             if self.engine is None:
                 with MODEL_LOADING:
-                    self.engine = Engine.from_pretrained("default", str(self.root), device="cpu", max_new_tokens=64)
+                    engine = Engine.from_pretrained("default", str(self.root), device=self.device, max_new_tokens=64)
+                # Its step thread starts here, once, under the shelf's lock: requests that arrive together would
+                # otherwise each start one from Engine.submit (two threads stepping one engine fail its steps).
+                engine.start()
+                self.engine = engine
             return self.engine
 
     def close(self) -> None:
@@ -134,19 +139,16 @@ def adapter_bytes() -> dict:
 
 
 def run_steering_job(job, check) -> None:
-    """LoRA's case at the quick settings: LoRA at several ranks vs full fine-tuning, style task and facts task."""
-    from ..models.loading import load_model, resolve_model
-    from ..rank.claims import SETTINGS
-    from ..rank.steering import steering
+    """LoRA's case (claims.steers_not_reeducates): LoRA at the job's ranks vs full fine-tuning, style task and facts
+    task, `steps` steps each, at the quick report's fact count and learning-rate grids."""
+    from ..rank.claims import SETTINGS, steers_not_reeducates
 
-    s = SETTINGS[True]
-    with MODEL_LOADING:
-        model, tokenizer = load_model(resolve_model("default"))
+    quick = SETTINGS[True]
 
     def log(line: str) -> None:
         job.emit({"type": "log", "line": line.strip()})
         check()
 
-    figures = steering(model, tokenizer, s["steer_ranks"], s["steer_steps"], n_facts=s["n_facts"], log=log,
-                       lr_grids=s.get("steer_lrs"))
+    figures = steers_not_reeducates(job.spec["ranks"], job.spec["steps"], quick["n_facts"], log=log,
+                                    lr_grids=quick["steer_lrs"], device=job.device, loading=MODEL_LOADING)
     job.emit({"type": "steering", "figures": figures})

@@ -8,6 +8,7 @@ Nothing here is typed in: counts come from the planner or the models, times and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import tempfile
@@ -17,11 +18,11 @@ from pathlib import Path
 import torch
 
 from ..config import LoraConfig
-from ..lora import inject, merge_and_unload
+from ..lora import inject, lora_layers, merge_and_unload
 from ..memory import estimate_memory, lora_params
-from ..models.loading import default_model_path, load_model, resolve_model
+from ..models.loading import default_model_path, load_model, pick_device, resolve_model
 from .steering import LR_GRIDS, steering
-from .synthetic import rank_capacity, synthetic_task
+from .synthetic import CLAIMS_TASK, rank_capacity, synthetic_task
 
 GB = 1e9
 # What each mode runs: quick is the CI test (a couple of minutes on one core), full is the README's report.
@@ -73,9 +74,9 @@ def merge_latency(repeats: int = 20, seq_len: int = 128, rank: int = 16, seed: i
     unmerged = copy.deepcopy(base)
     inject(unmerged, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     with torch.no_grad():
-        for name, p in unmerged.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.02)
+        for _, layer in lora_layers(unmerged):
+            for b in layer.lora_B.values():
+                b.weight.normal_(std=0.02)
     merged = merge_and_unload(copy.deepcopy(unmerged))
     ms = _interleaved_ms({"base": base, "unmerged": unmerged, "merged": merged}, ids, repeats)
     with torch.no_grad():
@@ -132,14 +133,16 @@ def adapters_vs_copies(ns: list[int], rank: int = 16) -> dict:
 
 
 def rank_as_capacity(ranks: list[int], steps: int) -> dict:
-    """The synthetic task (true rank 4, d 64, 96 train pairs) learned by LoRA at each rank."""
-    return rank_capacity(synthetic_task(true_rank=4, d=64, n_train=96, n_eval=512, noise=0.3, seed=0), ranks,
-                         steps=steps)
+    """The synthetic task (synthetic.CLAIMS_TASK: true rank 4, d 64, 96 train pairs) learned by LoRA at each rank."""
+    return rank_capacity(synthetic_task(**CLAIMS_TASK), ranks, steps=steps)
 
 
-def steers_not_reeducates(ranks: list[int], steps: int, n_facts: int, log=None, lr_grids: dict | None = None) -> dict:
-    """steering.steering on the default model; each method's learning rate picked from lr_grids on validation."""
-    model, tokenizer = load_model(resolve_model("default"))
+def steers_not_reeducates(ranks: list[int], steps: int, n_facts: int, log=None, lr_grids: dict | None = None,
+                          device: str = "cpu", loading=None) -> dict:
+    """steering.steering on the default model (on `device`); each method's learning rate picked from lr_grids on
+    validation. `loading`, a lock, is held while the model loads (the playground's MODEL_LOADING)."""
+    with loading or contextlib.nullcontext():
+        model, tokenizer = load_model(resolve_model("default"), pick_device(device))
     return steering(model, tokenizer, ranks, steps, n_facts=n_facts, log=log, lr_grids=lr_grids)
 
 

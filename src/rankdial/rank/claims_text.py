@@ -59,11 +59,32 @@ def _rank(f: dict) -> list[str]:
              f"pairs, noise² = {t['noise_floor']:.3f} (the best possible eval loss). MSE per output:", "",
              "| LoRA rank | train loss | eval loss | eval − train |", "|---|---|---|---|", *rows, ""]
     if below and at:
-        lines.append(f"Below k the eval loss stays up (r = {below[-1]['rank']}: {below[-1]['final_eval']:.3f}); at "
-                     f"r = k it reaches {at[0]['final_eval']:.3f} against the floor {t['noise_floor']:.3f}; at "
-                     f"r = {top['rank']} train falls to {top['final_train']:.3f} (below the floor: it fits the noise) "
-                     f"while eval rises to {top['final_eval']:.3f}.")
+        lines.append(_rank_verdict(below[-1], at[0], top, t["noise_floor"]))
     return lines
+
+
+def _rank_verdict(below: dict, at: dict, top: dict, floor: float) -> str:
+    """What the runs show about rank as capacity, each clause chosen by the figures it states."""
+    stays = "stays up" if below["final_eval"] > at["final_eval"] else "does not stay up"
+    fits = "reaches" if at["final_eval"] < 1.5 * floor else "only gets to"
+    parts = [f"Below k the eval loss {stays} (r = {below['rank']}: {below['final_eval']:.3f}, r = k: "
+             f"{at['final_eval']:.3f}); at r = k it {fits} {at['final_eval']:.3f} against the floor {floor:.3f}"]
+    if top["rank"] > at["rank"]:
+        noise = ("falls to {:.3f}, below the floor: it fits the noise" if top["final_train"] < floor
+                 else "stays at {:.3f}, not below the floor: it does not fit the noise").format(top["final_train"])
+        held = ("rises to" if top["final_eval"] > at["final_eval"] else "does not rise above r = k's, at")
+        parts.append(f"at r = {top['rank']} train {noise}, while eval {held} {top['final_eval']:.3f}")
+    return "; ".join(parts) + "."
+
+
+def _steering_verdict(lora: list[dict], full: dict) -> str:
+    """Which LoRA ranks reach full fine-tuning's eval loss, said as exactly as the figures allow."""
+    better = [r["rank"] for r in lora if r["eval_loss"] <= full["eval_loss"]]
+    if not better:
+        return "no LoRA rank reaches full fine-tuning"
+    if better == [r["rank"] for r in lora if r["rank"] >= min(better)]:
+        return f"LoRA matches or beats full fine-tuning from r = {min(better)} up"
+    return f"LoRA matches or beats full fine-tuning only at r = {', '.join(map(str, better))}"
 
 
 def _adapters(f: dict) -> list[str]:
@@ -104,9 +125,7 @@ def _steering(f: dict) -> list[str]:
     for name, runs in f["tasks"].items():
         lora, full = runs[:-1], runs[-1]
         low, high = lora[0], lora[-1]
-        better = [r["rank"] for r in lora if r["eval_loss"] <= full["eval_loss"]]
-        verdict = (f"LoRA matches or beats full fine-tuning from r = {min(better)} up" if better
-                   else "no LoRA rank reaches full fine-tuning")
+        verdict = _steering_verdict(lora, full)
         lines.append(f"- {name}: at the lowest rank (r = {low['rank']}) LoRA's eval loss is "
                      f"{low['loss_over_full']:.2f}× full fine-tuning's; at the highest (r = {high['rank']}) "
                      f"{high['loss_over_full']:.2f}×; {verdict} (each at its validation-chosen rate).")

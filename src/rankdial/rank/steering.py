@@ -109,10 +109,11 @@ def facts_task(tokenizer, n_facts: int = 256, seed: int = 0) -> TokenTask:
 def evaluate(model, ids: torch.Tensor, labels: torch.Tensor, batch: int = 128) -> tuple[float, float]:
     """(mean target-token loss in nats, share of target tokens predicted exactly by argmax)."""
     total, correct, count = 0.0, 0, 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(ids), batch):
-            logits = model(input_ids=ids[i:i + batch]).logits[:, :-1]  # (b, T-1, V) predicts the next token
-            target = labels[i:i + batch, 1:]
+            logits = model(input_ids=ids[i:i + batch].to(device)).logits[:, :-1]  # (b, T-1, V): the next token
+            target = labels[i:i + batch, 1:].to(device)
             mask = target != IGNORE
             total += float(torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum"))
             correct += int((logits[mask].argmax(-1) == target[mask]).sum())
@@ -138,13 +139,14 @@ def fine_tune(base_model, task: TokenTask, rank: int | None, steps: int, batch: 
         params = [p for p in model.parameters() if p.requires_grad]
         lr = 2e-3 if lr is None else lr
     model.eval()  # no dropout in either arm: the comparison is capacity alone
+    device = next(model.parameters()).device  # the tasks' tensors live on the CPU
     before = evaluate(model, task.eval_ids, task.eval_labels)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for _ in range(steps):
         rows = torch.randint(0, len(task.train_ids), (batch,), generator=g)
-        loss = model(input_ids=task.train_ids[rows], labels=task.train_labels[rows]).loss
+        loss = model(input_ids=task.train_ids[rows].to(device), labels=task.train_labels[rows].to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

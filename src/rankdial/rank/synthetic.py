@@ -26,6 +26,10 @@ from torch import nn
 from ..errors import ConfigError
 from ..lora.layer import LoraLayer
 
+# The task of LoRA's case (claims.rank_as_capacity) and of the playground: true rank 4 in d = 64, 96 train pairs
+# (a little above d, so a rank far above 4 can fit the noise), noise 0.3 (floor 0.09). Its one home.
+CLAIMS_TASK = dict(true_rank=4, d=64, n_train=96, n_eval=512, noise=0.3, seed=0)
+
 
 @dataclass
 class SyntheticTask:
@@ -133,29 +137,12 @@ def train_synthetic(task: SyntheticTask, rank: int, alpha: float | None = None, 
     train_loss, eval_loss)` is called at each recorded step; `should_stop()` is asked before each step and ends
     the run early (result.stopped_early). Raises ConfigError for a rank outside 1..d or bad steps/lr.
     """
-    _check_int("rank", rank, 1, f"1..{task.d}")
-    if rank > task.d:
-        raise ConfigError(f"rank must be at most min(d_in, d_out) = {task.d}, got {rank}; pick 1..{task.d}")
-    _check_int("steps", steps, 1, "e.g. 400")
-    _check_int("eval_every", eval_every, 1, "e.g. 10")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < lr < math.inf:
-        raise ConfigError(f"lr must be a positive number, got {lr!r} (e.g. 0.02)")
+    _check_training(task, rank, steps, eval_every, lr)
     layer = lora_over(task.W0, rank, alpha, seed)
-    params = [layer.lora_A["task"].weight, layer.lora_B["task"].weight]
-    optimizer = torch.optim.Adam(params, lr=lr)
     result = SyntheticResult(rank=rank)
-
-    def record(step: int) -> None:
-        with torch.no_grad():
-            train = float(nn.functional.mse_loss(layer(task.x_train), task.y_train))
-            held = float(nn.functional.mse_loss(layer(task.x_eval), task.y_eval))
-        result.steps.append(step)
-        result.train_loss.append(train)
-        result.eval_loss.append(held)
-        if on_step is not None:
-            on_step(step, train, held)
-
+    record = _recorder(layer, task, result, on_step)
     record(0)
+    optimizer = torch.optim.Adam([layer.lora_A["task"].weight, layer.lora_B["task"].weight], lr=lr)
     for step in range(1, steps + 1):
         if should_stop is not None and should_stop():
             result.stopped_early = True
@@ -170,6 +157,32 @@ def train_synthetic(task: SyntheticTask, rank: int, alpha: float | None = None, 
         result.delta = layer.delta_weight("task").detach().clone()
     result.singular_values = [float(s) for s in torch.linalg.svdvals(result.delta)]
     return result
+
+
+def _check_training(task: SyntheticTask, rank, steps, eval_every, lr) -> None:
+    """Raise ConfigError naming the first bad training argument."""
+    _check_int("rank", rank, 1, f"1..{task.d}")
+    if rank > task.d:
+        raise ConfigError(f"rank must be at most min(d_in, d_out) = {task.d}, got {rank}; pick 1..{task.d}")
+    _check_int("steps", steps, 1, "e.g. 400")
+    _check_int("eval_every", eval_every, 1, "e.g. 10")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < lr < math.inf:
+        raise ConfigError(f"lr must be a positive number, got {lr!r} (e.g. 0.02)")
+
+
+def _recorder(layer: LoraLayer, task: SyntheticTask, result: SyntheticResult,
+              on_step: Callable[[int, float, float], None] | None) -> Callable[[int], None]:
+    """record(step): the train and eval losses now, appended to result and handed to on_step."""
+    def record(step: int) -> None:
+        with torch.no_grad():
+            train = float(nn.functional.mse_loss(layer(task.x_train), task.y_train))
+            held = float(nn.functional.mse_loss(layer(task.x_eval), task.y_eval))
+        result.steps.append(step)
+        result.train_loss.append(train)
+        result.eval_loss.append(held)
+        if on_step is not None:
+            on_step(step, train, held)
+    return record
 
 
 def rank_capacity(task: SyntheticTask, ranks: list[int], **train_kwargs) -> dict:

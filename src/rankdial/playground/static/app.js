@@ -134,10 +134,11 @@ function onTrainEvent(ev) {
     train.order.push(ev.rank);
     $("train-status").textContent = "training r=" + ev.rank + " …";
   } else if (ev.type === "step") {
-    train.runs[ev.rank].train.push([ev.step, ev.loss]);
-    $("train-status").textContent = "r=" + ev.rank + ": step " + ev.step + ", loss " + ev.loss.toFixed(4);
+    if (ev.loss != null) train.runs[ev.rank].train.push([ev.step, ev.loss]);  // null: the loss diverged (NaN/inf)
+    $("train-status").textContent = "r=" + ev.rank + ": step " + ev.step + ", loss " +
+      (ev.loss != null ? ev.loss.toFixed(4) : "not finite (the run diverged: lower lr or alpha)");
   } else if (ev.type === "eval") {
-    train.runs[ev.rank].eval.push([ev.step, ev.eval_loss]);
+    if (ev.eval_loss != null) train.runs[ev.rank].eval.push([ev.step, ev.eval_loss]);
   } else if (ev.type === "task") {
     train.task = ev;
     $("train-status").textContent = `synthetic task: true rank ${ev.true_rank}, d = ${ev.d}, ${ev.n_train} training pairs, noise floor ${ev.noise_floor.toFixed(3)}`;
