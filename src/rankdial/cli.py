@@ -226,7 +226,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .serve.launch import app_from_args, check_serve_flags
+    from .serve.launch import app_from_args, check_serve_flags, server_class
     from .serve.listen import listen_socket
 
     check_serve_flags(args)
@@ -238,13 +238,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     host, port = sock.getsockname()[:2]
     print(line.format(url=f"http://{host}:{port}/v1"), flush=True)
+    for warning in app.state.startup_warnings:
+        print(warning, file=sys.stderr, flush=True)
     # uvicorn turns SIGTERM and Ctrl-C into a graceful shutdown: no new connections, requests in flight finish,
     # then the app's lifespan drains the engine (cancelling what still runs after --drain-timeout).
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug", lifespan="on")
     # uvicorn re-raises the signal it caught once it has shut down; a handler here makes that a clean exit 0
     # for SIGTERM (Ctrl-C still ends in KeyboardInterrupt, 130, as every verb does).
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.Server(config).run(sockets=[sock])
+    server_class()(config).run(sockets=[sock])  # a second Ctrl-C exits at once, 130
     cancelled = app.state.cancelled_at_shutdown
     if cancelled is None:
         print("rankdial serve: stopped", flush=True)

@@ -20,6 +20,7 @@ class Event:
     completion_tokens: int
     error: str | None = None
     unavailable: bool = False
+    refused: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,13 @@ class FakeRegistry:
         self.known[name] = Info(name, path or f"/adapters/{name}", 4, 1000, True, pin)
         self.misses += 1
         return self.known[name]
+
+    def failure(self, name):
+        return None
+
+    def unpin(self, name):
+        self.calls.append(("unpin", name))
+        self.known[name] = Info(name, self.known[name].path, 4, 1000, self.known[name].loaded, False)
 
     def unload(self, name):
         self.calls.append(("unload", name))
@@ -99,6 +107,10 @@ class FakeEngine:
     def shutdown(self, drain=True, timeout=30.0):
         self.stopped = True
         return 0
+
+    def prepare(self, adapter, timeout=10.0):
+        if adapter is not None and not self.registry.exists(adapter):
+            raise AdapterError(f"unknown adapter {adapter!r}")
 
     def submit(self, prompt, adapter, params):
         if self.fail_with is not None:

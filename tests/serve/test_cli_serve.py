@@ -85,3 +85,30 @@ def test_the_last_line_tells_how_many_requests_were_cancelled(monkeypatch, capsy
         seen["drain"].engine.shutdown(drain=False)
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == f"rankdial serve: stopped; {says}"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "0.0000001"])
+def test_a_budget_that_is_not_a_finite_positive_size_is_refused_naming_the_flag(value):
+    with pytest.raises(ConfigError, match="--budget-mb"):
+        check_serve_flags(serve_args("--budget-mb", value))
+    with pytest.raises(ConfigError, match="--drain-timeout must be a finite"):
+        check_serve_flags(serve_args("--drain-timeout", "inf"))
+
+
+@pytest.mark.slow
+def test_startup_warnings_and_a_budget_too_small_for_an_adapter(tmp_path):
+    from engine_helpers import make_adapter
+
+    make_adapter(tmp_path / "ad0", seed=1, r=4)
+    app, _ = app_from_args(serve_args("--adapters", str(tmp_path), "--budget-mb", "0.001", "--host", "0.0.0.0",
+                                      "--max-tokens", "4096", "--max-prompt-tokens", "9000"), freeze_gc=False)
+    warnings = app.state.startup_warnings
+    assert len(warnings) == 3 and all("\n" not in w for w in warnings)
+    assert "--host 0.0.0.0" in warnings[0] and "open to the network" in warnings[0] and "--api-key" in warnings[0]
+    assert "--max-tokens 4096" in warnings[1] and "context of 512" in warnings[1] and "--max-prompt-tokens" in warnings[2]
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/completions", json={"model": "ad0", "prompt": "Jesus wept", "max_tokens": 2, "stream": True})
+    assert r.status_code == 422 and "--budget-mb" in r.json()["error"]["message"], r.text
+    assert "more than the whole adapter budget" in r.json()["error"]["message"]
+    quiet, _ = app_from_args(serve_args("--host", "0.0.0.0", "--api-key", "k"), freeze_gc=False)
+    assert quiet.state.startup_warnings == []

@@ -172,3 +172,36 @@ def test_sigterm_finishes_requests_in_flight_then_exits(tmp_path):
     assert len(results) == 4
     with pytest.raises(httpx.ConnectError):  # and it no longer listens
         httpx.get(url + "/health", timeout=5)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_exits_at_once_with_130_and_no_abort(tmp_path):
+    proc, address = start_cli_server(make_adapters(tmp_path, ["ad0"]))
+    url = f"http://{address}"
+
+    def ask(i):
+        body = {"model": "ad0", "prompt": PROMPTS[i % 4], "max_tokens": 400, "temperature": 0,
+                "stream": i % 2 == 0}
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                r.read()
+        except httpx.HTTPError:
+            pass
+
+    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/health", timeout=10).json()["running"] < 2:
+            assert time.monotonic() < deadline, "the requests never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(20)
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert code == 130, (code, err[-2000:])
+    assert "terminate called" not in err and "Traceback" not in err and "second Ctrl-C" in err, err[-2000:]

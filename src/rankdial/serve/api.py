@@ -33,12 +33,12 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..errors import AdapterError, AdapterInUse, ConfigError, RankdialError, Unavailable
+from ..errors import AdapterError, AdapterFileError, AdapterInUse, ConfigError, RankdialError, Unavailable
 from .engine import SamplingParams
 from .guard import ApiError, Guard, bearer_matches, error_body
 from .metrics import Metrics
 from .registry import check_adapter_folder_name
-from .schemas import AdapterLoad, ChatRequest, CompletionRequest
+from .schemas import FIELD_HELP, AdapterLoad, ChatRequest, CompletionRequest
 
 log = logging.getLogger("rankdial.serve")
 
@@ -102,17 +102,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # no body, or not a JSON object
             return error_body(422, "the body must be one JSON object (Content-Type: application/json) with the "
                                    "request's fields, e.g. {\"model\": ..., \"prompt\": ...}", param="body")
-        parts, first = [], None
-        for e in errors[:5]:
-            loc = ".".join(str(x) for x in e.get("loc", ())[1:]) or "body"
-            first = first or loc
-            got = "" if e.get("type") in ("missing", "extra_forbidden") else f", got {_short(e.get('input'))}"
-            what = "unknown field; remove it" if e.get("type") == "extra_forbidden" else e.get("msg", "invalid")
-            parts.append(f"{loc}: {what}{got}")
-        return error_body(422, "; ".join(parts), param=first)
+        return validation_error(errors)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
+        if exc.status_code == 400 and not isinstance(exc, ApiError) and exc.__cause__ is not None:
+            return error_body(400, _unparsable(exc.__cause__))  # FastAPI's "There was an error parsing the body"
         if not isinstance(exc, ApiError) and exc.status_code in (404, 405):
             what = "no route" if exc.status_code == 404 else "method not allowed:"
             return error_body(exc.status_code, f"{what} {request.method} {request.url.path}; the routes are "
@@ -123,13 +118,58 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RankdialError)
     async def rankdial_error(request, exc: RankdialError):
         status, kind = status_of(exc)
-        return error_body(status, _one_line(exc), kind)
+        param = getattr(exc, "param", None)  # the engine's RequestErrors name their field
+        if param == "prompt" and request.url.path.endswith("/chat/completions"):
+            param = "messages"
+        return error_body(status, _one_line(exc), kind, param)
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
         ref = uuid.uuid4().hex[:12]
         log.error("request %s %s failed (ref %s)", request.method, request.url.path, ref, exc_info=exc)
         return error_body(500, f"internal server error (ref {ref}); the server log has the details")
+
+
+_TAGS_OK = {"role", "content", "name", "type", "text", "include_usage", "include_obfuscation"}
+
+
+def validation_error(errors: list[dict]):
+    """One 422 in plain words for pydantic's errors: one phrase per top-level field (its FIELD_HELP, or the
+    validator's own message), never pydantic's internals (union tags such as 'stop.str'); param is the first field."""
+    parts, fields = [], []
+    for e in errors:
+        loc = [x for x in e.get("loc", ())[1:]]
+        if not loc or str(loc[0]) in fields:
+            continue
+        field = str(loc[0])
+        fields.append(field)
+        path = field + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc[1:]
+                               if isinstance(x, int) or x in _TAGS_OK)
+        kind = e.get("type")
+        if kind == "extra_forbidden":
+            parts.append(f"{path}: unknown field; remove it")
+        elif kind == "missing":
+            parts.append(f"{path} is required; {FIELD_HELP.get(field, '')}".rstrip("; "))
+        elif kind == "value_error":
+            msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+            parts.append(msg if msg.startswith(field) else f"{path}: {msg}")
+        else:
+            help_ = FIELD_HELP.get(field, f"{field} is invalid")
+            where = f" at {path}" if path != field else ""
+            parts.append(f"{help_}; got {_short(e.get('input'))}{where}")
+        if len(parts) == 5:
+            break
+    return error_body(422, "; ".join(parts) or "invalid request body", param=fields[0] if fields else None)
+
+
+def _unparsable(cause: BaseException) -> str:
+    """Why FastAPI could not parse a body that is not a JSON syntax error."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at position {cause.start}); "
+                "send the JSON encoded as UTF-8")
+    if isinstance(cause, RecursionError):
+        return "request body nests JSON arrays or objects too deeply to parse; send a flatter body"
+    return f"request body could not be parsed as JSON ({type(cause).__name__}); send one JSON object encoded as UTF-8"
 
 
 def status_of(err: RankdialError) -> tuple[int, str]:
@@ -144,12 +184,25 @@ def status_of(err: RankdialError) -> tuple[int, str]:
 
 
 def _short(value) -> str:
-    text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else repr(value)
+    try:
+        text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else repr(value)
+    except (TypeError, ValueError):
+        text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _name(value) -> str:
+    """A name the client sent, as it is echoed in errors: quoted, at most ~60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else repr(str(value)[:57]) + "..."
+
+
 def _one_line(err: BaseException) -> str:
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return _flat(str(err))
+
+
+def _flat(text: str | None) -> str:
+    return " ".join(line.strip() for line in str(text or "").splitlines() if line.strip())
 
 
 # ---- models and adapters ----
@@ -164,7 +217,7 @@ def adapter_for(engine, model: str) -> str | None:
         return None
     if engine.registry.exists(model):
         return model
-    raise ApiError(404, f"model {model!r} does not exist; available: {', '.join(model_names(engine))}",
+    raise ApiError(404, f"model {_name(model)} does not exist; available: {', '.join(model_names(engine))}",
                    kind="not_found_error", param="model")
 
 
@@ -176,8 +229,10 @@ def _model_card(engine, name: str) -> dict:
         info = engine.registry.info(name)
     except AdapterError:  # unloaded meanwhile
         return card | {"root": name, "parent": engine.base_name}
-    return card | {"root": name, "parent": engine.base_name, "rank": info.rank, "bytes": info.bytes,
-                   "loaded": info.loaded, "pinned": info.pinned}
+    card |= {"root": name, "parent": engine.base_name, "rank": info.rank, "bytes": info.bytes,
+             "loaded": info.loaded, "pinned": info.pinned}
+    failure = engine.registry.failure(name)  # a folder that failed to load: listed, with why, until its files change
+    return card | ({"error": failure} if failure else {})
 
 
 def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
@@ -200,9 +255,12 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
             raise ApiError(404, f"no adapter folder {body.name!r} in the adapters directory; available: "
                                 f"{', '.join(sorted(engine.registry.names())) or 'none'}",
                            kind="not_found_error", param="name")
+        if body.path is not None and engine.registry.exists(body.name):  # never rebind a name to other weights
+            raise ApiError(409, f"{body.name} exists; unload it or choose another name", kind="conflict_error",
+                           param="name")
         try:
             info = await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
-        except AdapterError as err:  # the name was checked above: a refusal (bad path) or a full budget, not a 404
+        except (AdapterError, AdapterFileError) as err:  # the name was checked above: a refusal or a full budget
             status = 503 if isinstance(err, Unavailable) else 400
             raise ApiError(status, _one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
                            param="path" if body.path else "name") from None
@@ -232,10 +290,16 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
 
 
 def _load(registry, body: AdapterLoad, admin_checked: bool):
-    """Load by name (inside the adapters folder) or by path; a path outside the folder only behind the admin key."""
+    """Load by name (inside the adapters folder) or by path; a path outside the folder only behind the admin key.
+    pin: true pins it, false unpins it, absent leaves its pin as it was."""
     if body.path is None:
-        return registry.load(body.name, pin=body.pin)
-    return registry.load(body.name, body.path, pin=body.pin, allow_any_path=admin_checked)
+        info = registry.load(body.name, pin=bool(body.pin))
+    else:
+        info = registry.load(body.name, body.path, pin=bool(body.pin), allow_any_path=admin_checked)
+    if body.pin is False and info.pinned:
+        registry.unpin(body.name)
+        info = registry.info(body.name)
+    return info
 
 
 # ---- generation ----
@@ -258,8 +322,15 @@ def _add_generation_routes(app: FastAPI, engine, metrics: Metrics) -> None:
         return await _generate(engine, metrics, request, body, prompt, chat=True)
 
 
+_PREPARE_WAIT_S = 10.0  # how long a request waits for its adapter's load before the answer (or the stream) starts
+
+
 async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bool):
     adapter = adapter_for(engine, body.model)
+    try:  # load the adapter first: a folder that cannot load is a 422 with its reason, even before a stream starts
+        await run_in_threadpool(engine.prepare, adapter, _PREPARE_WAIT_S)
+    except AdapterFileError as err:
+        raise ApiError(422, f"model {body.model!r} cannot be served: {_one_line(err)}", param="model") from None
     # the engine checks the token limits (tokenizing once, off the event loop): RequestError -> 400
     handle = await run_in_threadpool(engine.submit, prompt, adapter, _params(engine, body))
     reply = _Reply(body.model, chat, metrics, request.url.path)
@@ -278,9 +349,11 @@ async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bo
         watcher.cancel()
         if last is None or last.finish_reason is None:  # this handler was cancelled: so is its request
             handle.cancel()
+    if last is not None and last.finish_reason == "error" and last.refused:  # the adapter's load failed after all
+        raise ApiError(422, f"model {body.model!r} cannot be served: {_flat(last.error)}", param="model")
     if last is None or last.finish_reason == "error":
         status = 503 if last is not None and last.unavailable else 500  # 503: busy now, a retry may succeed
-        raise ApiError(status, f"generation failed: {last.error if last else 'no result'}", kind="server_error")
+        raise ApiError(status, f"generation failed: {_flat(last.error) if last else 'no result'}", kind="server_error")
     reply.finished(last)
     return reply.full("".join(text), last)
 
@@ -300,8 +373,10 @@ async def _stream(handle, reply: "_Reply", include_usage: bool):
         async for event in handle.aevents():
             reply.first_token()
             if event.finish_reason == "error":
-                yield reply.sse({"error": {"message": f"generation failed: {event.error}", "type": "server_error",
-                                           "param": None, "code": 503 if event.unavailable else 500}})
+                code = 422 if event.refused else 503 if event.unavailable else 500
+                yield reply.sse({"error": {"message": f"generation failed: {_flat(event.error)}",
+                                           "type": "invalid_request_error" if code == 422 else "server_error",
+                                           "param": "model" if code == 422 else None, "code": code}})
                 break
             if event.text or event.finish_reason is not None:
                 content = {"content": event.text} if reply.chat else event.text

@@ -19,8 +19,9 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import TimeoutError as FutureTimeout
 
-from ..errors import AdapterError, ConfigError, RankdialError, RequestError, Unavailable
+from ..errors import AdapterError, AdapterFileError, ConfigError, RankdialError, RequestError, Unavailable
 from .handle import Completion, Detokenizer, Handle, TokenEvent
 from .registry import AdapterRegistry, BudgetFull
 from .runner import Runner, SamplingParams, Sequence, make_generator
@@ -120,13 +121,13 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         if params.max_tokens > self.max_new_tokens:
-            raise RequestError(f"max_tokens is {params.max_tokens}, more than this server's limit of "
+            raise _bad("max_tokens", f"max_tokens is {params.max_tokens}, more than this server's limit of "
                                f"{self.max_new_tokens}; ask for fewer tokens")
         adapter = None if adapter in (None, self.base_name) else self.registry.check_known(adapter)
         ids = self._tokens(prompt)
         total = len(ids) + params.max_tokens
         if total > min(self.context, self.scheduler.limits.max_tokens_in_flight):
-            raise RequestError(f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) is {total} "
+            raise _bad("max_tokens", f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) is {total} "
                                f"tokens, more than this model serves ({min(self.context, self.scheduler.limits.max_tokens_in_flight)}); "
                                "shorten the prompt or lower max_tokens")
         request_id = f"req-{next(self._ids)}"
@@ -136,6 +137,27 @@ class Engine:
         self.start()
         self._wake.set()
         return handle
+
+    def prepare(self, adapter: str | None, timeout: float = 10.0) -> None:
+        """Load `adapter` (if it is not loaded) before a request for it is answered, waiting up to `timeout` s, so
+        that an adapter that cannot load is refused before a stream has started: AdapterFileError with the
+        folder's one-line reason, AdapterError if it is unknown. Returns quietly when it loaded, when the load
+        takes longer than `timeout` (the request then waits in the engine) or when the budget is full (the
+        engine waits for room, budget_wait_s)."""
+        if adapter is None or adapter == self.base_name or self.registry.is_loaded(adapter):
+            return
+        self.registry.check_known(adapter)
+        future = self.registry.load_async(adapter)
+        try:
+            future.result(timeout)
+        except (FutureTimeout, Unavailable):
+            return
+        except RankdialError:
+            raise
+        except Exception as err:  # noqa: BLE001 - logged here, one line for the client
+            log.error("loading adapter %r failed", adapter, exc_info=err)
+            raise AdapterFileError(f"adapter {adapter!r} failed to load ({type(err).__name__}); the server log "
+                                   "has the details") from None
 
     def generate(self, prompt: str | list[int], adapter: str | None = None,
                  params: SamplingParams = SamplingParams(), timeout: float | None = None) -> Completion:
@@ -148,34 +170,37 @@ class Engine:
             isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
             for m in messages)
         if not ok:
-            raise RequestError("messages must be a non-empty list of {'role': 'system'|'user'|'assistant', "
+            raise _bad("messages", "messages must be a non-empty list of {'role': 'system'|'user'|'assistant', "
                                f"'content': str}}, got {str(messages)[:200]}")
+        for m in messages:
+            _check_unicode(m["content"], "messages' content")
         if not getattr(self.tokenizer, "chat_template", None):
-            raise RequestError(f"the base model {self.base_name} has no chat template; use /v1/completions")
+            raise _bad("messages", f"the base model {self.base_name} has no chat template; use /v1/completions")
         from jinja2 import TemplateError
 
         try:
             return self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
                                                       tokenize=False, add_generation_prompt=True)
         except TemplateError as err:  # the template refused these messages (raise_exception): the client's to fix
-            raise RequestError(f"the chat template of {self.base_name} refused these messages: "
+            raise _bad("messages", f"the chat template of {self.base_name} refused these messages: "
                                f"{str(err).splitlines()[0][:200] if str(err) else type(err).__name__}") from None
 
     def _tokens(self, prompt) -> list[int]:
         if isinstance(prompt, str):
+            _check_unicode(prompt, "prompt")
             ids = self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             vocab = self.model.config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise RequestError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+                raise _bad("prompt", f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
         else:
-            raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise _bad("prompt", f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
-            raise RequestError("the prompt is empty; send at least one token of text")
+            raise _bad("prompt", "the prompt is empty; send at least one token of text")
         if len(ids) > self.max_prompt_tokens:
-            raise RequestError(f"the prompt has {len(ids)} tokens, more than this server's limit of "
+            raise _bad("prompt", f"the prompt has {len(ids)} tokens, more than this server's limit of "
                                f"{self.max_prompt_tokens}; shorten it")
         return ids
 
@@ -254,7 +279,8 @@ class Engine:
                 message = str(error) if isinstance(error, RankdialError) else f"adapter {name!r} failed to load"
                 if not isinstance(error, RankdialError):
                     log.error("loading adapter %r failed", name, exc_info=error)
-                self._finish(x, "error", message, unavailable=isinstance(error, Unavailable))
+                self._finish(x, "error", message, unavailable=isinstance(error, Unavailable),
+                             refused=isinstance(error, AdapterFileError))
 
     def _park(self, x: _Live) -> None:
         """Hold x until its adapter has loaded (one load per adapter, however many requests wait for it)."""
@@ -313,7 +339,8 @@ class Engine:
         x.sent += len(out)
         return out, False
 
-    def _finish(self, x: _Live, reason: str, error: str | None = None, unavailable: bool = False) -> None:
+    def _finish(self, x: _Live, reason: str, error: str | None = None, unavailable: bool = False,
+                refused: bool = False) -> None:
         if x.done:
             return
         x.done = True
@@ -321,7 +348,8 @@ class Engine:
         self.scheduler.cancel(x.seq.id)  # False when it already left (finished by record())
         if x.queued:
             self.registry.release(x.seq.adapter)
-        x.handle._push(TokenEvent("", reason, len(x.seq.prompt), len(x.seq.tokens), error, unavailable=unavailable))
+        x.handle._push(TokenEvent("", reason, len(x.seq.prompt), len(x.seq.tokens), error, unavailable=unavailable,
+                                  refused=refused))
 
     # -- the thread --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -392,6 +420,22 @@ class Engine:
                 "adapters_loaded": len(self.registry.loaded()), "adapters_loading": len(self._loads),
                 "loaded_bytes": self.registry.loaded_bytes, "budget_bytes": self.registry.budget_bytes,
                 "hits": self.registry.hits, "misses": self.registry.misses, "evictions": self.registry.evictions}
+
+
+def _bad(param: str, message: str) -> RequestError:
+    """A RequestError naming the request field at fault (the API answers it as the error's param)."""
+    err = RequestError(message)
+    err.param = param
+    return err
+
+
+def _check_unicode(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad("prompt" if field == "prompt" else "messages",
+                   f"{field} is not valid Unicode (it holds a lone surrogate such as \\ud800); send text that "
+                   "encodes as UTF-8") from None
 
 
 __all__ = ["Engine", "Handle", "TokenEvent", "Completion", "Detokenizer", "SamplingParams", "SchedulerLimits", "AdapterError"]

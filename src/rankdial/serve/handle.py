@@ -24,6 +24,7 @@ class TokenEvent:
     error: str | None = None
     token_id: int | None = None  # the token this event is for (None on the final event)
     unavailable: bool = False  # an error that is temporary (the adapter budget stayed full): a retry may succeed
+    refused: bool = False  # the request's adapter cannot be loaded (a broken folder): the client's to change
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,11 @@ limits (the engine is their one source of truth), the keys read from the flags o
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import math
 import os
+import signal
+import sys
 
 from ..errors import ConfigError
 
@@ -14,7 +18,12 @@ def check_serve_flags(args: argparse.Namespace) -> None:
     bad = [f"{flag} must be positive, got {value}" for flag, value in (
         ("--max-tokens", args.max_tokens), ("--max-prompt-tokens", args.max_prompt_tokens),
         ("--max-body-kb", args.max_body_kb), ("--budget-mb", args.budget_mb),
-        ("--drain-timeout", args.drain_timeout)) if value is not None and value <= 0]
+        ("--drain-timeout", args.drain_timeout)) if value is not None and not value > 0]  # not >: NaN too
+    bad += [f"{flag} must be a finite number, got {value}" for flag, value in (
+        ("--budget-mb", args.budget_mb), ("--drain-timeout", args.drain_timeout))
+        if value is not None and value > 0 and not math.isfinite(value)]
+    if args.budget_mb is not None and 0 < args.budget_mb < 2**-20:
+        bad.append(f"--budget-mb {args.budget_mb:g} is less than one byte; give MiB of adapter weights, e.g. 256")
     if not 0 <= args.port <= 65535:
         bad.append(f"--port must be in 0-65535 (0 picks a free one), got {args.port}")
     if bad:
@@ -41,7 +50,50 @@ def app_from_args(args: argparse.Namespace, *, freeze_gc: bool = True):
     line = (f"rankdial serve: {engine.base_name} with {len(names)} adapter(s) ({', '.join(names) or 'none'}) on "
             f"{{url}}  (API keys: {'on' if keys else 'off'}, admin key: {'on' if admin else 'off'}, max_tokens "
             f"<= {engine.max_new_tokens}, prompt <= {engine.max_prompt_tokens} tokens)")
+    app.state.startup_warnings = serve_warnings(args, engine, bool(keys))
     return app, line
 
 
-__all__ = ["check_serve_flags", "app_from_args"]
+def serve_warnings(args: argparse.Namespace, engine, keys_on: bool) -> list[str]:
+    """One-line warnings for a server that starts but is likely not what was meant."""
+    warnings = []
+    if not keys_on and not _is_loopback(args.host):
+        warnings.append(f"rankdial serve: warning: --host {args.host} listens beyond this machine and no --api-key is "
+                        "set: every route, including loading and unloading adapters, is open to the network; pass "
+                        "--api-key (and --admin-key)")
+    for flag, value in (("--max-tokens", args.max_tokens), ("--max-prompt-tokens", args.max_prompt_tokens)):
+        if value is not None and value > engine.context:
+            warnings.append(f"rankdial serve: warning: {flag} {value} is above {engine.base_name}'s context of "
+                            f"{engine.context} tokens; a request gets at most {engine.context} tokens of prompt and "
+                            "completion together")
+    return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def server_class():
+    """uvicorn.Server whose second Ctrl-C exits at once with 130: uvicorn's own force-exit lets the interpreter tear
+    down while the engine's thread is inside torch, which aborts the process ('terminate called without an active
+    exception', exit 134) and hands clients a bare 500. The first Ctrl-C (or SIGTERM) still drains."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if self.should_exit and sig == signal.SIGINT:
+                print("rankdial serve: second Ctrl-C: stopping now without draining; requests in flight are dropped",
+                      file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(130)
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
+__all__ = ["check_serve_flags", "app_from_args", "serve_warnings", "server_class"]

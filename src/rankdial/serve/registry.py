@@ -73,6 +73,18 @@ def check_adapter_folder_name(name) -> str:
     return name
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _signature(folder: Path) -> tuple:
+    """What changes when a folder's files change (names, sizes, modification times), for remembered failures."""
+    try:
+        return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in folder.iterdir() for st in [p.stat()]))
+    except OSError:
+        return ()
+
+
 class AdapterRegistry:
     """Adapters of one served model: known (folders under root, or loaded by path) and loaded (in the model).
 
@@ -102,6 +114,7 @@ class AdapterRegistry:
         self._held_reads: dict[str, _Read] = {}  # reads whose attach found the budget full, kept for the retry
         self._plans: dict[str, Plan] = {}
         self._ranks: dict[str, int] = {}  # loaded adapter -> its largest rank (info() without walking the model)
+        self._failed: dict[str, tuple[tuple, str]] = {}  # folder under root -> (its files' signature, why it failed)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
 
     # -- what is known -------------------------------------------------------------------------------
@@ -144,7 +157,7 @@ class AdapterRegistry:
             rank = 0
             try:
                 rank = read_adapter_config(path).r
-            except RankdialError:
+            except Exception:  # noqa: BLE001 - a broken config: rank unknown (failure() says why)
                 pass
             size = (path / WEIGHTS_NAME).stat().st_size if (path / WEIGHTS_NAME).is_file() else 0
         return AdapterInfo(name, str(path), rank, size, name in self._loaded, name in self._pinned)
@@ -173,14 +186,39 @@ class AdapterRegistry:
         if not folder.is_dir():
             raise AdapterFileError(f"adapter {name!r}: {folder} is not a folder; "
                                    f"the adapters are {self.names() or 'none'}")
-        if not (folder / WEIGHTS_NAME).is_file() and (folder / PICKLE_WEIGHTS_NAME).is_file():
-            raise AdapterFileError(f"adapter {name!r} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which a server "
-                                   f"never loads; convert it with `rankdial convert-bin {folder}`")
         return folder
 
     def read(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> _Read:
-        """The first half of a load (no lock, any thread): files read and checked on their own."""
+        """The first half of a load (no lock, any thread): files read and checked on their own.
+
+        A folder that cannot be read is an AdapterFileError whose one-line message says why (whatever the reading
+        library raised: a corrupt safetensors file, a config that is not a JSON object, NaN weights...). The
+        failure of a folder under root is remembered until its files change (failure()), so a broken folder is
+        refused at once each time it is asked for, and /v1/models can say why."""
         folder = self.resolve(name, path, allow_any_path)
+        remembered = self.failure(name) if path is None else None
+        if remembered is not None:
+            raise AdapterFileError(remembered)
+        try:
+            return self._read_folder(name, folder)
+        except (AdapterFileError, Exception) as err:  # noqa: BLE001 - every failure of a file becomes its reason
+            message = _one_line(err) if isinstance(err, RankdialError) else (
+                f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {_one_line(err)[:300]}")
+            if path is None and name not in self._paths:
+                self._remember_failure(name, folder, message)
+            raise AdapterFileError(message) from None
+
+    def _read_folder(self, name: str, folder: Path) -> _Read:
+        # checked here so that an error never lists a folder's contents (the caller may have named any folder)
+        if not (folder / WEIGHTS_NAME).is_file() and (folder / PICKLE_WEIGHTS_NAME).is_file():
+            raise AdapterFileError(f"adapter {name!r} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which a server "
+                                   f"never loads; convert it with `rankdial convert-bin {folder}`")
+        if not (folder / CONFIG_NAME).is_file():
+            raise AdapterFileError(f"adapter {name!r}: the folder holds no {CONFIG_NAME}; a PEFT adapter folder holds "
+                                   f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise AdapterFileError(f"adapter {name!r}: the folder holds no {WEIGHTS_NAME}; save the adapter with "
+                                   "rankdial.save_adapter (or PEFT's save_pretrained) into it")
         config = read_adapter_config(folder)
         tensors = read_adapter_weights(folder, allow_pickle=False)
         check_adapter_tensors(config, tensors, f"{name!r} ({folder})")
@@ -189,6 +227,24 @@ class AdapterRegistry:
                                    "modules_to_save), which cannot differ per request in a shared batch; merge it "
                                    "into its own model folder to serve it")
         return _Read(name, folder, config, tensors)
+
+    def failure(self, name: str) -> str | None:
+        """Why folder `name` under root failed to load, while its files are unchanged; else None."""
+        with self.lock:
+            seen = self._failed.get(name)
+        if seen is None or self.root is None:
+            return None
+        if _signature(self.root / name) != seen[0]:
+            with self.lock:
+                self._failed.pop(name, None)
+            return None
+        return seen[1]
+
+    def _remember_failure(self, name: str, folder: Path, message: str) -> None:
+        if self.root is None or not folder.is_relative_to(self.root):
+            return
+        with self.lock:
+            self._failed[name] = (_signature(self.root / name), message)
 
     def attach(self, read: _Read, *, pin: bool = False, by_path: bool = False) -> AdapterInfo:
         """The second half (takes `lock`): check against the base, make room, inject and copy the weights."""
@@ -203,7 +259,10 @@ class AdapterRegistry:
                 plan = self._plan(config)
                 check_tensor_shapes(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
             except RankdialError as err:
-                raise AdapterFileError(f"adapter {name!r} refused: {err}") from None
+                message = f"adapter {name!r} refused: {_one_line(err)}"
+                if not by_path:
+                    self._remember_failure(name, read.path, message)
+                raise AdapterFileError(message) from None
             size = sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4  # float32 A and B, as the layers hold them
             self._make_room(name, size)
             self._loaded[name] = self._attach(name, config, plan, read.tensors)
@@ -340,13 +399,14 @@ class AdapterRegistry:
     def _make_room(self, name: str, size: int) -> None:
         if size > self.budget_bytes:
             raise AdapterFileError(f"adapter {name!r} needs {size} bytes, more than the whole adapter budget "
-                                   f"({self.budget_bytes} bytes); raise budget_bytes")
+                                   f"({self.budget_bytes} bytes); raise the budget (rankdial serve --budget-mb, "
+                                   "or budget_bytes)")
         while self.loaded_bytes + size > self.budget_bytes:
             victim = next((n for n in self._loaded if n not in self._pinned and not self._in_use.get(n)), None)
             if victim is None:
                 raise BudgetFull(f"adapter {name!r} ({size} bytes) does not fit the adapter budget "
                                  f"({self.budget_bytes} bytes): {self.loaded_bytes} bytes are held by pinned adapters "
-                                 f"or adapters in use; unpin some, unload some or raise budget_bytes")
+                                 f"or adapters in use; unpin some, unload some or raise the budget (--budget-mb)")
             self._evict(victim)
             self.evictions += 1
 

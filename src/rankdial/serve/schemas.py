@@ -1,51 +1,127 @@
 """The request bodies of the OpenAI-compatible API, as pydantic models: field names and ranges are OpenAI's.
 
+Types are strict (a number where OpenAI takes one, true/false where it takes a boolean: `"stream": "yes"`,
+`max_tokens: true` or `seed: "7"` is a 422 naming the field; an integer is fine where a float is taken).
 Unknown fields are refused (a typo such as `max_token` gets a 422 naming it instead of being ignored); the
-OpenAI fields that only have one meaning here (`n`, `echo`, `logprobs`, `user`) are accepted at that meaning.
+OpenAI fields that only have one meaning here are accepted at that meaning: `n` 1, `echo` false, `logprobs`
+off, `user` (ignored), `presence_penalty` / `frequency_penalty` 0, `logit_bias` empty, `response_format`
+{"type": "text"}, `stream_options` (include_usage honoured), `max_completion_tokens` (chat: max_tokens' newer
+name), role "developer" (a system message). FIELD_HELP is what a 422 says about each field.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator, \
+    model_validator
 
 from ..errors import AdapterError
 from .registry import check_adapter_folder_name
+
+Number = Union[StrictInt, StrictFloat]
+
+# what a 422 says about a field (the top-level name is the error's param); a validator's own message wins
+FIELD_HELP = {
+    "model": "model must be a non-empty string: an adapter's name or the base model's (GET /v1/models lists them)",
+    "prompt": "prompt must be a non-empty string, a list of token ids (integers) or a list of one string",
+    "messages": "messages must be a non-empty list of {\"role\": \"system\"|\"developer\"|\"user\"|\"assistant\", "
+                "\"content\": a string or a list of {\"type\": \"text\", \"text\": a string}}",
+    "max_tokens": "max_tokens must be an integer of at least 1",
+    "max_completion_tokens": "max_completion_tokens must be an integer of at least 1",
+    "temperature": "temperature must be a number from 0 to 2",
+    "top_p": "top_p must be a number above 0 and at most 1",
+    "stop": "stop must be a string or a list of up to 4 non-empty strings",
+    "seed": "seed must be an integer from 0 to 2**63-1",
+    "stream": "stream must be true or false",
+    "stream_options": "stream_options must be {\"include_usage\": true or false}",
+    "n": "n must be 1 here (one choice per request; send the request again for more)",
+    "user": "user must be a string",
+    "echo": "echo must be false here",
+    "logprobs": "logprobs are not supported here; leave logprobs out (or null / false)",
+    "presence_penalty": "presence_penalty is not supported here; leave it out or send 0",
+    "frequency_penalty": "frequency_penalty is not supported here; leave it out or send 0",
+    "logit_bias": "logit_bias is not supported here; leave it out or send null or {}",
+    "response_format": "response_format must be {\"type\": \"text\"} here (no JSON mode)",
+    "name": "name must be a plain folder name (letters, digits, '_' and '-', at most 128, starting with a "
+            "letter or digit), e.g. 'sql-v2'",
+    "path": "path must be a non-empty string: the adapter's folder",
+    "pin": "pin must be true or false",
+}
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _unicode(value, field: str):
+    """value, if every string in it can be encoded as UTF-8 (JSON lets a lone surrogate such as \\ud800 through)."""
+    texts = [value] if isinstance(value, str) else [v for v in (value or ()) if isinstance(v, str)]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{field} is not valid Unicode (it holds a lone surrogate such as \\ud800); "
+                             "send text that encodes as UTF-8") from None
+    return value
+
+
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
+    include_obfuscation: StrictBool | None = None  # the openai client's option; nothing to obfuscate here
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
 
 
 class _Sampling(_Strict):
     """The sampling fields shared by completions and chat completions."""
-    model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)  # None: 16 (OpenAI's default), or the server's limit if lower
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Union[str, list[str], None] = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stream: bool = False
+    model: StrictStr = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)  # None: 16 (OpenAI's default), or the server's limit if lower
+    temperature: Number = Field(1.0, ge=0.0, le=2.0)
+    top_p: Number = Field(1.0, gt=0.0, le=1.0)
+    stop: Union[StrictStr, list[StrictStr], None] = Field(None)
+    seed: StrictInt | None = Field(None, ge=0, lt=2**63)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1          # one choice per request; ask again for more
-    user: str | None = None    # accepted and ignored, as OpenAI's own servers only log it
+    user: StrictStr | None = None    # accepted and ignored, as OpenAI's own servers only log it
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, value):
         stops = [value] if isinstance(value, str) else list(value or [])
         if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return tuple(stops)
+            raise ValueError(FIELD_HELP["stop"] + f", got {len(stops)} (or an empty one)")
+        return tuple(_unicode(stops, "stop"))
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value, info):
+        if value not in (None, 0):
+            raise ValueError(f"{info.field_name} {value} is not supported here; leave it out or send 0")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value):
+        if value:
+            raise ValueError("logit_bias is not supported here; leave it out or send null or {}")
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value):
+        return _unicode(value, "user")
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int], list[str]]
+    prompt: Union[StrictStr, list[StrictInt], list[StrictStr]]
     echo: Literal[False] = False
     logprobs: None = None
 
@@ -57,39 +133,69 @@ class CompletionRequest(_Sampling):
                 raise ValueError(f"one prompt per request, got a batch of {len(value)}; send one request each")
             value = value[0]
         if not value:
-            raise ValueError("prompt is empty")
-        return value
+            raise ValueError("prompt is empty; send at least one token of text")
+        return _unicode(value, "prompt")
 
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: StrictStr
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-    name: str | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[StrictStr, list[TextPart]]
+    name: StrictStr | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value):
+        return _unicode(value if isinstance(value, str) else [p.text for p in value], "content") and value
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": text}
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: Literal[False, None] = None
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # max_tokens' newer name in OpenAI's chat API
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _same_as_max_tokens(cls, value, info):
+        other = info.data.get("max_tokens")
+        if value is not None and other is not None and other != value:
+            raise ValueError(f"max_tokens ({other}) and max_completion_tokens ({value}) differ; send one of them")
+        return value
+
+    @model_validator(mode="after")
+    def _one_max(self):
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 class AdapterLoad(_Strict):
-    name: str  # the registry's one rule for a name (check_adapter_folder_name)
-    path: str | None = Field(None, min_length=1)
-    pin: bool = False
+    name: StrictStr  # the registry's one rule for a name (check_adapter_folder_name)
+    path: StrictStr | None = Field(None, min_length=1)
+    pin: StrictBool | None = None  # true: pin; false: unpin; absent: leave as it is
 
     @field_validator("name")
     @classmethod
     def _plain_folder_name(cls, value):
         try:
             return check_adapter_folder_name(value)
-        except AdapterError as err:  # pydantic reports a ValueError as a 422 naming the field
-            raise ValueError(str(err)) from None
+        except AdapterError:  # pydantic reports a ValueError as a 422 naming the field
+            raise ValueError(FIELD_HELP["name"] + f", got {_short_str(value)}") from None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value):
+        return _unicode(value, "path")
+
+
+def _short_str(value: str) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
