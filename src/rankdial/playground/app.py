@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from ..errors import RankdialError
+from ..serve.listen import listen_socket
 from .jobs import TASKS, BusyError, JobManager, Limits
 from .panels import AdapterShelf, add_routes
 
@@ -351,7 +352,7 @@ def serve(port: int = 7860, host: str = "127.0.0.1", log=print) -> None:
     the serving (as `rankdial serve` does). Ctrl-C gives open requests (event streams) GRACE_S seconds, then
     closes them; the lifespan then cancels the running jobs.
     """
-    sock = listen_socket(host, port)
+    sock = listen_socket(host, port)  # rankdial.serve.listen: bound and listening before the models load
     try:
         log(f"rankdial playground on http://{host}:{sock.getsockname()[1]}/  (Ctrl-C stops it)")
         app = create_app()
@@ -400,27 +401,3 @@ class PlaygroundServer(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-
-
-def listen_socket(host: str, port: int):
-    """A TCP socket bound to host:port (0: a free port) and listening, or ConfigError naming --port.
-
-    (The playground's own small version; `rankdial serve` binds its socket in cli.cmd_serve the same way.)
-    """
-    import socket
-
-    from ..errors import ConfigError
-
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigError(f"--port must be an integer in 0..65535 (0 picks a free one), got {port!r} "
-                          "(default: 7860)")
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(128)  # listening from here: a client that comes after the address is printed waits, not refused
-    except OSError as err:
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror}); pick another port with "
-                          f"--port, e.g. --port {port + 1 if port < 65535 else 7860} (0 picks a free one)") from None
-    return sock

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 
 
 def listen_socket(host: str, port: int, *, port_flag: str = "--port", host_flag: str = "--host") -> socket.socket:
-    """A TCP socket bound to (host, port) (port 0: a free one; read it back with getsockname()).
+    """A TCP socket bound to (host, port) and listening (port 0: a free one; read it back with getsockname()).
 
     Raises ConfigError naming the flags (port_flag / host_flag) when the port is out of range, the address is
     in use or the host cannot be bound."""
@@ -22,6 +22,7 @@ def listen_socket(host: str, port: int, *, port_flag: str = "--port", host_flag:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(128)  # from here a client that comes after the address is printed waits, it is not refused
     except OSError as err:
         sock.close()
         reason = err.strerror or type(err).__name__
