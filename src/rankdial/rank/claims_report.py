@@ -149,6 +149,6 @@ def write_report(out: str | Path, quick: bool = True, log=print, figures: dict |
         for name, plot in PLOTS.items():
             plot(figures[name], tmp / f"{name}.png")
         write_json(tmp / "claims.json", figures)
-        command = "rankdial claims --quick" if quick else "rankdial claims"
+        command = f"rankdial claims{' --quick' if quick else ''} --out {out}"
         write_text(tmp / "report.md", markdown(figures, command, sys.version.split()[0]))
     return figures
