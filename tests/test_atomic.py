@@ -56,3 +56,12 @@ def test_a_target_that_cannot_be_written_is_refused_before_any_work(tmp_path, wh
         check_target(target, kind="claims-report", what="--out folder")
     assert "--out folder" in str(err.value) and "\n" not in str(err.value)
     assert (tmp_path / "thesis.txt").read_text() == "mine"
+
+
+def test_replacing_an_existing_output_where_no_new_folder_can_be_made_is_refused_before_any_work():
+    from rankdial.atomic import check_target
+    from rankdial.errors import OutputError
+
+    assert Path("/proc/self/fd").is_dir()  # exists, in a folder that takes no new entries, even for root
+    with pytest.raises(OutputError, match="does not take new folders"):
+        check_target("/proc/self/fd", kind="adapter")

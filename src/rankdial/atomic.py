@@ -165,15 +165,14 @@ def _related(a: Path, b: Path) -> bool:
 
 def _check_writable_parent(target: Path, what: str) -> None:
     """The nearest existing folder above `target` must be a folder that takes new entries (checked by making and
-    removing an empty temporary folder there), so a bad path is refused before hours of work, not after."""
+    removing an empty temporary folder there: the new output is built beside `target`, even when it replaces
+    one), so a bad path is refused before hours of work, not after."""
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"{what} {target} lies below {parent}, which is a file, not a folder; choose another path")
-    if target.exists():
-        return
-    try:
+    try:  # also when target exists: the new folder is built beside it, in the same parent
         os.rmdir(tempfile.mkdtemp(prefix=".rankdial-probe-", dir=parent))
     except OSError as err:
         raise OutputError(f"{what} {target} cannot be created: {parent} does not take new folders "
