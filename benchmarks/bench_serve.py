@@ -26,6 +26,13 @@ Figures (2-core machine shared by 5 people; rounds of the same configuration dif
   load_ratio_vs_raw_read 4.2 (16.0 ms vs 3.8 ms), p99_ms_32_adapters 3827, memory merged/adapters 14.7x.
   `... --quick` just before (64 requests): base_speedup_vs_transformers 0.91, load_ratio_vs_raw_read 4.2
   (17 ms vs 4.2 ms; it was 6.7, 26 ms, before add_adapter(init=False) and gc freezing).
+  `... --quick` (64 requests), after the runner re-slots the routed stacks when rows leave or join instead of
+  calling route() again (h-perf; route() re-keyed 128 adapters' stacks in every layer, ~50 ms per batch change):
+  base_speedup_vs_transformers 1.49 (engine base 1,241 tok/s vs static-batch generate 831; generate_batch 72),
+  ratio_32_vs_base 0.70 (870 tok/s; rounds 870/566, base 1,241/507), speedup_vs_swap 14.5, speedup_vs_peft_mixed
+  6.5, load_ratio_vs_raw_read 4.2 (15.0 ms vs 3.6 ms), p99_ms_32_adapters 1470, memory merged/adapters 14.7x.
+  The run before it: base_speedup_vs_transformers 1.39, ratio_32_vs_base 0.69. Profiled synchronously (same
+  process, 64 requests): engine base 1,130 -> 1,610 tok/s against generate's 1,140-1,310.
   A same-process check alternating the engine (stepped synchronously and threaded) with generate, 3 times,
   gave engine/generate 0.65, 1.5-1.8, 1.0-1.1: the base comparison is within this machine's noise.
 """

@@ -101,3 +101,49 @@ def test_nf4_base_mixed_batch_equals_alone(tmp_path):
         assert len({alone[0], alone[1], alone[2]}) == 3
     finally:
         eng.shutdown(drain=False)
+
+
+@pytest.mark.slow
+def test_rows_leaving_reslot_the_routing_without_route_and_keep_their_tokens(tmp_path, monkeypatch):
+    """Rows that leave (or join) with adapters already routed re-slot the same stacks instead of calling
+    route() again; every layer's slots are those route() gives, and every row's tokens those it gets alone."""
+    import rankdial.serve.runner as runner_mod
+    from rankdial.lora import LoraLayer
+    from rankdial.lora.inject import named_wrappers
+
+    for k, r in enumerate([4, 8]):
+        make_adapter(tmp_path / f"a{k}", seed=30 + k, r=r)
+    eng = Engine.from_pretrained("default", str(tmp_path), device="cpu")
+    try:
+        for name in ("a0", "a1"):
+            eng.registry.load(name)
+        model, tok = eng.model, eng.tokenizer
+        calls = []
+        real_route = runner_mod.route
+        monkeypatch.setattr(runner_mod, "route", lambda m, rows: (calls.append(list(rows)), real_route(m, rows)))
+        adapters = ["a0", "a1", None, "a0", "a1"]
+        running = [Sequence(f"r{k}", a, tok.encode(PROMPTS[k]), GREEDY) for k, a in enumerate(adapters)]
+        every = list(running)
+        runner = Runner(model, 0)
+        for step in range(8):
+            if step == 3:
+                running = [s for s in running if s.id not in ("r1", "r2")]  # a1 and the base still in use
+            if step == 5:
+                running = [s for s in running if s.id != "r4"]  # a1 leaves: a subset of the routed adapters
+            for s, t in zip(running, runner.step(running)):
+                s.tokens.append(t)
+            rows = [s.adapter for s in running]
+            for _, layer in named_wrappers(model):
+                if isinstance(layer, LoraLayer) and layer.routing is not None:
+                    assert layer.routing.slots == tuple(layer.routing.stack.slot(a) for a in rows)
+                    assert layer.routing.index.tolist() == list(layer.routing.slots)
+        assert calls == [adapters]  # one route() for the first batch; the leaving rows only re-slotted
+        for s in every:
+            runner_alone = Runner(model, 0)
+            alone = Sequence("x", s.adapter, s.prompt, GREEDY)
+            for _ in range(len(s.tokens)):
+                alone.tokens.append(runner_alone.step([alone])[0])
+            assert s.tokens == alone.tokens, s.id
+        assert len({tuple(s.tokens) for s in every[:3]}) == 3  # the adapters change the text
+    finally:
+        eng.shutdown(drain=False)
