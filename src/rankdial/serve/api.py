@@ -327,12 +327,14 @@ _PREPARE_WAIT_S = 10.0  # how long a request waits for its adapter's load before
 
 async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bool):
     adapter = adapter_for(engine, body.model)
-    try:  # load the adapter first: a folder that cannot load is a 422 with its reason, even before a stream starts
-        await run_in_threadpool(engine.prepare, adapter, _PREPARE_WAIT_S)
+    # the engine checks the request first (token limits, tokenizing once, off the event loop): RequestError -> 400,
+    # and nothing is loaded for a request that is refused
+    checked = await run_in_threadpool(engine.check, prompt, adapter, _params(engine, body))
+    try:  # then its adapter: a folder that cannot load is a 422 with its reason, even before a stream starts
+        await engine.prepare_async(adapter, _PREPARE_WAIT_S)  # waits on the event loop, not on a pool thread
     except AdapterFileError as err:
         raise ApiError(422, f"model {body.model!r} cannot be served: {_one_line(err)}", param="model") from None
-    # the engine checks the token limits (tokenizing once, off the event loop): RequestError -> 400
-    handle = await run_in_threadpool(engine.submit, prompt, adapter, _params(engine, body))
+    handle = engine.enqueue(checked)
     reply = _Reply(body.model, chat, metrics, request.url.path)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
