@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -66,16 +67,35 @@ def create_app(engine, *, api_keys=None, admin_key: str | None = None, limits: A
     keys = [k for k in (api_keys or []) if k]
     metrics = Metrics(engine)
 
+    drain: dict = {"thread": None, "cancelled": None}
+    drain_lock = threading.Lock()
+
+    def begin_drain() -> None:
+        """Start the engine's drain now (idempotent; a server calls it on the first SIGTERM / Ctrl-C): requests in
+        flight finish, and those still running after drain_timeout get a final 'cancelled' event, so their
+        streams end (and their connections close) while the HTTP server waits for them."""
+        if not shutdown_engine:
+            return
+        with drain_lock:
+            if drain["thread"] is None:
+                def run():
+                    drain["cancelled"] = engine.shutdown(True, drain_timeout)
+                drain["thread"] = threading.Thread(target=run, name="rankdial-drain", daemon=True)
+                drain["thread"].start()
+
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
         yield
         if shutdown_engine:
-            app.state.cancelled_at_shutdown = await run_in_threadpool(engine.shutdown, True, drain_timeout)
+            begin_drain()
+            await asyncio.to_thread(drain["thread"].join)
+            app.state.cancelled_at_shutdown = drain["cancelled"]
 
     app = FastAPI(title="rankdial", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
     app.state.cancelled_at_shutdown = None  # set once the lifespan has shut the engine down
+    app.state.begin_drain = begin_drain
     app.add_middleware(Guard, keys=keys + ([admin_key] if admin_key and keys else []),
                        max_body=limits.max_body_bytes, metrics=metrics)
     _add_error_handlers(app)
