@@ -119,6 +119,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             where = errors[0].get("ctx", {}).get("error", "")
             return error_body(400, f"request body is not valid JSON ({where}); send one JSON object")
+        if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "string_unicode" for e in errors):
+            bad = next(e.get("input") for e in errors if e.get("type") == "string_unicode")
+            return error_body(422, f"the body holds a field name that is not valid Unicode ({_name(bad)}, a lone "
+                                   "surrogate): unknown field; remove it", param="body")
         if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # no body, or not a JSON object
             return error_body(422, "the body must be one JSON object (Content-Type: application/json) with the "
                                    "request's fields, e.g. {\"model\": ..., \"prompt\": ...}", param="body")
@@ -166,8 +170,10 @@ def validation_error(errors: list[dict]):
         path = field + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc[1:]
                                if isinstance(x, int) or x in _TAGS_OK)
         kind = e.get("type")
-        if kind == "extra_forbidden":
-            parts.append(f"{path}: unknown field; remove it")
+        if kind in ("extra_forbidden", "string_unicode") and len(loc) > 1 or kind == "extra_forbidden":
+            # an unknown key (a lone surrogate in a nested key reads as string_unicode): its name, shortened
+            shown = path if len(path) <= 60 and path.isprintable() else _name(path)
+            parts.append(f"{shown}: unknown field; remove it")
         elif kind == "missing":
             parts.append(f"{path} is required; {FIELD_HELP.get(field, '')}".rstrip("; "))
         elif kind == "value_error":
@@ -179,7 +185,8 @@ def validation_error(errors: list[dict]):
             parts.append(f"{help_}; got {_short(e.get('input'))}{where}")
         if len(parts) == 5:
             break
-    return error_body(422, "; ".join(parts) or "invalid request body", param=fields[0] if fields else None)
+    param = (fields[0] if len(fields[0]) <= 60 else fields[0][:57] + "...") if fields else None
+    return error_body(422, "; ".join(parts) or "invalid request body", param=param)
 
 
 def _unparsable(cause: BaseException) -> str:
