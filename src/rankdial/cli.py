@@ -224,13 +224,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
-    import uvicorn
-
-    from .serve.launch import app_from_args, check_serve_flags, server_class
+    from .serve.launch import app_from_args, check_serve_flags, server_class, server_config
     from .serve.listen import listen_socket
 
     check_serve_flags(args)
-    sock = listen_socket(args.host, args.port)  # before the model loads: a port in use fails at once
+    # bound before the model loads (a port in use fails at once), listening only once the server starts (uvicorn's
+    # create_server listens on it), so no client waits in the backlog through a minutes-long load
+    sock = listen_socket(args.host, args.port, listen=False)
     try:
         app, line = app_from_args(args)
     except BaseException:
@@ -240,9 +240,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(line.format(url=f"http://{host}:{port}/v1"), flush=True)
     for warning in app.state.startup_warnings:
         print(warning, file=sys.stderr, flush=True)
-    # uvicorn turns SIGTERM and Ctrl-C into a graceful shutdown: no new connections, requests in flight finish,
-    # then the app's lifespan drains the engine (cancelling what still runs after --drain-timeout).
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug", lifespan="on")
+    # uvicorn turns SIGTERM and Ctrl-C into a graceful shutdown: no new connections, and the engine's drain begins
+    # at once (server_class): requests in flight finish, those still running after --drain-timeout are cancelled
+    # (their streams end with finish_reason "cancelled"); uvicorn waits for the connections no longer than that.
+    config = server_config(app, log_level=args.log_level, access_log=args.log_level == "debug",
+                           drain_timeout=args.drain_timeout)
     # uvicorn re-raises the signal it caught once it has shut down; a handler here makes that a clean exit 0
     # for SIGTERM (Ctrl-C still ends in KeyboardInterrupt, 130, as every verb does).
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -112,7 +112,13 @@ class FakeEngine:
         if adapter is not None and not self.registry.exists(adapter):
             raise AdapterError(f"unknown adapter {adapter!r}")
 
+    async def prepare_async(self, adapter, timeout=10.0):
+        self.prepare(adapter, timeout)
+
     def submit(self, prompt, adapter, params):
+        return self.enqueue(self.check(prompt, adapter, params))
+
+    def check(self, prompt, adapter, params):
         if self.fail_with is not None:
             raise self.fail_with
         if adapter is not None and not self.registry.exists(adapter):
@@ -121,6 +127,10 @@ class FakeEngine:
             prompt = " ".join(f"t{i}" for i in prompt)
         if len(prompt) > 2000:
             raise RequestError("prompt is too long")
+        return prompt, adapter, params
+
+    def enqueue(self, checked):
+        prompt, adapter, params = checked
         self.prompts.append(prompt)
         words = [f" {w}" for w in reversed(prompt.split())] + [f" [{adapter or 'base'}]"]
         handle = FakeHandle(words, len(prompt.split()), params.max_tokens, self.delay)

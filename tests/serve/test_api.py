@@ -245,7 +245,7 @@ def test_a_generation_error_is_503_when_temporary_and_500_otherwise():
 
     for unavailable, status in ((True, 503), (False, 500)):
         engine = FakeEngine()
-        engine.submit = lambda *a, u=unavailable: FailingHandle(u)
+        engine.enqueue = lambda *a, u=unavailable: FailingHandle(u)
         with client(engine) as c:
             r = c.post("/v1/completions", json={"model": "alpha", "prompt": "x"})
             assert "no room in the adapter budget" in error_of(r, status)

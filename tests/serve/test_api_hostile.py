@@ -173,3 +173,16 @@ def test_a_path_error_never_lists_the_folder_and_names_path(tmp_path):
                            headers={"Authorization": "Bearer boss"}), 400)
             assert e["param"] == "path" and "passwords" not in e["message"] and "id_rsa" not in e["message"]
             assert "passwd" not in e["message"] and "hosts" not in e["message"], e["message"]
+
+
+def test_unknown_field_names_are_shortened_and_a_surrogate_key_is_an_unknown_field():
+    with client() as c:
+        r = c.post("/v1/completions", json={"model": "alpha", "prompt": "x", "k" * 5000: 1})
+        err = r.json()["error"]
+        assert r.status_code == 422 and "unknown field" in err["message"]
+        assert len(err["message"]) < 200 and len(err["param"]) <= 60
+        for body in (b'{"model":"alpha","prompt":"x","\\ud800":1}',
+                     b'{"model":"alpha","messages":[{"role":"user","content":"x","\\ud800":1}]}'):
+            route = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+            r = c.post(route, content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 422 and "unknown field" in r.json()["error"]["message"], r.text

@@ -73,6 +73,12 @@ def test_the_last_line_tells_how_many_requests_were_cancelled(monkeypatch, capsy
 
     def run(server, sockets):  # instead of serving: what the lifespan's engine.shutdown() reported
         seen["drain"] = server.config.app.state  # the app cmd_serve built
+        seen["grace"] = server.config.timeout_graceful_shutdown
+        try:  # bound but not listening until uvicorn listens: no client waited in the backlog during the load
+            socket.create_connection(sockets[0].getsockname()[:2], timeout=2).close()
+            seen["refused"] = False
+        except ConnectionRefusedError:
+            seen["refused"] = True
         server.config.app.state.cancelled_at_shutdown = cancelled
         [s.close() for s in sockets]
 
@@ -85,6 +91,7 @@ def test_the_last_line_tells_how_many_requests_were_cancelled(monkeypatch, capsy
         seen["drain"].engine.shutdown(drain=False)
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == f"rankdial serve: stopped; {says}"
+    assert seen["refused"] and 1.5 <= seen["grace"] <= 5  # uvicorn's wait for connections is bounded by the drain
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "0.0000001"])
@@ -112,3 +119,60 @@ def test_startup_warnings_and_a_budget_too_small_for_an_adapter(tmp_path):
     assert "more than the whole adapter budget" in r.json()["error"]["message"]
     quiet, _ = app_from_args(serve_args("--host", "0.0.0.0", "--api-key", "k"), freeze_gc=False)
     assert quiet.state.startup_warnings == []
+
+
+def test_listen_socket_can_bind_without_listening():
+    sock = listen_socket("127.0.0.1", 0, listen=False)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(sock.getsockname()[:2], timeout=2).close()
+        sock.listen()
+        socket.create_connection(sock.getsockname()[:2], timeout=2).close()
+    finally:
+        sock.close()
+
+
+@pytest.mark.slow
+def test_sigterm_cancels_a_stream_still_running_after_the_drain_timeout(tmp_path):
+    """Over HTTP: the first signal starts the engine's drain; a stream still running after --drain-timeout ends
+    with finish_reason 'cancelled' (and [DONE]), and the server stops soon after, reporting one cancelled."""
+    import json
+    import threading
+    import time
+
+    import httpx
+    import torch
+
+    from rankdial.serve.api import create_app
+    from rankdial.serve.engine import Engine
+    from rankdial.serve.launch import server_class, server_config
+
+    torch.set_num_threads(1)
+    engine = Engine.from_pretrained("default", None, device="cpu", max_new_tokens=512)
+    app = create_app(engine, drain_timeout=0.5)
+    sock = listen_socket("127.0.0.1", 0, listen=False)
+    server = server_class()(server_config(app, drain_timeout=0.5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    chunks = []
+    body = {"model": engine.base_name, "prompt": "In the beginning", "max_tokens": 500, "stream": True,
+            "temperature": 1.0, "seed": 3}
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for line in lines:  # the stream runs: then the signal
+            if line.startswith("data: {"):
+                break
+        start = time.monotonic()
+        server.handle_exit(signal.SIGTERM, None)
+        chunks = [line for line in lines if line.startswith("data: ")]
+    thread.join(30)
+    assert not thread.is_alive() and time.monotonic() - start < 10
+    finals = [json.loads(c[6:])["choices"][0]["finish_reason"] for c in chunks if c.startswith("data: {")]
+    assert finals[-1] == "cancelled" and chunks[-1] == "data: [DONE]"
+    assert app.state.cancelled_at_shutdown == 1

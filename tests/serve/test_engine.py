@@ -400,3 +400,73 @@ def test_shutdown_says_how_many_requests_it_cancelled(adapters_dir):
         time.sleep(0.01)
     assert eng.shutdown(drain=True, timeout=0.2) == 2
     assert all(list(h.events(timeout=10))[-1].finish_reason == "cancelled" for h in slow)
+
+
+def test_a_full_budget_is_retried_on_a_release_or_every_100ms_not_every_step(adapters_dir):
+    """Each retry takes the registry lock against the decode step: a bounded number of them while the wait lasts."""
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", budget_bytes=int(1.5 * SIZE_R4),
+                                 budget_wait_s=1.0)
+    calls, load_async = [], eng.registry.load_async
+    eng.registry.load_async = lambda name: calls.append(name) or load_async(name)
+    try:
+        eng.registry.pin("ad0")
+        busy = eng.submit(PROMPTS[0], None, SamplingParams(max_tokens=400, temperature=0))
+        final = list(eng.submit(PROMPTS[1], "ad1", GREEDY).events(timeout=60))[-1]
+        assert final.finish_reason == "error" and final.unavailable
+        assert eng.steps > 20  # the engine ran many steps meanwhile...
+        assert 2 <= calls.count("ad1") <= 15, calls.count("ad1")  # ...but retried only every ~100 ms
+        busy.cancel()
+    finally:
+        eng.shutdown(drain=False)
+
+
+def test_a_submit_racing_shutdown_is_refused_or_ended_never_left_hanging(adapters_dir):
+    """A submit that passed the shutting-down check while shutdown() counts what is left: Unavailable, or a
+    handle that gets its final event; never a handle that waits forever."""
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu")
+    eng.generate(PROMPTS[0], None, SamplingParams(max_tokens=1, temperature=0), timeout=60)  # the thread runs
+    tokenizing, go = threading.Event(), threading.Event()
+    tokens = eng._tokens
+    eng._tokens = lambda prompt: (tokenizing.set(), go.wait(10), tokens(prompt))[2]
+    end_all = eng._end_all_if_no_thread
+    outcome = []
+
+    def late_submit():
+        try:
+            outcome.append(eng.submit(PROMPTS[1], None, SamplingParams(max_tokens=2, temperature=0)))
+        except Unavailable as err:
+            outcome.append(err)
+
+    def counted_then_let_in():  # shutdown() has counted what is left: now the late submit enqueues
+        go.set()
+        submitter.join(10)
+        end_all()
+
+    eng._end_all_if_no_thread = counted_then_let_in
+    submitter = threading.Thread(target=late_submit)
+    submitter.start()
+    assert tokenizing.wait(10)  # past the _stopping check, tokenizing
+    eng.shutdown(drain=True, timeout=1)
+    submitter.join(10)
+    assert len(outcome) == 1
+    if not isinstance(outcome[0], Unavailable):
+        assert list(outcome[0].events(timeout=10))[-1].finish_reason is not None
+
+
+def test_a_refused_request_loads_no_adapter_and_holds_no_read(adapters_dir):
+    """The API checks the request before it loads the adapter: a too-long prompt loads nothing (evicts nothing),
+    and with the budget full no read is left behind in the registry."""
+    from fastapi.testclient import TestClient
+
+    from rankdial.serve.api import create_app
+
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", budget_bytes=int(1.5 * SIZE_R4),
+                                 max_prompt_tokens=8, budget_wait_s=0.3)
+    eng.registry.pin("ad0")  # the budget is full
+    with TestClient(create_app(eng), raise_server_exceptions=False) as c:
+        misses = eng.registry.misses
+        r = c.post("/v1/completions", json={"model": "ad1", "prompt": "word " * 40, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        assert eng.registry.misses == misses and not eng.registry._held_reads and eng.registry.loaded() == ["ad0"]
+        r = c.post("/v1/completions", json={"model": "ad1", "prompt": "word", "max_tokens": 2})
+        assert r.status_code == 503 and not eng.registry._held_reads

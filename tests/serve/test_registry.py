@@ -226,3 +226,81 @@ def test_load_copies_the_file_exactly_and_draws_no_random_numbers(registry, root
         assert type(layer.lora_A["a2"]) is torch.nn.Linear and layer.lora_A["a2"].bias is None
         assert torch.equal(A, tensors[f"base_model.model.{path}.lora_A.weight"]) and not A.requires_grad
         assert torch.equal(B, tensors[f"base_model.model.{path}.lora_B.weight"])
+
+
+def test_a_transient_read_error_is_not_remembered(registry, monkeypatch):
+    """OSError / MemoryError say nothing about the files: the next request reads them again (and loads)."""
+    import rankdial.serve.registry as reg_mod
+
+    real = reg_mod.read_adapter_weights
+    for transient in (OSError("EIO: input/output error"), MemoryError()):
+        registry.unload("a1") if registry.is_loaded("a1") else None
+        monkeypatch.setattr(reg_mod, "read_adapter_weights", lambda *a, _e=transient, **k: (_ for _ in ()).throw(_e))
+        with pytest.raises(AdapterFileError):
+            registry.load("a1")
+        assert registry.failure("a1") is None
+        monkeypatch.setattr(reg_mod, "read_adapter_weights", real)
+        assert registry.load("a1").loaded
+
+
+def test_a_failure_is_remembered_against_the_files_before_the_read(root, tmp_path, monkeypatch):
+    """Files fixed while a failed read ran: the failure is not remembered against the fixed files."""
+    import rankdial.serve.registry as reg_mod
+
+    shutil.copytree(root / "a2", tmp_path / "fixme")
+    cfg = tmp_path / "fixme" / "adapter_config.json"
+    good = cfg.read_text()
+    cfg.write_text("{broken")
+    real = reg_mod.read_adapter_config
+
+    def read_then_fix(folder):
+        try:
+            return real(folder)
+        finally:
+            cfg.write_text(good)  # the user's fix lands while the read fails
+            os.utime(cfg, ns=(time.time_ns() + 10**9,) * 2)
+
+    monkeypatch.setattr(reg_mod, "read_adapter_config", read_then_fix)
+    model, _ = load_model(resolve_model("default"))
+    reg = AdapterRegistry(model, tmp_path)
+    try:
+        with pytest.raises(AdapterFileError):
+            reg.load("fixme")
+        assert reg.failure("fixme") is None  # the signature was of the broken files, not of the fixed ones
+        monkeypatch.setattr(reg_mod, "read_adapter_config", real)
+        assert reg.load("fixme").loaded
+    finally:
+        reg.close()
+
+
+def test_load_async_never_returns_a_finished_load(registry):
+    """Between a load's end and its done-callback the finished future is still pending: it is not reused."""
+    from concurrent.futures import Future
+
+    failed: Future = Future()
+    failed.set_exception(AdapterFileError("an old failure"))
+    registry._pending["a3"] = failed
+    assert registry.load_async("a3").result(30).loaded
+
+
+def test_info_of_an_adapter_evicted_meanwhile_is_not_a_key_error(registry, monkeypatch):
+    """info() reads the loaded state under the lock: an eviction on another thread cannot fall in between."""
+    import threading
+
+    registry.load("a0")
+    seen = []
+
+    def evict_meanwhile(name):  # another thread's eviction, which must wait for the lock info() holds
+        t = threading.Thread(target=registry.unload, args=(name,))
+        t.start()
+        t.join(0.2)
+        seen.append(t)
+        return True
+
+    monkeypatch.setattr(registry, "check_known", lambda name: name)
+    real = registry._paths.get
+    monkeypatch.setattr(registry, "_paths", type("P", (dict,), {"get": lambda self, n: evict_meanwhile(n) and real(n)})())
+    info = registry.info("a0")
+    assert info.loaded and info.rank == 4
+    seen[0].join(5)
+    assert not registry.is_loaded("a0")

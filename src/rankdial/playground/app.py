@@ -337,7 +337,10 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RankdialError)
     async def rankdial_error(request, err: RankdialError):
-        return JSONResponse({"error": str(err).splitlines()[0], "field": None}, status_code=400)
+        from ..errors import Unavailable
+
+        status = 503 if isinstance(err, Unavailable) else 400  # busy or shutting down: a retry may succeed
+        return JSONResponse({"error": str(err).splitlines()[0], "field": None}, status_code=status)
 
     @app.exception_handler(Exception)
     async def crash(request, err: Exception):

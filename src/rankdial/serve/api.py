@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -66,16 +67,35 @@ def create_app(engine, *, api_keys=None, admin_key: str | None = None, limits: A
     keys = [k for k in (api_keys or []) if k]
     metrics = Metrics(engine)
 
+    drain: dict = {"thread": None, "cancelled": None}
+    drain_lock = threading.Lock()
+
+    def begin_drain() -> None:
+        """Start the engine's drain now (idempotent; a server calls it on the first SIGTERM / Ctrl-C): requests in
+        flight finish, and those still running after drain_timeout get a final 'cancelled' event, so their
+        streams end (and their connections close) while the HTTP server waits for them."""
+        if not shutdown_engine:
+            return
+        with drain_lock:
+            if drain["thread"] is None:
+                def run():
+                    drain["cancelled"] = engine.shutdown(True, drain_timeout)
+                drain["thread"] = threading.Thread(target=run, name="rankdial-drain", daemon=True)
+                drain["thread"].start()
+
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
         yield
         if shutdown_engine:
-            app.state.cancelled_at_shutdown = await run_in_threadpool(engine.shutdown, True, drain_timeout)
+            begin_drain()
+            await asyncio.to_thread(drain["thread"].join)
+            app.state.cancelled_at_shutdown = drain["cancelled"]
 
     app = FastAPI(title="rankdial", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
     app.state.cancelled_at_shutdown = None  # set once the lifespan has shut the engine down
+    app.state.begin_drain = begin_drain
     app.add_middleware(Guard, keys=keys + ([admin_key] if admin_key and keys else []),
                        max_body=limits.max_body_bytes, metrics=metrics)
     _add_error_handlers(app)
@@ -99,6 +119,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             where = errors[0].get("ctx", {}).get("error", "")
             return error_body(400, f"request body is not valid JSON ({where}); send one JSON object")
+        if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "string_unicode" for e in errors):
+            bad = next(e.get("input") for e in errors if e.get("type") == "string_unicode")
+            return error_body(422, f"the body holds a field name that is not valid Unicode ({_name(bad)}, a lone "
+                                   "surrogate): unknown field; remove it", param="body")
         if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # no body, or not a JSON object
             return error_body(422, "the body must be one JSON object (Content-Type: application/json) with the "
                                    "request's fields, e.g. {\"model\": ..., \"prompt\": ...}", param="body")
@@ -146,8 +170,10 @@ def validation_error(errors: list[dict]):
         path = field + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc[1:]
                                if isinstance(x, int) or x in _TAGS_OK)
         kind = e.get("type")
-        if kind == "extra_forbidden":
-            parts.append(f"{path}: unknown field; remove it")
+        if kind in ("extra_forbidden", "string_unicode") and len(loc) > 1 or kind == "extra_forbidden":
+            # an unknown key (a lone surrogate in a nested key reads as string_unicode): its name, shortened
+            shown = path if len(path) <= 60 and path.isprintable() else _name(path)
+            parts.append(f"{shown}: unknown field; remove it")
         elif kind == "missing":
             parts.append(f"{path} is required; {FIELD_HELP.get(field, '')}".rstrip("; "))
         elif kind == "value_error":
@@ -159,7 +185,8 @@ def validation_error(errors: list[dict]):
             parts.append(f"{help_}; got {_short(e.get('input'))}{where}")
         if len(parts) == 5:
             break
-    return error_body(422, "; ".join(parts) or "invalid request body", param=fields[0] if fields else None)
+    param = (fields[0] if len(fields[0]) <= 60 else fields[0][:57] + "...") if fields else None
+    return error_body(422, "; ".join(parts) or "invalid request body", param=param)
 
 
 def _unparsable(cause: BaseException) -> str:
@@ -327,12 +354,14 @@ _PREPARE_WAIT_S = 10.0  # how long a request waits for its adapter's load before
 
 async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bool):
     adapter = adapter_for(engine, body.model)
-    try:  # load the adapter first: a folder that cannot load is a 422 with its reason, even before a stream starts
-        await run_in_threadpool(engine.prepare, adapter, _PREPARE_WAIT_S)
+    # the engine checks the request first (token limits, tokenizing once, off the event loop): RequestError -> 400,
+    # and nothing is loaded for a request that is refused
+    checked = await run_in_threadpool(engine.check, prompt, adapter, _params(engine, body))
+    try:  # then its adapter: a folder that cannot load is a 422 with its reason, even before a stream starts
+        await engine.prepare_async(adapter, _PREPARE_WAIT_S)  # waits on the event loop, not on a pool thread
     except AdapterFileError as err:
         raise ApiError(422, f"model {body.model!r} cannot be served: {_one_line(err)}", param="model") from None
-    # the engine checks the token limits (tokenizing once, off the event loop): RequestError -> 400
-    handle = await run_in_threadpool(engine.submit, prompt, adapter, _params(engine, body))
+    handle = engine.enqueue(checked)
     reply = _Reply(body.model, chat, metrics, request.url.path)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -13,6 +13,7 @@ events() for threads, aevents() for asyncio. A client that goes away cancels, an
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import logging
@@ -40,6 +41,16 @@ class _Live:
         self.detok = Detokenizer()
         self.queued = False  # in the scheduler, holding its adapter (registry.acquire)
         self.done = False
+
+
+class Checked:
+    """A request Engine.check() accepted, ready for Engine.enqueue() (nothing of it is queued yet)."""
+
+    def __init__(self, ids: list[int], adapter: str | None, params: SamplingParams):
+        self.ids, self.adapter, self.params = ids, adapter, params
+
+
+_BUDGET_RETRY_S = 0.1  # a load that found the budget full is retried when a release frees room, or this often
 
 
 class Engine:
@@ -73,6 +84,8 @@ class Engine:
         self._n_parked = 0  # len of all of _parked, for stats() from other threads
         self._loads: dict = {}  # adapter -> Future of its load
         self._budget_wait: dict[str, list] = {}  # adapter -> [when its wait for budget room ends, tried when idle]
+        self._budget_retry: dict[str, tuple] = {}  # adapter -> (registry.freed when it failed, when to retry anyway)
+        self._submit_lock = threading.Lock()  # the _stopping check and the enqueue are one step (shutdown's race)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -116,6 +129,12 @@ class Engine:
     def submit(self, prompt: str | list[int], adapter: str | None = None,
                params: SamplingParams = SamplingParams()) -> Handle:
         """Check the request (RequestError / AdapterError, nothing queued) and queue it; its Handle."""
+        return self.enqueue(self.check(prompt, adapter, params))
+
+    def check(self, prompt: str | list[int], adapter: str | None = None,
+              params: SamplingParams = SamplingParams()) -> Checked:
+        """Everything submit() checks (RequestError / AdapterError / Unavailable), without queueing: a server checks a
+        request before it loads the request's adapter (prepare), then enqueue()s it."""
         if self._stopping:
             raise Unavailable("the engine is shutting down and takes no new requests; retry on another replica")
         if not isinstance(params, SamplingParams):
@@ -130,10 +149,18 @@ class Engine:
             raise _bad("max_tokens", f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) is {total} "
                                f"tokens, more than this model serves ({min(self.context, self.scheduler.limits.max_tokens_in_flight)}); "
                                "shorten the prompt or lower max_tokens")
+        return Checked(ids, adapter, params)
+
+    def enqueue(self, checked: Checked) -> Handle:
+        """Queue a request check() accepted; its Handle. Unavailable once shutdown() has begun."""
         request_id = f"req-{next(self._ids)}"
         handle = Handle(request_id, self)
-        seq = Sequence(request_id, adapter, ids, params, make_generator(params.seed, self.runner.device))
-        self._inbox.append(_Live(seq, handle))
+        seq = Sequence(request_id, checked.adapter, checked.ids, checked.params,
+                       make_generator(checked.params.seed, self.runner.device))
+        with self._submit_lock:  # shutdown() sets _stopping under this lock: no request slips in after its count
+            if self._stopping:
+                raise Unavailable("the engine is shutting down and takes no new requests; retry on another replica")
+            self._inbox.append(_Live(seq, handle))
         self.start()
         self._wake.set()
         return handle
@@ -150,14 +177,35 @@ class Engine:
         future = self.registry.load_async(adapter)
         try:
             future.result(timeout)
-        except (FutureTimeout, Unavailable):
+        except FutureTimeout:
             return
-        except RankdialError:
+        except BaseException as err:  # noqa: BLE001
+            self._prepare_failed(adapter, err)
+
+    async def prepare_async(self, adapter: str | None, timeout: float = 10.0) -> None:
+        """prepare() for a server: the wait is on the event loop, not on a worker thread of the pool."""
+        if adapter is None or adapter == self.base_name or self.registry.is_loaded(adapter):
+            return
+        self.registry.check_known(adapter)
+        future = await asyncio.to_thread(self.registry.load_async, adapter)  # brief: it may wait for the step's lock
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+        except asyncio.TimeoutError:
+            return
+        except asyncio.CancelledError:
             raise
-        except Exception as err:  # noqa: BLE001 - logged here, one line for the client
-            log.error("loading adapter %r failed", adapter, exc_info=err)
-            raise AdapterFileError(f"adapter {adapter!r} failed to load ({type(err).__name__}); the server log "
-                                   "has the details") from None
+        except BaseException as err:  # noqa: BLE001
+            self._prepare_failed(adapter, err)
+
+    def _prepare_failed(self, adapter: str, err: BaseException) -> None:
+        if isinstance(err, Unavailable):  # the budget is full: the request waits in the engine (budget_wait_s)
+            self.registry.drop_held_read(adapter)  # nobody may come back for the files read; the engine reads again
+            return
+        if isinstance(err, RankdialError):
+            raise err
+        log.error("loading adapter %r failed", adapter, exc_info=err)
+        raise AdapterFileError(f"adapter {adapter!r} failed to load ({type(err).__name__}); the server log "
+                               "has the details") from None
 
     def generate(self, prompt: str | list[int], adapter: str | None = None,
                  params: SamplingParams = SamplingParams(), timeout: float | None = None) -> Completion:
@@ -248,6 +296,11 @@ class Engine:
             if future.done():
                 del self._loads[name]
                 self._loaded(name, future.exception())
+        now = time.monotonic()
+        for name, (freed, at) in list(self._budget_retry.items()):  # retry a full budget only when it may have room
+            if self.registry.freed != freed or now >= at or not self.scheduler.has_work():
+                del self._budget_retry[name]
+                self._loads[name] = self.registry.load_async(name)
 
     def _loaded(self, name: str, error: BaseException | None) -> None:
         """An adapter load ended: queue its parked requests, retry later if the budget was busy (for up to
@@ -258,7 +311,8 @@ class Engine:
             idle = not self.scheduler.has_work()  # nothing runs: one more try (those that held it just left)
             if time.monotonic() < wait[0] and not (idle and wait[1]):
                 wait[1] = idle
-                self._loads[name] = self.registry.load_async(name)  # a request that ends will release room
+                # a request that ends will release room: retry then (registry.freed moves), or in _BUDGET_RETRY_S
+                self._budget_retry[name] = (self.registry.freed, time.monotonic() + _BUDGET_RETRY_S)
                 return
             self.registry.drop_held_read(name)
             error = BudgetFull(f"adapter {name!r} found no room in the adapter budget ({self.registry.budget_bytes} "
@@ -370,7 +424,7 @@ class Engine:
                 self._fail_running(err)
                 busy = False
             if not busy:
-                self._wake.wait(0.05 if (self._loads or self._inbox) else 1.0)
+                self._wake.wait(0.05 if (self._loads or self._inbox or self._budget_retry) else 1.0)
                 self._wake.clear()
 
     def _fail_running(self, err: Exception) -> None:
@@ -386,12 +440,15 @@ class Engine:
     def shutdown(self, drain: bool = True, timeout: float = 30.0) -> int:
         """Stop taking requests; with drain, finish those in flight first (up to `timeout` s), else cancel them.
         Returns how many requests it cancelled (0: every request in flight was answered in full)."""
-        self._stopping = True
+        with self._submit_lock:  # after this, no enqueue() can add a request
+            self._stopping = True
         deadline = time.monotonic() + timeout
         while drain and self.has_work() and self._thread is not None and self._thread.is_alive() \
                 and time.monotonic() < deadline:
             time.sleep(0.01)
-        left = {x.seq.id: x for x in list(self._live.values()) + list(self._inbox) if not x.done}
+        # the inbox first: a request the engine thread moves from the inbox to _live meanwhile is then in one of them
+        inbox = list(self._inbox)
+        left = {x.seq.id: x for x in inbox + list(self._live.values()) if not x.done}
         for request_id in left:
             self._cancel(request_id)
         self._end_all_if_no_thread()
@@ -402,6 +459,8 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._thread is None or not self._thread.is_alive():
+            self._end_all_if_no_thread()  # anything left (none expected): a final event, never a handle that hangs
         self.registry.close()
         return len(left)
 

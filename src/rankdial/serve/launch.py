@@ -78,6 +78,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+_GRACE_MARGIN_S = 2.0  # uvicorn waits this much past --drain-timeout, so the engine's 'cancelled' events land first
+
+
+def server_config(app, *, log_level: str = "warning", drain_timeout: float = 30.0, access_log: bool = False):
+    """uvicorn's Config for `rankdial serve`: on SIGTERM / Ctrl-C uvicorn stops accepting, waits for the open
+    connections at most drain_timeout (plus a small margin), then cancels what is left, so --drain-timeout
+    bounds the shutdown over HTTP too; the engine's drain (begun on the same signal, server_class) ends the
+    requests still running at drain_timeout with a final 'cancelled' event first."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
+                          timeout_graceful_shutdown=drain_timeout + _GRACE_MARGIN_S)
+
+
 def server_class():
     """uvicorn.Server whose second Ctrl-C exits at once with 130: uvicorn's own force-exit lets the interpreter tear
     down while the engine's thread is inside torch, which aborts the process ('terminate called without an active
@@ -86,6 +100,10 @@ def server_class():
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
+            if not self.should_exit:  # the first signal: the engine's drain starts now, beside uvicorn's wait
+                begin = getattr(getattr(self.config.app, "state", None), "begin_drain", None)
+                if begin is not None:
+                    begin()
             if self.should_exit and sig == signal.SIGINT:
                 print("rankdial serve: second Ctrl-C: stopping now without draining; requests in flight are dropped",
                       file=sys.stderr, flush=True)
@@ -96,4 +114,4 @@ def server_class():
     return Server
 
 
-__all__ = ["check_serve_flags", "app_from_args", "serve_warnings", "server_class"]
+__all__ = ["check_serve_flags", "app_from_args", "serve_warnings", "server_class", "server_config"]

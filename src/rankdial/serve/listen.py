@@ -11,8 +11,11 @@ import socket
 from ..errors import ConfigError
 
 
-def listen_socket(host: str, port: int, *, port_flag: str = "--port", host_flag: str = "--host") -> socket.socket:
-    """A TCP socket bound to (host, port) and listening (port 0: a free one; read it back with getsockname()).
+def listen_socket(host: str, port: int, *, port_flag: str = "--port", host_flag: str = "--host",
+                  listen: bool = True) -> socket.socket:
+    """A TCP socket bound to (host, port) and, with listen, listening (port 0: a free one; read it back with
+    getsockname()). listen=False: bound only (connections are refused until the server listens, e.g. uvicorn's
+    create_server(sock=...)), for a server that loads for long before it can answer.
 
     Raises ConfigError naming the flags (port_flag / host_flag) when the port is out of range, the address is
     in use or the host cannot be bound."""
@@ -22,7 +25,8 @@ def listen_socket(host: str, port: int, *, port_flag: str = "--port", host_flag:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(128)  # from here a client that comes after the address is printed waits, it is not refused
+        if listen:
+            sock.listen(128)  # from here a client that comes after the address is printed waits, it is not refused
     except OSError as err:
         sock.close()
         reason = err.strerror or type(err).__name__

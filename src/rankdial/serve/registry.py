@@ -58,6 +58,7 @@ class _Read:
     path: Path
     config: LoraConfig
     tensors: dict[str, torch.Tensor]
+    signature: tuple = ()  # the folder's files before they were read (a failure is remembered against it)
 
 
 class BudgetFull(AdapterError, Unavailable):
@@ -75,6 +76,14 @@ def check_adapter_folder_name(name) -> str:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _content_error(err: BaseException) -> bool:
+    """Whether a failed read says something about the files themselves (remembered until they change), not a
+    transient failure of the machine (OSError, MemoryError: the next request reads again)."""
+    if isinstance(err, (OSError, MemoryError)):
+        return False
+    return isinstance(err, (RankdialError, ValueError)) or type(err).__name__ == "SafetensorError"
 
 
 def _signature(folder: Path) -> tuple:
@@ -106,6 +115,7 @@ class AdapterRegistry:
         self.budget_bytes = budget_bytes or DEFAULT_BUDGET_BYTES
         self.lock = threading.RLock()  # held by the engine during a step and here while the model changes
         self.hits = self.misses = self.evictions = 0
+        self.freed = 0  # counts releases that left an adapter unused (the engine retries a full budget on a change)
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self._paths: dict[str, Path] = {}  # adapters loaded by an explicit path
         self._pinned: set[str] = set()
@@ -149,18 +159,19 @@ class AdapterRegistry:
 
     def info(self, name: str) -> AdapterInfo:
         self.check_known(name)
-        path = self._paths.get(name) or (self.root / name if self.root is not None else Path(name))
-        if name in self._loaded:
-            rank = self._ranks[name]
-            size = self._loaded[name]
-        else:
-            rank = 0
-            try:
-                rank = read_adapter_config(path).r
-            except Exception:  # noqa: BLE001 - a broken config: rank unknown (failure() says why)
-                pass
-            size = (path / WEIGHTS_NAME).stat().st_size if (path / WEIGHTS_NAME).is_file() else 0
-        return AdapterInfo(name, str(path), rank, size, name in self._loaded, name in self._pinned)
+        with self.lock:  # an eviction on the reader thread must not fall between these reads
+            path = self._paths.get(name) or (self.root / name if self.root is not None else Path(name))
+            loaded = name in self._loaded
+            if loaded:
+                return AdapterInfo(name, str(path), self._ranks[name], self._loaded[name], True, name in self._pinned)
+            pinned = name in self._pinned
+        rank = 0
+        try:
+            rank = read_adapter_config(path).r
+        except Exception:  # noqa: BLE001 - a broken config: rank unknown (failure() says why)
+            pass
+        size = (path / WEIGHTS_NAME).stat().st_size if (path / WEIGHTS_NAME).is_file() else 0
+        return AdapterInfo(name, str(path), rank, size, False, pinned)
 
     # -- loading ---------------------------------------------------------------------------------------
     def resolve(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> Path:
@@ -199,14 +210,18 @@ class AdapterRegistry:
         remembered = self.failure(name) if path is None else None
         if remembered is not None:
             raise AdapterFileError(remembered)
+        # the signature is taken BEFORE the read: files that change during a failed read are not remembered
+        signature = _signature(self.root / name) if self.root is not None and path is None else ()
         try:
-            return self._read_folder(name, folder)
+            read = self._read_folder(name, folder)
         except (AdapterFileError, Exception) as err:  # noqa: BLE001 - every failure of a file becomes its reason
             message = _one_line(err) if isinstance(err, RankdialError) else (
                 f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {_one_line(err)[:300]}")
-            if path is None and name not in self._paths:
-                self._remember_failure(name, folder, message)
+            if path is None and name not in self._paths and _content_error(err):
+                self._remember_failure(name, folder, message, signature)
             raise AdapterFileError(message) from None
+        read.signature = signature
+        return read
 
     def _read_folder(self, name: str, folder: Path) -> _Read:
         # checked here so that an error never lists a folder's contents (the caller may have named any folder)
@@ -240,11 +255,11 @@ class AdapterRegistry:
             return None
         return seen[1]
 
-    def _remember_failure(self, name: str, folder: Path, message: str) -> None:
-        if self.root is None or not folder.is_relative_to(self.root):
+    def _remember_failure(self, name: str, folder: Path, message: str, signature: tuple) -> None:
+        if self.root is None or not folder.is_relative_to(self.root) or not signature:
             return
         with self.lock:
-            self._failed[name] = (_signature(self.root / name), message)
+            self._failed[name] = (signature, message)
 
     def attach(self, read: _Read, *, pin: bool = False, by_path: bool = False) -> AdapterInfo:
         """The second half (takes `lock`): check against the base, make room, inject and copy the weights."""
@@ -261,7 +276,7 @@ class AdapterRegistry:
             except RankdialError as err:
                 message = f"adapter {name!r} refused: {_one_line(err)}"
                 if not by_path:
-                    self._remember_failure(name, read.path, message)
+                    self._remember_failure(name, read.path, message, read.signature)
                 raise AdapterFileError(message) from None
             size = sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4  # float32 A and B, as the layers hold them
             self._make_room(name, size)
@@ -307,7 +322,7 @@ class AdapterRegistry:
                 done: Future = Future()
                 done.set_result(self.info(name))
                 return done
-            if name in self._pending:
+            if name in self._pending and not self._pending[name].done():  # a finished one may not be forgotten yet
                 return self._pending[name]
             retry = name in self._held_reads
             self.misses += not retry
@@ -391,6 +406,7 @@ class AdapterRegistry:
                     self._in_use[name] = left
                 else:
                     self._in_use.pop(name, None)
+                    self.freed += 1  # an adapter nobody uses any more: evictable, so a full budget may have room
 
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)
