@@ -228,9 +228,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.listen import listen_socket
 
     check_serve_flags(args)
-    # bound before the model loads (a port in use fails at once), listening only once the server starts (uvicorn's
-    # create_server listens on it), so no client waits in the backlog through a minutes-long load
-    sock = listen_socket(args.host, args.port, listen=False)
+    # bound and listening before the model loads (a port in use fails at once); the address is printed only once
+    # the model has loaded, so a client that connects after the line waits milliseconds for uvicorn, never refused
+    sock = listen_socket(args.host, args.port)
     try:
         app, line = app_from_args(args)
     except BaseException:
