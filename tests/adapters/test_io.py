@@ -338,3 +338,19 @@ def test_an_old_adapter_folder_with_a_readme_is_not_replaced(tmp_path):
     with pytest.raises(rd.OutputError):
         rd.save_adapter(trained(r=2), tmp_path / "a")
     assert (tmp_path / "a" / "README.md").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fused_non_finite_check_equals_the_per_tensor_reference(seed):
+    from rankdial.adapters.io import _non_finite
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"t{i}": torch.randn(3, 5 + i, generator=g) for i in range(8)}
+    tensors["half_big"] = torch.full((4, 4), 60000.0, dtype=torch.float16)  # finite, but its norm overflows
+    tensors["double_big"] = torch.full((2,), 1e300, dtype=torch.float64)  # likewise
+    tensors["ints"], tensors["empty"] = torch.arange(4), torch.zeros(0, 3)
+    reference = lambda d: [k for k, t in d.items() if t.is_floating_point() and not torch.isfinite(t).all()]  # noqa: E731
+    assert _non_finite(tensors) == reference(tensors) == []
+    for k, bad in zip(sorted(tensors)[seed::4], (float("nan"), float("inf"), -float("inf"))):
+        if tensors[k].is_floating_point() and tensors[k].numel():
+            tensors[k].view(-1)[int(torch.randint(tensors[k].numel(), (1,), generator=g))] = bad
+    assert _non_finite(tensors) == reference(tensors) != []

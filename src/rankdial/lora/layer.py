@@ -31,15 +31,34 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, fan_in_fan_out:
     return delta.T if fan_in_fan_out else delta
 
 
-def _empty_linear(d_in: int, d_out: int, device: torch.device, dtype: torch.dtype) -> nn.Linear:
-    """nn.Linear(d_in, d_out, bias=False) with an uninitialised weight: nn.Linear's own __init__ draws a
-    Kaiming init (and torch.nn.utils.skip_init's meta-device round trip costs more than that on small layers)."""
-    layer = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(layer)
-    layer.in_features, layer.out_features = d_in, d_out
-    layer.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype))
-    layer.register_parameter("bias", None)
+_MODULE_STATE = nn.Module().__dict__  # what nn.Module.__init__ sets: copied per module by _bare_module
+
+
+def _bare_module(cls: type[nn.Module]) -> nn.Module:
+    """An instance of `cls` with nn.Module.__init__'s state and nothing else, made by copying that state (each
+    container fresh) instead of running __init__, whose ~17 guarded __setattr__ calls dominate a small layer."""
+    module = cls.__new__(cls)
+    module.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in _MODULE_STATE.items()})
+    return module
+
+
+def _linear_around(weight: torch.Tensor) -> nn.Linear:
+    """nn.Linear(d_in, d_out, bias=False) whose weight is `weight` (d_out, d_in) itself, as a Parameter: no
+    init drawn (nn.Linear's __init__ draws a Kaiming init, skip_init's meta-device round trip costs more)."""
+    layer = _bare_module(nn.Linear)
+    layer.out_features, layer.in_features = weight.shape
+    layer._parameters["weight"] = nn.Parameter(weight)
+    layer._parameters["bias"] = None
     return layer
+
+
+def _put(table: nn.ModuleDict, name: str, module: nn.Module) -> None:
+    """table[name] = module, skipping add_module's checks where they cannot fail: `name` is already a checked
+    adapter name, new to this layer; one that shadows a ModuleDict attribute takes the checked path (and its error)."""
+    if name in table.__dict__ or hasattr(type(table), name):
+        table[name] = module
+    else:
+        table._modules[name] = module
 
 
 class LoraLayer(nn.Module):
@@ -116,23 +135,30 @@ class LoraLayer(nn.Module):
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    init_lora_weights: bool = True, config: LoraConfig | None = None, *, init: bool = True) -> None:
+                    init_lora_weights: bool = True, config: LoraConfig | None = None, *, init: bool = True,
+                    weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Add adapter `name` (inactive); A Kaiming-uniform and B zero unless init_lora_weights is False.
 
         `config` is the model-level LoraConfig it was injected with (what save_adapter writes). init=False leaves
         A and B uninitialised (torch.empty, no random numbers drawn) for a caller that copies weights into them
-        straight away, as the serving registry's load does; the layer is wrong until it does.
-        Raises AdapterError for a bad or taken name, ConfigError for a bad r, alpha or dropout.
+        straight away; the layer is wrong until it does. weights=(A, B) makes those tensors, (r, d_in) and
+        (d_out, r), the adapter's parameters themselves (moved to the adapters' device and dtype only where they
+        differ, so the caller hands them over and must not reuse them), as the serving registry's load does.
+        Raises AdapterError for a bad or taken name or bad weights, ConfigError for a bad r, alpha or dropout.
         """
         check_name(name)
-        if name in self.lora_A:
+        tables = self._modules
+        if name in tables["lora_A"]._modules:
             raise AdapterError(f"adapter {name!r} already exists in this layer; pick another name or delete it first")
         problems = adapter_value_problems(r, alpha, dropout)
         if problems:
             raise ConfigError(f"adapter {name!r}: " + "; ".join(problems))
         device, dtype = self._base_device_dtype()
-        if not init:
-            A, B = _empty_linear(self.in_features, r, device, dtype), _empty_linear(r, self.out_features, device, dtype)
+        if weights is not None:
+            A, B = (_linear_around(w) for w in self._adopt(name, r, weights, device, dtype))
+        elif not init:
+            A = _linear_around(torch.empty(r, self.in_features, device=device, dtype=dtype))
+            B = _linear_around(torch.empty(self.out_features, r, device=device, dtype=dtype))
         else:
             A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
             B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
@@ -141,14 +167,28 @@ class LoraLayer(nn.Module):
                 nn.init.zeros_(B.weight)
             else:
                 nn.init.normal_(B.weight, std=1.0 / math.sqrt(r))
-        self.lora_A[name], self.lora_B[name] = A, B
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        _put(tables["lora_A"], name, A)
+        _put(tables["lora_B"], name, B)
+        _put(tables["lora_dropout"], name, nn.Dropout(dropout) if dropout > 0 else _bare_module(nn.Identity))
         self.scaling[name] = lora_scaling(r, alpha, use_rslora)
         self.generation += 1
         if config is None:  # added by hand: recorded all the same, so the model-level verbs see it
             config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
                                 init_lora_weights=init_lora_weights, target_modules=BY_HAND)
         self.configs[name] = (next(_ORDER), config)
+
+    def _adopt(self, name: str, r: int, weights, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """weights=(A, B) checked against this layer and rank r, on the adapters' device and dtype."""
+        shapes = ((r, self.in_features), (self.out_features, r))
+        if (not isinstance(weights, (tuple, list)) or len(weights) != 2
+                or not all(isinstance(w, torch.Tensor) and w.is_floating_point() for w in weights)):
+            raise AdapterError(f"adapter {name!r}: weights must be a pair of floating-point tensors (A, B) of shapes "
+                               f"{list(shapes[0])} and {list(shapes[1])}, got {type(weights).__name__}")
+        for side, w, shape in zip("AB", weights, shapes):
+            if tuple(w.shape) != shape:
+                raise AdapterError(f"adapter {name!r}: lora_{side} has shape {list(w.shape)}, this layer needs "
+                                   f"{list(shape)} (r={r}, {self.in_features} -> {self.out_features})")
+        return [w.detach().to(device=device, dtype=dtype) for w in weights]
 
     def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Where the adapters live, and in which dtype: fp32 unless the base computes in fp32/fp64 itself.
