@@ -455,8 +455,11 @@ class AdapterRegistry:
                     layer.requires_grad_(False)
                     layer = LoraLayer(layer)
                     self.model.set_submodule(t.path, layer)
+                # init=False: overwritten just below, no random initialisation. Copied, not adopted (add_adapter's
+                # weights=): safetensors maps the file, and a file rewritten in place under a server would change
+                # (or, truncated, SIGBUS) weights that alias the mapping.
                 layer.add_adapter(name, t.r, t.alpha, config.lora_dropout, config.use_rslora, False, config=recorded,
-                                  init=False)  # overwritten just below: no random initialisation
+                                  init=False)
                 for side in ("A", "B"):
                     weight = getattr(layer, f"lora_{side}")[name].weight
                     weight.requires_grad_(False)
