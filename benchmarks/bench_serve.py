@@ -33,6 +33,10 @@ Figures (2-core machine shared by 5 people; rounds of the same configuration dif
   6.5, load_ratio_vs_raw_read 4.2 (15.0 ms vs 3.6 ms), p99_ms_32_adapters 1470, memory merged/adapters 14.7x.
   The run before it: base_speedup_vs_transformers 1.39, ratio_32_vs_base 0.69. Profiled synchronously (same
   process, 64 requests): engine base 1,130 -> 1,610 tok/s against generate's 1,140-1,310.
+  `... --quick` after batched_lora's grouped path (h-perf2): ratio_32_vs_base 0.68 (760 vs 1,126 tok/s), 1 adapter
+  0.78, 8 adapters 0.74, base_speedup_vs_transformers 1.11, speedup_vs_swap 9.9, speedup_vs_peft_mixed 4.5,
+  load_ratio_vs_raw_read 4.2. Same-process forward A/B (64 rows, 1 token): grouped vs gather equal with 32
+  adapters (0.82/0.81 of base), 0.83 vs 0.67 with 4; 1 adapter at 0.78 says the rest is per-layer overhead.
   A same-process check alternating the engine (stepped synchronously and threaded) with generate, 3 times,
   gave engine/generate 0.65, 1.5-1.8, 1.0-1.1: the base comparison is within this machine's noise.
 """

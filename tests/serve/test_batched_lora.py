@@ -53,6 +53,36 @@ def test_routed_forward_equals_reference_loop(mix, seed):
     assert routed_vs_reference(model, MIXES[mix], seed + 100) <= 1e-5
 
 
+@pytest.mark.parametrize("mix", [m for m in MIXES if m != "all_none"] + ["padded_noncontiguous", "mixed_ranks"])
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_grouped_and_gather_paths_both_equal_the_reference(mix, tokens):
+    """Routing picks grouped (per distinct adapter) or gather (per row) by a rule; force each and hold both."""
+    from rankdial.lora import LoraLayer
+
+    ranks = {"r2": 2, "r8": 8, "r16": 16, "r1": 1} if mix == "mixed_ranks" else {n: 4 for n in NAMES}
+    rows = {"padded_noncontiguous": ["ad7", "ad2", None, "ad7", "ad7", "ad5", "ad2"],
+            "mixed_ranks": ["r16", "r2", None, "r8", "r2", "r1", "r16", "r16"]}.get(mix) or MIXES.get(mix)
+    model = layer_model(ranks, 5)
+    x = torch.randn(len(rows), tokens, D_IN, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = reference_rows(model[0], x, rows)
+        route(model, rows)
+        routing = model[0].routing
+        assert isinstance(model[0], LoraLayer) and routing._group_plan is not None
+        for grouped in (True, False):
+            routing.grouped = grouped
+            assert (model(x) - ref).abs().max().item() <= 1e-5, grouped
+
+
+def test_the_rule_groups_shared_adapters_and_gathers_distinct_ones():
+    model = layer_model({n: 4 for n in NAMES}, 1)
+    for rows, grouped in ((MIXES["all_same"], True), (MIXES["skewed"], False), (NAMES, False),
+                          (["ad1", "ad2"] * 4, True), (["ad1", None, "ad1", None], True)):
+        route(model, rows)
+        assert model[0].routing.grouped is grouped, rows
+    clear_route(model)
+
+
 @pytest.mark.parametrize("seed", [3, 4])
 def test_mixed_ranks_in_one_batch(seed):
     model = layer_model({"r2": 2, "r8": 8, "r16": 16, "r1": 1}, seed, bias=False)
