@@ -37,6 +37,11 @@ Figures (2-core machine shared by 5 people; rounds of the same configuration dif
   0.78, 8 adapters 0.74, base_speedup_vs_transformers 1.11, speedup_vs_swap 9.9, speedup_vs_peft_mixed 4.5,
   load_ratio_vs_raw_read 4.2. Same-process forward A/B (64 rows, 1 token): grouped vs gather equal with 32
   adapters (0.82/0.81 of base), 0.83 vs 0.67 with 4; 1 adapter at 0.78 says the rest is per-layer overhead.
+  `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve.py` (full, 128 requests, the end of the session, a
+  quiet machine; quoted in README): ratio_32_vs_base 0.80 (786 vs 980 tok/s), speedup_vs_swap 10.2,
+  speedup_vs_peft_mixed 2.5, base_speedup_vs_transformers 0.85 (generate 1,150 tok/s; generate_batch 170),
+  load_ratio_vs_raw_read 3.5 (10.1 ms vs 2.9 ms; after add_adapter's template-built modules and the fused
+  non-finite check), p99_ms_32_adapters 3188, memory merged/adapters 14.7x.
   A same-process check alternating the engine (stepped synchronously and threaded) with generate, 3 times,
   gave engine/generate 0.65, 1.5-1.8, 1.0-1.1: the base comparison is within this machine's noise.
 """
