@@ -65,3 +65,21 @@ def test_replacing_an_existing_output_where_no_new_folder_can_be_made_is_refused
     assert Path("/proc/self/fd").is_dir()  # exists, in a folder that takes no new entries, even for root
     with pytest.raises(OutputError, match="does not take new folders"):
         check_target("/proc/self/fd", kind="adapter")
+
+
+def test_a_killed_writers_folder_that_is_an_input_is_not_swept(tmp_path):
+    stale = tmp_path / f".out.tmp-{_dead_pid()}@{_HOST}-abc123"
+    (stale / "checkpoints").mkdir(parents=True)  # the only copy of a killed run's checkpoints, read as an input
+    assert sweep_stale(tmp_path / "out", inputs=[stale / "checkpoints"]) == []
+    assert stale.is_dir()
+
+
+def test_a_symlinked_target_is_refused(tmp_path):
+    from rankdial.atomic import check_target
+    from rankdial.errors import OutputError
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    with pytest.raises(OutputError, match="symbolic link"):
+        check_target(tmp_path / "link", kind="adapter")

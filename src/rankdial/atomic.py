@@ -190,6 +190,9 @@ def check_target(target: str | os.PathLike, kind: str, inputs: Iterable[str | os
     if not str(target).strip():
         raise OutputError(f"{what} is empty; give the path of a folder to write")
     target = Path(target)
+    if target.is_symlink():
+        raise OutputError(f"{what} {target} is a symbolic link (to {os.readlink(target)}); rankdial replaces a folder "
+                          "by renaming it, which would move the link, not what it points to. Give the real path")
     _check_writable_parent(target, what)
     for source in inputs:
         if source is not None and Path(source).exists() and _related(target, Path(source)):
@@ -223,7 +226,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(target: str | os.PathLike) -> list[Path]:
+def sweep_stale(target: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> list[Path]:
     """Remove the temporary folders that a killed rankdial process left beside `target` (SIGKILL, power loss:
     no `finally` ran). Only rankdial's own pattern `.NAME.tmp-PID@HOST-*` counts, and only when HOST is this machine
     (a shared filesystem may hold another machine's live writer) and process PID is gone;
@@ -238,6 +241,8 @@ def sweep_stale(target: str | os.PathLike) -> list[Path]:
         if not p.name.startswith(prefix) or p.is_symlink() or not p.is_dir():
             continue
         pid, _, host = p.name[len(prefix):].split("-", 1)[0].partition("@")
+        if any(_related(p, Path(source)) for source in inputs if source is not None and Path(source).exists()):
+            continue  # a command may read a killed run's leftovers as its input: never delete what it reads
         if host == _HOST and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
@@ -256,7 +261,7 @@ def atomic_dir(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.P
     inputs = list(inputs)
     target = check_target(target, kind, inputs, legacy, what)
     target.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(target)
+    sweep_stale(target, inputs)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}@{_HOST}-", dir=target.parent))
     try:
         yield tmp

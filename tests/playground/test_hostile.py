@@ -101,18 +101,22 @@ def test_ctrl_c_stops_the_server_promptly_while_a_job_streams():
         deadline = time.monotonic() + 20
         while "step" not in seen and time.monotonic() < deadline:
             time.sleep(0.05)
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        reader.join(5)
-        while time.monotonic() - t0 < 10:  # stopped serving: the port refuses connections
+        reader.join(60)  # deadlines, not measurements: what is asserted is what ended the stream and the server
+        assert not reader.is_alive(), "Ctrl-C did not end the open event stream"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # stopped serving: the port refuses connections
             try:
                 c.get("/api/limits", timeout=1)
                 time.sleep(0.05)
             except httpx.TransportError:
                 break
-        stopped = time.monotonic() - t0
-        assert stopped < 2, f"the server took {stopped:.1f} s to stop serving"  # was 7 s: streams held it open
-        assert proc.wait(30) == 130  # then Python's own exit (seconds with torch loaded, on a busy machine)
+        else:
+            pytest.fail("the server still answers a minute after Ctrl-C")
+        # the stream was ended by the shutdown, not by the job running to its end (before the fix, the open stream
+        # held the server up until the 2,000-step job had finished)
+        assert "done" not in seen
+        assert proc.wait(60) == 130
         assert "step" in seen and "broken" not in seen
         assert "Traceback" not in proc.stderr.read()
     finally:

@@ -282,6 +282,7 @@ def test_metrics_in_prometheus_format_per_app():
     assert 'rankdial_requests_total{route="/v1/completions",status="200"} 1.0' in text
     assert 'rankdial_requests_total{route="/v1/completions",status="404"} 1.0' in text
     assert 'rankdial_completion_tokens_total{model="alpha"} 3.0' in text
+    # the histogram's _count: how many requests it observed (two), not a time
     assert 'rankdial_request_latency_seconds_count{route="/v1/completions"} 2.0' in text
     for name in ("rankdial_adapter_cache_hits_total", "rankdial_adapter_cache_misses_total",
                  "rankdial_adapter_cache_evictions_total", "rankdial_adapters_loaded", "rankdial_batch_size 3.0",

@@ -117,4 +117,5 @@ def test_metrics_count_what_the_engine_did(client, server):
     assert values['rankdial_completion_tokens_total{model="prophets"}'] >= 3
     assert values["rankdial_adapter_cache_misses_total"] >= 1 and values["rankdial_adapters_loaded"] >= 1
     assert values["rankdial_engine_steps_total"] > 0 and "rankdial_batch_size" in values
+    # the latency histogram's _count: requests observed, not a time
     assert values['rankdial_request_latency_seconds_count{route="/v1/completions"}'] >= 1

@@ -171,3 +171,12 @@ def test_overwrite_of_an_unfinished_run_keeps_the_users_file(tiny_model_dir, tmp
     assert (tmp_path / "run" / "thesis-notes.txt").read_text() == "mine"
     (tmp_path / "run" / "thesis-notes.txt").unlink()
     train(overwrite=True, **args)  # rankdial's own files alone: replaced
+
+
+def test_a_folder_with_rankdial_train_json_and_the_users_files_is_not_a_run_to_replace(finished, tiny_model_dir):
+    data, out, _ = finished
+    (out / MARKER).unlink()
+    (out / "my-notes.txt").write_text("mine")  # one common file name does not make the folder rankdial's
+    with pytest.raises(OutputError):
+        train(**_args(tiny_model_dir, data, out, steps=1), overwrite=True)
+    assert (out / "my-notes.txt").read_text() == "mine"

@@ -47,16 +47,18 @@ def check_ranks(ranks: Any) -> list[int]:
 
 def sweep(config: Any, ranks: Any, out: str | Path, log=None, **overrides: Any) -> SweepResult:
     """Train `config` (as rankdial.train.train takes it, with keyword overrides) once per rank; see the module."""
+    from ..models import resolve_model
     from ..train import make_config, train
 
     ranks = check_ranks(ranks)
     cfg = make_config(config, **overrides)
     if cfg.method == "full":
-        raise ConfigError("a rank sweep needs method lora or qlora (full fine-tuning has no rank)")
+        raise ConfigError("a rank sweep needs method lora or qlora, got method 'full' (full fine-tuning has no "
+                          "rank); pass --method lora or --method qlora")
     if not cfg.eval_data and not cfg.eval_fraction:
         raise ConfigError("a rank sweep compares eval losses: give eval_data (--eval-data FILE) or eval_fraction "
                           "(e.g. --eval-fraction 0.1)")
-    inputs = [cfg.data, cfg.eval_data or None, None if cfg.model == "default" else cfg.model]
+    inputs = [cfg.data, cfg.eval_data or None, resolve_model(cfg.model)]  # a model given by name is protected too
     rows = []
     with atomic_dir(out, kind=KIND, inputs=inputs, what="--out folder") as tmp:
         for r in ranks:

@@ -263,12 +263,14 @@ def _model_card(engine, name: str) -> dict:
 
 
 def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
+    # plain `def` for the routes that read the adapters folder: FastAPI runs them in its thread pool, so listing
+    # hundreds of folders never stalls the event loop that carries the streams
     @app.get("/v1/models")
-    async def list_models():
+    def list_models():
         return {"object": "list", "data": [_model_card(engine, n) for n in model_names(engine)]}
 
     @app.get("/v1/models/{name}")
-    async def get_model(name: str):
+    def get_model(name: str):
         adapter_for(engine, name)
         return _model_card(engine, name)
 
@@ -306,13 +308,13 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
         return {"id": name, "object": "model", "deleted": bool(was_loaded), "loaded": False}
 
     @app.get("/health")
-    async def health():
+    def health():
         stats = engine.stats()
         return {"status": "ok", "base": engine.base_name, "adapters": len(engine.registry.names()),
                 "running": stats.get("running", 0), "waiting": stats.get("waiting", 0)}
 
     @app.get("/metrics")
-    async def prometheus():
+    def prometheus():
         return Response(app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

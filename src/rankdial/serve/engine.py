@@ -116,8 +116,8 @@ class Engine:
         limits = {k: v for k, v in limits.items() if v is not None}  # None: the default
         unknown = sorted(set(limits) - {"max_prompt_tokens", "max_new_tokens", "budget_wait_s"})
         if unknown:
-            raise RequestError(f"unknown engine option(s) {unknown}; use max_batch_size, max_tokens_in_flight, "
-                               "max_prompt_tokens, max_new_tokens or budget_wait_s")
+            raise ConfigError(f"unknown engine option(s) {unknown}; use max_batch_size, max_tokens_in_flight, "
+                              "max_prompt_tokens, max_new_tokens or budget_wait_s")
         registry = AdapterRegistry(model, adapters_dir, budget_bytes=budget_bytes)
         if freeze_gc:
             gc.collect()

@@ -88,6 +88,7 @@ class Runner:
         params = inspect.signature(type(model).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x renamed it
         self._keep_kw = "logits_to_keep" in params
+        self._check_full_attention()
         self.ids: list[str] = []  # row i of every tensor belongs to request ids[i]
         self.cache = None  # transformers DynamicCache, (N, heads, T, head_dim) per layer
         self.mask = None  # (N, T) long
@@ -179,6 +180,14 @@ class Runner:
         self.next_pos = self.next_pos + 1
         return logits
 
+    def _check_full_attention(self) -> None:
+        """Refuse at start-up (not at every request) a model whose cache slides: the batch cache keeps every column."""
+        from transformers import DynamicCache
+
+        if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=self.model.config).layers):
+            raise ConfigError("this model uses sliding-window attention, which the serving runner's batch cache "
+                              "does not support; serve a model with full attention (Llama-shaped)")
+
     def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         from transformers import DynamicCache
 
@@ -187,9 +196,6 @@ class Runner:
         mask = torch.tensor([[0] * (length - len(s.prompt)) + [1] * len(s.prompt) for s in seqs], device=self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # (n, L): a row's first real token is position 0
         cache = DynamicCache(config=self.model.config)
-        if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-            raise ConfigError("this model uses sliding-window attention, which the serving runner's batch cache "
-                              "does not support; serve a model with full attention (Llama-shaped)")
         logits = self._forward([s.adapter for s in seqs], ids, mask, positions, cache)
         self._join(cache, mask, torch.tensor([len(s.prompt) for s in seqs], device=self.device), [s.id for s in seqs])
         return logits

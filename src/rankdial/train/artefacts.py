@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..adapters.io import ADAPTER_FILES
 from ..atomic import MARKER, atomic_dir, atomic_file, write_text
 from ..errors import TrainingError
 
@@ -21,9 +22,15 @@ METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 
 
+# What a run wrote before markers existed: its config, metrics, plot, summary, checkpoints and adapter files.
+LEGACY_RUN_NAMES = {CONFIG_NAME, METRICS_NAME, PLOT_NAME, DONE_MARKER, "checkpoints"} | ADAPTER_FILES
+
+
 def is_legacy_run(folder: Path) -> bool:
-    """A run folder written before rankdial's marker: it holds rankdial_train.json."""
-    return (folder / CONFIG_NAME).is_file()
+    """A run folder written before rankdial's marker: it holds rankdial_train.json and nothing but a run's own
+    files (one common file name alone does not make a folder rankdial's to replace)."""
+    names = {p.name for p in folder.iterdir()}
+    return CONFIG_NAME in names and names <= LEGACY_RUN_NAMES
 
 
 def append_metrics(path: Path, record: dict) -> None:

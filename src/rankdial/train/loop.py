@@ -30,15 +30,15 @@ import torch
 from ..atomic import MARKER, atomic_dir, check_target, note_written, write_json
 from ..errors import RankdialError, TrainingError, TrainingInterrupted
 from ..memory import estimate_memory, peak_memory_mb
-
-MIB = 1 << 20
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
-from .artefacts import (CONFIG_NAME, DONE_MARKER, METRICS_NAME, PLOT_NAME, RUN_KIND, append_metrics, is_legacy_run,
-                        plot_losses, read_history, save_final_model)
+from .artefacts import (CONFIG_NAME, DONE_MARKER, LEGACY_RUN_NAMES, METRICS_NAME, PLOT_NAME, RUN_KIND, append_metrics,
+                        is_legacy_run, plot_losses, read_history, save_final_model)
 from .data import Dataset, check_data_file, collate
 from .distributed import Dist, all_sum, barrier, init_distributed, pick_run_device
 from .pieces import Sampler, evaluate, load_data, make_optimizer, prepare_model, token_loss_sum
+
+MIB = 1 << 20
 
 __all__ = ["train", "setup", "output_folder", "fit", "step", "evaluate_now", "save", "finish", "result", "Run", "TrainResult",
            "TrainingError", "token_loss_sum", "prepare_model", "plot_losses", "summary_text", "peak_memory_mb"]
@@ -293,8 +293,10 @@ def output_folder(run: Run):
     if run.dist.main:
         run.out.mkdir(parents=True, exist_ok=True)
         if not (run.out / MARKER).exists():
-            existing = sorted(p.name for p in run.out.iterdir())  # a legacy run's own files (checked by plan_output)
-            write_json(run.out / MARKER, {"kind": RUN_KIND, "written_by": "rankdial", "files": existing})
+            # a run from before markers (recognised by plan_output): only rankdial's own run names count as written
+            # by rankdial, so a later --overwrite still refuses while the folder holds anything else of the user's
+            ours = sorted(p.name for p in run.out.iterdir() if p.name in LEGACY_RUN_NAMES)
+            write_json(run.out / MARKER, {"kind": RUN_KIND, "written_by": "rankdial", "files": ours})
     yield run.work
 
 
