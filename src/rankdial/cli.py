@@ -467,8 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         return _unknown_arguments(parser, args.verb, unknown)
     try:
-        _quiet_transformers()
+        if args.verb not in NO_MODEL_VERBS:
+            _quiet_transformers()
         return args.run(args)
+    except ModuleNotFoundError as err:  # an optional extra that is not installed: say which one
+        extra = _missing_extra(err, args.verb)
+        if extra is None:
+            raise
+        print(f"rankdial {args.verb}: error: needs {err.name}, which is not installed; "
+              f"pip install 'rankdial[{extra}]'", file=sys.stderr)
+        return 2
     except TrainingInterrupted as err:  # says where it stopped, the last checkpoint and --resume
         print(f"rankdial {args.verb}: {_one_line(err)}", file=sys.stderr)
         return 130
@@ -478,6 +486,19 @@ def main(argv: list[str] | None = None) -> int:
     except RankdialError as err:
         print(f"rankdial {args.verb}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+# a module that an optional extra of the wheel installs -> that extra (pyproject.toml's optional-dependencies)
+EXTRA_MODULES = {"fastapi": "serve", "starlette": "serve", "pydantic": "serve", "uvicorn": "serve",
+                 "prometheus_client": "serve", "bitsandbytes": "bnb"}
+# verbs that never load a transformers model: they skip importing transformers (most of `rankdial estimate`'s time)
+NO_MODEL_VERBS = {"estimate", "inspect", "truncate", "combine", "convert-bin"}
+
+
+def _missing_extra(err: ModuleNotFoundError, verb: str) -> str | None:
+    """The extra to install for a module an extra provides ('playground' for that verb's), else None."""
+    extra = EXTRA_MODULES.get((err.name or "").partition(".")[0])
+    return "playground" if extra == "serve" and verb == "playground" else extra
 
 
 def _quiet_transformers() -> None:
