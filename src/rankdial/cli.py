@@ -467,15 +467,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         return _unknown_arguments(parser, args.verb, unknown)
     try:
+        _check_extra(args.verb)
         if args.verb not in NO_MODEL_VERBS:
             _quiet_transformers()
         return args.run(args)
-    except ModuleNotFoundError as err:  # an optional extra that is not installed: say which one
-        extra = _missing_extra(err, args.verb)
+    except ModuleNotFoundError as err:  # an optional extra that is not installed, found deeper: say which one
+        extra = _missing_extra(err.name, args.verb)
         if extra is None:
             raise
-        print(f"rankdial {args.verb}: error: needs {err.name}, which is not installed; "
-              f"pip install 'rankdial[{extra}]'", file=sys.stderr)
+        print(_missing_line(args.verb, err.name, extra), file=sys.stderr)
+        return 2
+    except _MissingExtra as err:
+        print(err, file=sys.stderr)
         return 2
     except TrainingInterrupted as err:  # says where it stopped, the last checkpoint and --resume
         print(f"rankdial {args.verb}: {_one_line(err)}", file=sys.stderr)
@@ -495,10 +498,31 @@ EXTRA_MODULES = {"fastapi": "serve", "starlette": "serve", "pydantic": "serve", 
 NO_MODEL_VERBS = {"estimate", "inspect", "truncate", "combine", "convert-bin"}
 
 
-def _missing_extra(err: ModuleNotFoundError, verb: str) -> str | None:
+# verbs that need an extra, checked before anything heavy loads (the modules they import from it)
+VERB_MODULES = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "playground": ("fastapi", "uvicorn")}
+
+
+class _MissingExtra(Exception):
+    pass
+
+
+def _missing_extra(module: str | None, verb: str) -> str | None:
     """The extra to install for a module an extra provides ('playground' for that verb's), else None."""
-    extra = EXTRA_MODULES.get((err.name or "").partition(".")[0])
+    extra = EXTRA_MODULES.get((module or "").partition(".")[0])
     return "playground" if extra == "serve" and verb == "playground" else extra
+
+
+def _missing_line(verb: str, module: str, extra: str) -> str:
+    return f"rankdial {verb}: error: needs {module}, which is not installed; pip install 'rankdial[{extra}]'"
+
+
+def _check_extra(verb: str) -> None:
+    """A verb whose extra is missing fails at once, in one line naming the extra (not after loading a model)."""
+    import importlib.util
+
+    for module in VERB_MODULES.get(verb, ()):
+        if importlib.util.find_spec(module) is None:
+            raise _MissingExtra(_missing_line(verb, module, _missing_extra(module, verb)))
 
 
 def _quiet_transformers() -> None:
