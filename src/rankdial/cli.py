@@ -466,8 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         return _unknown_arguments(parser, args.verb, unknown)
+    missing = _missing_extra_of(args.verb)
+    if missing:  # before anything heavy loads
+        print(missing, file=sys.stderr)
+        return 2
     try:
-        _check_extra(args.verb)
         if args.verb not in NO_MODEL_VERBS:
             _quiet_transformers()
         return args.run(args)
@@ -476,9 +479,6 @@ def main(argv: list[str] | None = None) -> int:
         if extra is None:
             raise
         print(_missing_line(args.verb, err.name, extra), file=sys.stderr)
-        return 2
-    except _MissingExtra as err:
-        print(err, file=sys.stderr)
         return 2
     except TrainingInterrupted as err:  # says where it stopped, the last checkpoint and --resume
         print(f"rankdial {args.verb}: {_one_line(err)}", file=sys.stderr)
@@ -496,14 +496,8 @@ EXTRA_MODULES = {"fastapi": "serve", "starlette": "serve", "pydantic": "serve", 
                  "prometheus_client": "serve", "bitsandbytes": "bnb"}
 # verbs that never load a transformers model: they skip importing transformers (most of `rankdial estimate`'s time)
 NO_MODEL_VERBS = {"estimate", "inspect", "truncate", "combine", "convert-bin"}
-
-
 # verbs that need an extra, checked before anything heavy loads (the modules they import from it)
 VERB_MODULES = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "playground": ("fastapi", "uvicorn")}
-
-
-class _MissingExtra(Exception):
-    pass
 
 
 def _missing_extra(module: str | None, verb: str) -> str | None:
@@ -516,13 +510,14 @@ def _missing_line(verb: str, module: str, extra: str) -> str:
     return f"rankdial {verb}: error: needs {module}, which is not installed; pip install 'rankdial[{extra}]'"
 
 
-def _check_extra(verb: str) -> None:
-    """A verb whose extra is missing fails at once, in one line naming the extra (not after loading a model)."""
+def _missing_extra_of(verb: str) -> str | None:
+    """The one-line error for a verb whose extra is not installed, else None."""
     import importlib.util
 
     for module in VERB_MODULES.get(verb, ()):
         if importlib.util.find_spec(module) is None:
-            raise _MissingExtra(_missing_line(verb, module, _missing_extra(module, verb)))
+            return _missing_line(verb, module, _missing_extra(module, verb))
+    return None
 
 
 def _quiet_transformers() -> None:
