@@ -76,9 +76,11 @@ def test_wheel_installs_and_runs_from_a_fresh_venv(tmp_path):
 
     work = tmp_path / "work"
     work.mkdir()
-    where = _sh([python, "-c", "import rankdial, sys; print(rankdial.__file__); "
-                 "print(sorted(m for m in ('fastapi', 'uvicorn', 'bitsandbytes') if __import__('importlib.util')"
-                 ".util.find_spec(m)))"], work, env).stdout.splitlines()
+    imported = _sh([python, "-c", "import rankdial, sys; print(rankdial.__file__); "
+                    "print(sorted(m for m in ('fastapi', 'uvicorn', 'bitsandbytes') if __import__('importlib.util')"
+                    ".util.find_spec(m)))"], work, env)
+    assert imported.stderr == ""
+    where = imported.stdout.splitlines()
     assert Path(where[0]).is_relative_to(venv), where  # the installed wheel, not this checkout
     assert where[1] == "[]"  # the core alone: no extra came with it
 
