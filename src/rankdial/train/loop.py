@@ -35,7 +35,7 @@ from .config import TrainConfig, make_config
 from .artefacts import (CONFIG_NAME, DONE_MARKER, LEGACY_RUN_NAMES, METRICS_NAME, PLOT_NAME, RUN_KIND, append_metrics,
                         is_legacy_run, plot_losses, read_history, save_final_model)
 from .data import Dataset, check_data_file, collate
-from .distributed import Dist, all_sum, barrier, init_distributed, pick_run_device
+from .distributed import Dist, all_sum, barrier, full_value, init_distributed, pick_run_device, shard_model, whole_parameters
 from .pieces import Sampler, evaluate, load_data, make_optimizer, prepare_model, token_loss_sum
 
 MIB = 1 << 20
@@ -89,6 +89,7 @@ class Run:
     total_params: int
     say: Callable
     data_report: list[str] = field(default_factory=list)
+    fsdp: bool = False  # the model is sharded with FSDP2 (sharding="fsdp" and two or more processes)
     work: Path | None = None
     start_step: int = 0
     done: int = 0  # optimizer steps finished
@@ -159,7 +160,12 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     for line in data_report:
         say(f"data  {line}")
     lora = (prepare or prepare_model)(net, cfg, base_path)
-    named, trainable, total = _trainable(net, cfg, base_path, say)
+    trainable, total = _trainable(net, cfg, base_path, say)
+    fsdp = _fsdp(cfg, dist_info, say)
+    if fsdp:
+        shard_model(net, dist_info, device, bf16=cfg.bf16, reshard_after_forward=cfg.fsdp_reshard_after_forward,
+                    cpu_offload=cfg.fsdp_cpu_offload, say=say)
+    named = {n: p for n, p in net.named_parameters() if p.requires_grad}
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_data.examples)
                                                 / (cfg.batch_size * cfg.grad_accum * dist_info.world)))
     optimizer, scheduler = make_optimizer(named, cfg, total_steps)
@@ -167,7 +173,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
               model=net, tokenizer=tokenizer, is_lora=lora is not None, named=named, train_data=train_data,
               eval_data=eval_data, sampler=Sampler(len(train_data.examples), cfg.seed), optimizer=optimizer,
               scheduler=scheduler, total_steps=total_steps, trainable=trainable, total_params=total, say=say,
-              data_report=data_report)
+              data_report=data_report, fsdp=fsdp)
     if resume:
         resume_from_checkpoint(run)
     return run
@@ -206,7 +212,21 @@ def plan_output(cfg: TrainConfig, resume: bool, overwrite: bool, inputs: list) -
     return "restart"
 
 
-def _trainable(model, cfg: TrainConfig, base_path: Path, say) -> tuple[dict, int, int]:
+def _fsdp(cfg: TrainConfig, dist_info: Dist, say) -> bool:
+    """Whether this run shards with FSDP: sharding="fsdp" under torchrun with two or more processes."""
+    if cfg.sharding != "fsdp":
+        return False
+    if cfg.fsdp_cpu_offload and not torch.cuda.is_available():
+        raise TrainingError("fsdp_cpu_offload=true keeps FSDP's shards in CPU memory between uses on a GPU run; "
+                            "this machine has no CUDA device, so there is nothing to offload: drop the option")
+    if dist_info.world == 1:
+        say("sharding=fsdp with one process: nothing to shard, training as a single process (launch with "
+            "torchrun --nproc_per_node N to shard over N processes)")
+        return False
+    return True
+
+
+def _trainable(model, cfg: TrainConfig, base_path: Path, say) -> tuple[int, int]:
     from ..lora import trainable_parameters
 
     if cfg.gradient_checkpointing:
@@ -216,8 +236,7 @@ def _trainable(model, cfg: TrainConfig, base_path: Path, say) -> tuple[dict, int
     report = trainable_parameters(model)
     say(report.summary())
     say(_memory_plan_line(cfg, base_path))
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return named, report.trainable, report.total
+    return report.trainable, report.total
 
 
 def _apply_lr(run: Run, step: int) -> None:
@@ -343,9 +362,11 @@ def step(run: Run, model, s: int) -> tuple[float, float]:
     for m, batch in enumerate(micro):
         batch = {k: v.to(run.device) for k, v in batch.items()}
         last = m == len(micro) - 1
-        with model.no_sync() if (run.dist.world > 1 and not last) else contextlib.nullcontext():
+        # DDP: one all-reduce per step, at the last micro-batch. FSDP reduce-scatters each micro-batch's
+        # gradient into the shards (skipping it would hold every layer's whole gradient until the last one).
+        with model.no_sync() if (run.dist.world > 1 and not last and not run.fsdp) else contextlib.nullcontext():
             loss_sum = token_loss_sum(model, batch, run.autocast)
-            # DDP averages gradients over processes; scale so the result is d(sum / targets).
+            # DDP and FSDP average gradients over processes; scale so the result is d(sum / targets).
             (loss_sum * (run.dist.world / targets)).backward()
         loss += loss_sum.item()
         run.tokens_done += int(batch["attention_mask"].sum())
@@ -357,7 +378,8 @@ def step(run: Run, model, s: int) -> tuple[float, float]:
     # The norm is computed even without clipping (inf leaves the gradients as they are): a finite loss can still
     # give non-finite gradients, and one optimizer step with them would poison every weight and checkpoint.
     max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
-    norm = float(torch.nn.utils.clip_grad_norm_(list(run.named.values()), max_norm))
+    # Under FSDP the gradients are DTensor shards: clip_grad_norm_ gives the global norm across them.
+    norm = float(full_value(torch.nn.utils.clip_grad_norm_(list(run.named.values()), max_norm)))
     if not math.isfinite(norm):
         run.optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"the gradient norm became {norm} at step {s + 1} (the loss was {loss:.4g}); training "
@@ -417,7 +439,7 @@ def _progress_bar(run: Run):
 
 
 def _wrap_ddp(run: Run):
-    if run.dist.world == 1:
+    if run.dist.world == 1 or run.fsdp:  # FSDP: setup() sharded the model itself
         return run.model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -448,10 +470,12 @@ def finish(run: Run) -> TrainResult:
     from ..models import default_model_path
 
     res = result(run)
-    if not run.dist.main:
-        return res
-    before = {p.name for p in run.work.iterdir()}
-    save_final_model(run.model, run.tokenizer, run.work, run.is_lora)
+    with whole_parameters(run.model, run.dist, trainable_only=run.is_lora) if run.fsdp else contextlib.nullcontext() as values:
+        if not run.dist.main:
+            return res
+        before = {p.name for p in run.work.iterdir()}
+        # FSDP: the main process holds the gathered model; a full model is saved from the gathered tensors.
+        save_final_model(run.model, run.tokenizer, run.work, run.is_lora, state_dict=None if run.is_lora else values)
     default = run.base_path == default_model_path()
     name = "kjv-llama-tiny (default)" if default else run.base_path.name
     plot_losses(run.work / METRICS_NAME, run.work / PLOT_NAME, title=f"full fine-tuning of {name}"

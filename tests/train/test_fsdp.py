@@ -1,0 +1,93 @@
+"""sharding="fsdp": two CPU processes (gloo) with FSDP2 follow one process with the same global batch, and the
+finished run is an ordinary PEFT adapter (or model) folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import qa_rows, write_jsonl
+from rankdial.errors import ConfigError, TrainingError
+from rankdial.train import train
+from rankdial.train.config import make_config
+from rankdial.train.distributed import decoder_layers
+
+QUIET = {"progress": False, "log": lambda *a: None}
+
+
+def torchrun(args, nproc=2, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), "-m", "rankdial.cli", "train", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def losses(folder):
+    return [json.loads(l)["loss"] for l in (folder / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+def test_unknown_sharding_names_the_choices():
+    with pytest.raises(ConfigError, match=r"sharding='zero': choose one of ddp, fsdp"):
+        make_config(data="x.jsonl", sharding="zero")
+
+
+def test_fsdp_cpu_offload_without_cuda_is_refused_before_anything_is_written(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine can offload")
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(8))
+    with pytest.raises(TrainingError, match="fsdp_cpu_offload"):
+        train(data=str(data), output_dir=str(tmp_path / "o"), steps=1, sharding="fsdp", fsdp_cpu_offload=True, **QUIET)
+    assert not (tmp_path / "o").exists()
+
+
+def test_decoder_layers_finds_the_repeated_blocks(llama):
+    assert decoder_layers(llama) == list(llama.model.layers)
+    assert decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())) == []
+
+
+@pytest.mark.slow
+def test_fsdp_with_one_process_trains_unsharded_and_says_so(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(8))
+    said = []
+    r = train(data=str(data), output_dir=str(tmp_path / "o"), steps=1, batch_size=2, max_length=32,
+              sharding="fsdp", progress=False, log=said.append)
+    assert any("sharding=fsdp with one process: nothing to shard" in s for s in said)
+    assert (r.output_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_two_process_fsdp_matches_one_process_on_the_default_model(tmp_path, method):
+    """Per-step loss within 1e-5 of one process; the result loads (PEFT / transformers) and gives its logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rankdial.models import default_model_path, load_model
+    from rankdial import load_adapter
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(40))
+    single = train(method=method, data=str(data), output_dir=str(tmp_path / "one"), steps=4, lr=5e-3,
+                   max_length=48, grad_accum=2, batch_size=4, **QUIET)
+    proc = torchrun(["--method", method, "--data", str(data), "--steps", "4", "--lr", "5e-3", "--max-length", "48",
+                     "--grad-accum", "2", "--batch-size", "2", "--no-progress", "--sharding", "fsdp",
+                     "--output-dir", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 decoder layers and the root sharded over 2 processes" in proc.stdout
+    assert losses(tmp_path / "two") == pytest.approx(single.losses, abs=1e-5)
+    cfg = json.loads((tmp_path / "two" / "rankdial_train.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["sharding"] == "fsdp"
+    ids = torch.tensor([[5, 17, 300, 41, 9, 12]])
+    with torch.no_grad():
+        if method == "full":
+            a = AutoModelForCausalLM.from_pretrained(tmp_path / "one").eval()(input_ids=ids).logits
+            b = AutoModelForCausalLM.from_pretrained(tmp_path / "two").eval()(input_ids=ids).logits
+        else:
+            b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(default_model_path()),
+                                          str(tmp_path / "two")).eval()(input_ids=ids).logits
+            ours = load_model(default_model_path())[0].eval()
+            load_adapter(ours, tmp_path / "one")
+            a = ours(input_ids=ids).logits
+    assert (a - b).abs().max().item() < 1e-4
