@@ -258,6 +258,17 @@ def _adapter_writer(model):
     return lambda folder: save_adapter(model, folder)
 
 
+def _sharded_adapter_writer(run: Run):
+    """save_adapter for every process of an FSDP run: all gather the adapter, the main process writes it."""
+    from ..adapters import save_adapter
+
+    def write(folder: Path) -> None:
+        with whole_parameters(run.model, run.dist, trainable_only=True) if run.fsdp else contextlib.nullcontext():
+            if run.dist.main:
+                save_adapter(run.model, folder)
+    return write
+
+
 def _memory_plan_line(cfg: TrainConfig, base_path: Path) -> str:
     """One line of rankdial.memory's plan for this run (Llama-shaped models; others get a short note)."""
     targets = cfg.lora.target_modules if cfg.method != "full" else "all-linear"
@@ -282,12 +293,16 @@ def resume_from_checkpoint(run: Run) -> None:
         run.say(f"--resume: no usable checkpoint in {run.out}; starting from step 0")
         return
     saved = found.state
+    _check_sharding(run, found)
     if saved.get("global_batch") != run.global_batch or saved.get("total_steps") != run.total_steps:
         raise TrainingError(f"checkpoint {found.path} was written with global batch {saved.get('global_batch')} "
                             f"and {saved.get('total_steps')} steps; this run has {run.global_batch} and "
                             f"{run.total_steps}. Resume with the same config and number of processes")
     try:
-        ckpt_io.load_into(found, run.named, run.optimizer, run.scheduler)
+        if run.cfg.sharding == "fsdp":
+            ckpt_io.load_sharded_into(found, run.named, run.optimizer, run.scheduler, run.dist.rank)
+        else:
+            ckpt_io.load_into(found, run.named, run.optimizer, run.scheduler)
     except (ValueError, RuntimeError) as err:  # RuntimeError: a tensor of another shape (another r)
         raise TrainingError(f"checkpoint {found.path} does not fit this run ({_first_line(err)}); resume with the "
                             "config it was written with") from None
@@ -295,6 +310,20 @@ def resume_from_checkpoint(run: Run) -> None:
     run.start_step = run.done = run.resumed_from = found.step
     run.last_checkpoint = found
     run.say(f"resumed from {found.path} (step {found.step})")
+
+
+def _check_sharding(run: Run, found: ckpt_io.Checkpoint) -> None:
+    """A checkpoint resumes under the sharding that wrote it; an FSDP one on any number of processes (DCP
+    reshards it), said in one line when the number changed."""
+    saved = found.state.get("sharding", "ddp")  # checkpoints from before sharding existed are DDP's
+    world = found.state.get("world_size")
+    if saved != run.cfg.sharding:
+        raise TrainingError(f"checkpoint {found.path} was written with sharding={saved} on {world} process(es); "
+                            f"this run has sharding={run.cfg.sharding} on {run.dist.world}. Resume with "
+                            f"--sharding {saved} (the two store their tensors differently)")
+    if saved == "fsdp" and world != run.dist.world:
+        run.say(f"--resume: checkpoint {found.path} was written by {world} process(es); resharding it to "
+                f"{run.dist.world}")
 
 
 @contextlib.contextmanager
@@ -416,11 +445,23 @@ def evaluate_now(run: Run, at_step: int, bar=None) -> float:
 
 
 def save(run: Run) -> None:
-    """A checkpoint of the state after run.done steps (the main process writes it), then prune old ones."""
+    """A checkpoint of the state after run.done steps (the main process writes it; under sharding="fsdp" every
+    process writes its shards), then prune old ones."""
+    state = {"global_batch": run.global_batch, "total_steps": run.total_steps,
+             "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed,
+             "sharding": run.cfg.sharding}
+    if run.cfg.sharding == "fsdp":
+        adapter_fn = _sharded_adapter_writer(run) if run.is_lora else None
+        path = ckpt_io.write_sharded_checkpoint(run.work, run.done, run.named, run.optimizer, run.scheduler, state,
+                                                run.dist, adapter_fn)
+        if run.dist.main:
+            note_written(run.work, ["checkpoints"])
+            ckpt_io.prune(run.work, run.cfg.keep_checkpoints)
+        barrier(run.dist)
+        run.last_checkpoint = ckpt_io.Checkpoint(path, run.done, state)
+        return
     if not run.dist.main:
         return
-    state = {"global_batch": run.global_batch, "total_steps": run.total_steps,
-             "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed}
     adapter_fn = _adapter_writer(run.model) if run.is_lora else None
     path = ckpt_io.write_checkpoint(run.work, run.done, run.named, run.optimizer, run.scheduler, state, adapter_fn)
     note_written(run.work, ["checkpoints"])
