@@ -75,7 +75,7 @@ def test_two_process_fsdp_matches_one_process_on_the_default_model(tmp_path, met
                      "--grad-accum", "2", "--batch-size", "2", "--no-progress", "--sharding", "fsdp",
                      "--output-dir", str(tmp_path / "two")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 decoder layers and the root sharded over 2 processes" in proc.stdout
+    assert "4 decoder layers and the root loaded straight into shards over 2 processes" in proc.stdout
     assert losses(tmp_path / "two") == pytest.approx(single.losses, abs=1e-5)
     cfg = json.loads((tmp_path / "two" / "rankdial_train.json").read_text())
     assert cfg["world_size"] == 2 and cfg["sharding"] == "fsdp"
@@ -91,3 +91,26 @@ def test_two_process_fsdp_matches_one_process_on_the_default_model(tmp_path, met
             load_adapter(ours, tmp_path / "one")
             a = ours(input_ids=ids).logits
     assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("init_lora_weights", [True, False])
+def test_adapters_injected_on_meta_start_as_injected_on_the_cpu(init_lora_weights):
+    """load_into_shards' adapter values (drawn without the model) equal inject's on a loaded model."""
+    from rankdial import LoraConfig
+    from rankdial.lora import inject
+    from rankdial.lora.verbs import lora_layers
+    from rankdial.models import default_model_path, load_model
+    from rankdial.train.distributed import _lora_init_values, meta_model
+
+    cfg = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=init_lora_weights)
+    torch.manual_seed(3)
+    cpu = load_model(default_model_path())[0]
+    inject(cpu, cfg)
+    torch.manual_seed(3)
+    meta = meta_model(default_model_path())
+    inject(meta, cfg)
+    values = _lora_init_values(meta)
+    layers = dict(lora_layers(cpu))
+    assert len(values) == len(layers) == 28
+    for (path, name), (a, b) in values.items():
+        assert torch.equal(layers[path].lora_A[name].weight, a) and torch.equal(layers[path].lora_B[name].weight, b)

@@ -155,3 +155,151 @@ def whole_parameters(model: torch.nn.Module, dist_info: Dist, trainable_only: bo
     finally:
         for module, leaf, current in saved:
             module._parameters[leaf] = current
+
+
+# ------------------------------------------------------- loading straight into shards (no process holds the model)
+
+def meta_model(path):
+    """The model of folder `path` built on the meta device (no memory), or None when its weights are not in
+    safetensors files (then the ordinary loader is used)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models.loading import _weight_files, dtype_kwarg
+
+    if _weight_files(path) is None:
+        return None
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(torch.float32))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _lora_init_values(model) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """The values LoraLayer.add_adapter gives each adapter's (A, B), drawn from the CPU generator as inject()
+    draws them on the CPU: so adapters injected on the meta device (which draws nothing) start exactly as in a
+    process that loaded the whole model and injected there. Small: the adapters only."""
+    import math
+
+    from ..lora.verbs import lora_layers
+
+    out = {}
+    for path, layer in lora_layers(model):
+        for name in sorted(layer.configs, key=lambda n: layer.configs[n][0]):
+            r = layer.lora_A[name].weight.shape[0]
+            # nn.Linear(d_in, r) and nn.Linear(r, d_out) each draw their reset_parameters() init, then A is
+            # drawn again, then B zeroed (or drawn from a normal).
+            a, b = torch.empty(r, layer.in_features), torch.empty(layer.out_features, r)
+            for t in (a, b, a):
+                torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+            if layer.configs[name][1].init_lora_weights:
+                torch.nn.init.zeros_(b)
+            else:
+                torch.nn.init.normal_(b, std=1.0 / math.sqrt(r))
+            out[(path, name)] = (a, b)
+    return out
+
+
+def load_into_shards(model, path, dist_info: Dist, device: torch.device, *, qlora: bool, bf16: bool = False,
+                     reshard_after_forward: bool = True, cpu_offload: bool = False, say=print) -> None:
+    """Fill a meta-device `model` (adapters already injected) from the safetensors files of `path` one decoder
+    layer at a time, sharding each with fully_shard as soon as it is whole (and, for QLoRA, quantized to NF4),
+    then the rest and the root: each process's peak holds one whole layer plus its shards, never the model.
+    The values are the ones load_model (load_model_nf4) + inject would give; the adapters' random start
+    included (_lora_init_values)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from ..errors import ModelError
+    from ..layers import Wrapper, linear_dims
+    from ..lora.verbs import lora_layers
+    from ..models.loading import _read_tensor, _release_freed_memory, _safetensors_index, _weight_files
+    from ..quant import quantize_nf4
+    from ..quant.linear import NF4Linear, quantize_candidates
+    from ..quant.nf4_tensor import make_shardable
+
+    where = {}
+    for f in _weight_files(path):
+        for key, meta in _safetensors_index(f).items():
+            where[key] = (f, meta)
+
+    def file_key(name: str) -> str:
+        return name.replace(".base_layer.", ".")
+
+    def read(key: str) -> torch.Tensor:
+        if key not in where:
+            raise ModelError(f"{path} has no tensor {key}; the weights do not fit config.json")
+        t = _read_tensor(*where[key]).to(device)
+        return t.float() if t.is_floating_point() else t
+
+    inits = _lora_init_values(model)
+    adapters = {}
+    for lpath, layer in lora_layers(model):
+        for name in layer.lora_A:
+            a, b = inits[(lpath, name)]
+            adapters[f"{lpath}.lora_A.{name}.weight"] = a
+            adapters[f"{lpath}.lora_B.{name}.weight"] = b
+
+    def fill(unit: torch.nn.Module, prefix: str) -> None:
+        if qlora:  # quantize the unit's linears from the file (the policy of quantize_model: not the head)
+            for name, module, target, reason in quantize_candidates(unit):
+                if reason is not None or not any(p.is_meta for p in target.parameters()):
+                    continue
+                full = f"{prefix}{name}"
+                weight = read(file_key(f"{full}.weight"))
+                weight = weight.t() if linear_dims(target)[2] else weight
+                bias = read(file_key(f"{full}.bias")) if getattr(target, "bias", None) is not None else None
+                new = NF4Linear(quantize_nf4(weight.contiguous()), bias)
+                if isinstance(module, Wrapper) and target is not module:
+                    module.replace_base(new)
+                else:
+                    unit.set_submodule(name, new)
+                del weight, bias
+        for mname, m in unit.named_modules():
+            for kind, table in (("p", m._parameters), ("b", m._buffers)):
+                for leaf, t in list(table.items()):
+                    if t is None or not t.is_meta:
+                        continue
+                    full = f"{prefix}{mname + '.' if mname else ''}{leaf}"
+                    if full in adapters:
+                        value = adapters[full].to(device)
+                    elif file_key(full) in where:
+                        value = read(file_key(full))
+                    else:
+                        continue  # a non-persistent buffer (rotary inv_freq): rebuilt below
+                    table[leaf] = torch.nn.Parameter(value, requires_grad=t.requires_grad) if kind == "p" else value
+        _release_freed_memory()
+
+    mesh = init_device_mesh(device.type, (dist_info.world,))
+    kwargs: dict = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if bf16 and device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = decoder_layers(model)
+    for layer in layers:
+        fill(layer, names[id(layer)] + ".")
+        make_shardable(layer)
+        fully_shard(layer, **kwargs)  # the whole layer's tensors are dropped here; its shards stay
+    # The rest: embeddings, final norm, head. Tied weights were one meta Parameter: tie them again.
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    fill(model, "")
+    if tied:
+        model.tie_weights()
+    config = model.config
+    for name, module in list(model.named_modules()):  # non-persistent buffers (rotary inv_freq) are rebuilt
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            try:
+                fresh = type(module)(config=getattr(module, "config", config), device=device)
+            except TypeError:
+                fresh = type(module)(config=getattr(module, "config", config))
+            model.set_submodule(name, fresh.to(device))
+    still = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still:
+        raise ModelError(f"{path}: could not load {still[:3]} into the sharded model")
+    make_shardable(model)
+    fully_shard(model, **kwargs)
+    say(f"sharding=fsdp: {len(layers)} decoder layers and the root loaded straight into shards over "
+        f"{dist_info.world} processes")

@@ -18,6 +18,7 @@ Exactness rules that the resume and DDP tests rely on:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -35,7 +36,8 @@ from .config import TrainConfig, make_config
 from .artefacts import (CONFIG_NAME, DONE_MARKER, LEGACY_RUN_NAMES, METRICS_NAME, PLOT_NAME, RUN_KIND, append_metrics,
                         is_legacy_run, plot_losses, read_history, save_final_model)
 from .data import Dataset, check_data_file, collate
-from .distributed import Dist, all_sum, barrier, full_value, init_distributed, pick_run_device, shard_model, whole_parameters
+from .distributed import (Dist, all_sum, barrier, full_value, init_distributed, load_into_shards, meta_model,
+                          pick_run_device, shard_model, whole_parameters)
 from .pieces import Sampler, evaluate, load_data, make_optimizer, prepare_model, token_loss_sum
 
 MIB = 1 << 20
@@ -144,6 +146,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     """Everything before the first step; nothing is written. `model` = (model, tokenizer) skips loading it and
     `prepare(model, cfg, base_path)` replaces prepare_model (the seams the benchmark uses)."""
     from ..models import load_model, load_model_nf4, resolve_model
+    from ..models.loading import load_tokenizer
 
     dist_info = init_distributed(cfg.device)
     device = pick_run_device(cfg.device, dist_info)
@@ -153,18 +156,30 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     mode = plan_output(cfg, resume, overwrite, inputs=[cfg.data, cfg.eval_data or None, base_path])
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if model is None:  # QLoRA quantizes while loading, so the full-precision model is never in memory at once
+    fsdp = _fsdp(cfg, dist_info, say)
+    # FSDP builds the model on the meta device and loads it straight into shards (load_into_shards), so no
+    # process ever holds the whole model; a model passed in, a custom `prepare`, modules_to_save (full copies
+    # made from the base's values) or weights not in safetensors take the ordinary load, then shard_model.
+    skeleton = (meta_model(base_path) if fsdp and model is None and prepare is None
+                and not cfg.lora.modules_to_save else None)
+    if skeleton is not None:
+        model = (skeleton, load_tokenizer(base_path))
+    elif model is None:  # QLoRA quantizes while loading, so the full-precision model is never in memory at once
         model = (load_model_nf4 if cfg.method == "qlora" else load_model)(base_path, device)
     net, tokenizer = model
     train_data, eval_data, data_report = load_data(cfg, tokenizer)
     for line in data_report:
         say(f"data  {line}")
-    lora = (prepare or prepare_model)(net, cfg, base_path)
+    # On the meta device QLoRA's quantization waits for the weights (load_into_shards); the adapters are the same.
+    lora = (prepare or prepare_model)(net, cfg if skeleton is None or cfg.method != "qlora"
+                                      else dataclasses.replace(cfg, method="lora"), base_path)
     trainable, total = _trainable(net, cfg, base_path, say)
-    fsdp = _fsdp(cfg, dist_info, say)
-    if fsdp:
-        shard_model(net, dist_info, device, bf16=cfg.bf16, reshard_after_forward=cfg.fsdp_reshard_after_forward,
-                    cpu_offload=cfg.fsdp_cpu_offload, say=say)
+    fsdp_options = dict(bf16=cfg.bf16, reshard_after_forward=cfg.fsdp_reshard_after_forward,
+                        cpu_offload=cfg.fsdp_cpu_offload, say=say)
+    if skeleton is not None:
+        load_into_shards(net, base_path, dist_info, device, qlora=cfg.method == "qlora", **fsdp_options)
+    elif fsdp:
+        shard_model(net, dist_info, device, **fsdp_options)
     named = {n: p for n, p in net.named_parameters() if p.requires_grad}
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_data.examples)
                                                 / (cfg.batch_size * cfg.grad_accum * dist_info.world)))
