@@ -173,7 +173,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     # On the meta device QLoRA's quantization waits for the weights (load_into_shards); the adapters are the same.
     lora = (prepare or prepare_model)(net, cfg if skeleton is None or cfg.method != "qlora"
                                       else dataclasses.replace(cfg, method="lora"), base_path)
-    trainable, total = _trainable(net, cfg, base_path, say)
+    trainable, total = _trainable(net, cfg, base_path, say, dist_info.world if fsdp else 1)
     fsdp_options = dict(bf16=cfg.bf16, reshard_after_forward=cfg.fsdp_reshard_after_forward,
                         cpu_offload=cfg.fsdp_cpu_offload, say=say)
     if skeleton is not None:
@@ -241,7 +241,7 @@ def _fsdp(cfg: TrainConfig, dist_info: Dist, say) -> bool:
     return True
 
 
-def _trainable(model, cfg: TrainConfig, base_path: Path, say) -> tuple[int, int]:
+def _trainable(model, cfg: TrainConfig, base_path: Path, say, processes: int = 1) -> tuple[int, int]:
     from ..lora import trainable_parameters
 
     if cfg.gradient_checkpointing:
@@ -250,7 +250,7 @@ def _trainable(model, cfg: TrainConfig, base_path: Path, say) -> tuple[int, int]
         model.config.use_cache = False
     report = trainable_parameters(model)
     say(report.summary())
-    say(_memory_plan_line(cfg, base_path))
+    say(_memory_plan_line(cfg, base_path, processes))
     return report.trainable, report.total
 
 
@@ -284,17 +284,19 @@ def _sharded_adapter_writer(run: Run):
     return write
 
 
-def _memory_plan_line(cfg: TrainConfig, base_path: Path) -> str:
+def _memory_plan_line(cfg: TrainConfig, base_path: Path, processes: int = 1) -> str:
     """One line of rankdial.memory's plan for this run (Llama-shaped models; others get a short note)."""
     targets = cfg.lora.target_modules if cfg.method != "full" else "all-linear"
     try:
         plan = estimate_memory(base_path, method=cfg.method, rank=cfg.lora.r, targets=targets,  # weights load fp32
                                batch_size=cfg.batch_size, seq_len=cfg.max_length, dtype="fp32",
-                               gradient_checkpointing=cfg.gradient_checkpointing)
+                               gradient_checkpointing=cfg.gradient_checkpointing, processes=processes,
+                               sharding="fsdp" if processes > 1 else "ddp")
     except RankdialError as err:  # a model that is not Llama-shaped, or targets given as a pattern
         return f"memory plan: not available for this model/targets ({_first_line(err)})"
     terms = ", ".join(f"{k} {v / MIB:.0f}" for k, v in plan.terms().items() if v)
-    return f"memory plan (rankdial.memory): peak ~{plan.total_bytes / MIB:.0f} MiB ({terms} MiB)"
+    per = f" per process ({processes}, fsdp)" if processes > 1 else ""
+    return f"memory plan (rankdial.memory): peak ~{plan.total_bytes / MIB:.0f} MiB{per} ({terms} MiB)"
 
 
 def _first_line(err: BaseException) -> str:
