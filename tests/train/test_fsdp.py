@@ -114,3 +114,51 @@ def test_adapters_injected_on_meta_start_as_injected_on_the_cpu(init_lora_weight
     assert len(values) == len(layers) == 28
     for (path, name), (a, b) in values.items():
         assert torch.equal(layers[path].lora_A[name].weight, a) and torch.equal(layers[path].lora_B[name].weight, b)
+
+
+_SHARD_ONE = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {conftest!r})
+from conftest import tiny_model
+from rankdial import LoraConfig
+from rankdial.lora import inject
+from rankdial.quant import quantize_model
+from rankdial.train.distributed import Dist, shard_model, whole_parameters
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+said = []
+model = tiny_model("llama")
+quantize_model(model)
+inject(model, LoraConfig(r=2, target_modules="all-linear"))
+ids = torch.tensor([[3, 9, 27, 81, 5]])
+with torch.no_grad():
+    before = model(input_ids=ids).logits
+shard_model(model, Dist(0, 1, 0), torch.device("cpu"), say=said.append)
+with torch.no_grad():
+    after = model(input_ids=ids).logits
+kinds = {{type(p).__name__ for p in model.parameters()}}
+with whole_parameters(model, Dist(0, 1, 0), trainable_only=True) as values:
+    whole = {{type(p).__name__ for p in model.parameters() if p.requires_grad}}
+seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+shard_model(seq, Dist(0, 1, 0), torch.device("cpu"), say=said.append)
+print(torch.equal(before, after), sorted(kinds), sorted(whole), len(values), said[0], said[1], sep="\\n")
+"""
+
+
+@pytest.mark.slow
+def test_shard_model_keeps_the_outputs_and_wraps_the_root_of_a_model_without_layers(tmp_path):
+    """shard_model (the path for a model passed in): NF4 + LoRA sharded as DTensors, outputs unchanged; a model
+    without repeated decoder layers is sharded as one unit and says so."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "shard.py"
+    script.write_text(_SHARD_ONE.format(conftest=os.path.dirname(os.path.dirname(__file__)), port=port))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    same, kinds, whole, n, first, second = proc.stdout.strip().splitlines()[-6:]
+    assert same == "True" and kinds == "['DTensor']" and whole == "['Parameter']" and n == "28"
+    assert "2 decoder layers and the root sharded over 1 processes" in first
+    assert "Sequential has no repeated decoder layers to wrap; sharding the whole model as one unit" in second
