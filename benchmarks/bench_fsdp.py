@@ -1,7 +1,8 @@
 """FSDP (sharding="fsdp") against one process: per-step loss, per-process peak memory, the planner, tokens/s.
 
 A Llama-shaped model with random weights is built from a config and saved (safetensors, the embedded model's
-tokenizer); each method (full, lora, qlora) trains a few steps on the bundled pydoc_qa sample through the real
+tokenizer); each method (full, lora, qlora) trains a few steps on the bundled pydoc_qa sample (packed: every row
+MAX_LENGTH tokens, the planner's seq_len) through the real
 loop (rankdial.train.train), once in one process (batch B) and once under torchrun with 2 processes,
 sharding="fsdp", gloo (batch B/2 each: the same global batch). Every run is a fresh process; each process
 reports its own resident peak (VmHWM) and its baseline (VmRSS after the imports, the process group and
@@ -10,7 +11,8 @@ a one-step warm-up run of the same method on a tiny model, the peak counter then
 glibc is told to return freed big blocks (rankdial.memory_measure._return_freed_memory), so the resident peak
 tracks live tensors.
 
-    .venv/bin/python benchmarks/bench_fsdp.py            # the "small" model (~50M parameters, 200 MB fp32)
+    .venv/bin/python benchmarks/bench_fsdp.py            # "medium": 16 layers, 214M parameters (0.86 GB fp32)
+    .venv/bin/python benchmarks/bench_fsdp.py --size small   # 6 layers, 49M parameters (0.2 GB fp32)
     .venv/bin/python benchmarks/bench_fsdp.py --size large   # ~0.5B parameters (2 GB fp32): needs ~14 GB free
     .venv/bin/python benchmarks/bench_fsdp.py --quick    # a smoke run (tiny model, 2 steps)
 
@@ -34,6 +36,7 @@ METHODS = ("lora", "qlora", "full")
 SIZES = {  # hidden, layers, heads, ffn, vocab (the tokenizer's 4096)
     "quick": dict(hidden=128, layers=2, heads=4, ffn=344, steps=2),
     "small": dict(hidden=768, layers=6, heads=12, ffn=2048, steps=3),
+    "medium": dict(hidden=1024, layers=16, heads=16, ffn=2816, steps=3),
     "large": dict(hidden=1536, layers=16, heads=16, ffn=4096, steps=3),
 }
 GLOBAL_BATCH, MAX_LENGTH, R = 4, 64, 16
@@ -74,7 +77,8 @@ def worker(args) -> None:
 
     def run(model, out, steps):
         return train(model=model, method=args.method, data=args.data, output_dir=out, steps=steps,
-                     batch_size=args.batch, max_length=MAX_LENGTH, lr=1e-3, r=R, lora_alpha=2 * R, sharding="fsdp",
+                     batch_size=args.batch, max_length=MAX_LENGTH, packing=True, lr=1e-3, r=R, lora_alpha=2 * R,
+                     sharding="fsdp",
                      device="cpu", progress=False, log=lambda *a: None)
 
     # Warm-up: the same run on a tiny model (lazy imports, FSDP, autograd, the loss plot's matplotlib), then
@@ -127,7 +131,7 @@ def planned_mib(model: Path, method: str, nproc: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=["small", "large"], default="small")
+    ap.add_argument("--size", choices=["small", "medium", "large"], default="medium")
     ap.add_argument("--quick", action="store_true", help="a smoke run: a tiny model, 2 steps")
     ap.add_argument("--methods", default=",".join(METHODS))
     for name in ("--model", "--warm", "--data", "--method", "--out", "--report"):

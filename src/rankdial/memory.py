@@ -344,7 +344,12 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     if sharding == "fsdp" and processes > 1:
         weights, consts, adapters, gradients, opt, unsharded, first_grad = _fsdp_terms(
             shape, method, tgt, rank, e, a, p, processes, weights, consts, adapters, gradients, opt)
-    total = weights + consts + adapters + opt + max(gradients, acts + logits + workspace + first_grad + unsharded)
+        # The sharded gradients do not take the freed activations' place (they are 1/N of a layer's, written
+        # into their own shards), and the peak comes at the end of backward with the root's whole weights and
+        # gradients live: every term adds up.
+        total = weights + consts + adapters + opt + gradients + acts + logits + workspace + first_grad + unsharded
+    else:
+        total = weights + consts + adapters + opt + max(gradients, acts + logits + workspace + first_grad)
     settings = dict(rank=None if method == "full" else rank, targets=None if method == "full" else targets,
                     batch_size=batch_size, seq_len=seq_len, dtype=dtype, adapter_dtype=adapter_dtype,
                     gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, processes=processes,

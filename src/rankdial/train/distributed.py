@@ -75,6 +75,22 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return best
 
 
+def fsdp_options(dist_info: Dist, device: torch.device, bf16: bool, reshard_after_forward: bool,
+                 cpu_offload: bool) -> dict:
+    """fully_shard's keyword arguments: a 1-D mesh of all processes; on CUDA with bf16, weights gathered in bf16
+    and gradients reduced in fp32; CPU offload of the shards when asked (CUDA runs only, checked by the loop)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    kwargs: dict = {"mesh": init_device_mesh(device.type, (dist_info.world,)),
+                    "reshard_after_forward": reshard_after_forward}
+    if bf16 and device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    return kwargs
+
+
 def shard_model(model: torch.nn.Module, dist_info: Dist, device: torch.device, *, bf16: bool = False,
                 reshard_after_forward: bool = True, cpu_offload: bool = False, say=print) -> None:
     """Shard `model` in place with FSDP2 over a 1-D mesh of all processes: fully_shard on each decoder layer,
@@ -86,18 +102,12 @@ def shard_model(model: torch.nn.Module, dist_info: Dist, device: torch.device, *
     the weights are gathered in bf16 (MixedPrecisionPolicy) and reduced in fp32; on CPU everything is fp32
     (gloo's bf16 reductions are not reliable). Parameters are replaced by DTensors: build the optimizer after.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     from ..quant.nf4_tensor import make_shardable
 
     make_shardable(model)
-    mesh = init_device_mesh(device.type, (dist_info.world,))
-    kwargs: dict = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
-    if bf16 and device.type == "cuda":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+    kwargs = fsdp_options(dist_info, device, bf16, reshard_after_forward, cpu_offload)
     layers = decoder_layers(model)
     if not layers:
         say(f"sharding=fsdp: {type(model).__name__} has no repeated decoder layers to wrap; sharding the whole "
@@ -208,8 +218,7 @@ def load_into_shards(model, path, dist_info: Dist, device: torch.device, *, qlor
     then the rest and the root: each process's peak holds one whole layer plus its shards, never the model.
     The values are the ones load_model (load_model_nf4) + inject would give; the adapters' random start
     included (_lora_init_values)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     from ..errors import ModelError
     from ..layers import Wrapper, linear_dims
@@ -271,12 +280,7 @@ def load_into_shards(model, path, dist_info: Dist, device: torch.device, *, qlor
                     table[leaf] = torch.nn.Parameter(value, requires_grad=t.requires_grad) if kind == "p" else value
         _release_freed_memory()
 
-    mesh = init_device_mesh(device.type, (dist_info.world,))
-    kwargs: dict = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
-    if bf16 and device.type == "cuda":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+    kwargs = fsdp_options(dist_info, device, bf16, reshard_after_forward, cpu_offload)
     names = {id(m): n for n, m in model.named_modules()}
     layers = decoder_layers(model)
     for layer in layers:

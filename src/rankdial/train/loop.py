@@ -13,6 +13,12 @@ Exactness rules that the resume and DDP tests rely on:
   batch), whatever the split into processes and micro-batches; so a 2-process run follows a 1-process run with
   the same global batch.
 - A checkpoint holds everything else that changes: trainable tensors, optimizer, scheduler, RNG states.
+
+Under torchrun, sharding="ddp" (the default) keeps a whole model in each process (DistributedDataParallel);
+sharding="fsdp" builds the model on the meta device and loads it straight into FSDP2 shards, one decoder layer
+at a time (distributed.load_into_shards): parameters, gradients and AdamW's moments are DTensor shards, the
+gradient norm is the global one, checkpoints are torch.distributed.checkpoint's (every process writes its
+shards), and the finished adapter (or model) is gathered to the main process, which writes the run folder.
 """
 
 from __future__ import annotations
