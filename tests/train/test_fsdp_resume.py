@@ -21,7 +21,7 @@ _DIE_AT = ("import os, signal, sys\n"
            "from rankdial.cli import main\n"
            "real = loop.step\n"
            "def step(run, model, s):\n"
-           "    if s == {k} and os.environ.get('RANK') == '1':\n"
+           "    if s == {k} and os.environ.get('RANK', '1') == '1':\n"
            "        os.kill(os.getpid(), signal.SIGKILL)\n"
            "    return real(run, model, s)\n"
            "loop.step = step\n"
@@ -84,3 +84,21 @@ def test_fsdp_kill_resume_reshard_and_ddp_mismatch(tmp_path):
     assert refused.returncode == 2
     lines = [l for l in refused.stderr.strip().splitlines() if l]
     assert len(lines) == 1 and "sharding=fsdp on 2 process(es)" in lines[0] and "sharding=ddp on 1" in lines[0]
+
+
+@pytest.mark.slow
+def test_one_process_fsdp_checkpoint_resumes_on_two(tmp_path):
+    """sharding="fsdp" on one process still writes DCP checkpoints; two processes reshard and continue."""
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(40))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    done = _run(_args(data, ref, 4), 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    script = tmp_path / "die.py"
+    script.write_text(_DIE_AT.format(k=4))  # the single process (no RANK) dies as step 5 begins
+    killed = _run(_args(data, run, 4), 1, script=str(script))
+    assert killed.returncode == -signal.SIGKILL
+    assert verify(list_checkpoints(run)[-1]) is None and (list_checkpoints(run)[-1] / "dcp" / ".metadata").is_file()
+    resumed = _run(_args(data, run, 2, "--resume"), 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "written by 1 process(es); resharding it to 2" in resumed.stdout
+    assert _losses(run) == pytest.approx(_losses(ref), abs=1e-5)
