@@ -12,8 +12,8 @@ their dim 0, the block index:
 
 so every shard holds whole blocks with their own scales, and FSDP's all-gather before a layer's forward (and
 backward) rebuilds exactly the unsharded rows; the layer is freed again after (reshard_after_forward). What stays
-whole on every process: the double-quantization constants (one float32 per 256 blocks, the offset, and the
-256-value code), about 1/16384 of a byte per weight.
+whole on every process: the double-quantization constants (one float32 per 256 blocks, i.e. 4 bytes per 16384
+weights, plus the offset and the 1 KiB code book per layer).
 
 This is the storage route (bitsandbytes' bnb_4bit_quant_storage takes it for FSDP1: the quantized weight
 stored as a plain tensor of a dtype FSDP can flatten), not torchao's: torchao's NF4Tensor is a tensor
