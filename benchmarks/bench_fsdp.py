@@ -13,11 +13,14 @@ tracks live tensors.
 
     .venv/bin/python benchmarks/bench_fsdp.py            # "medium": 16 layers, 214M parameters (0.86 GB fp32)
     .venv/bin/python benchmarks/bench_fsdp.py --size small   # 6 layers, 49M parameters (0.2 GB fp32)
-    .venv/bin/python benchmarks/bench_fsdp.py --size large   # ~0.5B parameters (2 GB fp32): needs ~14 GB free
+    .venv/bin/python benchmarks/bench_fsdp.py --size large   # 466M parameters (1.86 GB fp32): ~10 GB, 8 min
     .venv/bin/python benchmarks/bench_fsdp.py --quick    # a smoke run (tiny model, 2 steps)
 
 Ends with one JSON line: loss_max_abs_diff and peak_ratio_2_vs_1 (objects keyed by lora, qlora, full), and
 per method the peaks (MiB) of 1 and 2 processes, the planner's figures, tokens/s and the losses.
+
+Last --size large run (2 shared CPU cores): loss_max_abs_diff lora 1.1e-6, qlora 1.2e-6, full 2.2e-6;
+peak_ratio_2_vs_1 lora 0.669, qlora 0.640, full 0.629; planner within 8% of every measured peak.
 """
 
 from __future__ import annotations
