@@ -75,6 +75,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return best
 
 
+def _layers_to_wrap(model: torch.nn.Module, say) -> list[torch.nn.Module]:
+    layers = decoder_layers(model)
+    if not layers:
+        say(f"sharding=fsdp: {type(model).__name__} has no repeated decoder layers to wrap; sharding the whole "
+            "model as one unit (every weight is gathered for the whole forward and backward)")
+    return layers
+
+
 def fsdp_options(dist_info: Dist, device: torch.device, bf16: bool, reshard_after_forward: bool,
                  cpu_offload: bool) -> dict:
     """fully_shard's keyword arguments: a 1-D mesh of all processes; on CUDA with bf16, weights gathered in bf16
@@ -108,10 +116,7 @@ def shard_model(model: torch.nn.Module, dist_info: Dist, device: torch.device, *
 
     make_shardable(model)
     kwargs = fsdp_options(dist_info, device, bf16, reshard_after_forward, cpu_offload)
-    layers = decoder_layers(model)
-    if not layers:
-        say(f"sharding=fsdp: {type(model).__name__} has no repeated decoder layers to wrap; sharding the whole "
-            "model as one unit (every weight is gathered for the whole forward and backward)")
+    layers = _layers_to_wrap(model, say)
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
@@ -282,7 +287,7 @@ def load_into_shards(model, path, dist_info: Dist, device: torch.device, *, qlor
 
     kwargs = fsdp_options(dist_info, device, bf16, reshard_after_forward, cpu_offload)
     names = {id(m): n for n, m in model.named_modules()}
-    layers = decoder_layers(model)
+    layers = _layers_to_wrap(model, say)
     for layer in layers:
         fill(layer, names[id(layer)] + ".")
         make_shardable(layer)
