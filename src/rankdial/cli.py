@@ -34,6 +34,7 @@ EPILOG = {
               "then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='k1').completions.create(model=NAME, ...)"),
     "estimate": ("examples:\n  rankdial estimate llama-70b --method qlora\n"
                  "  rankdial estimate default --method full --batch-size 16 --seq-len 256 --json\n"
+                 "  rankdial estimate llama-70b --method qlora --processes 2 --sharding fsdp\n"
                  "  rankdial estimate --hidden 4096 --layers 32 --heads 32 --ffn 11008 --vocab 32000"),
 }
 
@@ -216,7 +217,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",")]
     plan = estimate_memory(model, method=args.method, rank=args.r, targets=targets, batch_size=args.batch_size,
                            seq_len=args.seq_len, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-                           optimizer=args.optimizer)
+                           optimizer=args.optimizer, processes=args.processes, sharding=args.sharding)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
 
@@ -295,6 +296,9 @@ def add_estimate_parser(verbs, fmt) -> None:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for qlora")
     p.add_argument("--optimizer", choices=["adamw", "adamw-8bit"], default="adamw")
+    p.add_argument("--processes", type=int, default=1, help="torchrun processes; the plan is per process (default: 1)")
+    p.add_argument("--sharding", default="ddp", help="ddp (each process holds the whole model) or fsdp (sharded; "
+                   "as train --sharding fsdp) (default: ddp)")
     for dim in ("hidden", "layers", "heads", "kv-heads", "ffn", "vocab"):
         p.add_argument(f"--{dim}", type=int, default=None, help="model dimension (instead of MODEL)")
     p.add_argument("--tied", action="store_true", help="with dimensions: tied input/output embeddings")

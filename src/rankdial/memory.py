@@ -33,6 +33,7 @@ ACCELERATOR_GB = (16, 24, 40, 48, 80)
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw-8bit")
+SHARDINGS = ("ddp", "fsdp")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # QLoRA's blocks: 64 weights per absmax, 256 absmax per fp32 scale
@@ -191,6 +192,7 @@ class MemoryPlan:
     total_params: int
     total_bytes: int = 0
     fits: list[int] = field(default_factory=list)
+    gathered: int = 0  # FSDP: weights whole while in use (the root's, the running layer's); 0 unsharded
 
     @property
     def weights_bytes(self) -> int:
@@ -208,17 +210,19 @@ class MemoryPlan:
         """{term: bytes} in reading order (the peak is not their plain sum: see estimate_memory)."""
         return {"weights": self.weights, "quant constants": self.quant_constants, "adapters": self.adapters,
                 "gradients": self.gradients, "optimizer state": self.optimizer, "activations": self.activations,
-                "logits + loss": self.logits, "dequant workspace": self.workspace}
+                "logits + loss": self.logits, "dequant workspace": self.workspace, "gathered (fsdp)": self.gathered}
 
     def __str__(self) -> str:
         rows = list(self.terms().items())
+        per = self.settings.get("processes", 1)
         lines = [f"{self.method} on {self.model}  "
                  + " ".join(f"{k}={v}" for k, v in self.settings.items()),
                  f"trainable {self.trainable_params:,} of {self.total_params:,} ({100 * self.trainable_share:.2f}%)"]
         lines += [f"  {name:<18} {b / GB:10.3f} GB" for name, b in rows if b]
-        lines.append(f"  {'peak (planned)':<18} {self.total_bytes / GB:10.3f} GB")
+        lines.append(f"  {'peak (planned)':<18} {self.total_bytes / GB:10.3f} GB"
+                     + (f" per process, {per} processes" if per > 1 else ""))
         fits = ", ".join(f"{g} GB" for g in self.fits) or f"none of {', '.join(map(str, ACCELERATOR_GB))} GB"
-        lines.append(f"fits on: {fits}")
+        lines.append(f"fits on: {fits}" + (" (each process's card)" if per > 1 else ""))
         return "\n".join(lines)
 
 
@@ -290,7 +294,8 @@ def layer_activation_bytes(s: LlamaShape, method: str, targets: tuple[str, ...],
 
 def estimate_memory(model="default", method: str = "lora", rank: int = 16, targets="all-linear",
                     batch_size: int = 1, seq_len: int = 512, dtype: str | None = None, adapter_dtype: str = "fp32",
-                    gradient_checkpointing: bool | None = None, optimizer: str = "adamw") -> MemoryPlan:
+                    gradient_checkpointing: bool | None = None, optimizer: str = "adamw", processes: int = 1,
+                    sharding: str = "ddp") -> MemoryPlan:
     """Plan the memory of fine-tuning a Llama-shaped model; returns a MemoryPlan (bytes per term).
 
     model: a preset ("llama-7b", "llama-13b", "llama-70b": Llama-2's shapes), "default" (the embedded model),
@@ -305,8 +310,16 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     peak holds the larger of all gradients and (activations + logits + workspace + the output head's gradient,
     written first). What it does not count: the interpreter, imported libraries and their one-time buffers,
     the tokenizer and data (constant in the model's size), and allocator slack.
+
+    processes, sharding: the plan is per process. "ddp" (and any run on one process) holds the whole model in
+    each. "fsdp" with N processes (FSDP2, rankdial's sharding="fsdp") divides the weights, constants, adapters,
+    gradients and optimizer state by N and adds what is whole for a while (see _fsdp_terms): the root's
+    weights (embeddings, final norm, head) for the whole step, and the largest decoder layer gathered while it
+    runs. batch_size is per process.
     """
     shape = model_shape(model)
+    _choice("sharding", sharding, SHARDINGS)
+    _positive("processes", processes)
     _choice("method", method, METHODS)
     _choice("optimizer", optimizer, OPTIMIZERS)
     _positive("batch_size", batch_size)
@@ -327,13 +340,62 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     logits = batch_size * seq_len * shape.vocab * (e + 3 * 4)  # logits; fp32 log-softmax kept by the loss; 2 grads
     workspace = max(i * o for i, o in dims.values()) * e if method == "qlora" else 0  # one weight dequantized
     first_grad = shape.vocab * shape.hidden * p if method == "full" else 0  # the output head's, written first
-    total = weights + consts + adapter_params * a + opt + max(gradients, acts + logits + workspace + first_grad)
+    adapters, unsharded = adapter_params * a, 0
+    if sharding == "fsdp" and processes > 1:
+        weights, consts, adapters, gradients, opt, unsharded, first_grad = _fsdp_terms(
+            shape, method, tgt, rank, e, a, p, processes, weights, consts, adapters, gradients, opt)
+        # The sharded gradients do not take the freed activations' place (they are 1/N of a layer's, written
+        # into their own shards), and the peak comes at the end of backward with the root's whole weights and
+        # gradients live: every term adds up.
+        total = weights + consts + adapters + opt + gradients + acts + logits + workspace + first_grad + unsharded
+    else:
+        total = weights + consts + adapters + opt + max(gradients, acts + logits + workspace + first_grad)
     settings = dict(rank=None if method == "full" else rank, targets=None if method == "full" else targets,
                     batch_size=batch_size, seq_len=seq_len, dtype=dtype, adapter_dtype=adapter_dtype,
-                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer)
-    return MemoryPlan(shape.name, method, settings, weights, consts, adapter_params * a, gradients, opt, acts, logits,
+                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, processes=processes,
+                    sharding=sharding)
+    return MemoryPlan(shape.name, method, settings, weights, consts, adapters, gradients, opt, acts, logits,
                       workspace, trainable, shape.total_params + adapter_params, total,
-                      [g for g in ACCELERATOR_GB if total <= g * GB])
+                      [g for g in ACCELERATOR_GB if total <= g * GB], unsharded)
+
+
+def _fsdp_terms(shape: LlamaShape, method: str, tgt: tuple[str, ...], rank: int, e: int, a: int, p: int, n: int,
+                weights: int, consts: int, adapters: int, gradients: int, opt: int) -> tuple[int, ...]:
+    """The per-process terms under FSDP2 over n processes, as rankdial shards (each decoder layer, then the root):
+
+    - sharded (/n, rounded up per tensor; dim-0 padding is below a row per tensor): the weights, the NF4 codes and
+      per-block absmax (split on whole blocks), the adapters, the gradients and AdamW's moments. The
+      double-quantization constants (an fp32 scale per 256 blocks, the offset, the code book) stay whole.
+    - whole while in use ("gathered"): the root's parameters (embeddings, final norm, head; its forward spans
+      the whole model, so they stay gathered through the step), plus two of the largest decoder layer (the one
+      running, and the all-gather's flat buffer it is copied out of, or the next layer gathered ahead in
+      backward). For full fine-tuning a layer's whole gradient and the reduce-scatter's flat copy of it, and the
+      root's whole gradient (reduce-scattered only when backward ends), replace the head's gradient term.
+    Returns (weights, consts, adapters, gradients, optimizer, gathered, first_grad)."""
+    dims = shape.linears()
+    nested = 0
+    if method == "qlora":  # per linear: codes + absmax shard; 4 B per 256 blocks + offset + code book do not
+        for d_in, d_out in dims.values():
+            blocks = math.ceil(d_in * d_out / NF4_BLOCK)
+            nested += shape.layers * (4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 + 4 * 256)
+    root = (shape.vocab * shape.hidden * (1 if shape.tied else 2) + shape.hidden) * e
+    if method == "qlora":
+        layer = sum(sum(nf4_bytes(i * o)[:1]) + math.ceil(i * o / NF4_BLOCK) for i, o in dims.values())
+    else:
+        layer = sum(i * o for i, o in dims.values()) * e
+    layer += 2 * shape.hidden * e  # the two RMSNorm weights
+    layer_adapters = 0 if method == "full" else sum(lora_params(*dims[t], rank) for t in tgt) * a
+    gathered = root + 2 * (layer + layer_adapters)
+    first_grad = 0
+    if method == "full":
+        first_grad = root // e * p + 2 * layer // e * p
+    else:
+        first_grad = 2 * layer_adapters  # a layer's whole adapter gradients and their reduce-scatter copy
+
+    def shard(b: int) -> int:
+        return math.ceil(b / n)
+    return (shard(weights), shard(consts - nested) + nested, shard(adapters), shard(gradients), shard(opt), gathered,
+            first_grad)
 
 
 def _weight_bytes(shape: LlamaShape, method: str, e: int) -> tuple[int, int]:

@@ -59,11 +59,12 @@ def read_history(path: Path, upto: int) -> tuple[list[float], list[tuple[int, fl
     return losses, evals
 
 
-def save_final_model(model, tokenizer, work: Path, is_lora: bool) -> None:
+def save_final_model(model, tokenizer, work: Path, is_lora: bool, state_dict: dict | None = None) -> None:
     """The PEFT adapter files (LoRA, QLoRA) or the full model and tokenizer, at the top of the run folder.
 
     They are written into a new subfolder (atomically), then each file is renamed up into place: weights
-    first, then configs, so a folder with a config always holds its matching weights.
+    first, then configs, so a folder with a config always holds its matching weights. `state_dict` (a full
+    model only) gives the tensors to write instead of the model's own (an FSDP run gathers them).
     """
     staging = work / ".final"
     if is_lora:
@@ -73,7 +74,7 @@ def save_final_model(model, tokenizer, work: Path, is_lora: bool) -> None:
     else:
         with atomic_dir(staging, kind="train-final-model") as tmp:
             model.config.use_cache = True
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
     files = sorted((p for p in staging.iterdir() if p.name != MARKER), key=lambda p: not p.name.endswith(".safetensors"))
     for p in files:

@@ -21,6 +21,7 @@ from ..config import LoraConfig
 from ..errors import ConfigError
 
 METHODS = ("lora", "qlora", "full")
+SHARDINGS = ("ddp", "fsdp")  # how torchrun's processes share the model: whole copies, or FSDP2 shards
 # What a run's adapter starts from (LoraConfig's own defaults are PEFT's: r=8, lora_alpha=8).
 LORA_DEFAULTS = {"r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_modules": "all-linear"}
 # Set by the loop (task_type) or taken from the model (base_model_name_or_path), never by the user.
@@ -53,6 +54,11 @@ class TrainConfig:
         steps (optimizer steps; 0 = derived from epochs), epochs, batch_size (per process), grad_accum,
         lr, weight_decay, warmup_ratio, min_lr_ratio (cosine floor as a share of lr), max_grad_norm,
         gradient_checkpointing, bf16 (autocast), seed, device ("auto", "cpu", "cuda").
+    Processes (torchrun):
+        sharding: "ddp" (each process holds the whole model; the default) or "fsdp" (PyTorch's FSDP2
+            fully_shard on each decoder layer and the root: weights, gradients and optimizer state sharded).
+        fsdp_reshard_after_forward: free a layer's gathered weights after its forward (gather again for backward).
+        fsdp_cpu_offload: keep the sharded parameters in CPU memory between uses (CUDA only).
     Output:
         output_dir, eval_every, save_every (checkpoint period; 0 = none), keep_checkpoints, log_every,
         progress (a progress bar on stderr).
@@ -81,6 +87,9 @@ class TrainConfig:
     bf16: bool = False
     seed: int = 0
     device: str = "auto"
+    sharding: str = "ddp"
+    fsdp_reshard_after_forward: bool = True
+    fsdp_cpu_offload: bool = False
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -106,6 +115,8 @@ class TrainConfig:
             raise ConfigError("invalid training config: " + "; ".join(problems + wrong))
         if self.method not in METHODS:
             problems.append(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.sharding not in SHARDINGS:
+            problems.append(f"sharding={self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
         if not self.data:
             problems.append("data is empty: give a JSONL file (data = \"train.jsonl\" or --data train.jsonl)")
         for name in ("max_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
