@@ -132,7 +132,9 @@ def test_a_config_that_is_not_a_llama_causal_lm_is_refused(tmp_path):
 # Measured against the planner: CPU, fp32, AdamW, transformers' default (SDPA) attention, one fresh process per
 # case. Each case's peak is VmHWM minus the resident size after imports and a warm-up (see measure_training_peak).
 CASES = [dict(model="default", method=m, batch_size=8, seq_len=128) for m in ("lora", "full", "qlora")] + \
-        [dict(model=BIG, method=m, batch_size=2, seq_len=64) for m in ("lora", "full", "qlora")]
+        [dict(model=BIG, method=m, batch_size=2, seq_len=64) for m in ("lora", "full", "qlora")] + \
+        [dict(model=m, method="full", batch_size=b, seq_len=s, optimizer="adamw-8bit")  # bitsandbytes' 8-bit AdamW
+         for m, b, s in (("default", 8, 128), (BIG, 2, 64))]
 
 
 @pytest.mark.slow
@@ -145,7 +147,7 @@ def test_planned_peaks_agree_with_measured_ones_within_15_percent():
         err = (plan.total_bytes - got["peak"]) / got["peak"]
         built = (plan.weights_bytes + plan.adapters - got["model"]) / got["model"]
         name = case["model"] if isinstance(case["model"], str) else "big"
-        rows.append(f"{name} {case['method']}: planned {plan.total_bytes / 2**20:.0f} MiB, measured "
+        rows.append(f"{name} {case['method']} {case.get('optimizer', 'adamw')}: planned {plan.total_bytes / 2**20:.0f} MiB, measured "
                     f"{got['peak'] / 2**20:.0f} MiB ({100 * err:+.1f}%); model {100 * built:+.1f}%")
         if abs(err) > 0.15 or abs(built) > 0.15:
             bad.append(rows[-1])

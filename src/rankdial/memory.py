@@ -322,7 +322,8 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     p = e if method == "full" else a  # bytes of a trainable parameter (and of its gradient)
     gradients = trainable * p
     # torch's AdamW keeps two moments in the parameter's dtype; 8-bit: one byte each + an fp32 absmax per block
-    opt = 2 * trainable * p if optimizer == "adamw" else 2 * trainable + 8 * math.ceil(trainable / ADAM8_BLOCK)
+    # of each, and two shared 256-entry fp32 quantization maps
+    opt = 2 * trainable * p if optimizer == "adamw" else 2 * trainable + 8 * math.ceil(trainable / ADAM8_BLOCK) + 2048
     acts = batch_size * seq_len * _token_activation_bytes(shape, method, tgt, rank, e, a, gradient_checkpointing)
     logits = batch_size * seq_len * shape.vocab * (e + 3 * 4)  # logits; fp32 log-softmax kept by the loss; 2 grads
     workspace = max(i * o for i, o in dims.values()) * e if method == "qlora" else 0  # one weight dequantized

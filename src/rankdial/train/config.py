@@ -21,6 +21,7 @@ from ..config import LoraConfig
 from ..errors import ConfigError
 
 METHODS = ("lora", "qlora", "full")
+OPTIMIZERS = ("adamw", "adamw-8bit")
 # What a run's adapter starts from (LoraConfig's own defaults are PEFT's: r=8, lora_alpha=8).
 LORA_DEFAULTS = {"r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_modules": "all-linear"}
 # Set by the loop (task_type) or taken from the model (base_model_name_or_path), never by the user.
@@ -52,6 +53,7 @@ class TrainConfig:
     Loop:
         steps (optimizer steps; 0 = derived from epochs), epochs, batch_size (per process), grad_accum,
         lr, weight_decay, warmup_ratio, min_lr_ratio (cosine floor as a share of lr), max_grad_norm,
+        optimizer ("adamw", or "adamw-8bit": blockwise 8-bit moments from bitsandbytes or torchao),
         gradient_checkpointing, bf16 (autocast), seed, device ("auto", "cpu", "cuda").
     Output:
         output_dir, eval_every, save_every (checkpoint period; 0 = none), keep_checkpoints, log_every,
@@ -77,6 +79,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
     gradient_checkpointing: bool = False
     bf16: bool = False
     seed: int = 0
@@ -106,6 +109,8 @@ class TrainConfig:
             raise ConfigError("invalid training config: " + "; ".join(problems + wrong))
         if self.method not in METHODS:
             problems.append(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if not self.data:
             problems.append("data is empty: give a JSONL file (data = \"train.jsonl\" or --data train.jsonl)")
         for name in ("max_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
