@@ -54,6 +54,7 @@ class TrainConfig:
         steps (optimizer steps; 0 = derived from epochs), epochs, batch_size (per process), grad_accum,
         lr, weight_decay, warmup_ratio, min_lr_ratio (cosine floor as a share of lr), max_grad_norm,
         optimizer ("adamw", or "adamw-8bit": blockwise 8-bit moments from bitsandbytes or torchao),
+        loss_chunk (rows of logits computed at once by the loss, where exact for the model; 0: all at once),
         gradient_checkpointing, bf16 (autocast), seed, device ("auto", "cpu", "cuda").
     Output:
         output_dir, eval_every, save_every (checkpoint period; 0 = none), keep_checkpoints, log_every,
@@ -80,6 +81,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"
+    loss_chunk: int = 1024
     gradient_checkpointing: bool = False
     bf16: bool = False
     seed: int = 0
@@ -116,7 +118,7 @@ class TrainConfig:
         for name in ("max_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r}: must be at least 1")
-        for name in ("steps", "eval_every", "save_every"):
+        for name in ("steps", "eval_every", "save_every", "loss_chunk"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)!r}: must be 0 or more")
         for f in dataclasses.fields(self):  # inf and nan compare oddly and are not JSON: refuse them first

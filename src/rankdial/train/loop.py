@@ -344,7 +344,7 @@ def step(run: Run, model, s: int) -> tuple[float, float]:
         batch = {k: v.to(run.device) for k, v in batch.items()}
         last = m == len(micro) - 1
         with model.no_sync() if (run.dist.world > 1 and not last) else contextlib.nullcontext():
-            loss_sum = token_loss_sum(model, batch, run.autocast)
+            loss_sum = token_loss_sum(model, batch, run.autocast, run.cfg.loss_chunk)
             # DDP averages gradients over processes; scale so the result is d(sum / targets).
             (loss_sum * (run.dist.world / targets)).backward()
         loss += loss_sum.item()
@@ -384,7 +384,8 @@ def _micro_batches(run: Run, s: int) -> tuple[list[dict], int]:
 
 def evaluate_now(run: Run, at_step: int, bar=None) -> float:
     """The mean token loss over the evaluation set, recorded for step `at_step`."""
-    e = evaluate(run.model, run.eval_data, run.cfg.batch_size, run.tokenizer.pad_token_id, run.device, run.autocast)
+    e = evaluate(run.model, run.eval_data, run.cfg.batch_size, run.tokenizer.pad_token_id, run.device, run.autocast,
+                 run.cfg.loss_chunk)
     run.eval_losses.append((at_step, e))
     if run.dist.main:
         append_metrics(run.work / METRICS_NAME, {"step": at_step, "eval_loss": e})

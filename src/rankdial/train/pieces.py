@@ -1,5 +1,5 @@
-"""What a training step is made of: the method's model preparation, the data and its order, the loss, the
-optimizer and its schedule, and the evaluation loss."""
+"""What a training step is made of: the method's model preparation, the data and its order, the loss (its
+computation lives in loss.py), the optimizer and its schedule, and the evaluation loss."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .config import TrainConfig
 from .data import Dataset, collate, count_targets, load_dataset, pack, split_eval
+from .loss import token_loss_sum
 
 
 def prepare_model(model, cfg: TrainConfig, base_path: Path):
@@ -150,27 +150,15 @@ class Sampler:
         return self._cache[epoch][pos]
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor], autocast) -> torch.Tensor:
-    """Sum over target tokens of the next-token cross-entropy (fp32)."""
-    with autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"]
-    # Shift the labels, not the logits: position t predicts token t+1 and the last position predicts nothing.
-    # (Slicing the logits would copy a batch x length x vocab tensor.)
-    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-
-
 @torch.no_grad()
-def evaluate(model, data: Dataset, batch_size: int, pad_id: int, device, autocast) -> float:
+def evaluate(model, data: Dataset, batch_size: int, pad_id: int, device, autocast, loss_chunk: int = 0) -> float:
     """Mean token loss over the whole evaluation set (same on every process)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(data.examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(data.examples[i:i + batch_size], pad_id).items()}
-        total += token_loss_sum(model, batch, autocast).item()
+        total += token_loss_sum(model, batch, autocast, loss_chunk).item()
         count += count_targets(batch["labels"])
     model.train(was_training)
     return total / max(1, count)
