@@ -245,7 +245,8 @@ def _memory_plan_line(cfg: TrainConfig, base_path: Path) -> str:
     try:
         plan = estimate_memory(base_path, method=cfg.method, rank=cfg.lora.r, targets=targets,  # weights load fp32
                                batch_size=cfg.batch_size, seq_len=cfg.max_length, dtype="fp32",
-                               gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer)
+                               gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
+                               loss_chunk=cfg.loss_chunk)
     except RankdialError as err:  # a model that is not Llama-shaped, or targets given as a pattern
         return f"memory plan: not available for this model/targets ({_first_line(err)})"
     terms = ", ".join(f"{k} {v / MIB:.0f}" for k, v in plan.terms().items() if v)

@@ -108,25 +108,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         for lo in range(0, hidden.shape[0], chunk):
-            h, y = hidden[lo:lo + chunk], targets[lo:lo + chunk]
-            logits = F.linear(h, weight, bias)  # (c, V), in the autocast dtype if any, as the plain head's
-            valid = y != IGNORE
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (c, V) fp32, as F.cross_entropy computes it
-            safe = torch.where(valid, y, 0)
-            total -= logp.gather(1, safe[:, None]).squeeze(1).masked_fill(~valid, 0.0).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            d_logits = logp.exp_()  # softmax − onehot, in place: the chunk's one (c, V) fp32 buffer
-            d_logits[torch.arange(len(y), device=y.device), safe] -= 1.0
-            d_logits.masked_fill_(~valid[:, None], 0.0)
-            d = d_logits.to(logits.dtype)
-            del logits, logp
+            h = hidden[lo:lo + chunk]
+            loss, d = _chunk(h, weight, bias, targets[lo:lo + chunk], need_h or need_w or need_b)
+            total += loss
             if need_h:
                 grad_h[lo:lo + chunk] = d @ weight.to(d.dtype)  # (c, h)
             if need_w:
                 grad_w += (d.t() @ h.to(d.dtype)).float()  # (V, h)
             if need_b:
-                grad_b += d_logits.sum(0)
+                grad_b += d.float().sum(0)
+            del d  # before the next chunk's logits exist: one chunk's buffers at a time
         # kept on ctx, not save_for_backward: they are results computed here, not inputs or outputs
         ctx.grads, ctx.dtypes = (grad_h, grad_w, grad_b), (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -136,3 +127,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = [None if g is None else (g * grad_out).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
         ctx.grads = None
         return grads[0], grads[1], grads[2], None, None
+
+
+def _chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, grad: bool):
+    """One chunk's summed loss and, if `grad`, d loss/d logits = softmax − onehot (rows without a target: 0),
+    in the logits' dtype. Alive at most: the (c, V) logits and one fp32 (c, V) buffer."""
+    logits = F.linear(h, weight, bias)  # (c, V), in the autocast dtype if any, as the plain head's
+    valid = y != IGNORE
+    safe = torch.where(valid, y, 0)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (c, V) fp32, as F.cross_entropy computes it
+    loss = -logp.gather(1, safe[:, None]).squeeze(1).masked_fill(~valid, 0.0).sum()
+    if not grad:
+        return loss, None
+    dtype = logits.dtype
+    del logits
+    d = logp.exp_()  # the softmax, in place
+    d[torch.arange(len(y), device=y.device), safe] -= 1.0
+    d.masked_fill_(~valid[:, None], 0.0)
+    return loss, d.to(dtype)
