@@ -64,9 +64,10 @@ class LoraConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
-        if isinstance(self.target_parameters, (set, tuple, str)):  # PEFT sorts them too
-            self.target_parameters = [self.target_parameters] if isinstance(self.target_parameters, str) \
-                else sorted(self.target_parameters)
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
+        if isinstance(self.target_parameters, (list, set, tuple)) and all(isinstance(t, str) for t in self.target_parameters):
+            self.target_parameters = sorted(self.target_parameters)  # order-free (PEFT writes a set's order)
         if isinstance(self.modules_to_save, (set, tuple, str)):
             self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
