@@ -148,7 +148,7 @@ def test_planned_peaks_agree_with_measured_ones_within_15_percent():
         err = (plan.total_bytes - got["peak"]) / got["peak"]
         built = (plan.weights_bytes + plan.adapters - got["model"]) / got["model"]
         name = case["model"] if isinstance(case["model"], str) else "big"
-        rows.append(f"{name} {case['method']} {case.get('optimizer', 'adamw')}: planned {plan.total_bytes / 2**20:.0f} MiB, measured "
+        rows.append(f"{name} {case['method']} {case.get('optimizer', 'adamw')} chunk {case.get('loss_chunk', 0)}: planned {plan.total_bytes / 2**20:.0f} MiB, measured "
                     f"{got['peak'] / 2**20:.0f} MiB ({100 * err:+.1f}%); model {100 * built:+.1f}%")
         if abs(err) > 0.15 or abs(built) > 0.15:
             bad.append(rows[-1])

@@ -190,3 +190,58 @@ def test_model_verbs_merge_and_unload_unload_disabled_delete():
     deleted = _ours(base)
     delete_adapter(deleted, "default")
     assert not any(isinstance(m, ExpertLora) for m in deleted.modules())
+
+
+def _moe_dir(path):
+    import shutil
+
+    import transformers as tf
+
+    from rankdial.models import default_model_path
+
+    path.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (default_model_path() / name).exists():
+            shutil.copy(default_model_path() / name, path / name)
+    torch.manual_seed(0)
+    tf.MixtralForCausalLM(tf.MixtralConfig(vocab_size=4096, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2, tie_word_embeddings=True, bos_token_id=0,
+                                           eos_token_id=0, pad_token_id=0)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_rankdial_train_with_target_parameters_writes_a_folder_peft_loads(tmp_path):
+    import transformers as tf
+    from peft import PeftModel
+
+    from conftest import qa_rows, write_jsonl
+    from rankdial.train import train
+    from rankdial.train.config import parse_flag_value
+
+    assert parse_flag_value("target_parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj") == TP
+    model_dir = _moe_dir(tmp_path / "moe")
+    res = train(model=str(model_dir), data=str(write_jsonl(tmp_path / "d.jsonl", qa_rows(16))), steps=4, batch_size=4,
+                lr=1e-2, max_length=32, target_modules=["q_proj"], target_parameters=TP,
+                output_dir=str(tmp_path / "out"), progress=False, log=lambda *a: None)
+    assert res.losses[-1] < res.losses[0]
+    base = tf.MixtralForCausalLM.from_pretrained(model_dir).eval()
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out")
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path / "out")
+    ids = torch.randint(0, 4096, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert (_logits(ours, ids) - _logits(base, ids)).abs().max() > 1e-4  # trained experts changed the output
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_the_serving_registry_refuses_an_expert_adapter_in_one_line(tmp_path):
+    from rankdial.errors import AdapterFileError
+    from rankdial.serve.registry import AdapterRegistry
+
+    base = moe_model("mixtral")
+    save_adapter(_ours(base), tmp_path / "moe-adapter")
+    registry = AdapterRegistry(copy.deepcopy(base), tmp_path)
+    with pytest.raises(AdapterFileError, match=r"'moe-adapter' refused: it adapts MoE expert parameters.*rankdial merge") as err:
+        registry.load("moe-adapter")
+    assert "\n" not in str(err.value)

@@ -266,6 +266,11 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
             for name in wrapper.lora_A:
                 n = sum(p.numel() for m in (wrapper.lora_A[name], wrapper.lora_B[name]) for p in m.parameters() if p.requires_grad)
                 rows.append((path, f"{name}: r={wrapper.rank(name)} ({wrapper.in_features}->{wrapper.out_features})", n))
+        elif isinstance(wrapper, ExpertLora):
+            for name in wrapper.lora_A:
+                n = sum(p.numel() for p in wrapper.lora_A[name].parameters() if p.requires_grad)
+                n += sum(p.numel() for p in wrapper.lora_B[name].parameters() if p.requires_grad)
+                rows.append((path, f"{name}: r={wrapper.rank(name)} per expert on {', '.join(wrapper.lora_A[name])}", n))
         else:
             for name, copy in wrapper.modules_to_save.items():
                 rows.append((path, f"{name}: full copy", sum(p.numel() for p in copy.parameters() if p.requires_grad)))
