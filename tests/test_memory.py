@@ -174,3 +174,13 @@ def test_the_logits_term_follows_the_chunked_loss():
         512 * 32000 * 6 + 3 * 512 * 4096 * 4  # a chunk larger than the batch is the batch
     with pytest.raises(ConfigError, match="loss_chunk must be 0.*got -1"):
         estimate_memory("default", loss_chunk=-1)
+
+
+def test_estimate_command_passes_loss_chunk_and_optimizer(capsys):
+    from rankdial.cli import main
+
+    assert main(["estimate", "llama-7b", "--batch-size", "8", "--seq-len", "512", "--loss-chunk", "1024",
+                 "--optimizer", "adamw-8bit", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = estimate_memory("llama-7b", batch_size=8, seq_len=512, loss_chunk=1024, optimizer="adamw-8bit")
+    assert got["logits"] == want.logits and got["optimizer"] == want.optimizer and got["settings"]["loss_chunk"] == 1024

@@ -216,7 +216,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",")]
     plan = estimate_memory(model, method=args.method, rank=args.r, targets=targets, batch_size=args.batch_size,
                            seq_len=args.seq_len, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-                           optimizer=args.optimizer)
+                           optimizer=args.optimizer, loss_chunk=args.loss_chunk)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
 
@@ -295,6 +295,8 @@ def add_estimate_parser(verbs, fmt) -> None:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for qlora")
     p.add_argument("--optimizer", choices=["adamw", "adamw-8bit"], default="adamw")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="rows of logits the loss computes at once (rankdial train's default: 1024); 0: all at once")
     for dim in ("hidden", "layers", "heads", "kv-heads", "ffn", "vocab"):
         p.add_argument(f"--{dim}", type=int, default=None, help="model dimension (instead of MODEL)")
     p.add_argument("--tied", action="store_true", help="with dimensions: tied input/output embeddings")
