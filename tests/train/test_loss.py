@@ -112,3 +112,21 @@ def test_loss_chunk_zero_or_positive():
     assert TrainConfig(data="x.jsonl").loss_chunk == 1024  # on by default
     with pytest.raises(ConfigError, match="loss_chunk=-1"):
         TrainConfig(data="x.jsonl", loss_chunk=-1)
+
+
+def test_under_bf16_autocast_the_chunked_loss_follows_the_plain_one():
+    model = tiny_model("llama").train()
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = _batch()
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    plain = plain_token_loss_sum(model, batch, autocast)
+    want = _grads(model, plain)
+    ours = token_loss_sum(model, batch, autocast, chunk=5)
+    got = _grads(model, ours)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, plain, rtol=1e-3, atol=1e-2)  # both round the logits to bf16 the same way
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=2e-2, atol=2e-3, msg=k)
