@@ -245,3 +245,13 @@ def test_the_serving_registry_refuses_an_expert_adapter_in_one_line(tmp_path):
     with pytest.raises(AdapterFileError, match=r"'moe-adapter' refused: it adapts MoE expert parameters.*rankdial merge") as err:
         registry.load("moe-adapter")
     assert "\n" not in str(err.value)
+
+
+def test_inspect_truncate_combine_refuse_an_expert_adapter_in_one_line(tmp_path):
+    from rankdial.errors import AdapterFileError
+    from rankdial.rank import read_factors
+
+    save_adapter(_ours(moe_model("mixtral")), tmp_path / "a")
+    with pytest.raises(AdapterFileError, match=r"adapts MoE expert parameters.*inspect, truncate and combine") as err:
+        read_factors(tmp_path / "a")
+    assert "\n" not in str(err.value)
