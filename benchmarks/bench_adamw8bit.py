@@ -9,7 +9,8 @@ Targets (issue 16): state <= 0.3x fp32 AdamW's bytes; final loss within 2% of fp
     OMP_NUM_THREADS=1 python benchmarks/bench_adamw8bit.py            # 200 steps each (~2-4 min on 2 cores)
     OMP_NUM_THREADS=1 python benchmarks/bench_adamw8bit.py --steps 20 # a smoke run
 
-Ends with one JSON line of figures.
+Ends with one JSON line of figures. Last full run (2 shared CPU cores, bitsandbytes 0.50.2 on CPU): state
+2.038 B/param against 8.000 (ratio 0.255); final loss 3.3036 against 3.3059 (gap -0.07%; last-10 mean -0.06%).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ floor's; issue 16's target: chunked <= 0.6x plain. The planner's "logits + loss"
     OMP_NUM_THREADS=1 python benchmarks/bench_chunked_loss.py            # ~1-2 minutes on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/bench_chunked_loss.py --quick    # seq 128
 
-Ends with one JSON line of figures.
+Ends with one JSON line of figures. Last full run (2 shared CPU cores): peak 2238 MiB plain, 504 MiB chunked,
+250 MiB floor; logits share 1988 -> 254 MiB (0.128x; planner's term 2000 and 262 MiB); steps 9.3 s -> 6.5 s.
 """
 
 from __future__ import annotations
