@@ -130,3 +130,16 @@ def test_under_bf16_autocast_the_chunked_loss_follows_the_plain_one():
     torch.testing.assert_close(ours, plain, rtol=1e-3, atol=1e-2)  # both round the logits to bf16 the same way
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=2e-2, atol=2e-3, msg=k)
+
+
+def test_a_training_run_uses_the_chunked_loss_by_default(tiny_model_dir, tmp_path, monkeypatch):
+    import rankdial.train.loop as loop
+    from conftest import qa_rows, write_jsonl
+    from rankdial.train import train
+
+    chunks = []
+    real = loop.token_loss_sum
+    monkeypatch.setattr(loop, "token_loss_sum", lambda *a: chunks.append(a[3]) or real(*a))
+    train(model=str(tiny_model_dir), data=str(write_jsonl(tmp_path / "d.jsonl", qa_rows(8))), steps=1, batch_size=4,
+          max_length=32, output_dir=str(tmp_path / "out"), progress=False, log=lambda *a: None)
+    assert chunks == [1024]
