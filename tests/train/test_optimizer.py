@@ -143,3 +143,20 @@ def test_interrupted_8bit_run_resumes_bit_identical(tmp_path, monkeypatch):
     a, b = load_file(ref.output_dir / "adapter_model.safetensors"), load_file(out.output_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert out.losses == ref.losses
+
+
+def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    import rankdial.train.loop as loop
+    from conftest import fail_on_call
+    from rankdial.train import TrainingError
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(16))
+    common = dict(model=str(tiny_model_dir), data=str(data), steps=4, batch_size=4, max_length=32, save_every=2,
+                  output_dir=str(tmp_path / "run"), progress=False, log=lambda *a: None)
+    fail_on_call(monkeypatch, loop, "token_loss_sum", 3, KeyboardInterrupt())
+    with pytest.raises(TrainingInterrupted):
+        train(**common)
+    monkeypatch.undo()
+    with pytest.raises(TrainingError, match=r"optimizer='adamw'; this run has 'adamw-8bit'") as err:
+        train(resume=True, optimizer="adamw-8bit", **common)
+    assert "\n" not in str(err.value)

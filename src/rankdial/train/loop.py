@@ -268,6 +268,9 @@ def resume_from_checkpoint(run: Run) -> None:
         raise TrainingError(f"checkpoint {found.path} was written with global batch {saved.get('global_batch')} "
                             f"and {saved.get('total_steps')} steps; this run has {run.global_batch} and "
                             f"{run.total_steps}. Resume with the same config and number of processes")
+    if saved.get("optimizer", "adamw") != run.cfg.optimizer:  # the states of one do not fit the other
+        raise TrainingError(f"checkpoint {found.path} was written with optimizer={saved.get('optimizer', 'adamw')!r}; "
+                            f"this run has {run.cfg.optimizer!r}. Resume with the optimizer it was written with")
     try:
         ckpt_io.load_into(found, run.named, run.optimizer, run.scheduler)
     except (ValueError, RuntimeError) as err:  # RuntimeError: a tensor of another shape (another r)
@@ -400,7 +403,8 @@ def save(run: Run) -> None:
     if not run.dist.main:
         return
     state = {"global_batch": run.global_batch, "total_steps": run.total_steps,
-             "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed}
+             "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed,
+             "optimizer": run.cfg.optimizer}
     adapter_fn = _adapter_writer(run.model) if run.is_lora else None
     path = ckpt_io.write_checkpoint(run.work, run.done, run.named, run.optimizer, run.scheduler, state, adapter_fn)
     note_written(run.work, ["checkpoints"])
