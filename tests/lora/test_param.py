@@ -255,3 +255,11 @@ def test_inspect_truncate_combine_refuse_an_expert_adapter_in_one_line(tmp_path)
     with pytest.raises(AdapterFileError, match=r"adapts MoE expert parameters.*inspect, truncate and combine") as err:
         read_factors(tmp_path / "a")
     assert "\n" not in str(err.value)
+
+
+def test_a_rank_pattern_on_an_expert_parameter_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match=r"rank_pattern/alpha_pattern match the expert parameter "
+                                          r"model.layers.0.mlp.experts.down_proj") as err:
+        _ours(moe_model("mixtral"), rank_pattern={"down_proj": 2})
+    assert "\n" not in str(err.value)
+    _ours(moe_model("mixtral"), rank_pattern={"q_proj": 2})  # a pattern for modules only is fine

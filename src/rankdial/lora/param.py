@@ -21,6 +21,7 @@ targeted parameters is stored under `<module>` + ".base_layer" × (n−1−k) + 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -246,6 +247,11 @@ def plan_parameters(model: nn.Module, config: LoraConfig) -> dict[str, list[str]
                 flat.append(f"{key} {list(param.shape)}")
                 continue
             found.setdefault(path, []).append(pname)
+    patterned = [f"{path}.{p}" for path, ps in found.items() for p in ps
+                 if _pattern_hit(config.rank_pattern, f"{path}.{p}") or _pattern_hit(config.alpha_pattern, f"{path}.{p}")]
+    if patterned:
+        raise ConfigError(f"rank_pattern/alpha_pattern match the expert parameter {patterned[0]}; rankdial gives "
+                          "target_parameters the adapter's r and lora_alpha only: drop those pattern entries")
     if flat:
         raise TargetError(f"target_parameters matched {len(flat)} parameters that are not 3-D expert stacks "
                           f"(e.g. {flat[0]}); target_parameters is for MoE experts stored as one (experts, out, in) "
@@ -257,6 +263,12 @@ def plan_parameters(model: nn.Module, config: LoraConfig) -> dict[str, list[str]
         raise TargetError(f"target_parameters {missing} matched no parameter of {type(model).__name__}; its 3-D "
                           f"parameters are {names[:10] or 'none (it has no stacked experts)'}")
     return found
+
+
+def _pattern_hit(patterns: dict, key: str) -> bool:
+    """Whether a rank_pattern/alpha_pattern key matches a dot-bounded suffix of `key` (inject.pattern_value's rule,
+    which PEFT applies to "<module path>.<parameter>" for target_parameters)."""
+    return any(re.match(rf"(.*\.)?({k})$", key) for k in patterns or {})
 
 
 def _modules(model: nn.Module):
