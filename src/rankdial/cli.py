@@ -217,7 +217,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",")]
     plan = estimate_memory(model, method=args.method, rank=args.r, targets=targets, batch_size=args.batch_size,
                            seq_len=args.seq_len, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-                           optimizer=args.optimizer, processes=args.processes, sharding=args.sharding)
+                           optimizer=args.optimizer, processes=args.processes, sharding=args.sharding,
+                           loss_chunk=args.loss_chunk)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
 
@@ -299,6 +300,8 @@ def add_estimate_parser(verbs, fmt) -> None:
     p.add_argument("--processes", type=int, default=1, help="torchrun processes; the plan is per process (default: 1)")
     p.add_argument("--sharding", default="ddp", help="ddp (each process holds the whole model) or fsdp (sharded; "
                    "as train --sharding fsdp) (default: ddp)")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="rows of logits the loss computes at once (rankdial train's default: 1024); 0: all at once")
     for dim in ("hidden", "layers", "heads", "kv-heads", "ffn", "vocab"):
         p.add_argument(f"--{dim}", type=int, default=None, help="model dimension (instead of MODEL)")
     p.add_argument("--tied", action="store_true", help="with dimensions: tied input/output embeddings")

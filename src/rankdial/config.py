@@ -23,6 +23,9 @@ class LoraConfig:
         target_modules: a list of names (exact module path, or the part after a dot: "q_proj"), a regex
             string (full match on the module path), or "all-linear" (every linear except the output head).
         exclude_modules: list or regex of modules never to adapt, with the same matching rules.
+        target_parameters: 3-D expert parameters to adapt, one low-rank update per expert ("mlp.experts.gate_up_proj";
+            matched as PEFT does, on the end of "<module path>.<parameter>"); see rankdial.lora.param.
+            target_modules may then be [] (adapt only these).
         layers_to_transform: only adapt modules in these layer indices (the number after "layers.", "h.", ...).
         layers_pattern: the name(s) that precede the layer index, e.g. "layers"; None finds it automatically.
         rank_pattern / alpha_pattern: {regex matched on a suffix of the module path: rank or alpha}.
@@ -43,6 +46,7 @@ class LoraConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = ALL_LINEAR
     exclude_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -60,6 +64,10 @@ class LoraConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
+        if isinstance(self.target_parameters, (list, set, tuple)) and all(isinstance(t, str) for t in self.target_parameters):
+            self.target_parameters = sorted(self.target_parameters)  # order-free (PEFT writes a set's order)
         if isinstance(self.modules_to_save, (set, tuple, str)):
             self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
@@ -130,7 +138,12 @@ def _problems(cfg: LoraConfig) -> list[str]:
     p: list[str] = adapter_value_problems(cfg.r, cfg.lora_alpha, cfg.lora_dropout)
     if cfg.target_modules is None:
         p.append("target_modules is required: a list like ['q_proj', 'v_proj'], a regex, or 'all-linear'")
-    p += _names_problem("target_modules", cfg.target_modules)
+    if not (cfg.target_parameters and cfg.target_modules == []):  # only expert parameters: no module needed
+        p += _names_problem("target_modules", cfg.target_modules)
+    if cfg.target_parameters is not None and not (isinstance(cfg.target_parameters, list) and all(
+            isinstance(t, str) and t for t in cfg.target_parameters)):
+        p.append(f"target_parameters must be a list of parameter names such as ['mlp.experts.gate_up_proj'], "
+                 f"got {cfg.target_parameters!r}")
     p += _names_problem("exclude_modules", cfg.exclude_modules)
     if cfg.modules_to_save is not None and not all(isinstance(m, str) and m for m in cfg.modules_to_save):
         p.append(f"modules_to_save must be a list of module names, got {cfg.modules_to_save!r}")

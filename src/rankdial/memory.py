@@ -295,7 +295,7 @@ def layer_activation_bytes(s: LlamaShape, method: str, targets: tuple[str, ...],
 def estimate_memory(model="default", method: str = "lora", rank: int = 16, targets="all-linear",
                     batch_size: int = 1, seq_len: int = 512, dtype: str | None = None, adapter_dtype: str = "fp32",
                     gradient_checkpointing: bool | None = None, optimizer: str = "adamw", processes: int = 1,
-                    sharding: str = "ddp") -> MemoryPlan:
+                    sharding: str = "ddp", loss_chunk: int = 0) -> MemoryPlan:
     """Plan the memory of fine-tuning a Llama-shaped model; returns a MemoryPlan (bytes per term).
 
     model: a preset ("llama-7b", "llama-13b", "llama-70b": Llama-2's shapes), "default" (the embedded model),
@@ -303,7 +303,8 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     head_dim) or a LlamaShape. dtype: of the weights and activations (fp32/bf16/fp16; default: the config's,
     bf16 for presets and dims); QLoRA keeps every decoder linear in NF4 and computes in dtype.
     gradient_checkpointing: None follows the method's recipe: on for QLoRA (Dettmers et al. train with it),
-    off for full and LoRA.
+    off for full and LoRA. loss_chunk: rows of logits the loss computes at once (rankdial.train.loss, what
+    `rankdial train` does by default with 1024); 0 plans the plain loss over the whole logits tensor.
 
     total_bytes is the planned peak of the steady state (second step on): weights, constants, adapters and
     optimizer state stay; backward frees a layer's activations as it writes that layer's gradients, so the
@@ -324,6 +325,8 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     _choice("optimizer", optimizer, OPTIMIZERS)
     _positive("batch_size", batch_size)
     _positive("seq_len", seq_len)
+    if not isinstance(loss_chunk, int) or isinstance(loss_chunk, bool) or loss_chunk < 0:
+        raise ConfigError(f"loss_chunk must be 0 (the whole logits at once) or a positive number of rows, got {loss_chunk!r}")
     if gradient_checkpointing is None:
         gradient_checkpointing = method == "qlora"
     dtype = DTYPE_ALIASES.get(str(dtype), dtype) if dtype else shape.dtype
@@ -335,9 +338,10 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     p = e if method == "full" else a  # bytes of a trainable parameter (and of its gradient)
     gradients = trainable * p
     # torch's AdamW keeps two moments in the parameter's dtype; 8-bit: one byte each + an fp32 absmax per block
-    opt = 2 * trainable * p if optimizer == "adamw" else 2 * trainable + 8 * math.ceil(trainable / ADAM8_BLOCK)
+    # of each, and two shared 256-entry fp32 quantization maps
+    opt = 2 * trainable * p if optimizer == "adamw" else 2 * trainable + 8 * math.ceil(trainable / ADAM8_BLOCK) + 2048
     acts = batch_size * seq_len * _token_activation_bytes(shape, method, tgt, rank, e, a, gradient_checkpointing)
-    logits = batch_size * seq_len * shape.vocab * (e + 3 * 4)  # logits; fp32 log-softmax kept by the loss; 2 grads
+    logits = _logits_bytes(shape, batch_size * seq_len, e, loss_chunk)
     workspace = max(i * o for i, o in dims.values()) * e if method == "qlora" else 0  # one weight dequantized
     first_grad = shape.vocab * shape.hidden * p if method == "full" else 0  # the output head's, written first
     adapters, unsharded = adapter_params * a, 0
@@ -353,7 +357,7 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     settings = dict(rank=None if method == "full" else rank, targets=None if method == "full" else targets,
                     batch_size=batch_size, seq_len=seq_len, dtype=dtype, adapter_dtype=adapter_dtype,
                     gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, processes=processes,
-                    sharding=sharding)
+                    sharding=sharding, loss_chunk=loss_chunk)
     return MemoryPlan(shape.name, method, settings, weights, consts, adapters, gradients, opt, acts, logits,
                       workspace, trainable, shape.total_params + adapter_params, total,
                       [g for g in ACCELERATOR_GB if total <= g * GB], unsharded)
@@ -396,6 +400,16 @@ def _fsdp_terms(shape: LlamaShape, method: str, tgt: tuple[str, ...], rank: int,
         return math.ceil(b / n)
     return (shard(weights), shard(consts - nested) + nested, shard(adapters), shard(gradients), shard(opt), gathered,
             first_grad)
+
+
+def _logits_bytes(shape: LlamaShape, rows: int, e: int, chunk: int) -> int:
+    """The loss's buffers. Plain: the logits (dtype e), the fp32 log-softmax kept for backward and two fp32
+    gradients of the logits' size. Chunked (rankdial.train.loss): one chunk's logits (e) and its fp32
+    log-softmax (turned in place into d loss/d logits once the logits are freed), plus the rows' hidden states
+    gathered, their gradient and the gather's backward: fp32 (rows, h) tensors."""
+    if not chunk:
+        return rows * shape.vocab * (e + 3 * 4)
+    return min(rows, chunk) * shape.vocab * (e + 4) + 3 * rows * shape.hidden * 4
 
 
 def _weight_bytes(shape: LlamaShape, method: str, e: int) -> tuple[int, int]:

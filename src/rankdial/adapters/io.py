@@ -23,6 +23,7 @@ from ..lora.inject import (Plan, adapter_configs, apply_plan, check_adapter_name
                            plan_targets, unwrap_model, with_task_heads)
 from ..lora.layer import LoraLayer
 from ..lora.modules_to_save import ModulesToSave
+from ..lora.param import ExpertLora, file_shapes, is_expert_key, plan_parameters
 from ..lora.verbs import active_adapters, adapter_names, lora_layers
 from .peft_format import (CONFIG_NAME, KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, config_from_peft, config_to_peft,
                           lora_key, saved_key)
@@ -62,6 +63,8 @@ def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str
         elif isinstance(module, ModulesToSave) and adapter in module.modules_to_save:
             for param, tensor in module.modules_to_save[adapter].state_dict().items():
                 out[saved_key(path, param)] = tensor
+        elif isinstance(module, ExpertLora) and adapter in module.lora_A:
+            out.update({KEY_PREFIX + k: v for k, v in module.file_tensors(adapter, path).items()})
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
@@ -155,9 +158,13 @@ def read_adapter_weights(path: str | Path, allow_pickle: bool = False) -> dict[s
     raise AdapterFileError(f"{folder} has no {WEIGHTS_NAME} (it holds {sorted(p.name for p in folder.iterdir())})")
 
 
-def expected_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
-    """Every file key an adapter with this plan must have, with its shape."""
+def expected_shapes(model: nn.Module, plan: Plan, config: LoraConfig | None = None) -> dict[str, tuple[int, ...]]:
+    """Every file key an adapter with this plan (and config's target_parameters) must have, with its shape."""
     shapes: dict[str, tuple[int, ...]] = {}
+    for path, params in (plan_parameters(model, config) if config is not None else {}).items():
+        module = model.get_submodule(path)
+        base = module.base_layer if isinstance(module, ExpertLora) else module
+        shapes.update({KEY_PREFIX + k: v for k, v in file_shapes(base, params, config.r, path).items()})
     for t in plan.targets:
         shapes[lora_key(t.path, "A")] = (t.r, t.d_in)
         shapes[lora_key(t.path, "B")] = (t.d_out, t.r)
@@ -193,6 +200,9 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor], 
         A, B, path = tensors[key], tensors[key[:-len(_A)] + _B], key[len(KEY_PREFIX):-len(_A)]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             problems.append(f"{path}: lora_B has shape {list(B.shape)}, which does not fit lora_A {list(A.shape)}")
+        elif is_expert_key(config, path):  # (experts·r, d_in): one rank-r A per expert (lora/param.py)
+            if A.shape[0] % config.r:
+                ranks.append((path, A.shape[0], config.r))
         elif A.shape[0] != pattern_value(config.rank_pattern, path, config.r):
             ranks.append((path, A.shape[0], pattern_value(config.rank_pattern, path, config.r)))
     if ranks:
@@ -233,7 +243,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", t
     check_adapter_tensors(config, tensors, str(path))
     check_adapter_name(model, adapter)
     plan = plan_targets(model, config)
-    check_tensor_shapes(tensors, expected_shapes(model, plan), str(path))
+    check_tensor_shapes(tensors, expected_shapes(model, plan, config), str(path))
     apply_plan(model, config, plan, adapter, trainable)
     _copy_in(model, tensors, adapter)
     return config
@@ -268,6 +278,8 @@ def _copy_in(model: nn.Module, tensors: dict[str, torch.Tensor], adapter: str) -
             elif isinstance(module, ModulesToSave) and adapter in module.modules_to_save:
                 copy = module.modules_to_save[adapter]
                 copy.load_state_dict({k: tensors[saved_key(path_, k)] for k in copy.state_dict()})
+            elif isinstance(module, ExpertLora) and adapter in module.lora_A:
+                module.load_file_tensors(adapter, path_, {k[len(KEY_PREFIX):]: v for k, v in tensors.items()})
 
 
 def convert_bin_adapter(path: str | Path) -> Path:

@@ -22,7 +22,7 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
 # PEFT fields that change the math when set; rankdial refuses them rather than load them wrongly.
-_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
+_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "trainable_token_indices",
                 "use_qalora", "alora_invocation_tokens", "megatron_config")
 _TAKEN = [f.name for f in dataclasses.fields(LoraConfig)]
 
@@ -71,6 +71,7 @@ def config_to_json(config: LoraConfig) -> dict[str, Any]:
         "lora_dropout": config.lora_dropout,
         "target_modules": config.target_modules,
         "exclude_modules": config.exclude_modules,
+        "target_parameters": config.target_parameters,
         "fan_in_fan_out": config.fan_in_fan_out,
         "bias": config.bias,
         "use_rslora": config.use_rslora,

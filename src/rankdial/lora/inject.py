@@ -18,6 +18,7 @@ from ..errors import AdapterError, ConfigError, TargetError
 from ..layers import SEQ_CLS_HEADS, linear_dims, named_unwrapped, output_heads, path_matches, unwrap
 from .layer import BY_HAND, LoraLayer
 from .modules_to_save import ModulesToSave
+from .param import ExpertLora, inject_parameters, plan_parameters
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def named_wrappers(model: nn.Module):
     also visit each adapter's A, B and dropout modules, which can never hold another wrapper.
     """
     def walk(module: nn.Module, prefix: str):
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (LoraLayer, ModulesToSave, ExpertLora)):
             yield prefix, module
             return
         for name, child in module._modules.items():
@@ -186,7 +187,9 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> Plan:
             plan.targets.append(target)
     _raise_problems(problems)
     _check_saved_found(model, config, plan)
-    if not plan.targets:
+    if config.target_parameters:
+        plan_parameters(model, config)  # expert parameters (lora/param.py): checked before anything is touched
+    if not plan.targets and not config.target_parameters:
         raise TargetError(_nothing_matched(model, config))
     if problems["rank"]:
         raise ConfigError("rank does not fit the layer:\n  - " + "\n  - ".join(problems["rank"]))
@@ -296,6 +299,8 @@ def apply_plan(model: nn.Module, config: LoraConfig, plan: Plan, adapter: str, t
             wrapper = ModulesToSave(wrapper)
             model.set_submodule(path, wrapper)
         wrapper.add_adapter(adapter, config=recorded)
+    if config.target_parameters:
+        replaced.update(inject_parameters(model, recorded, adapter, trainable=trainable))
     if first:
         for _, wrapper in named_wrappers(model):
             wrapper.set_active([adapter])
@@ -336,12 +341,15 @@ def adapter_parameters(model: nn.Module, adapter: str):
             yield wrapper.lora_B[adapter].weight
         elif isinstance(wrapper, ModulesToSave) and adapter in wrapper.modules_to_save:
             yield from wrapper.modules_to_save[adapter].parameters()
+        elif isinstance(wrapper, ExpertLora) and adapter in wrapper.lora_A:
+            yield from wrapper.lora_A[adapter].parameters()
+            yield from wrapper.lora_B[adapter].parameters()
 
 
 def freeze_base(model: nn.Module) -> None:
     """requires_grad=False on every parameter that belongs to no adapter."""
     owned = {id(p) for name in adapter_configs(model) for p in adapter_parameters(model, name)}
-    owned |= {id(p) for _, w in named_wrappers(model) if isinstance(w, LoraLayer)
+    owned |= {id(p) for _, w in named_wrappers(model) if isinstance(w, (LoraLayer, ExpertLora))
               for table in (w.lora_A, w.lora_B) for p in table.parameters()}
     for p in model.parameters():
         if id(p) not in owned:

@@ -66,6 +66,10 @@ def read_factors(folder: str | Path) -> AdapterFactors:
     """Read an adapter folder (rankdial's or PEFT's) into per-module factors, checked first
     (adapters.io.check_adapter_tensors: one AdapterFileError naming every problem)."""
     config = read_adapter_config(folder)
+    if config.target_parameters:  # (experts·r, d_in) A and rank-major B: not one (A, B) pair per module
+        raise AdapterFileError(f"adapter {folder} adapts MoE expert parameters (target_parameters="
+                               f"{config.target_parameters}); inspect, truncate and combine read one (A, B) per module "
+                               "and do not handle per-expert factors")
     tensors = read_adapter_weights(folder)
     check_adapter_tensors(config, tensors, str(folder))
     modules, other = {}, {}

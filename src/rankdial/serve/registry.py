@@ -271,6 +271,10 @@ class AdapterRegistry:
                 return self.info(name)
             try:
                 config = with_task_heads(self.model, read.config)
+                if config.target_parameters:  # lora/param.py's expert updates have no batched serving path
+                    raise AdapterFileError(f"it adapts MoE expert parameters (target_parameters="
+                                           f"{config.target_parameters}), which the engine does not serve; merge it "
+                                           "into the base (rankdial merge) and serve the merged model")
                 plan = self._plan(config)
                 check_tensor_shapes(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
             except RankdialError as err:

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 
 METHODS = ("lora", "qlora", "full")
 SHARDINGS = ("ddp", "fsdp")  # how torchrun's processes share the model: whole copies, or FSDP2 shards
+OPTIMIZERS = ("adamw", "adamw-8bit")
 # What a run's adapter starts from (LoraConfig's own defaults are PEFT's: r=8, lora_alpha=8).
 LORA_DEFAULTS = {"r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_modules": "all-linear"}
 # Set by the loop (task_type) or taken from the model (base_model_name_or_path), never by the user.
@@ -53,6 +54,8 @@ class TrainConfig:
     Loop:
         steps (optimizer steps; 0 = derived from epochs), epochs, batch_size (per process), grad_accum,
         lr, weight_decay, warmup_ratio, min_lr_ratio (cosine floor as a share of lr), max_grad_norm,
+        optimizer ("adamw", or "adamw-8bit": blockwise 8-bit moments from bitsandbytes or torchao),
+        loss_chunk (rows of logits computed at once by the loss, where exact for the model; 0: all at once),
         gradient_checkpointing, bf16 (autocast), seed, device ("auto", "cpu", "cuda").
     Processes (torchrun):
         sharding: "ddp" (each process holds the whole model; the default) or "fsdp" (PyTorch's FSDP2
@@ -83,6 +86,8 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
+    loss_chunk: int = 1024
     gradient_checkpointing: bool = False
     bf16: bool = False
     seed: int = 0
@@ -117,12 +122,14 @@ class TrainConfig:
             problems.append(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
         if self.sharding not in SHARDINGS:
             problems.append(f"sharding={self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if not self.data:
             problems.append("data is empty: give a JSONL file (data = \"train.jsonl\" or --data train.jsonl)")
         for name in ("max_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r}: must be at least 1")
-        for name in ("steps", "eval_every", "save_every"):
+        for name in ("steps", "eval_every", "save_every", "loss_chunk"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)!r}: must be 0 or more")
         for f in dataclasses.fields(self):  # inf and nan compare oddly and are not JSON: refuse them first

@@ -297,7 +297,8 @@ def _memory_plan_line(cfg: TrainConfig, base_path: Path, processes: int = 1) -> 
         plan = estimate_memory(base_path, method=cfg.method, rank=cfg.lora.r, targets=targets,  # weights load fp32
                                batch_size=cfg.batch_size, seq_len=cfg.max_length, dtype="fp32",
                                gradient_checkpointing=cfg.gradient_checkpointing, processes=processes,
-                               sharding="fsdp" if processes > 1 else "ddp")
+                               sharding="fsdp" if processes > 1 else "ddp", optimizer=cfg.optimizer,
+                               loss_chunk=cfg.loss_chunk)
     except RankdialError as err:  # a model that is not Llama-shaped, or targets given as a pattern
         return f"memory plan: not available for this model/targets ({_first_line(err)})"
     terms = ", ".join(f"{k} {v / MIB:.0f}" for k, v in plan.terms().items() if v)
@@ -321,6 +322,9 @@ def resume_from_checkpoint(run: Run) -> None:
         raise TrainingError(f"checkpoint {found.path} was written with global batch {saved.get('global_batch')} "
                             f"and {saved.get('total_steps')} steps; this run has {run.global_batch} and "
                             f"{run.total_steps}. Resume with the same config and number of processes")
+    if saved.get("optimizer", "adamw") != run.cfg.optimizer:  # the states of one do not fit the other
+        raise TrainingError(f"checkpoint {found.path} was written with optimizer={saved.get('optimizer', 'adamw')!r}; "
+                            f"this run has {run.cfg.optimizer!r}. Resume with the optimizer it was written with")
     try:
         if run.cfg.sharding == "fsdp":
             ckpt_io.load_sharded_into(found, run.named, run.optimizer, run.scheduler, run.dist.rank)
@@ -417,7 +421,7 @@ def step(run: Run, model, s: int) -> tuple[float, float]:
         # DDP: one all-reduce per step, at the last micro-batch. FSDP reduce-scatters each micro-batch's
         # gradient into the shards (skipping it would hold every layer's whole gradient until the last one).
         with model.no_sync() if (run.dist.world > 1 and not last and not run.fsdp) else contextlib.nullcontext():
-            loss_sum = token_loss_sum(model, batch, run.autocast)
+            loss_sum = token_loss_sum(model, batch, run.autocast, run.cfg.loss_chunk)
             # DDP and FSDP average gradients over processes; scale so the result is d(sum / targets).
             (loss_sum * (run.dist.world / targets)).backward()
         loss += loss_sum.item()
@@ -458,7 +462,8 @@ def _micro_batches(run: Run, s: int) -> tuple[list[dict], int]:
 
 def evaluate_now(run: Run, at_step: int, bar=None) -> float:
     """The mean token loss over the evaluation set, recorded for step `at_step`."""
-    e = evaluate(run.model, run.eval_data, run.cfg.batch_size, run.tokenizer.pad_token_id, run.device, run.autocast)
+    e = evaluate(run.model, run.eval_data, run.cfg.batch_size, run.tokenizer.pad_token_id, run.device, run.autocast,
+                 run.cfg.loss_chunk)
     run.eval_losses.append((at_step, e))
     if run.dist.main:
         append_metrics(run.work / METRICS_NAME, {"step": at_step, "eval_loss": e})
@@ -472,7 +477,7 @@ def save(run: Run) -> None:
     process writes its shards), then prune old ones."""
     state = {"global_batch": run.global_batch, "total_steps": run.total_steps,
              "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed,
-             "sharding": run.cfg.sharding}
+             "sharding": run.cfg.sharding, "optimizer": run.cfg.optimizer}
     if run.cfg.sharding == "fsdp":
         adapter_fn = _sharded_adapter_writer(run) if run.is_lora else None
         path = ckpt_io.write_sharded_checkpoint(run.work, run.done, run.named, run.optimizer, run.scheduler, state,
