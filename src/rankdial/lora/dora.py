@@ -1,0 +1,120 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353), composed on the LoRA layer.
+
+    W' = m ⊙ (W₀ + s·BA) / n,   n = ‖W₀ + s·BA‖ per output row,   m: (d_out,) learned
+
+The norm n is a constant to autograd (the paper's §4.3, as PEFT does), so with x_d = dropout(x):
+
+    h = W₀x + b + (m/n − 1)⊙W₀x_d + (m/n)⊙s·BAx_d          (PEFT's form, any dropout)
+      = (m/n)⊙(W₀x + s·BAx) + b                             (no dropout: the LoRA output, rescaled per row)
+
+`row_norm` computes n without forming W₀ + s·BA: ‖W₀‖²_row + 2s·⟨W₀Aᵀ, B⟩_row + s²·⟨B·(AAᵀ), B⟩_row, one
+(d_out × d_in × r) product instead of a (d_out × d_in) temporary; `row_norm_reference` forms it, and tests hold
+the two equal. The magnitude is stored as PEFT stores it: `lora_magnitude_vector.<adapter>.weight` in the
+module, `<path>.lora_magnitude_vector` in the file.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import TargetError
+from ..layers import bnb_quant_kind, conv1d_class, dense_weight
+from ..quant.linear import NF4Linear
+
+
+class Magnitude(nn.Module):
+    """DoRA's learned magnitude m, one value per output row (d_out,), as PEFT's DoraLinearLayer holds it."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def extra_repr(self) -> str:
+        return f"d_out={self.weight.shape[0]}"
+
+
+def check_base(base: nn.Module, path: str = "") -> None:
+    """Raise TargetError unless DoRA covers this base: nn.Linear, GPT-2's Conv1D, NF4Linear, bitsandbytes 4/8-bit."""
+    conv1d = conv1d_class()
+    if isinstance(base, (NF4Linear, nn.Linear)) or (conv1d is not None and isinstance(base, conv1d)):
+        return
+    raise TargetError(f"use_dora does not cover {type(base).__name__}{f' at {path}' if path else ''}: DoRA is "
+                      "implemented for nn.Linear, Conv1D, NF4Linear and bitsandbytes' Linear4bit/Linear8bitLt; "
+                      "leave this module out of target_modules or set use_dora=False")
+
+
+def _dense_fp32(base: nn.Module) -> torch.Tensor:
+    return dense_weight(base, torch.float32)  # (d_out, d_in), dequantized / transposed as needed
+
+
+@torch.no_grad()
+def row_norm_reference(base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """n = ‖W₀ + s·BA‖ per row, (d_out,) fp32, with W₀ + s·BA formed in full (what PEFT computes)."""
+    weight = _dense_fp32(base).to(A.device)
+    return torch.linalg.norm(weight + scale * (B.float() @ A.float()), dim=1)
+
+
+@torch.no_grad()
+def row_norm(base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """n = ‖W₀ + s·BA‖ per row, (d_out,) fp32, by the expanded square: W₀+s·BA is never formed.
+
+    An NF4 base is dequantized a chunk of rows at a time (NF4Linear.row_chunks), so no full W₀ exists either.
+    """
+    A, B = A.float(), B.float()  # (r, d_in), (d_out, r)
+    if isinstance(base, NF4Linear):
+        absmax = base.quantized.absmax_fp32()
+        sq, cross = [], []
+        for start, stop in base.row_chunks():
+            w = base.dequantize_rows(start, stop, absmax, torch.float32)  # (rows, d_in)
+            sq.append(w.square().sum(1))
+            cross.append(w @ A.t())  # (rows, r)
+        w_sq, w_at = torch.cat(sq), torch.cat(cross)
+    else:
+        w = _dense_fp32(base).to(A.device)
+        w_sq, w_at = w.square().sum(1), w @ A.t()  # (d_out,), (d_out, r)
+    ba_sq = ((B @ (A @ A.t())) * B).sum(1)  # ‖(BA)_row‖², (d_out,)
+    total = w_sq + 2 * scale * (w_at * B).sum(1) + scale * scale * ba_sq
+    return total.clamp_min(0).sqrt()
+
+
+def base_out_without_bias(base: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """W₀x from the base's output h = W₀x + b."""
+    bias = getattr(base, "bias", None)
+    return h if bias is None else h - bias.to(h.dtype)
+
+
+def dora_term(base: nn.Module, x_d: torch.Tensor, base_h: torch.Tensor | None, lora_z: torch.Tensor,
+              magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """(m/n − 1)⊙W₀x_d + (m/n)⊙z, added to the base output (z = s·BAx_d; base_h = W₀x + b when x_d is x,
+    else None and W₀x_d is computed here). The reference form, for any dropout."""
+    factor = (magnitude / norm.to(magnitude.dtype)).to(lora_z.dtype)  # (d_out,)
+    if base_h is not None:
+        w0x = base_out_without_bias(base, base_h)
+    else:
+        w0x = x_d.to(lora_z.dtype) @ _dense_fp32(base).to(device=x_d.device, dtype=lora_z.dtype).t()
+    return (factor - 1) * w0x.to(lora_z.dtype) + factor * lora_z
+
+
+def rescale(base: nn.Module, h: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """(m/n)⊙(h − b) + b for h = W₀x + s·BAx + b, the LoRA layer's output (no dropout): DoRA composed on it."""
+    factor = (magnitude / norm.to(magnitude.dtype)).to(h.dtype)  # (d_out,)
+    bias = getattr(base, "bias", None)
+    if bias is None:
+        return h * factor
+    bias = bias.to(h.dtype)
+    return torch.addcmul(bias, h - bias, factor)
+
+
+def merged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """(m/n)⊙(W₀ + ΔW) in fp32, (d_out, d_in), the weight a merged DoRA adapter leaves."""
+    return (magnitude.float() / norm.float()).unsqueeze(1) * (weight.float() + delta.float())
+
+
+def unmerged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """W₀ back from a merged weight: W/(m/n) − ΔW (n is the norm recorded at merge time)."""
+    return weight.float() / (magnitude.float() / norm.float()).unsqueeze(1) - delta.float()
+
+
+__all__ = ["Magnitude", "check_base", "row_norm", "row_norm_reference", "dora_term", "rescale", "merged", "unmerged",
+           "bnb_quant_kind"]
