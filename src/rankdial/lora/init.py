@@ -34,11 +34,11 @@ def initialise(layer: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
     layer's base. Raises ConfigError for a residual scheme on a base it cannot rewrite."""
     r = A.shape[0]
     if not init_mutates_base(scheme):
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # the same init as nn.Linear and PEFT
         if scheme == "gaussian":
             nn.init.normal_(A, std=1.0 / r)
-            nn.init.zeros_(B)
-        elif scheme:
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # the same init as nn.Linear and PEFT
+        if scheme:
             nn.init.zeros_(B)
         else:
             nn.init.normal_(B, std=1.0 / math.sqrt(r))
