@@ -147,6 +147,7 @@ def test_residual_init_on_an_nf4_base_says_why(init):
     extra = {"loftq_config": {"loftq_bits": 4}} if init == "loftq" else {}
     with pytest.raises(ConfigError, match="on a 4-bit NF4 base: .*(full-precision|quantizes the base itself)"):
         rd.inject(model, rd.LoraConfig(r=2, target_modules=T, init_lora_weights=init, **extra))
+    assert not list(lora_layers(model))  # refused before the model was touched
 
 
 @pytest.mark.parametrize("field, value", [("init_lora_weights", "corda"), ("init_lora_weights", "mica"),
@@ -167,3 +168,20 @@ def test_a_layer_with_adapters_refuses_a_residual_init():
     layer.add_adapter("a", 2, 2.0)
     with pytest.raises(ConfigError, match="already holds adapters"):
         layer.add_adapter("p", 2, 2.0, init_lora_weights="pissa")
+
+
+def test_a_loftq_folder_loads_on_the_full_precision_model_by_rebuilding_its_base(tmp_path):
+    base = tiny_model("llama")
+    model = copy.deepcopy(base)
+    rd.inject(model, rd.LoraConfig(r=4, lora_alpha=8, target_modules=T, init_lora_weights="loftq",
+                                   loftq_config={"loftq_bits": 4, "loftq_iter": 1}))
+    train_a_little(model)
+    rd.save_adapter(model, tmp_path / "q")
+    back = copy.deepcopy(base)
+    rd.load_adapter(back, tmp_path / "q")
+    ids = token_batch()
+    torch.testing.assert_close(model_output(back, ids), model_output(model, ids), **TOL)
+    quantized = copy.deepcopy(base)
+    rd.quantize_model(quantized)  # LoftQ's base cannot be rebuilt from a quantized model: said in one line
+    with pytest.raises(ConfigError, match="loftq.*on a 4-bit NF4 base"):
+        rd.load_adapter(quantized, tmp_path / "q")

@@ -22,6 +22,8 @@ from ..config import LoraConfig, init_mutates_base
 from ..errors import AdapterError, AdapterFileError
 from ..lora.inject import (Plan, adapter_configs, apply_plan, check_adapter_name, named_wrappers, pattern_value,
                            plan_targets, unwrap_model, with_task_heads)
+from ..layers import unwrap
+from ..lora.init import check_bases
 from ..lora.layer import LoraLayer
 from ..lora.modules_to_save import ModulesToSave
 from ..lora.verbs import active_adapters, adapter_names, lora_layers
@@ -124,7 +126,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None,
     replaced whole or not at all. A PiSSA/OLoRA adapter is written converted (converted_state: a plain LoRA of
     twice the rank that runs on the original base); residual_base=True writes it as trained instead, marked by
     init_lora_weights="pissa"/"olora" in adapter_config.json, for the residual base only. A LoftQ adapter is
-    always marked "loftq": it belongs to the NF4 base LoftQ made.
+    always marked "loftq": it belongs to the NF4 base LoftQ made (load_adapter rebuilds that base).
     """
     path = _folder(path)
     model = unwrap_model(model)  # DDP / torch.compile: the names and config of the model inside
@@ -266,18 +268,24 @@ def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", t
 
     Every check (name, config, file integrity, keys, shapes, NaN/Inf) runs before the model is touched.
     The first adapter of a model becomes active; use set_active() for later ones. A folder marked as trained on
-    a residual base (init_lora_weights "pissa", "olora" or "loftq": PEFT's unconverted form) is refused unless
-    residual_base=True says `model` is that base; the init is never run again on load.
+    a residual base (init_lora_weights "pissa" or "olora": PEFT's unconverted form) is refused unless
+    residual_base=True says `model` is that base. A LoftQ folder ("loftq") on the full-precision model rebuilds
+    LoftQ's NF4 base from it first (the init is deterministic: the same SVD and NF4 rounding), then loads the
+    weights; with residual_base=True the model is taken to hold that base already.
     """
     path = _folder(path)
     config = with_task_heads(model, read_adapter_config(path))
-    check_residual(config, str(path), residual_base)
+    rebuild = config.init_lora_weights == "loftq" and not residual_base
+    if not rebuild:
+        check_residual(config, str(path), residual_base)
     tensors = read_adapter_weights(path, allow_pickle)
     check_adapter_tensors(config, tensors, str(path))
     check_adapter_name(model, adapter)
     plan = plan_targets(model, config)
     check_tensor_shapes(tensors, expected_shapes(model, plan), str(path))
-    apply_plan(model, config, plan, adapter, trainable, init=False)
+    if rebuild:
+        check_bases([unwrap(model.get_submodule(t.path)) for t in plan.targets], config.init_lora_weights)
+    apply_plan(model, config, plan, adapter, trainable, init=rebuild)
     _copy_in(model, tensors, adapter)
     return config
 

@@ -59,8 +59,15 @@ def initialise(layer: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
     base.weight.copy_((residual.t() if fan_in_fan_out else residual).to(base.weight.dtype))
 
 
-def _full_precision_weight(layer: nn.Module, base: nn.Module, scheme: str) -> torch.Tensor:
-    """W₀ as (d_out, d_in) fp32 for a residual init, or the one-line reason it cannot be rewritten."""
+def check_bases(bases, scheme: bool | str) -> None:
+    """Raise the ConfigError initialise() would, before anything is touched: a residual scheme (PiSSA, OLoRA,
+    LoftQ) on a quantized base. `bases` are the frozen linears an adapter will wrap."""
+    if init_mutates_base(scheme):
+        for base in bases:
+            _quantized_refusal(base, scheme)
+
+
+def _quantized_refusal(base: nn.Module, scheme: str) -> None:
     kind = quantized_kind(base)
     if kind:
         what = ("LoftQ quantizes the base itself from the full-precision weight: inject the adapter before "
@@ -68,6 +75,11 @@ def _full_precision_weight(layer: nn.Module, base: nn.Module, scheme: str) -> to
             f"{scheme} needs the full-precision weight to move its principal part into A and B (PEFT requires "
             "it too): inject into the 16/32-bit model, then quantize_model() quantizes the residual")
         raise ConfigError(f"init_lora_weights={scheme!r} on a {kind} base: {what}")
+
+
+def _full_precision_weight(layer: nn.Module, base: nn.Module, scheme: str) -> torch.Tensor:
+    """W₀ as (d_out, d_in) fp32 for a residual init, or the one-line reason it cannot be rewritten."""
+    _quantized_refusal(base, scheme)
     conv1d = conv1d_class()
     if not (isinstance(base, nn.Linear) or (conv1d is not None and isinstance(base, conv1d))) \
             or base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):

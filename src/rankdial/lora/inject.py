@@ -17,6 +17,7 @@ from ..config import ALL_LINEAR, LoraConfig, check_name
 from ..errors import AdapterError, ConfigError, TargetError
 from ..layers import SEQ_CLS_HEADS, linear_dims, named_unwrapped, output_heads, path_matches, unwrap
 from .dora import check_base as dora_check_base
+from .init import check_bases
 from .layer import BY_HAND, LoraLayer
 from .modules_to_save import ModulesToSave
 
@@ -277,7 +278,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
     unwrap_model(model)  # a clear error for a model that is not an nn.Module
     check_adapter_name(model, adapter)
     config = with_task_heads(model, config)
-    return apply_plan(model, config, plan_targets(model, config), adapter, trainable)
+    plan = plan_targets(model, config)
+    check_bases([unwrap(model.get_submodule(t.path)) for t in plan.targets], config.init_lora_weights)
+    return apply_plan(model, config, plan, adapter, trainable)
 
 
 def apply_plan(model: nn.Module, config: LoraConfig, plan: Plan, adapter: str, trainable: bool,

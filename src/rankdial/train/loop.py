@@ -153,7 +153,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if model is None:  # QLoRA quantizes while loading, so the full-precision model is never in memory at once
-        model = (load_model_nf4 if cfg.method == "qlora" else load_model)(base_path, device)
+        nf4 = cfg.method == "qlora" and cfg.lora.init_lora_weights != "loftq"  # LoftQ needs the dense weights
+        model = (load_model_nf4 if nf4 else load_model)(base_path, device)
     net, tokenizer = model
     train_data, eval_data, data_report = load_data(cfg, tokenizer)
     for line in data_report:
