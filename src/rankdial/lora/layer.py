@@ -338,9 +338,9 @@ class LoraLayer(nn.Module):
                 f"the base of {module_path or 'this layer'} is {quantized}: merging in place would round the adapter "
                 "away. Use merge_and_unload(model) for a 16/32-bit merged model, or (for NF4) "
                 "merge_and_requantize(model) to go back to NF4 with the rounding error reported")
-        weight = self.base_layer.weight
-        for i, name in enumerate(todo):
-            merged = self._with_adapters(weight.float(), todo[:i + 1])
+        merged = self.base_layer.weight.float()
+        for name in todo:  # (a DoRA adapter merges alone, so `merged` is still W₀ when it comes)
+            merged = self._with_adapters(merged, [name])
             if not torch.isfinite(merged).all():
                 raise MergeError(
                     f"merging adapter {name!r} into {module_path or 'a layer'} would put NaN/Inf in the base weight; "
