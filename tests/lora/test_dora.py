@@ -253,3 +253,22 @@ def test_bitsandbytes_base_equals_peft(tmp_path, bits):
     ids = token_batch(vocab=4096)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_rescale_that_keeps_the_output_equals_the_plain_one(bias):
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 12, requires_grad=True)
+    m = (torch.rand(12) + 0.5).requires_grad_()
+    n, b = torch.rand(12) + 0.5, (torch.randn(12) if bias else None)
+    base = nn.Linear(3, 12, bias=bias)
+    if bias:
+        base.bias.data = b
+    out = dora.rescale(base, h, m, n)
+    assert out.grad_fn.name().endswith("_RescaleBackward")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (h, m), g)
+    ref = dora.rescale_reference(h, m, n, b)
+    torch.testing.assert_close(out, ref, **TOL)
+    for a, r in zip(grads, torch.autograd.grad(ref, (h, m), g)):
+        torch.testing.assert_close(a, r, **TOL)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import TargetError
-from ..layers import bnb_quant_kind, conv1d_class, dense_weight
+from ..layers import conv1d_class, dense_weight
 from ..quant.linear import NF4Linear
 
 
@@ -97,13 +97,46 @@ def dora_term(base: nn.Module, x_d: torch.Tensor, base_h: torch.Tensor | None, l
 
 
 def rescale(base: nn.Module, h: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """(m/n)⊙(h − b) + b for h = W₀x + s·BAx + b, the LoRA layer's output (no dropout): DoRA composed on it."""
-    factor = (magnitude / norm.to(magnitude.dtype)).to(h.dtype)  # (d_out,)
+    """(m/n)⊙(h − b) + b for h = W₀x + s·BAx + b, the LoRA layer's output (no dropout): DoRA composed on it.
+
+    Plain autograd would keep h for m's gradient, one more (tokens × d_out) tensor per layer; _Rescale keeps
+    the output instead (which the next op keeps anyway) and gets h − b back as (out − b)/(m/n), so
+    dL/dm = Σ_tokens g⊙(out − b)/m. A magnitude holding an exact zero takes the plain path.
+    """
     bias = getattr(base, "bias", None)
-    if bias is None:
-        return h * factor
-    bias = bias.to(h.dtype)
-    return torch.addcmul(bias, h - bias, factor)
+    bias = None if bias is None else bias.to(h.dtype)
+    if torch.is_grad_enabled() and magnitude.requires_grad and bool((magnitude != 0).all()):
+        return _Rescale.apply(h, magnitude, norm, bias)
+    return rescale_reference(h, magnitude, norm, bias)
+
+
+def rescale_reference(h: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """(m/n)⊙(h − b) + b written plainly (autograd keeps h)."""
+    factor = (magnitude / norm.to(magnitude.dtype)).to(h.dtype)  # (d_out,)
+    return h * factor if bias is None else torch.addcmul(bias, h - bias, factor)
+
+
+class _Rescale(torch.autograd.Function):
+    """out = (m/n)⊙(h − b) + b with n constant; saves out (not h): h − b = (out − b)/(m/n) in the backward."""
+
+    @staticmethod
+    def forward(ctx, h, magnitude, norm, bias):
+        factor = (magnitude / norm.to(magnitude.dtype)).to(h.dtype)  # (d_out,)
+        out = h * factor if bias is None else torch.addcmul(bias, h - bias, factor)
+        ctx.save_for_backward(out, magnitude, factor, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, magnitude, factor, bias = ctx.saved_tensors
+        grad_h = grad * factor if ctx.needs_input_grad[0] else None
+        grad_m = None
+        if ctx.needs_input_grad[1]:
+            shifted = out if bias is None else out - bias  # = (m/n)⊙(h − b)
+            g2, s2 = grad.reshape(-1, grad.shape[-1]), shifted.reshape(-1, shifted.shape[-1])
+            grad_m = ((g2 * s2).sum(0) / magnitude.to(g2.dtype)).to(magnitude.dtype)  # Σ g⊙(h − b)/n
+        return grad_h, grad_m, None, None
 
 
 def merged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -116,5 +149,5 @@ def unmerged(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
     return weight.float() / (magnitude.float() / norm.float()).unsqueeze(1) - delta.float()
 
 
-__all__ = ["Magnitude", "check_base", "row_norm", "row_norm_reference", "dora_term", "rescale", "merged", "unmerged",
-           "bnb_quant_kind"]
+__all__ = ["Magnitude", "check_base", "row_norm", "row_norm_reference", "dora_term", "rescale", "rescale_reference",
+           "merged", "unmerged"]
