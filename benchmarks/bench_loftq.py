@@ -10,6 +10,9 @@ NF4 here is quantize_model's (blocks of 64, double quantization).
     .venv/bin/python benchmarks/bench_loftq.py --quick    # r = 16, loftq_iter 1
 
 Ends with one JSON line of figures.
+
+Last run (2 shared CPU cores, r=16, 28 layers): relative error plain QLoRA 0.0923; LoftQ 0.0844 with loftq_iter 1
+(0.914x, worst layer 0.927x), 0.0754 with loftq_iter 5 (0.817x, worst layer 0.835x).
 """
 
 from __future__ import annotations

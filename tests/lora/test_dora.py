@@ -272,3 +272,11 @@ def test_rescale_that_keeps_the_output_equals_the_plain_one(bias):
     torch.testing.assert_close(out, ref, **TOL)
     for a, r in zip(grads, torch.autograd.grad(ref, (h, m), g)):
         torch.testing.assert_close(a, r, **TOL)
+
+
+def test_trainable_parameters_counts_the_magnitudes_as_peft_does():
+    _, ours, theirs = pair()
+    report = rd.trainable_parameters(ours)
+    their = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert report.trainable == their == sum(n for _, _, n in report.rows)
+    assert all("DoRA" in what for _, what, _ in report.rows)

@@ -185,3 +185,21 @@ def test_a_loftq_folder_loads_on_the_full_precision_model_by_rebuilding_its_base
     rd.quantize_model(quantized)  # LoftQ's base cannot be rebuilt from a quantized model: said in one line
     with pytest.raises(ConfigError, match="loftq.*on a 4-bit NF4 base"):
         rd.load_adapter(quantized, tmp_path / "q")
+
+
+def test_run_config_keys_and_their_method_checks(tmp_path):
+    from rankdial.train import make_config
+    from rankdial.train.config import parse_flag_value
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('data = "d.jsonl"\n[lora]\nuse_dora = true\ninit_lora_weights = "gaussian"\n')
+    cfg = make_config(toml)
+    assert cfg.lora.use_dora and cfg.lora.init_lora_weights == "gaussian"
+    assert parse_flag_value("init_lora_weights", "false") is False
+    assert parse_flag_value("loftq_config", '{"loftq_bits": 4}') == {"loftq_bits": 4}
+    loftq = dict(init_lora_weights="loftq", loftq_config={"loftq_bits": 4})
+    assert make_config(data="d.jsonl", method="qlora", **loftq).lora.init_lora_weights == "loftq"
+    with pytest.raises(ConfigError, match="LoftQ initialises against a 4-bit NF4 base"):
+        make_config(data="d.jsonl", method="lora", **loftq)
+    with pytest.raises(ConfigError, match="'pissa' with method='qlora': pissa needs the full-precision weight"):
+        make_config(data="d.jsonl", method="qlora", init_lora_weights="pissa")

@@ -252,8 +252,11 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
     for path, wrapper in named_wrappers(model):
         if isinstance(wrapper, LoraLayer):
             for name in wrapper.lora_A:
-                n = sum(p.numel() for m in (wrapper.lora_A[name], wrapper.lora_B[name]) for p in m.parameters() if p.requires_grad)
-                rows.append((path, f"{name}: r={wrapper.rank(name)} ({wrapper.in_features}->{wrapper.out_features})", n))
+                parts = (wrapper.lora_A[name], wrapper.lora_B[name]) + ((wrapper.lora_magnitude_vector[name],)
+                                                                        if wrapper.is_dora(name) else ())
+                n = sum(p.numel() for m in parts for p in m.parameters() if p.requires_grad)
+                dora = ", DoRA" if wrapper.is_dora(name) else ""
+                rows.append((path, f"{name}: r={wrapper.rank(name)}{dora} ({wrapper.in_features}->{wrapper.out_features})", n))
         else:
             for name, copy in wrapper.modules_to_save.items():
                 rows.append((path, f"{name}: full copy", sum(p.numel() for p in copy.parameters() if p.requires_grad)))
