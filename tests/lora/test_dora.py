@@ -280,3 +280,14 @@ def test_trainable_parameters_counts_the_magnitudes_as_peft_does():
     their = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     assert report.trainable == their == sum(n for _, _, n in report.rows)
     assert all("DoRA" in what for _, what, _ in report.rows)
+
+
+def test_the_cached_base_norm_follows_a_weight_written_in_place():
+    """‖W₀‖² per row is cached across steps; writing W₀ (as merge does) must not leave a stale value."""
+    base = nn.Linear(16, 12).requires_grad_(False)
+    A, B = torch.randn(3, 16), torch.randn(12, 3)
+    first = dora.row_norm(base, A, B, 0.5)
+    torch.testing.assert_close(first, dora.row_norm_reference(base, A, B, 0.5), **TOL)
+    with torch.no_grad():
+        base.weight.mul_(2.0)
+    torch.testing.assert_close(dora.row_norm(base, A, B, 0.5), dora.row_norm_reference(base, A, B, 0.5), **TOL)

@@ -100,8 +100,8 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: m, (d_out,), PEFT's name
-        self._dora_norms: dict[str, torch.Tensor] = {}
-        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA: (A₀, B₀), for conversion  # n of each merged DoRA adapter, recorded at merge (unmerge needs it)
+        self._dora_norms: dict[str, torch.Tensor] = {}  # n of each merged DoRA adapter, recorded at merge for unmerge
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA: (A₀, B₀), for conversion
         self.scaling: dict[str, float] = {}
         self.configs: dict[str, tuple[int, LoraConfig]] = {}  # adapter -> (injection order, its model-level config)
         self._active: list[str] = []
