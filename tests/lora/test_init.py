@@ -108,7 +108,9 @@ def test_unconverted_form_only_on_request_marked_and_refused_on_a_plain_load(tmp
     with pytest.raises(AdapterFileError, match="residual base pissa left.*residual_base=True"):
         rd.load_adapter(copy.deepcopy(base), tmp_path / "res")
     residual = copy.deepcopy(ours)
-    rd.unload(residual)  # the residual base (unload leaves it; delete_adapter would give the principal part back)
+    for _, layer in lora_layers(residual):
+        layer.initial_factors.clear()  # forget A₀, B₀: unload then leaves the residual base
+    rd.unload(residual)
     rd.load_adapter(residual, tmp_path / "res", residual_base=True)
     torch.testing.assert_close(model_output(residual, ids), model_output(ours, ids), **TOL)
 
@@ -203,3 +205,11 @@ def test_run_config_keys_and_their_method_checks(tmp_path):
         make_config(data="d.jsonl", method="lora", **loftq)
     with pytest.raises(ConfigError, match="'pissa' with method='qlora': pissa needs the full-precision weight"):
         make_config(data="d.jsonl", method="qlora", init_lora_weights="pissa")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_unload_gives_back_the_original_base(init):
+    base, ours, _ = both(init)
+    train_a_little(ours)
+    ids = token_batch()
+    torch.testing.assert_close(model_output(rd.unload(ours), ids), model_output(base, ids), **TOL)

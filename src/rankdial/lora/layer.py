@@ -242,17 +242,24 @@ class LoraLayer(nn.Module):
             del table[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
-        if name in self.initial_factors:  # PiSSA/OLoRA: give the base back its principal part, W₀ = W_res + s·B₀A₀
-            A0, B0 = self.initial_factors.pop(name)
-            weight = self.base_layer.weight
-            delta = delta_weight(A0, B0, self.scaling[name], self.fan_in_fan_out).to(weight.device)
-            with torch.no_grad():
-                weight.copy_((weight.float() + delta).to(weight.dtype))
+        self.restore_base([name])
         del self.scaling[name]
         self.generation += 1
         self.configs.pop(name, None)
         self._active = [a for a in self._active if a != name]
         self._refresh()
+
+    def restore_base(self, names: list[str] | None = None) -> None:
+        """Give the base back the principal part that PiSSA/OLoRA adapters `names` (default: all) moved into their
+        initial A₀, B₀: W₀ = W_res + s·B₀A₀. Those adapters then no longer start from the residual (delete them)."""
+        for name in list(self.initial_factors) if names is None else names:
+            if name not in self.initial_factors:
+                continue
+            A0, B0 = self.initial_factors.pop(name)
+            weight = self.base_layer.weight
+            delta = delta_weight(A0, B0, self.scaling[name], self.fan_in_fan_out).to(weight.device)
+            with torch.no_grad():
+                weight.copy_((weight.float() + delta).to(weight.dtype))
 
     def set_active(self, names: list[str]) -> None:
         """Make exactly these adapters (those this layer holds) add their term."""

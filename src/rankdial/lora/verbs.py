@@ -181,6 +181,8 @@ def unload(model: nn.Module) -> nn.Module:
     if not adapter_configs(model):
         raise AdapterError("unload(): this model has no LoRA adapters; there is nothing to remove")
     unmerge(model)
+    for _, layer in lora_layers(model):
+        layer.restore_base()  # PiSSA/OLoRA moved part of W₀ into their adapters: put it back
     return _unload(model, {}, merged=False)
 
 
