@@ -11,6 +11,10 @@ The norm n is a constant to autograd (the paper's §4.3, as PEFT does), so with 
 (d_out × d_in × r) product instead of a (d_out × d_in) temporary; `row_norm_reference` forms it, and tests hold
 the two equal. The magnitude is stored as PEFT stores it: `lora_magnitude_vector.<adapter>.weight` in the
 module, `<path>.lora_magnitude_vector` in the file.
+
+With several active adapters, a DoRA adapter's W₀x is the base's output alone (PEFT passes the running sum,
+which includes the adapters before it); one active adapter, the usual case, is identical in both. A DoRA
+adapter merges alone (LoraLayer.merge_check), since n is taken against the unmerged W₀.
 """
 
 from __future__ import annotations
