@@ -85,7 +85,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"adapter {args.adapter}\n  base model: {info['base_model']}\n  r={info['r']} lora_alpha={info['lora_alpha']} "
-          f"rslora={info['use_rslora']}\n  target_modules: {info['target_modules']}\n"
+          f"rslora={info['use_rslora']}{' DoRA' if info['use_dora'] else ''}\n  target_modules: {info['target_modules']}\n"
           f"  modules_to_save: {info['modules_to_save']}\n  parameters: {info['parameters']:,}  "
           f"file: {info['file_bytes'] / 1e6:.2f} MB\n")
     width = max([len(m["module"]) for m in info["modules"]] + [6])

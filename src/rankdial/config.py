@@ -31,8 +31,16 @@ class LoraConfig:
         rank_pattern / alpha_pattern: {regex matched on a suffix of the module path: rank or alpha}.
         use_rslora: scale by lora_alpha/√r (Kalajdzievski 2023, arXiv:2312.03732).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classification head).
-        init_lora_weights: True gives A Kaiming-uniform and B = 0 (training starts at the base model);
-            False gives both random (useful for tests).
+        init_lora_weights: True gives A Kaiming-uniform and B = 0 (training starts at the base model); False
+            gives both random (useful for tests); "gaussian" gives A ~ N(0, 1/r²), B = 0; "pissa" / "pissa_niter_K"
+            put the top-r singular part of W₀ into B·A (exact SVD / K subspace iterations) and leave the residual
+            in the base (Meng et al. 2024); "olora" does the same with a QR decomposition (Büyükakyüz 2024);
+            "loftq" (with loftq_config) quantizes the base to NF4 as NF4(W₀ − s·BA) with B·A fitted to the
+            quantization error (Li et al. 2023). PiSSA and OLoRA adapters are saved converted by default (see
+            adapters.io.save_adapter), so they run on the original base.
+        loftq_config: {"loftq_bits": 4, "loftq_iter": 1} for init_lora_weights="loftq" (PEFT's LoftQConfig).
+        use_dora: DoRA (Liu et al. 2024, arXiv:2402.09353): a learned magnitude per output row times the
+            direction W₀ + s·BA normalised per row (lora/dora.py).
         fan_in_fan_out: set automatically for GPT-2's Conv1D, which stores its weight as (d_in, d_out).
         bias: only "none" is supported.
         task_type, base_model_name_or_path: recorded in adapter_config.json.
@@ -53,11 +61,13 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
-    init_lora_weights: bool = True
+    init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
     bias: str = "none"
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
+    loftq_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -162,8 +172,66 @@ def _problems(cfg: LoraConfig) -> list[str]:
             p.append(f"alpha_pattern[{key!r}] must be a positive finite number, got {value!r}")
     if cfg.bias != "none":
         p.append(f"bias={cfg.bias!r} is not supported; use bias='none' (train biases via modules_to_save instead)")
-    if not isinstance(cfg.init_lora_weights, bool):
-        p.append(f"init_lora_weights must be True or False, got {cfg.init_lora_weights!r} (other PEFT init schemes are not supported)")
+    p += init_problems(cfg.init_lora_weights, cfg.loftq_config)
+    if not isinstance(cfg.use_dora, bool):
+        p.append(f"use_dora must be true or false, got {cfg.use_dora!r}")
+    elif cfg.use_dora and init_mutates_base(cfg.init_lora_weights):
+        p.append(f"use_dora with init_lora_weights={cfg.init_lora_weights!r} is not supported: DoRA's magnitude "
+                 "has no converted form for the original base; use one of the two")
+    return p
+
+
+INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_K", "olora", "loftq")
+RESIDUAL_INITS = ("pissa", "olora", "loftq")  # (prefixes) inits that change the base weight as well as A and B
+
+
+def init_mutates_base(value: Any) -> bool:
+    """Whether init_lora_weights=value moves part of W₀ into the adapter (PiSSA, OLoRA, LoftQ; PEFT's CorDA and
+    LoRA-GA too), so the trained adapter belongs to the residual base unless converted."""
+    return isinstance(value, str) and value.lower().startswith(RESIDUAL_INITS + ("corda", "lora_ga"))
+
+
+def pissa_niter(value: str) -> int | None:
+    """K of "pissa_niter_K" (None for exact "pissa"); ValueError for any other spelling."""
+    if value == "pissa":
+        return None
+    head, _, k = value.partition("_niter_")
+    if head != "pissa" or not k.isdigit():
+        raise ValueError(value)
+    return int(k)
+
+
+def init_problems(value: Any, loftq: Any) -> list[str]:
+    """What is wrong with an init_lora_weights value and its loftq_config (empty when valid)."""
+    choices = ", ".join(repr(c) for c in INIT_CHOICES)
+    if isinstance(value, bool):
+        pass
+    elif not isinstance(value, str) or not (value in ("gaussian", "olora", "loftq") or value.startswith("pissa")):
+        return [f"init_lora_weights={value!r} is not one rankdial knows; choose one of {choices}"]
+    elif value.startswith("pissa"):
+        try:
+            pissa_niter(value)
+        except ValueError:
+            return [f"init_lora_weights={value!r}: write 'pissa' or 'pissa_niter_K' with K a whole number (e.g. "
+                    f"'pissa_niter_4'); the choices are {choices}"]
+    if not isinstance(loftq, dict):
+        return [f"loftq_config must be a table like {{'loftq_bits': 4, 'loftq_iter': 1}}, got {loftq!r}"]
+    if value != "loftq":
+        return [f"loftq_config={loftq!r} is set but init_lora_weights={value!r}; set init_lora_weights='loftq' or "
+                "remove loftq_config"] if loftq else []
+    if not loftq:
+        return ["init_lora_weights='loftq' needs loftq_config={'loftq_bits': 4, 'loftq_iter': 1} (LoftQ quantizes "
+                "the base itself, to 4-bit NF4)"]
+    p = []
+    unknown = sorted(set(loftq) - {"loftq_bits", "loftq_iter"})
+    if unknown:
+        p.append(f"loftq_config has unknown keys {unknown}; its keys are loftq_bits and loftq_iter")
+    if loftq.get("loftq_bits") != 4:
+        p.append(f"loftq_config loftq_bits={loftq.get('loftq_bits')!r}: rankdial's LoftQ quantizes the base to 4-bit "
+                 "NF4 only; set loftq_bits = 4")
+    it = loftq.get("loftq_iter", 1)
+    if isinstance(it, bool) or not isinstance(it, int) or it < 1:
+        p.append(f"loftq_config loftq_iter={it!r} must be a positive integer (typical: 1-5)")
     return p
 
 

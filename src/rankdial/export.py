@@ -75,6 +75,8 @@ def merge_to_folder(adapter: str | Path, out: str | Path, model: str | None = No
     out = check_target(out, **target)
     where = pick_device(device)
     nf4 = trained_on_nf4(adapter) if dense_base is None else not dense_base
+    if read_adapter_config(adapter).init_lora_weights == "loftq":
+        nf4 = False  # load_adapter rebuilds LoftQ's own NF4 base from the dense weights
     net, tok = (load_model_nf4 if nf4 else load_model)(base_path, where)
     load_adapter(net, adapter)
     merged = merge_and_unload(net)  # refuses NaN/Inf adapters (on load) and non-finite merged weights (MergeError)

@@ -193,6 +193,8 @@ def unload(model: nn.Module) -> nn.Module:
     if not adapter_configs(model):
         raise AdapterError("unload(): this model has no LoRA adapters; there is nothing to remove")
     unmerge(model)
+    for _, layer in lora_layers(model):
+        layer.restore_base()  # PiSSA/OLoRA moved part of W₀ into their adapters: put it back
     return _unload(model, {}, merged=False)
 
 
@@ -264,8 +266,11 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
     for path, wrapper in named_wrappers(model):
         if isinstance(wrapper, LoraLayer):
             for name in wrapper.lora_A:
-                n = sum(p.numel() for m in (wrapper.lora_A[name], wrapper.lora_B[name]) for p in m.parameters() if p.requires_grad)
-                rows.append((path, f"{name}: r={wrapper.rank(name)} ({wrapper.in_features}->{wrapper.out_features})", n))
+                parts = (wrapper.lora_A[name], wrapper.lora_B[name]) + ((wrapper.lora_magnitude_vector[name],)
+                                                                        if wrapper.is_dora(name) else ())
+                n = sum(p.numel() for m in parts for p in m.parameters() if p.requires_grad)
+                dora = ", DoRA" if wrapper.is_dora(name) else ""
+                rows.append((path, f"{name}: r={wrapper.rank(name)}{dora} ({wrapper.in_features}->{wrapper.out_features})", n))
         elif isinstance(wrapper, ExpertLora):
             for name in wrapper.lora_A:
                 n = sum(p.numel() for p in wrapper.lora_A[name].parameters() if p.requires_grad)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterFileError, ConfigError
-from .factors import balanced, read_factors, uniform_config, write_factors
+from .factors import balanced, read_factors, refuse_non_lora, uniform_config, write_factors
 
 HOW = ("linear", "cat", "svd")
 
@@ -93,6 +93,8 @@ def combine_adapters(adapters: list[str | Path], weights: list[float], out: str 
     adapters, weights = list(adapters), list(weights)
     _check(adapters, weights, how, rank)
     parts = [read_factors(a) for a in adapters]
+    for folder, part in zip(adapters, parts):
+        refuse_non_lora(part.config, folder, "combine")
     _compatible(parts, how)
     paths = sorted(set().union(*(p.modules for p in parts)))
     modules = {path: _combine_module(parts, path, weights, how, rank) for path in paths}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .factors import balanced, read_factors, uniform_config, write_factors
+from .factors import balanced, read_factors, refuse_non_lora, uniform_config, write_factors
 from .spectrum import check_energy, effective_rank
 
 
@@ -44,6 +44,7 @@ def truncate_adapter(folder: str | Path, out: str | Path, rank: int | None = Non
     if energy is not None:
         check_energy(energy)
     factors = read_factors(folder)
+    refuse_non_lora(factors.config, folder, "truncate")
     written, rows, ranks, kept_total, total = {}, [], {}, 0.0, 0.0
     for path, f in sorted(factors.modules.items()):
         u, s, vh = f.svd()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import read_adapter_config, read_adapter_weights
-from ..adapters.io import check_tensor_shapes, check_adapter_tensors, expected_shapes
+from ..adapters.io import check_tensor_shapes, check_adapter_tensors, check_servable, expected_shapes
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable
@@ -237,6 +237,7 @@ class AdapterRegistry:
         config = read_adapter_config(folder)
         tensors = read_adapter_weights(folder, allow_pickle=False)
         check_adapter_tensors(config, tensors, f"{name!r} ({folder})")
+        check_servable(config, name)
         if config.modules_to_save:
             raise AdapterFileError(f"adapter {name!r} replaces whole modules ({config.modules_to_save}, "
                                    "modules_to_save), which cannot differ per request in a shared batch; merge it "

@@ -137,8 +137,21 @@ class TrainConfig:
             if f.type == "float" and isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"{f.name}={value!r}: must be a finite number")
         problems += self._range_problems()
+        problems += self._init_problems()
         if problems:
             raise ConfigError("invalid training config: " + "; ".join(problems))
+
+    def _init_problems(self) -> list[str]:
+        """init_lora_weights that the method cannot honour: LoftQ makes the 4-bit base itself (method qlora);
+        PiSSA/OLoRA rewrite the full-precision weight (PEFT requires it too), so not on an NF4 base."""
+        init = getattr(self.lora, "init_lora_weights", True)
+        if init == "loftq" and self.method != "qlora":
+            return [f"init_lora_weights='loftq' with method={self.method!r}: LoftQ initialises against a 4-bit NF4 "
+                    "base that it quantizes itself; use method = \"qlora\""]
+        if isinstance(init, str) and init.startswith(("pissa", "olora")) and self.method == "qlora":
+            return [f"init_lora_weights={init!r} with method='qlora': {init} needs the full-precision weight (PEFT "
+                    "requires it too); use method = \"lora\", or init_lora_weights = \"loftq\" for a 4-bit base"]
+        return []
 
     def _type_problems(self) -> list[str]:
         """Values of the wrong type (TrainConfig(...) built directly skips make_config's conversion)."""
@@ -310,6 +323,8 @@ FLAG_SYNTAX = {
     "layers_pattern": "the name(s) before the layer index: layers, or a comma list / JSON list",
     "rank_pattern": "JSON object {regex: rank}, e.g. '{\"q_proj\": 4}'",
     "alpha_pattern": "JSON object {regex: alpha}, e.g. '{\"q_proj\": 8}'",
+    "init_lora_weights": "true, false, gaussian, pissa, pissa_niter_K, olora or loftq",
+    "loftq_config": "JSON object, e.g. '{\"loftq_bits\": 4, \"loftq_iter\": 1}'",
 }
 
 
@@ -339,8 +354,10 @@ def _names(text: str) -> list[str]:
 
 
 def _lora_flag(key: str, flag: str, text: str) -> Any:
-    if key in ("rank_pattern", "alpha_pattern"):
+    if key in ("rank_pattern", "alpha_pattern", "loftq_config"):
         return _json(flag, text, dict)
+    if key in ("init_lora_weights", "use_dora") and text.lower() in ("true", "false"):
+        return text.lower() == "true"
     if text.lstrip().startswith("["):
         return _json(flag, text, list)
     if key in ("target_modules", "exclude_modules"):

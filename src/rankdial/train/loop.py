@@ -167,11 +167,13 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     # process ever holds the whole model; a model passed in, a custom `prepare`, modules_to_save (full copies
     # made from the base's values) or weights not in safetensors take the ordinary load, then shard_model.
     skeleton = (meta_model(base_path) if fsdp and model is None and prepare is None
-                and not cfg.lora.modules_to_save else None)
+                and not cfg.lora.modules_to_save
+                and cfg.lora.init_lora_weights != "loftq" else None)
     if skeleton is not None:
         model = (skeleton, load_tokenizer(base_path))
     elif model is None:  # QLoRA quantizes while loading, so the full-precision model is never in memory at once
-        model = (load_model_nf4 if cfg.method == "qlora" else load_model)(base_path, device)
+        nf4 = cfg.method == "qlora" and cfg.lora.init_lora_weights != "loftq"  # LoftQ needs the dense weights
+        model = (load_model_nf4 if nf4 else load_model)(base_path, device)
     net, tokenizer = model
     train_data, eval_data, data_report = load_data(cfg, tokenizer)
     for line in data_report:

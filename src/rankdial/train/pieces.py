@@ -26,10 +26,13 @@ def prepare_model(model, cfg: TrainConfig, base_path: Path):
         for p in model.parameters():
             p.requires_grad_(True)
         return None
-    if cfg.method == "qlora":
+    loftq = cfg.lora.init_lora_weights == "loftq"  # LoftQ quantizes its targets itself, from the dense weight
+    if cfg.method == "qlora" and not loftq:
         quantize_model(model)  # a no-op for layers load_model_nf4 already quantized
     lora = dataclasses.replace(cfg.lora, task_type="CAUSAL_LM", base_model_name_or_path=str(base_path))
     inject(model, lora)
+    if cfg.method == "qlora" and loftq:
+        quantize_model(model)  # the layers LoftQ did not target
     return lora
 
 
