@@ -470,3 +470,41 @@ def test_a_refused_request_loads_no_adapter_and_holds_no_read(adapters_dir):
         assert eng.registry.misses == misses and not eng.registry._held_reads and eng.registry.loaded() == ["ad0"]
         r = c.post("/v1/completions", json={"model": "ad1", "prompt": "word", "max_tokens": 2})
         assert r.status_code == 503 and not eng.registry._held_reads
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300])
+def test_a_tiny_temperature_is_greedy_and_the_streams_beside_it_finish(engine, temperature):
+    """Issue 18: temperature 1e-45 overflowed sampling and the engine failed every running request. Sent while
+    other streams run, it samples greedily (temperatures below 1e-5 do), and the others end with their own text."""
+    rows = [("ad0", PROMPTS[0]), (None, PROMPTS[1]), ("ad1", PROMPTS[2])]
+    params = SamplingParams(max_tokens=20, temperature=0)
+    alone = [engine.generate(p, a, params).text for a, p in rows]
+    handles = [engine.submit(p, a, params) for a, p in rows]
+    streams = [h.events(timeout=60) for h in handles]
+    firsts = [next(s) for s in streams]  # every stream is running
+    tiny = engine.submit(PROMPTS[3], "ad2", SamplingParams(max_tokens=4, temperature=temperature)).result(timeout=60)
+    events = [[first, *s] for first, s in zip(firsts, streams)]
+    assert [e[-1].finish_reason for e in events] == ["length"] * 3
+    assert ["".join(x.text for x in e) for e in events] == alone
+    assert tiny.finish_reason == "length"
+    assert tiny.text == engine.generate(PROMPTS[3], "ad2", SamplingParams(max_tokens=4, temperature=0)).text
+
+
+def test_a_row_with_nan_logits_fails_alone(engine, monkeypatch):
+    """A diverged adapter's row (NaN logits) ends its own request with an error; the rows beside it go on."""
+    rows = [("ad0", PROMPTS[0]), (None, PROMPTS[1]), ("ad3", PROMPTS[2])]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    alone = [engine.generate(p, a, params).text for a, p in rows[:2]]
+    forward = engine.runner._forward
+
+    def nan_for_ad3(adapters, *args):
+        logits = forward(adapters, *args)
+        logits[[i for i, a in enumerate(adapters) if a == "ad3"]] = float("nan")
+        return logits
+
+    monkeypatch.setattr(engine.runner, "_forward", nan_for_ad3)
+    handles = [engine.submit(p, a, params) for a, p in rows]
+    finals = [list(h.events(timeout=60)) for h in handles]
+    assert [f[-1].finish_reason for f in finals] == ["length", "length", "error"]
+    assert ["".join(e.text for e in f) for f in finals[:2]] == alone
+    assert "non-finite" in finals[2][-1].error and "ad0" not in finals[2][-1].error

@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..errors import AdapterError, AdapterFileError, AdapterInUse, ConfigError, RankdialError, Unavailable
-from .engine import SamplingParams
+from ..sampling import SamplingParams
 from .guard import ApiError, Guard, bearer_matches, error_body
 from .metrics import Metrics
 from .registry import check_adapter_folder_name

@@ -25,7 +25,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from ..errors import AdapterError, AdapterFileError, ConfigError, RankdialError, RequestError, Unavailable
 from .handle import Completion, Detokenizer, Handle, TokenEvent
 from .registry import AdapterRegistry, BudgetFull
-from .runner import Runner, SamplingParams, Sequence, make_generator
+from ..sampling import SamplingParams, end_ids, make_generator
+from .runner import Runner, Sequence
 from .scheduler import Scheduler, SchedulerLimits
 
 log = logging.getLogger("rankdial.serve")
@@ -73,9 +74,7 @@ class Engine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.runner = Runner(model, pad if pad is not None else 0)
         self.scheduler = Scheduler(limits)
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = eos if isinstance(eos, (list, tuple)) else [eos]
-        self.eos_ids = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
+        self.eos_ids = end_ids(model, tokenizer)
         self._ids = itertools.count()
         self._inbox: deque[_Live] = deque()
         self._cancels: deque[str] = deque()
@@ -269,10 +268,23 @@ class Engine:
             live = self._drop_rows_without_adapter(live)
             tokens = self.runner.step([x.seq for x in live]) if live else []
         for x, token in zip(live, tokens):
-            self._record(x, token)
+            self._record_row(x, token)
         self.steps, self.last_batch_size = self.steps + 1, len(live)
         self.largest_batch = max(self.largest_batch, len(live))
         return True
+
+    def _record_row(self, x: _Live, token: int) -> None:
+        """Hand out one row's token; a row that failed (its sampling, its detokenizing) ends alone, with its reason."""
+        if x.seq.failure is not None:
+            log.error("request %s (adapter %r): %s", x.seq.id, x.seq.adapter, x.seq.failure)
+            self._finish(x, "error", x.seq.failure + "; retry the request, or report it if it fails again")
+            return
+        try:
+            self._record(x, token)
+        except Exception as err:  # noqa: BLE001 - one request's failure never reaches the batch
+            log.error("request %s: handing out token %d failed", x.seq.id, token, exc_info=err)
+            self._finish(x, "error", f"internal error while handing out this request's text ({type(err).__name__}); "
+                                     "retry the request")
 
     def _drop_rows_without_adapter(self, live: list[_Live]) -> list[_Live]:
         """Fail the rows whose adapter is not in the model (held by the registry lock, so it cannot go meanwhile),
