@@ -15,6 +15,7 @@ An adapter that does not fit the base is refused with the reason and the others 
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -32,6 +33,8 @@ from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable
 from ..lora import LoraLayer, delete_adapter
 from ..lora.inject import Plan, plan_targets, with_task_heads
+
+log = logging.getLogger("rankdial.serve")
 
 DEFAULT_BUDGET_BYTES = 1 << 30  # 1 GiB of adapter weights: hundreds of rank-16 adapters on a 7B model
 # A plain folder name, the one rule for an adapter's name (the API's schemas use it too): no '.', '/', '\\', spaces
@@ -72,6 +75,12 @@ def check_adapter_folder_name(name) -> str:
                            f"starting with a letter or digit; no '.', '/' or spaces), got {str(name)[:140]!r}; "
                            "e.g. 'sql-v2'")
     return name
+
+
+def _shown(value) -> str:
+    """A value the client sent, quoted and cut to ~60 characters, as errors echo it."""
+    text = repr(str(value))
+    return text if len(text) <= 60 else repr(str(value)[:57]) + "..."
 
 
 def _one_line(err: BaseException) -> str:
@@ -177,6 +186,7 @@ class AdapterRegistry:
     def resolve(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> Path:
         """The folder to load `name` from, refusing anything that resolves outside root unless allowed."""
         check_adapter_folder_name(name)
+        given = path if path is not None else name  # what the client named, as its errors echo it
         if path is None:
             if name in self._paths:
                 return self._paths[name]
@@ -190,14 +200,27 @@ class AdapterRegistry:
                                    "loading by path needs the admin permission)")
             target = (folder if folder.is_absolute() else self.root / folder).resolve()
             if not target.is_relative_to(self.root):
-                raise AdapterFileError(f"adapter path {str(path)!r} resolves outside the adapters folder {self.root} "
-                                       "(../, an absolute path or a symlink out); only folders inside it may be loaded")
+                log.warning("adapter path %r resolves to %s, outside the adapters folder %s", str(path), target,
+                            self.root)
+                raise AdapterFileError(f"adapter path {_shown(given)} resolves outside the adapters folder (../, an "
+                                       "absolute path or a symlink out); only folders inside it may be loaded")
             folder = target
         folder = folder.resolve()
         if not folder.is_dir():
-            raise AdapterFileError(f"adapter {name!r}: {folder} is not a folder; "
+            raise AdapterFileError(f"adapter {name!r}: {self.public(str(folder), path)} is not a folder; "
                                    f"the adapters are {self.names() or 'none'}")
         return folder
+
+    def public(self, text: str, given: str | Path | None = None) -> str:
+        """`text` as a client may read it: the adapters folder's absolute path written `<adapters>` (so a folder
+        in it reads `<adapters>/name`), and a folder loaded by path as the path the client gave. The server's log
+        keeps the absolute paths."""
+        if given is not None:
+            folder = Path(given).expanduser()
+            folder = (folder if folder.is_absolute() or self.root is None else self.root / folder).resolve()
+            if self.root is None or not folder.is_relative_to(self.root):
+                text = text.replace(str(folder), str(given))
+        return text.replace(str(self.root), "<adapters>") if self.root is not None else text
 
     def read(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> _Read:
         """The first half of a load (no lock, any thread): files read and checked on their own.
@@ -217,6 +240,8 @@ class AdapterRegistry:
         except (AdapterFileError, Exception) as err:  # noqa: BLE001 - every failure of a file becomes its reason
             message = _one_line(err) if isinstance(err, RankdialError) else (
                 f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {_one_line(err)[:300]}")
+            log.warning("adapter %r: %s", name, message)
+            message = self.public(message, path or self._paths.get(name))
             if path is None and name not in self._paths and _content_error(err):
                 self._remember_failure(name, folder, message, signature)
             raise AdapterFileError(message) from None
@@ -274,7 +299,8 @@ class AdapterRegistry:
                 plan = self._plan(config)
                 check_tensor_shapes(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
             except RankdialError as err:
-                message = f"adapter {name!r} refused: {_one_line(err)}"
+                log.warning("adapter %r refused: %s", name, _one_line(err))
+                message = self.public(f"adapter {name!r} refused: {_one_line(err)}", read.path if by_path else None)
                 if not by_path:
                     self._remember_failure(name, read.path, message, read.signature)
                 raise AdapterFileError(message) from None
