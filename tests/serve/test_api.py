@@ -368,3 +368,21 @@ def test_serve_flags_are_checked_before_anything_loads(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--max-tokens must be positive, got 0" in err
     assert "--budget-mb must be positive, got -1.0" in err and "--port must be in 0-65535" in err
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_request_cut_off_at_shutdown_ends_with_an_openai_finish_reason(chat):
+    """Issue 18: finish_reason "cancelled" (the drain timeout) is not one of OpenAI's values; it is "length"."""
+    from types import SimpleNamespace
+
+    from rankdial.serve.api import _Reply
+    from rankdial.serve.metrics import Metrics
+
+    reply = _Reply("alpha", chat, Metrics(FakeEngine()), "/v1/completions")
+    event = SimpleNamespace(finish_reason="cancelled", prompt_tokens=3, completion_tokens=2)
+    full, chunk = reply.full("cut", event), reply.chunk({} if chat else "", "cancelled")
+    assert full["choices"][0]["finish_reason"] == chunk["choices"][0]["finish_reason"] == "length"
+    openai_values = {"stop", "length", "content_filter", "tool_calls", "function_call"}
+    for reason in ("stop", "length", "cancelled"):
+        assert reply.full("x", SimpleNamespace(**vars(event) | {"finish_reason": reason}))["choices"][0][
+            "finish_reason"] in openai_values

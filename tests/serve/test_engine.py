@@ -508,3 +508,26 @@ def test_a_row_with_nan_logits_fails_alone(engine, monkeypatch):
     assert [f[-1].finish_reason for f in finals] == ["length", "length", "error"]
     assert ["".join(e.text for e in f) for f in finals[:2]] == alone
     assert "non-finite" in finals[2][-1].error and "ad0" not in finals[2][-1].error
+
+
+@pytest.mark.slow
+def test_a_loaded_adapter_whose_files_change_is_read_again(tmp_path):
+    """Issue 18: a loaded adapter whose files changed kept serving the old weights while its folder held others.
+    The next request that finds it idle reads the new files; /v1/models' info shows what is loaded."""
+    import shutil
+
+    make_adapter(tmp_path / "a", seed=1, r=4)
+    make_adapter(tmp_path / "b", seed=2, r=8)
+    eng = Engine.from_pretrained("default", str(tmp_path), device="cpu")
+    try:
+        eng.registry.pin("a")
+        old, new = (eng.generate(PROMPTS[0], name, GREEDY).text for name in ("a", "b"))
+        assert old != new and eng.registry.info("a").rank == 4
+        for f in (tmp_path / "b").iterdir():
+            shutil.copy(f, tmp_path / "a" / f.name)
+        eng.registry.recheck_s = 0.0  # compare at every request (default: at most once a second)
+        assert eng.generate(PROMPTS[0], "a", GREEDY).text == new
+        info = eng.registry.info("a")
+        assert info.loaded and info.rank == 8 and info.pinned  # still pinned after the reload
+    finally:
+        eng.shutdown(drain=False)

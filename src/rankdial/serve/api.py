@@ -427,6 +427,15 @@ async def _stream(handle, reply: "_Reply", include_usage: bool):
             handle.cancel()  # the client went away (or the stream failed): free the slot
 
 
+# The engine's finish reasons as OpenAI's: a request the drain timeout cut off ("cancelled" inside the engine) is
+# "length", OpenAI's value for a completion cut short (clients that switch on finish_reason know it).
+_OPENAI_FINISH = {"stop": "stop", "length": "length", "cancelled": "length"}
+
+
+def openai_finish(reason: str | None) -> str | None:
+    return None if reason is None else _OPENAI_FINISH.get(reason, "stop")
+
+
 class _Reply:
     """OpenAI's response and chunk shapes for one request, and its metrics."""
 
@@ -455,16 +464,16 @@ class _Reply:
     def full(self, text: str, event) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": event.finish_reason}
+                      "finish_reason": openai_finish(event.finish_reason)}
             return self._head("chat.completion") | {"choices": [choice], "usage": self._usage(event)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": openai_finish(event.finish_reason)}
         return self._head("text_completion") | {"choices": [choice], "usage": self._usage(event)}
 
     def chunk(self, content, finish_reason) -> dict:
         if self.chat:
-            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": openai_finish(finish_reason)}
             return self._head("chat.completion.chunk") | {"choices": [choice]}
-        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": openai_finish(finish_reason)}
         return self._head("text_completion") | {"choices": [choice]}
 
     def usage_chunk(self, event) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -134,6 +135,10 @@ class AdapterRegistry:
         self._plans: dict[str, Plan] = {}
         self._ranks: dict[str, int] = {}  # loaded adapter -> its largest rank (info() without walking the model)
         self._failed: dict[str, tuple[tuple, str]] = {}  # folder under root -> (its files' signature, why it failed)
+        self._loaded_from: dict[str, tuple] = {}  # loaded folder under root -> its files' signature when read
+        self._checked: dict[str, float] = {}  # loaded folder under root -> when its files were last compared
+        self._repin: set[str] = set()  # pinned adapters dropped because their files changed: pinned when reloaded
+        self.recheck_s = 1.0  # how often a loaded folder's files are compared with those it was loaded from
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
 
     # -- what is known -------------------------------------------------------------------------------
@@ -308,9 +313,12 @@ class AdapterRegistry:
             self._make_room(name, size)
             self._loaded[name] = self._attach(name, config, plan, read.tensors)
             self._ranks[name] = max((t.r for t in plan.targets), default=0)
+            if read.signature:
+                self._loaded_from[name], self._checked[name] = read.signature, time.monotonic()
             if by_path:
                 self._paths[name] = read.path
-            if pin:
+            if pin or name in self._repin:
+                self._repin.discard(name)
                 self._pinned.add(name)
             return self.info(name)
 
@@ -324,7 +332,7 @@ class AdapterRegistry:
         """
         check_adapter_folder_name(name)
         with self.lock:
-            if name in self._loaded and path is None:
+            if name in self._loaded and path is None and not self._drop_if_changed(name):
                 self.hits += 1
                 self._loaded.move_to_end(name)
                 if pin:
@@ -394,6 +402,7 @@ class AdapterRegistry:
                                    "unload it when they finish")
             self._evict(name)
             self._paths.pop(name, None)
+            self._repin.discard(name)
             return True
 
     # -- pinning and use -------------------------------------------------------------------------------
@@ -404,6 +413,7 @@ class AdapterRegistry:
     def unpin(self, name: str) -> None:
         self.check_known(name)
         self._pinned.discard(name)
+        self._repin.discard(name)
 
     def acquire(self, name: str | None) -> None:
         """A running request uses `name`: never evicted until release()."""
@@ -417,7 +427,7 @@ class AdapterRegistry:
         """acquire(name) if it is loaded, in one step under the lock (so no load on the reader thread can evict it
         in between); False if it is not loaded. `hit`: count a cache hit (a request found its adapter loaded)."""
         with self.lock:
-            if name not in self._loaded:
+            if name not in self._loaded or (hit and self._drop_if_changed(name)):
                 return False
             self._in_use[name] = self._in_use.get(name, 0) + 1
             self._loaded.move_to_end(name)
@@ -457,6 +467,25 @@ class AdapterRegistry:
         del self._loaded[name]
         self._ranks.pop(name, None)
         self._pinned.discard(name)
+        self._loaded_from.pop(name, None)
+        self._checked.pop(name, None)
+
+    def _drop_if_changed(self, name: str) -> bool:
+        """Unload adapter `name` (under `lock`) if its folder's files changed since it was loaded and no running
+        request uses it, so that the next load reads the new files; True if it did. Compared at most every
+        recheck_s seconds (a few stat calls); while requests use it, they finish on the weights they started with."""
+        seen = self._loaded_from.get(name)
+        now = time.monotonic()
+        if seen is None or self._in_use.get(name) or now - self._checked.get(name, 0.0) < self.recheck_s:
+            return False
+        self._checked[name] = now
+        if _signature(self.root / name) == seen:
+            return False
+        log.info("adapter %r: its files changed since it was loaded; reading them again", name)
+        if name in self._pinned:
+            self._repin.add(name)
+        self._evict(name)
+        return True
 
     def _plan(self, config: LoraConfig) -> Plan:
         """plan_targets, cached by config: the plan depends only on the base's structure (wrappers are seen
