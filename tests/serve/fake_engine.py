@@ -63,6 +63,9 @@ class FakeRegistry:
     def failure(self, name):
         return None
 
+    def listing(self):
+        return [(self.known[n], None) for n in sorted(self.known)]
+
     def unpin(self, name):
         self.calls.append(("unpin", name))
         self.known[name] = Info(name, self.known[name].path, 4, 1000, self.known[name].loaded, False)

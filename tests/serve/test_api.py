@@ -148,10 +148,10 @@ def test_admin_key_for_load_by_path_and_unload():
     engine = FakeEngine()
     admin = {"Authorization": "Bearer boss"}
     with client(engine, admin_key="boss") as c:
-        by_name = c.post("/v1/adapters", json={"name": "alpha", "pin": True})
+        by_name = c.post("/v1/adapters", json={"name": "alpha"})
         by_path = c.post("/v1/adapters", json={"name": "new", "path": "/elsewhere/new"})
         unload = c.delete("/v1/adapters/beta")
-        assert by_name.status_code == 200 and by_name.json()["pinned"] is True
+        assert by_name.status_code == 200 and by_name.json()["loaded"] is True  # pinning: the admin's (below)
         assert "admin key" in error_of(by_path, 403) and "admin key" in error_of(unload, 403)
         assert c.post("/v1/adapters", json={"name": "new", "path": "/elsewhere/new"}, headers=admin).json()["loaded"]
         assert c.delete("/v1/adapters/new", headers=admin).json() | {} == {"id": "new", "object": "model",
@@ -386,3 +386,17 @@ def test_a_request_cut_off_at_shutdown_ends_with_an_openai_finish_reason(chat):
     for reason in ("stop", "length", "cancelled"):
         assert reply.full("x", SimpleNamespace(**vars(event) | {"finish_reason": reason}))["choices"][0][
             "finish_reason"] in openai_values
+
+
+def test_pinning_and_unpinning_need_the_admin_key():
+    """Issue 19: any API-key holder could pin adapters until the budget was full; pin true/false needs the admin
+    key when one is configured (loading by name does not)."""
+    with client(api_keys=["user"], admin_key="boss") as c:
+        user, boss = {"Authorization": "Bearer user"}, {"Authorization": "Bearer boss"}
+        for pin in (True, False):
+            e = error_of(c.post("/v1/adapters", json={"name": "alpha", "pin": pin}, headers=user), 403)
+            assert "admin key" in e
+            assert c.post("/v1/adapters", json={"name": "alpha", "pin": pin}, headers=boss).status_code == 200
+        assert c.post("/v1/adapters", json={"name": "alpha"}, headers=user).status_code == 200
+    with client() as c:  # no admin key configured: pinning is open, as every route is
+        assert c.post("/v1/adapters", json={"name": "alpha", "pin": True}).status_code == 200

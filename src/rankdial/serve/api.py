@@ -249,16 +249,24 @@ def adapter_for(engine, model: str) -> str | None:
 
 
 def _model_card(engine, name: str) -> dict:
-    card = {"id": name, "object": "model", "created": 0, "owned_by": "rankdial"}
     if name == engine.base_name:
-        return card | {"root": name, "parent": None}
+        return _card(engine, name)
     try:
         info = engine.registry.info(name)
     except AdapterError:  # unloaded meanwhile
-        return card | {"root": name, "parent": engine.base_name}
-    card |= {"root": name, "parent": engine.base_name, "rank": info.rank, "bytes": info.bytes,
-             "loaded": info.loaded, "pinned": info.pinned}
-    failure = engine.registry.failure(name)  # a folder that failed to load: listed, with why, until its files change
+        return _card(engine, name)
+    return _card(engine, name, info, engine.registry.failure(name))
+
+
+def _card(engine, name: str, info=None, failure: str | None = None) -> dict:
+    """One /v1/models entry: OpenAI's fields; for an adapter also `parent` (the base), `root`, and what it holds.
+    A folder that failed to load is listed with why (`error`) until its files change."""
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "rankdial"}
+    if name == engine.base_name:
+        return card | {"root": name, "parent": None}
+    card |= {"root": name, "parent": engine.base_name}
+    if info is not None:
+        card |= {"rank": info.rank, "bytes": info.bytes, "loaded": info.loaded, "pinned": info.pinned}
     return card | ({"error": failure} if failure else {})
 
 
@@ -266,8 +274,9 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
     # plain `def` for the routes that read the adapters folder: FastAPI runs them in its thread pool, so listing
     # hundreds of folders never stalls the event loop that carries the streams
     @app.get("/v1/models")
-    def list_models():
-        return {"object": "list", "data": [_model_card(engine, n) for n in model_names(engine)]}
+    def list_models():  # one snapshot of the registry: the engine's step lock is taken once, not per adapter
+        cards = [_card(engine, info.name, info, failure) for info, failure in engine.registry.listing()]
+        return {"object": "list", "data": [_card(engine, engine.base_name)] + cards}
 
     @app.get("/v1/models/{name}")
     def get_model(name: str):
@@ -278,6 +287,8 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
     async def load_adapter(body: AdapterLoad, request: Request):
         if body.path is not None:
             _require_admin(request, admin_key, "loading an adapter by path")
+        if body.pin is not None:  # a pin holds budget room for good: the admin's call, like unloading
+            _require_admin(request, admin_key, "pinning or unpinning an adapter")
         if body.name == engine.base_name:
             raise ApiError(400, f"name {body.name!r} is the base model's; choose another name", param="name")
         if body.path is None and not engine.registry.exists(body.name):

@@ -84,6 +84,17 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else repr(str(value)[:57]) + "..."
 
 
+def _on_disk(name: str, path: Path, pinned: bool) -> AdapterInfo:
+    """The AdapterInfo of an adapter that is not loaded: its config's rank and its weights file's size."""
+    rank = 0
+    try:
+        rank = read_adapter_config(path).r
+    except Exception:  # noqa: BLE001 - a broken config: rank unknown (failure() says why)
+        pass
+    size = (path / WEIGHTS_NAME).stat().st_size if (path / WEIGHTS_NAME).is_file() else 0
+    return AdapterInfo(name, str(path), rank, size, False, pinned)
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
@@ -174,18 +185,35 @@ class AdapterRegistry:
     def info(self, name: str) -> AdapterInfo:
         self.check_known(name)
         with self.lock:  # an eviction on the reader thread must not fall between these reads
-            path = self._paths.get(name) or (self.root / name if self.root is not None else Path(name))
+            path = self._path_of(name, self._paths)
             loaded = name in self._loaded
             if loaded:
                 return AdapterInfo(name, str(path), self._ranks[name], self._loaded[name], True, name in self._pinned)
             pinned = name in self._pinned
-        rank = 0
-        try:
-            rank = read_adapter_config(path).r
-        except Exception:  # noqa: BLE001 - a broken config: rank unknown (failure() says why)
-            pass
-        size = (path / WEIGHTS_NAME).stat().st_size if (path / WEIGHTS_NAME).is_file() else 0
-        return AdapterInfo(name, str(path), rank, size, False, pinned)
+        return _on_disk(name, path, pinned)
+
+    def listing(self) -> list[tuple[AdapterInfo, str | None]]:
+        """(AdapterInfo, remembered failure or None) of every adapter, sorted by name, from one snapshot taken under
+        `lock` once (the engine holds it during a step, so a listing waits for one step at most, however many
+        adapters there are); what an adapter that is not loaded holds is read from its folder outside the lock."""
+        names = self.names()
+        with self.lock:
+            loaded = {n: (self._ranks[n], size) for n, size in self._loaded.items()}
+            pinned, paths, failed = set(self._pinned), dict(self._paths), dict(self._failed)
+        out = []
+        for name in names:
+            path = self._path_of(name, paths)
+            if name in loaded:
+                info = AdapterInfo(name, str(path), *loaded[name], True, name in pinned)
+            else:
+                info = _on_disk(name, path, name in pinned)
+            seen = failed.get(name)
+            changed = seen is None or self.root is None or _signature(self.root / name) != seen[0]
+            out.append((info, None if changed else seen[1]))
+        return out
+
+    def _path_of(self, name: str, paths: dict) -> Path:
+        return paths.get(name) or (self.root / name if self.root is not None else Path(name))
 
     # -- loading ---------------------------------------------------------------------------------------
     def resolve(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> Path:
@@ -311,7 +339,12 @@ class AdapterRegistry:
                 raise AdapterFileError(message) from None
             size = sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4  # float32 A and B, as the layers hold them
             self._make_room(name, size)
-            self._loaded[name] = self._attach(name, config, plan, read.tensors)
+            try:
+                held = self._attach(name, config, plan, read.tensors)
+            except BaseException:  # all or nothing: no layer keeps a part of an adapter that failed to attach
+                self._detach_partial(name)
+                raise
+            self._loaded[name] = held
             self._ranks[name] = max((t.r for t in plan.targets), default=0)
             if read.signature:
                 self._loaded_from[name], self._checked[name] = read.signature, time.monotonic()
@@ -469,6 +502,13 @@ class AdapterRegistry:
         self._pinned.discard(name)
         self._loaded_from.pop(name, None)
         self._checked.pop(name, None)
+
+    def _detach_partial(self, name: str) -> None:
+        """Remove what a failed attach left of `name` in the model's layers (nothing, if it failed before the first)."""
+        try:
+            delete_adapter(self.model, name)
+        except AdapterError:  # no layer holds it
+            pass
 
     def _drop_if_changed(self, name: str) -> bool:
         """Unload adapter `name` (under `lock`) if its folder's files changed since it was loaded and no running
