@@ -143,6 +143,9 @@ class FakeEngine:
     def chat_prompt(self, messages):
         return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
 
+    def lora_requests(self):
+        return {"max_lora": 8, "running": [], "waiting": []}
+
     def stats(self):
         return {"running": 0, "waiting": 0, "last_batch_size": 3, "steps": 7}
 

@@ -400,3 +400,40 @@ def test_pinning_and_unpinning_need_the_admin_key():
         assert c.post("/v1/adapters", json={"name": "alpha"}, headers=user).status_code == 200
     with client() as c:  # no admin key configured: pinning is open, as every route is
         assert c.post("/v1/adapters", json={"name": "alpha", "pin": True}).status_code == 200
+
+
+def test_vllm_adapter_routes_are_aliases_under_the_same_admin_rules(real_registry):
+    """Issue 18 (router-ready): vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter load and unload as
+    rankdial's own routes do, answer as vLLM does, and need the admin key where rankdial's need it."""
+    registry, tmp = real_registry
+    root, secret = tmp / "adapters", str(tmp / "outside" / "secret")
+    with client(FakeEngine(registry=registry), api_keys=["user"], admin_key="boss") as c:
+        user, boss = {"Authorization": "Bearer user"}, {"Authorization": "Bearer boss"}
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "good", "lora_path": str(root / "good")}, headers=user)
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'good' added successfully."  # by name
+        assert registry.is_loaded("good")
+        body = {"lora_name": "sec", "lora_path": secret}
+        assert "admin key" in error_of(c.post("/v1/load_lora_adapter", json=body, headers=user), 403)
+        assert c.post("/v1/load_lora_adapter", json=body, headers=boss).status_code == 200
+        cards = {m["id"]: m for m in c.get("/v1/models", headers=user).json()["data"]}
+        assert cards["sec"]["parent"] == cards["good"]["parent"] == "tiny-base" and cards["sec"]["root"] == "sec"
+        assert cards["tiny-base"]["parent"] is None and secret not in json.dumps(cards)
+        assert error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "../outside/secret"},
+                               headers=user), 403)
+        assert error_of(c.post("/v1/unload_lora_adapter", json={"lora_name": "sec"}, headers=user), 403)
+        r = c.post("/v1/unload_lora_adapter", json={"lora_name": "sec"}, headers=boss)
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'sec' removed successfully."
+        assert error_of(c.post("/v1/unload_lora_adapter", json={"lora_name": "sec"}, headers=boss), 404)
+        e = c.post("/v1/load_lora_adapter", json={"lora_name": "../x", "lora_path": "p", "extra": 1}, headers=boss)
+        assert e.status_code == 422 and e.json()["error"]["param"] == "lora_name"
+
+
+def test_metrics_carry_vllms_lora_requests_info_gauge():
+    engine = FakeEngine()
+    engine.lora_requests = lambda: {"max_lora": 8, "running": ["alpha", "beta"], "waiting": ["beta"]}
+    with client(engine) as c:
+        text = c.get("/metrics").text
+    line = next(x for x in text.splitlines() if x.startswith("vllm:lora_requests_info{"))
+    assert line.startswith('vllm:lora_requests_info{max_lora="8",running_lora_adapters="alpha,beta",'
+                           'waiting_lora_adapters="beta"} ')
+    assert float(line.split()[-1]) > 1.7e9  # when it was read, as vLLM's

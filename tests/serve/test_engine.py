@@ -531,3 +531,25 @@ def test_a_loaded_adapter_whose_files_change_is_read_again(tmp_path):
         assert info.loaded and info.rank == 8 and info.pinned  # still pinned after the reload
     finally:
         eng.shutdown(drain=False)
+
+
+@pytest.mark.slow
+def test_lora_requests_name_the_running_and_waiting_adapters(adapters_dir):
+    """What /metrics' vllm:lora_requests_info reads: with one row per batch, ad0's request runs and ad1's waits."""
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", max_batch_size=1)
+    try:
+        for name in ("ad0", "ad1"):
+            eng.generate(PROMPTS[0], name, SamplingParams(max_tokens=1, temperature=0))  # loaded
+        long = SamplingParams(max_tokens=200, temperature=0)
+        running = eng.submit(PROMPTS[0], "ad0", long)
+        events = running.events(timeout=60)
+        next(events)
+        waiting = eng.submit(PROMPTS[1], "ad1", long)
+        deadline = time.monotonic() + 10
+        while eng.lora_requests()["waiting"] != ["ad1"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.lora_requests() == {"max_lora": 1, "running": ["ad0"], "waiting": ["ad1"]}
+        running.cancel()
+        waiting.cancel()
+    finally:
+        eng.shutdown(drain=False)

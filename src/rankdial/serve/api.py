@@ -9,6 +9,8 @@ the base itself. Routes, with OpenAI's shapes so the official `openai` client wo
     POST /v1/adapters            load an adapter by name, or by path (admin key when one is configured)
     DELETE /v1/adapters/{name}   unload it (admin key when one is configured): {"deleted": true} if it was loaded,
                                  {"deleted": false} if it was known but not loaded; 409 while requests use it
+    POST /v1/load_lora_adapter   vLLM's names for the two above ({"lora_name", "lora_path"}, {"lora_name"}), same rules
+    POST /v1/unload_lora_adapter
     GET  /health, GET /metrics   liveness and Prometheus metrics (a registry per app)
 
 Every error reaches the client as {"error": {"message", "type", "param", "code"}} with one line naming the
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -39,7 +41,7 @@ from ..sampling import SamplingParams
 from .guard import ApiError, Guard, bearer_matches, error_body
 from .metrics import Metrics
 from .registry import check_adapter_folder_name
-from .schemas import FIELD_HELP, AdapterLoad, ChatRequest, CompletionRequest
+from .schemas import FIELD_HELP, AdapterLoad, ChatRequest, CompletionRequest, LoraLoad, LoraUnload
 
 log = logging.getLogger("rankdial.serve")
 
@@ -136,7 +138,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             what = "no route" if exc.status_code == 404 else "method not allowed:"
             return error_body(exc.status_code, f"{what} {request.method} {request.url.path}; the routes are "
                                                "/v1/models, /v1/completions, /v1/chat/completions, /v1/adapters, "
-                                               "/health and /metrics")
+                                               "/v1/load_lora_adapter, /v1/unload_lora_adapter, /health and /metrics")
         return error_body(exc.status_code, str(exc.detail), getattr(exc, "kind", None), getattr(exc, "param", None))
 
     @app.exception_handler(RankdialError)
@@ -283,8 +285,8 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
         adapter_for(engine, name)
         return _model_card(engine, name)
 
-    @app.post("/v1/adapters")
-    async def load_adapter(body: AdapterLoad, request: Request):
+    async def load(body: AdapterLoad, request: Request):
+        """POST /v1/adapters (and vLLM's /v1/load_lora_adapter): the AdapterInfo of the adapter loaded."""
         if body.path is not None:
             _require_admin(request, admin_key, "loading an adapter by path")
         if body.pin is not None:  # a pin holds budget room for good: the admin's call, like unloading
@@ -299,24 +301,45 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
             raise ApiError(409, f"{body.name} exists; unload it or choose another name", kind="conflict_error",
                            param="name")
         try:
-            info = await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
+            return await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
         except (AdapterError, AdapterFileError) as err:  # the name was checked above: a refusal or a full budget
             status = 503 if isinstance(err, Unavailable) else 400
             raise ApiError(status, _one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
                            param="path" if body.path else "name") from None
-        return _model_card(engine, info.name)
 
-    @app.delete("/v1/adapters/{name}")
-    async def unload_adapter(name: str, request: Request):
+    async def unload(name: str, request: Request) -> bool:
+        """DELETE /v1/adapters/{name} (and vLLM's /v1/unload_lora_adapter): whether it was loaded."""
         _require_admin(request, admin_key, "unloading an adapter")
         try:
             check_adapter_folder_name(name)
         except AdapterError as err:
             raise ApiError(400, _one_line(err), param="name") from None
         adapter_for(engine, name)
-        was_loaded = await run_in_threadpool(engine.registry.unload, name)
+        return await run_in_threadpool(engine.registry.unload, name)
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: AdapterLoad, request: Request):
+        return _model_card(engine, (await load(body, request)).name)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str, request: Request):
+        was_loaded = await unload(name, request)
         # deleted: whether it was loaded and is now unloaded; a known adapter that was not loaded stays servable
         return {"id": name, "object": "model", "deleted": bool(was_loaded), "loaded": False}
+
+    # vLLM's runtime adapter routes, so a router written for vLLM can manage rankdial replicas: the same loads and
+    # unloads under the same admin rules, answered as vLLM answers (plain text on success, the error object else)
+    @app.post("/v1/load_lora_adapter")
+    async def vllm_load(body: LoraLoad, request: Request):
+        by_name = engine.registry.root is not None and _same_folder(engine.registry.root, body.lora_name,
+                                                                     body.lora_path)
+        await load(AdapterLoad(name=body.lora_name, path=None if by_name else body.lora_path), request)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def vllm_unload(body: LoraUnload, request: Request):
+        await unload(body.lora_name, request)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/health")
     def health():
@@ -327,6 +350,15 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
     @app.get("/metrics")
     def prometheus():
         return Response(app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _same_folder(root, name: str, path: str) -> bool:
+    """Whether `path` (absolute, or relative to the adapters folder) is the adapters folder's own folder `name`:
+    vLLM's load names every adapter by path; one in the adapters folder under its own name is a load by name."""
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    return (folder if folder.is_absolute() else root / folder).resolve() == (root / name).resolve()
 
 
 def _load(registry, body: AdapterLoad, admin_checked: bool):

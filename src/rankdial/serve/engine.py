@@ -492,6 +492,16 @@ class Engine:
                 "loaded_bytes": self.registry.loaded_bytes, "budget_bytes": self.registry.budget_bytes,
                 "hits": self.registry.hits, "misses": self.registry.misses, "evictions": self.registry.evictions}
 
+    def lora_requests(self) -> dict:
+        """What vLLM's lora_requests_info gauge says, for routers: max_lora (the most adapters one batch can run:
+        one per row), and the adapters of running and of waiting requests (distinct, sorted). Read from other
+        threads: each container is copied by one C-level call (list of a dict's values, a dict's keys), as stats()."""
+        running = {r.adapter for r in self.scheduler.running}
+        waiting = {r.adapter for r in self.scheduler.waiting} | set(self._parked) | {
+            x.seq.adapter for x in list(self._inbox)}
+        return {"max_lora": self.scheduler.limits.max_batch_size, "running": sorted(running - {None}),
+                "waiting": sorted(waiting - {None})}
+
 
 def _bad(param: str, message: str) -> RequestError:
     """A RequestError naming the request field at fault (the API answers it as the error's param)."""

@@ -47,6 +47,9 @@ FIELD_HELP = {
             "letter or digit), e.g. 'sql-v2'",
     "path": "path must be a non-empty string: the adapter's folder",
     "pin": "pin must be true or false",
+    "lora_name": "lora_name must be a plain folder name (letters, digits, '_' and '-', at most 128, starting with a "
+                 "letter or digit), e.g. 'sql-v2'",
+    "lora_path": "lora_path must be a non-empty string: the adapter's folder",
 }
 
 
@@ -194,6 +197,29 @@ class AdapterLoad(_Strict):
     @classmethod
     def _path(cls, value):
         return _unicode(value, "path")
+
+
+class LoraUnload(_Strict):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+    lora_name: StrictStr
+
+    @field_validator("lora_name")
+    @classmethod
+    def _plain_folder_name(cls, value):
+        try:
+            return check_adapter_folder_name(value)
+        except AdapterError:
+            raise ValueError(FIELD_HELP["lora_name"] + f", got {_short_str(value)}") from None
+
+
+class LoraLoad(LoraUnload):
+    """vLLM's POST /v1/load_lora_adapter body (load_inplace, vLLM's reload under a name in use, is not offered)."""
+    lora_path: StrictStr = Field(min_length=1)
+
+    @field_validator("lora_path")
+    @classmethod
+    def _path(cls, value):
+        return _unicode(value, "lora_path")
 
 
 def _short_str(value: str) -> str:
