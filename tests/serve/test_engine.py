@@ -553,3 +553,21 @@ def test_lora_requests_name_the_running_and_waiting_adapters(adapters_dir):
         waiting.cancel()
     finally:
         eng.shutdown(drain=False)
+
+
+def test_a_request_checks_its_adapter_exists_once(engine, monkeypatch):
+    """Issue 18: a request's adapter was looked up on disk three times (the API, check(), prepare); once now."""
+    from fastapi.testclient import TestClient
+
+    from rankdial.serve.api import create_app
+
+    engine.registry.unload("ad3")  # not loaded: existence is a look at its folder
+    calls, exists = [], engine.registry.exists
+    disk = lambda name: not engine.registry.is_loaded(name) and calls.append(name)  # a look at the folder
+    monkeypatch.setattr(engine.registry, "exists", lambda name: disk(name) or exists(name))
+    with TestClient(create_app(engine, shutdown_engine=False)) as c:
+        r = c.post("/v1/completions", json={"model": "ad3", "prompt": "In the", "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200 and calls == ["ad3"]
+        missing = c.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert missing.status_code == 404 and "does not exist" in missing.json()["error"]["message"]
+    assert missing.json()["error"]["param"] == "model"

@@ -36,7 +36,8 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..errors import AdapterError, AdapterFileError, AdapterInUse, ConfigError, RankdialError, Unavailable
+from ..errors import AdapterError, AdapterFileError, AdapterInUse, ConfigError, RankdialError, Unavailable, \
+    one_line, shorten
 from ..sampling import SamplingParams
 from .guard import ApiError, Guard, bearer_matches, error_body
 from .metrics import Metrics
@@ -123,7 +124,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             return error_body(400, f"request body is not valid JSON ({where}); send one JSON object")
         if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "string_unicode" for e in errors):
             bad = next(e.get("input") for e in errors if e.get("type") == "string_unicode")
-            return error_body(422, f"the body holds a field name that is not valid Unicode ({_name(bad)}, a lone "
+            return error_body(422, f"the body holds a field name that is not valid Unicode ({shorten(bad)}, a lone "
                                    "surrogate): unknown field; remove it", param="body")
         if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # no body, or not a JSON object
             return error_body(422, "the body must be one JSON object (Content-Type: application/json) with the "
@@ -147,7 +148,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         param = getattr(exc, "param", None)  # the engine's RequestErrors name their field
         if param == "prompt" and request.url.path.endswith("/chat/completions"):
             param = "messages"
-        return error_body(status, _one_line(exc), kind, param)
+        return error_body(status, one_line(exc), kind, param)
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
@@ -174,7 +175,7 @@ def validation_error(errors: list[dict]):
         kind = e.get("type")
         if kind in ("extra_forbidden", "string_unicode") and len(loc) > 1 or kind == "extra_forbidden":
             # an unknown key (a lone surrogate in a nested key reads as string_unicode): its name, shortened
-            shown = path if len(path) <= 60 and path.isprintable() else _name(path)
+            shown = path if len(path) <= 60 and path.isprintable() else shorten(path)
             parts.append(f"{shown}: unknown field; remove it")
         elif kind == "missing":
             parts.append(f"{path} is required; {FIELD_HELP.get(field, '')}".rstrip("; "))
@@ -220,20 +221,6 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _name(value) -> str:
-    """A name the client sent, as it is echoed in errors: quoted, at most ~60 characters."""
-    text = repr(value)
-    return text if len(text) <= 60 else repr(str(value)[:57]) + "..."
-
-
-def _one_line(err: BaseException) -> str:
-    return _flat(str(err))
-
-
-def _flat(text: str | None) -> str:
-    return " ".join(line.strip() for line in str(text or "").splitlines() if line.strip())
-
-
 # ---- models and adapters ----
 
 def model_names(engine) -> list[str]:
@@ -246,8 +233,12 @@ def adapter_for(engine, model: str) -> str | None:
         return None
     if engine.registry.exists(model):
         return model
-    raise ApiError(404, f"model {_name(model)} does not exist; available: {', '.join(model_names(engine))}",
-                   kind="not_found_error", param="model")
+    raise _no_such_model(engine, model)
+
+
+def _no_such_model(engine, model: str) -> ApiError:
+    return ApiError(404, f"model {shorten(model)} does not exist; available: {', '.join(model_names(engine))}",
+                    kind="not_found_error", param="model")
 
 
 def _model_card(engine, name: str) -> dict:
@@ -304,7 +295,7 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
             return await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
         except (AdapterError, AdapterFileError) as err:  # the name was checked above: a refusal or a full budget
             status = 503 if isinstance(err, Unavailable) else 400
-            raise ApiError(status, _one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
+            raise ApiError(status, one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
                            param="path" if body.path else "name") from None
 
     async def unload(name: str, request: Request) -> bool:
@@ -313,7 +304,7 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
         try:
             check_adapter_folder_name(name)
         except AdapterError as err:
-            raise ApiError(400, _one_line(err), param="name") from None
+            raise ApiError(400, one_line(err), param="name") from None
         adapter_for(engine, name)
         return await run_in_threadpool(engine.registry.unload, name)
 
@@ -398,14 +389,19 @@ _PREPARE_WAIT_S = 10.0  # how long a request waits for its adapter's load before
 
 
 async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bool):
-    adapter = adapter_for(engine, body.model)
-    # the engine checks the request first (token limits, tokenizing once, off the event loop): RequestError -> 400,
-    # and nothing is loaded for a request that is refused
-    checked = await run_in_threadpool(engine.check, prompt, adapter, _params(engine, body))
+    adapter = None if body.model == engine.base_name else body.model
+    # the engine checks the request first (its adapter exists: the one look at the disk; token limits; tokenizing
+    # once), off the event loop: RequestError -> 400, and nothing is loaded for a request that is refused
+    try:
+        checked = await run_in_threadpool(engine.check, prompt, adapter, _params(engine, body))
+    except AdapterFileError:
+        raise
+    except AdapterError:  # unknown: 404 listing what exists
+        raise _no_such_model(engine, body.model) from None
     try:  # then its adapter: a folder that cannot load is a 422 with its reason, even before a stream starts
         await engine.prepare_async(adapter, _PREPARE_WAIT_S)  # waits on the event loop, not on a pool thread
     except AdapterFileError as err:
-        raise ApiError(422, f"model {body.model!r} cannot be served: {_one_line(err)}", param="model") from None
+        raise ApiError(422, f"model {body.model!r} cannot be served: {one_line(err)}", param="model") from None
     handle = engine.enqueue(checked)
     reply = _Reply(body.model, chat, metrics, request.url.path)
     if body.stream:
@@ -424,10 +420,10 @@ async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bo
         if last is None or last.finish_reason is None:  # this handler was cancelled: so is its request
             handle.cancel()
     if last is not None and last.finish_reason == "error" and last.refused:  # the adapter's load failed after all
-        raise ApiError(422, f"model {body.model!r} cannot be served: {_flat(last.error)}", param="model")
+        raise ApiError(422, f"model {body.model!r} cannot be served: {one_line(last.error)}", param="model")
     if last is None or last.finish_reason == "error":
         status = 503 if last is not None and last.unavailable else 500  # 503: busy now, a retry may succeed
-        raise ApiError(status, f"generation failed: {_flat(last.error) if last else 'no result'}", kind="server_error")
+        raise ApiError(status, f"generation failed: {one_line(last.error) if last else 'no result'}", kind="server_error")
     reply.finished(last)
     return reply.full("".join(text), last)
 
@@ -448,7 +444,7 @@ async def _stream(handle, reply: "_Reply", include_usage: bool):
             reply.first_token()
             if event.finish_reason == "error":
                 code = 422 if event.refused else 503 if event.unavailable else 500
-                yield reply.sse({"error": {"message": f"generation failed: {_flat(event.error)}",
+                yield reply.sse({"error": {"message": f"generation failed: {one_line(event.error)}",
                                            "type": "invalid_request_error" if code == 422 else "server_error",
                                            "param": "model" if code == 422 else None, "code": code}})
                 break

@@ -22,7 +22,8 @@ import time
 from collections import deque
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from ..errors import AdapterError, AdapterFileError, ConfigError, RankdialError, RequestError, Unavailable
+from ..errors import NOT_UTF8, AdapterError, AdapterFileError, ConfigError, RankdialError, RequestError, \
+    Unavailable, not_utf8
 from .handle import Completion, Detokenizer, Handle, TokenEvent
 from .registry import AdapterRegistry, BudgetFull
 from ..sampling import SamplingParams, end_ids, make_generator
@@ -182,10 +183,10 @@ class Engine:
             self._prepare_failed(adapter, err)
 
     async def prepare_async(self, adapter: str | None, timeout: float = 10.0) -> None:
-        """prepare() for a server: the wait is on the event loop, not on a worker thread of the pool."""
+        """prepare() for a server, for a request check() accepted (so its adapter is known: not looked up again); the
+        wait is on the event loop, not on a worker thread of the pool."""
         if adapter is None or adapter == self.base_name or self.registry.is_loaded(adapter):
             return
-        self.registry.check_known(adapter)
         future = await asyncio.to_thread(self.registry.load_async, adapter)  # brief: it may wait for the step's lock
         try:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
@@ -511,12 +512,8 @@ def _bad(param: str, message: str) -> RequestError:
 
 
 def _check_unicode(text: str, field: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _bad("prompt" if field == "prompt" else "messages",
-                   f"{field} is not valid Unicode (it holds a lone surrogate such as \\ud800); send text that "
-                   "encodes as UTF-8") from None
+    if not_utf8(text):
+        raise _bad("prompt" if field == "prompt" else "messages", f"{field} {NOT_UTF8}")
 
 
 __all__ = ["Engine", "Handle", "TokenEvent", "Completion", "Detokenizer", "SamplingParams", "SchedulerLimits", "AdapterError"]

@@ -31,7 +31,7 @@ from ..adapters import read_adapter_config, read_adapter_weights
 from ..adapters.io import check_tensor_shapes, check_adapter_tensors, expected_shapes
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
 from ..config import LoraConfig
-from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable
+from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable, one_line, shorten
 from ..lora import LoraLayer, delete_adapter
 from ..lora.inject import Plan, plan_targets, with_task_heads
 
@@ -78,12 +78,6 @@ def check_adapter_folder_name(name) -> str:
     return name
 
 
-def _shown(value) -> str:
-    """A value the client sent, quoted and cut to ~60 characters, as errors echo it."""
-    text = repr(str(value))
-    return text if len(text) <= 60 else repr(str(value)[:57]) + "..."
-
-
 def _on_disk(name: str, path: Path, pinned: bool) -> AdapterInfo:
     """The AdapterInfo of an adapter that is not loaded: its config's rank and its weights file's size."""
     rank = 0
@@ -93,10 +87,6 @@ def _on_disk(name: str, path: Path, pinned: bool) -> AdapterInfo:
         pass
     size = (path / WEIGHTS_NAME).stat().st_size if (path / WEIGHTS_NAME).is_file() else 0
     return AdapterInfo(name, str(path), rank, size, False, pinned)
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def _content_error(err: BaseException) -> bool:
@@ -235,7 +225,7 @@ class AdapterRegistry:
             if not target.is_relative_to(self.root):
                 log.warning("adapter path %r resolves to %s, outside the adapters folder %s", str(path), target,
                             self.root)
-                raise AdapterFileError(f"adapter path {_shown(given)} resolves outside the adapters folder (../, an "
+                raise AdapterFileError(f"adapter path {shorten(given)} resolves outside the adapters folder (../, an "
                                        "absolute path or a symlink out); only folders inside it may be loaded")
             folder = target
         folder = folder.resolve()
@@ -271,8 +261,8 @@ class AdapterRegistry:
         try:
             read = self._read_folder(name, folder)
         except (AdapterFileError, Exception) as err:  # noqa: BLE001 - every failure of a file becomes its reason
-            message = _one_line(err) if isinstance(err, RankdialError) else (
-                f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {_one_line(err)[:300]}")
+            message = one_line(err) if isinstance(err, RankdialError) else (
+                f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {one_line(err)[:300]}")
             log.warning("adapter %r: %s", name, message)
             message = self.public(message, path or self._paths.get(name))
             if path is None and name not in self._paths and _content_error(err):
@@ -332,8 +322,8 @@ class AdapterRegistry:
                 plan = self._plan(config)
                 check_tensor_shapes(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
             except RankdialError as err:
-                log.warning("adapter %r refused: %s", name, _one_line(err))
-                message = self.public(f"adapter {name!r} refused: {_one_line(err)}", read.path if by_path else None)
+                log.warning("adapter %r refused: %s", name, one_line(err))
+                message = self.public(f"adapter {name!r} refused: {one_line(err)}", read.path if by_path else None)
                 if not by_path:
                     self._remember_failure(name, read.path, message, read.signature)
                 raise AdapterFileError(message) from None
