@@ -94,10 +94,12 @@ def sample(logits: torch.Tensor, rows: list) -> list[int]:
 
     A row that cannot be sampled gets .failure (its reason) and token 0; the other rows are unaffected."""
     logits = logits.float()
-    broken = (torch.isnan(logits) | torch.isposinf(logits)).any(-1) | torch.isneginf(logits).all(-1)  # (n,)
-    greedy = logits.argmax(-1).tolist()  # (n,)
+    # one pass: a row's max is NaN if it holds a NaN, +inf if it holds one, -inf if every score is -inf (broken in
+    # each case), and its index is the argmax (the first of equal maxima, as argmax's)
+    top, greedy = logits.max(-1)  # (n,), (n,)
+    broken, greedy = (~torch.isfinite(top)).tolist(), greedy.tolist()
     out = []
-    for i, (row, bad) in enumerate(zip(rows, broken.tolist())):
+    for i, (row, bad) in enumerate(zip(rows, broken)):
         row.failure = None
         if bad:
             row.failure = "the model gave non-finite scores (NaN or inf) for this request's next token; its adapter's " \
