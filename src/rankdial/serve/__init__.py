@@ -10,7 +10,8 @@
                      sampling is rankdial.sampling's (SamplingParams, sample()), shared with `rankdial generate`.
     engine.py        Engine: the step (schedule -> routed forward -> one token each -> finished leave) on a
                      background thread; submit() -> Handle (events() / aevents() / cancel()); generate().
-    handle.py        Handle, TokenEvent, Completion and the incremental Detokenizer (what a client holds).
+    handle.py        Handle, TokenEvent, Completion (what a client holds).
+    detokenizer.py   a request's text: the incremental Detokenizer, and TextStream (stop sequences held back).
 
     api.py           create_app(engine): the OpenAI-compatible HTTP API (models, completions, chat, SSE
                      streaming, adapter load/unload, health, Prometheus metrics) that `rankdial serve` runs;

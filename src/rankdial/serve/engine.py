@@ -24,7 +24,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from ..errors import NOT_UTF8, AdapterError, AdapterFileError, ConfigError, RankdialError, RequestError, \
     Unavailable, not_utf8
-from .handle import Completion, Detokenizer, Handle, TokenEvent
+from .detokenizer import Detokenizer, TextStream  # noqa: F401 - Detokenizer: exported
+from .handle import Completion, Handle, TokenEvent
 from .registry import AdapterRegistry, BudgetFull
 from ..sampling import SamplingParams, end_ids, make_generator
 from .runner import Runner, Sequence
@@ -34,13 +35,11 @@ log = logging.getLogger("rankdial.serve")
 
 
 class _Live:
-    """A request the engine holds: its sequence, its handle, and what of its text has been sent."""
+    """A request the engine holds: its sequence, its handle, and its text (what of it has been sent)."""
 
     def __init__(self, seq: Sequence, handle: Handle):
         self.seq, self.handle = seq, handle
-        self.sent = 0  # characters of the decoded text already sent
-        self.text = ""  # the completion decoded so far (Detokenizer: window by window)
-        self.detok = Detokenizer()
+        self.text = TextStream(seq.params.stop)  # its completion as text, stop sequences held back
         self.queued = False  # in the scheduler, holding its adapter (registry.acquire)
         self.done = False
 
@@ -375,36 +374,13 @@ class Engine:
         seq.tokens.append(token)
         self.tokens_generated += 1
         eos = token in self.eos_ids
-        text, stopped = self._new_text(x, final=eos or len(seq.tokens) >= seq.params.max_tokens)
+        text, stopped = x.text.push(self.tokenizer, None if eos else token,
+                                    final=eos or len(seq.tokens) >= seq.params.max_tokens)
         reason = "stop" if eos or stopped else ("length" if len(seq.tokens) >= seq.params.max_tokens else None)
         self.scheduler.record(seq.id, finished=reason is not None)
         x.handle._push(TokenEvent(text, None, len(seq.prompt), len(seq.tokens), token_id=token))
         if reason is not None:
             self._finish(x, reason)
-
-    def _new_text(self, x: _Live, final: bool) -> tuple[str, bool]:
-        """The text to send after this token, and whether a stop sequence ended the request.
-
-        The completion is decoded incrementally (Detokenizer: a window of the last tokens, not the whole text at
-        every step) and text is held back while it could still be the start of a stop sequence."""
-        seq, stops = x.seq, x.seq.params.stop
-        if seq.tokens[-1] not in self.eos_ids:
-            x.detok.ids.append(seq.tokens[-1])
-        x.text += x.detok.step(self.tokenizer, final)
-        text = x.text
-        for stop in stops:
-            at = text.find(stop, max(0, x.sent - len(stop) + 1))
-            if at >= 0:
-                out, x.sent = text[x.sent:at], at
-                return out, True
-        if final:
-            end = len(text)
-        else:
-            end = len(text) - max((len(s) - 1 for s in stops), default=0)
-            end = end - 1 if text[end - 1:end] == "\ufffd" else end
-        out = text[x.sent:max(end, x.sent)]
-        x.sent += len(out)
-        return out, False
 
     def _finish(self, x: _Live, reason: str, error: str | None = None, unavailable: bool = False,
                 refused: bool = False) -> None:
