@@ -111,12 +111,9 @@ class FakeEngine:
         self.stopped = True
         return 0
 
-    def prepare(self, adapter, timeout=10.0):
+    async def prepare_async(self, adapter, timeout=10.0):
         if adapter is not None and not self.registry.exists(adapter):
             raise AdapterError(f"unknown adapter {adapter!r}")
-
-    async def prepare_async(self, adapter, timeout=10.0):
-        self.prepare(adapter, timeout)
 
     def submit(self, prompt, adapter, params):
         return self.enqueue(self.check(prompt, adapter, params))

@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import TimeoutError as FutureTimeout
 
 from ..errors import NOT_UTF8, AdapterError, AdapterFileError, ConfigError, RankdialError, RequestError, \
     Unavailable, not_utf8
@@ -133,7 +132,7 @@ class Engine:
     def check(self, prompt: str | list[int], adapter: str | None = None,
               params: SamplingParams = SamplingParams()) -> Checked:
         """Everything submit() checks (RequestError / AdapterError / Unavailable), without queueing: a server checks a
-        request before it loads the request's adapter (prepare), then enqueue()s it."""
+        request before it loads the request's adapter (prepare_async), then enqueue()s it."""
         if self._stopping:
             raise Unavailable("the engine is shutting down and takes no new requests; retry on another replica")
         if not isinstance(params, SamplingParams):
@@ -164,26 +163,12 @@ class Engine:
         self._wake.set()
         return handle
 
-    def prepare(self, adapter: str | None, timeout: float = 10.0) -> None:
-        """Load `adapter` (if it is not loaded) before a request for it is answered, waiting up to `timeout` s, so
-        that an adapter that cannot load is refused before a stream has started: AdapterFileError with the
-        folder's one-line reason, AdapterError if it is unknown. Returns quietly when it loaded, when the load
-        takes longer than `timeout` (the request then waits in the engine) or when the budget is full (the
-        engine waits for room, budget_wait_s)."""
-        if adapter is None or adapter == self.base_name or self.registry.is_loaded(adapter):
-            return
-        self.registry.check_known(adapter)
-        future = self.registry.load_async(adapter)
-        try:
-            future.result(timeout)
-        except FutureTimeout:
-            return
-        except BaseException as err:  # noqa: BLE001
-            self._prepare_failed(adapter, err)
-
     async def prepare_async(self, adapter: str | None, timeout: float = 10.0) -> None:
-        """prepare() for a server, for a request check() accepted (so its adapter is known: not looked up again); the
-        wait is on the event loop, not on a worker thread of the pool."""
+        """Load a request's adapter (if it is not loaded) before the request is answered, waiting up to `timeout` s
+        on the event loop, so that an adapter that cannot load is refused before a stream has started:
+        AdapterFileError with the folder's one-line reason. For a request check() accepted (its adapter is known:
+        not looked up again). Returns quietly when it loaded, when the load takes longer than `timeout` (the
+        request then waits in the engine) or when the budget is full (the engine waits for room, budget_wait_s)."""
         if adapter is None or adapter == self.base_name or self.registry.is_loaded(adapter):
             return
         future = await asyncio.to_thread(self.registry.load_async, adapter)  # brief: it may wait for the step's lock
