@@ -304,3 +304,55 @@ def test_info_of_an_adapter_evicted_meanwhile_is_not_a_key_error(registry, monke
     assert info.loaded and info.rank == 4
     seen[0].join(5)
     assert not registry.is_loaded("a0")
+
+
+def test_a_failed_attach_leaves_nothing_of_the_adapter(registry):
+    """Issue 19: an attach that fails partway (here: copying the last module's weights) leaves no layer holding a
+    part of the adapter; the registry does not count it and the same adapter loads cleanly afterwards."""
+    from rankdial.lora import lora_layers
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        base = registry.model(input_ids=ids).logits
+    read = registry.read("a1")
+    last = sorted(read.tensors)[-1]
+    read.tensors[last] = torch.empty(read.tensors[last].shape, device="meta")  # right shape, cannot be copied
+    with pytest.raises(Exception):
+        registry.attach(read)
+    assert not [p for p, layer in lora_layers(registry.model) if "a1" in layer.lora_A]
+    assert not registry.is_loaded("a1") and registry.loaded_bytes == 0
+    with torch.no_grad():
+        assert torch.equal(registry.model(input_ids=ids).logits, base)
+    assert registry.load("a1").loaded
+
+
+def test_a_listing_takes_the_lock_once_not_per_adapter(registry):
+    """Issue 19: GET /v1/models took the engine's step lock once or twice per adapter; the listing reads one
+    snapshot (one acquisition) whatever the number of adapters."""
+    for name in ("a0", "a2"):
+        registry.load(name)
+    lock, taken = registry.lock, []
+
+    class Counting:
+        def __enter__(self):
+            taken.append(1)
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            return lock.__exit__(*exc)
+
+    from fastapi.testclient import TestClient
+
+    from fake_engine import FakeEngine
+    from rankdial.serve.api import create_app
+
+    with TestClient(create_app(FakeEngine(registry=registry))) as c:
+        registry.lock = Counting()
+        cards = c.get("/v1/models").json()["data"]
+        registry.lock = lock
+    assert len(taken) == 1 and len(cards) == 1 + len(registry.names())
+    listing = registry.listing()
+    by_name = {info.name: (info, failure) for info, failure in listing}
+    assert set(by_name) == set(registry.names())
+    assert by_name["a0"][0] == registry.info("a0") and by_name["a1"][0] == registry.info("a1")
+    assert by_name["a1"][0].loaded is False and by_name["a1"][0].rank == 4

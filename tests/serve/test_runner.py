@@ -9,7 +9,8 @@ from rankdial.errors import RequestError
 from rankdial.models import load_model, resolve_model
 from rankdial.quant import quantize_model
 from rankdial.serve import Engine, SamplingParams
-from rankdial.serve.runner import Runner, Sequence, make_generator, sample
+from rankdial.sampling import make_generator, sample
+from rankdial.serve.runner import Runner, Sequence
 from engine_helpers import PROMPTS, make_adapter
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0)

@@ -237,16 +237,18 @@ def check_adapter_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor], 
                   + [k for k in tensors if k.endswith(_B) and k[:-len(_B)] + _A not in tensors])
     if lone:
         problems.append(f"{len(lone)} LoRA matrices lack their partner (e.g. {lone[0]}): the file is incomplete")
-    ranks = []
+    ranks, unfit = [], []
     for key in sorted(k for k in tensors if k.endswith(_A) and k[:-len(_A)] + _B in tensors):
         A, B, path = tensors[key], tensors[key[:-len(_A)] + _B], key[len(KEY_PREFIX):-len(_A)]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            problems.append(f"{path}: lora_B has shape {list(B.shape)}, which does not fit lora_A {list(A.shape)}")
+            unfit.append(f"{path}: lora_B has shape {list(B.shape)}, which does not fit lora_A {list(A.shape)}")
         elif is_expert_key(config, path):  # (experts·r, d_in): one rank-r A per expert (lora/param.py)
             if A.shape[0] % config.r:
                 ranks.append((path, A.shape[0], config.r))
         elif A.shape[0] != pattern_value(config.rank_pattern, path, config.r):
             ranks.append((path, A.shape[0], pattern_value(config.rank_pattern, path, config.r)))
+    problems += unfit[:3] + ([f"and {len(unfit) - 3} more modules whose lora_A and lora_B do not fit"]
+                             if len(unfit) > 3 else [])  # a few, like the NaN list: one line, never kilobytes
     if ranks:
         path, r, said = ranks[0]
         problems.append(f"{len(ranks)} modules have another rank in their weights than adapter_config.json says "

@@ -7,10 +7,11 @@
     registry.py      AdapterRegistry: adapter folders loaded on first use (read off the engine thread), an LRU
                      bounded by a budget in bytes with pinning, safe paths, refusal of adapters that do not fit.
     runner.py        the tensors: one left-padded batch KV cache rebuilt only when requests join or leave;
-                     SamplingParams and sampling (greedy, temperature, top_p, per-request seeded generators).
+                     sampling is rankdial.sampling's (SamplingParams, sample()), shared with `rankdial generate`.
     engine.py        Engine: the step (schedule -> routed forward -> one token each -> finished leave) on a
                      background thread; submit() -> Handle (events() / aevents() / cancel()); generate().
-    handle.py        Handle, TokenEvent, Completion and the incremental Detokenizer (what a client holds).
+    handle.py        Handle, TokenEvent, Completion (what a client holds).
+    detokenizer.py   a request's text: the incremental Detokenizer, and TextStream (stop sequences held back).
 
     api.py           create_app(engine): the OpenAI-compatible HTTP API (models, completions, chat, SSE
                      streaming, adapter load/unload, health, Prometheus metrics) that `rankdial serve` runs;
@@ -23,7 +24,8 @@ from .batched_lora import AdapterStack, Routing, batched_lora, clear_route, refe
 from .engine import Engine
 from .handle import Completion, Handle, TokenEvent
 from .registry import AdapterInfo, AdapterRegistry
-from .runner import Runner, SamplingParams
+from ..sampling import SamplingParams
+from .runner import Runner
 from .scheduler import Scheduler, SchedulerLimits
 
 __all__ = ["Engine", "Handle", "TokenEvent", "Completion", "SamplingParams", "AdapterRegistry", "AdapterInfo",

@@ -15,8 +15,10 @@ An adapter that does not fit the base is refused with the reason and the others 
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -29,9 +31,11 @@ from ..adapters import read_adapter_config, read_adapter_weights
 from ..adapters.io import check_tensor_shapes, check_adapter_tensors, check_servable, expected_shapes
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
 from ..config import LoraConfig
-from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable
+from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable, one_line, shorten
 from ..lora import LoraLayer, delete_adapter
 from ..lora.inject import Plan, plan_targets, with_task_heads
+
+log = logging.getLogger("rankdial.serve")
 
 DEFAULT_BUDGET_BYTES = 1 << 30  # 1 GiB of adapter weights: hundreds of rank-16 adapters on a 7B model
 # A plain folder name, the one rule for an adapter's name (the API's schemas use it too): no '.', '/', '\\', spaces
@@ -74,8 +78,15 @@ def check_adapter_folder_name(name) -> str:
     return name
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+def _on_disk(name: str, path: Path, pinned: bool) -> AdapterInfo:
+    """The AdapterInfo of an adapter that is not loaded: its config's rank and its weights file's size."""
+    rank = 0
+    try:
+        rank = read_adapter_config(path).r
+    except Exception:  # noqa: BLE001 - a broken config: rank unknown (failure() says why)
+        pass
+    size = (path / WEIGHTS_NAME).stat().st_size if (path / WEIGHTS_NAME).is_file() else 0
+    return AdapterInfo(name, str(path), rank, size, False, pinned)
 
 
 def _content_error(err: BaseException) -> bool:
@@ -125,6 +136,10 @@ class AdapterRegistry:
         self._plans: dict[str, Plan] = {}
         self._ranks: dict[str, int] = {}  # loaded adapter -> its largest rank (info() without walking the model)
         self._failed: dict[str, tuple[tuple, str]] = {}  # folder under root -> (its files' signature, why it failed)
+        self._loaded_from: dict[str, tuple] = {}  # loaded folder under root -> its files' signature when read
+        self._checked: dict[str, float] = {}  # loaded folder under root -> when its files were last compared
+        self._repin: set[str] = set()  # pinned adapters dropped because their files changed: pinned when reloaded
+        self.recheck_s = 1.0  # how often a loaded folder's files are compared with those it was loaded from
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
 
     # -- what is known -------------------------------------------------------------------------------
@@ -160,23 +175,41 @@ class AdapterRegistry:
     def info(self, name: str) -> AdapterInfo:
         self.check_known(name)
         with self.lock:  # an eviction on the reader thread must not fall between these reads
-            path = self._paths.get(name) or (self.root / name if self.root is not None else Path(name))
+            path = self._path_of(name, self._paths)
             loaded = name in self._loaded
             if loaded:
                 return AdapterInfo(name, str(path), self._ranks[name], self._loaded[name], True, name in self._pinned)
             pinned = name in self._pinned
-        rank = 0
-        try:
-            rank = read_adapter_config(path).r
-        except Exception:  # noqa: BLE001 - a broken config: rank unknown (failure() says why)
-            pass
-        size = (path / WEIGHTS_NAME).stat().st_size if (path / WEIGHTS_NAME).is_file() else 0
-        return AdapterInfo(name, str(path), rank, size, False, pinned)
+        return _on_disk(name, path, pinned)
+
+    def listing(self) -> list[tuple[AdapterInfo, str | None]]:
+        """(AdapterInfo, remembered failure or None) of every adapter, sorted by name, from one snapshot taken under
+        `lock` once (the engine holds it during a step, so a listing waits for one step at most, however many
+        adapters there are); what an adapter that is not loaded holds is read from its folder outside the lock."""
+        names = self.names()
+        with self.lock:
+            loaded = {n: (self._ranks[n], size) for n, size in self._loaded.items()}
+            pinned, paths, failed = set(self._pinned), dict(self._paths), dict(self._failed)
+        out = []
+        for name in names:
+            path = self._path_of(name, paths)
+            if name in loaded:
+                info = AdapterInfo(name, str(path), *loaded[name], True, name in pinned)
+            else:
+                info = _on_disk(name, path, name in pinned)
+            seen = failed.get(name)
+            changed = seen is None or self.root is None or _signature(self.root / name) != seen[0]
+            out.append((info, None if changed else seen[1]))
+        return out
+
+    def _path_of(self, name: str, paths: dict) -> Path:
+        return paths.get(name) or (self.root / name if self.root is not None else Path(name))
 
     # -- loading ---------------------------------------------------------------------------------------
     def resolve(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> Path:
         """The folder to load `name` from, refusing anything that resolves outside root unless allowed."""
         check_adapter_folder_name(name)
+        given = path if path is not None else name  # what the client named, as its errors echo it
         if path is None:
             if name in self._paths:
                 return self._paths[name]
@@ -190,14 +223,27 @@ class AdapterRegistry:
                                    "loading by path needs the admin permission)")
             target = (folder if folder.is_absolute() else self.root / folder).resolve()
             if not target.is_relative_to(self.root):
-                raise AdapterFileError(f"adapter path {str(path)!r} resolves outside the adapters folder {self.root} "
-                                       "(../, an absolute path or a symlink out); only folders inside it may be loaded")
+                log.warning("adapter path %r resolves to %s, outside the adapters folder %s", str(path), target,
+                            self.root)
+                raise AdapterFileError(f"adapter path {shorten(given)} resolves outside the adapters folder (../, an "
+                                       "absolute path or a symlink out); only folders inside it may be loaded")
             folder = target
         folder = folder.resolve()
         if not folder.is_dir():
-            raise AdapterFileError(f"adapter {name!r}: {folder} is not a folder; "
+            raise AdapterFileError(f"adapter {name!r}: {self.public(str(folder), path)} is not a folder; "
                                    f"the adapters are {self.names() or 'none'}")
         return folder
+
+    def public(self, text: str, given: str | Path | None = None) -> str:
+        """`text` as a client may read it: the adapters folder's absolute path written `<adapters>` (so a folder
+        in it reads `<adapters>/name`), and a folder loaded by path as the path the client gave. The server's log
+        keeps the absolute paths."""
+        if given is not None:
+            folder = Path(given).expanduser()
+            folder = (folder if folder.is_absolute() or self.root is None else self.root / folder).resolve()
+            if self.root is None or not folder.is_relative_to(self.root):
+                text = text.replace(str(folder), str(given))
+        return text.replace(str(self.root), "<adapters>") if self.root is not None else text
 
     def read(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> _Read:
         """The first half of a load (no lock, any thread): files read and checked on their own.
@@ -215,8 +261,10 @@ class AdapterRegistry:
         try:
             read = self._read_folder(name, folder)
         except (AdapterFileError, Exception) as err:  # noqa: BLE001 - every failure of a file becomes its reason
-            message = _one_line(err) if isinstance(err, RankdialError) else (
-                f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {_one_line(err)[:300]}")
+            message = one_line(err) if isinstance(err, RankdialError) else (
+                f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {one_line(err)[:300]}")
+            log.warning("adapter %r: %s", name, message)
+            message = self.public(message, path or self._paths.get(name))
             if path is None and name not in self._paths and _content_error(err):
                 self._remember_failure(name, folder, message, signature)
             raise AdapterFileError(message) from None
@@ -279,17 +327,26 @@ class AdapterRegistry:
                 plan = self._plan(config)
                 check_tensor_shapes(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
             except RankdialError as err:
-                message = f"adapter {name!r} refused: {_one_line(err)}"
+                log.warning("adapter %r refused: %s", name, one_line(err))
+                message = self.public(f"adapter {name!r} refused: {one_line(err)}", read.path if by_path else None)
                 if not by_path:
                     self._remember_failure(name, read.path, message, read.signature)
                 raise AdapterFileError(message) from None
             size = sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4  # float32 A and B, as the layers hold them
             self._make_room(name, size)
-            self._loaded[name] = self._attach(name, config, plan, read.tensors)
+            try:
+                held = self._attach(name, config, plan, read.tensors)
+            except BaseException:  # all or nothing: no layer keeps a part of an adapter that failed to attach
+                self._detach_partial(name)
+                raise
+            self._loaded[name] = held
             self._ranks[name] = max((t.r for t in plan.targets), default=0)
+            if read.signature:
+                self._loaded_from[name], self._checked[name] = read.signature, time.monotonic()
             if by_path:
                 self._paths[name] = read.path
-            if pin:
+            if pin or name in self._repin:
+                self._repin.discard(name)
                 self._pinned.add(name)
             return self.info(name)
 
@@ -303,7 +360,7 @@ class AdapterRegistry:
         """
         check_adapter_folder_name(name)
         with self.lock:
-            if name in self._loaded and path is None:
+            if name in self._loaded and path is None and not self._drop_if_changed(name):
                 self.hits += 1
                 self._loaded.move_to_end(name)
                 if pin:
@@ -373,6 +430,7 @@ class AdapterRegistry:
                                    "unload it when they finish")
             self._evict(name)
             self._paths.pop(name, None)
+            self._repin.discard(name)
             return True
 
     # -- pinning and use -------------------------------------------------------------------------------
@@ -383,6 +441,7 @@ class AdapterRegistry:
     def unpin(self, name: str) -> None:
         self.check_known(name)
         self._pinned.discard(name)
+        self._repin.discard(name)
 
     def acquire(self, name: str | None) -> None:
         """A running request uses `name`: never evicted until release()."""
@@ -396,7 +455,7 @@ class AdapterRegistry:
         """acquire(name) if it is loaded, in one step under the lock (so no load on the reader thread can evict it
         in between); False if it is not loaded. `hit`: count a cache hit (a request found its adapter loaded)."""
         with self.lock:
-            if name not in self._loaded:
+            if name not in self._loaded or (hit and self._drop_if_changed(name)):
                 return False
             self._in_use[name] = self._in_use.get(name, 0) + 1
             self._loaded.move_to_end(name)
@@ -436,6 +495,32 @@ class AdapterRegistry:
         del self._loaded[name]
         self._ranks.pop(name, None)
         self._pinned.discard(name)
+        self._loaded_from.pop(name, None)
+        self._checked.pop(name, None)
+
+    def _detach_partial(self, name: str) -> None:
+        """Remove what a failed attach left of `name` in the model's layers (nothing, if it failed before the first)."""
+        try:
+            delete_adapter(self.model, name)
+        except AdapterError:  # no layer holds it
+            pass
+
+    def _drop_if_changed(self, name: str) -> bool:
+        """Unload adapter `name` (under `lock`) if its folder's files changed since it was loaded and no running
+        request uses it, so that the next load reads the new files; True if it did. Compared at most every
+        recheck_s seconds (a few stat calls); while requests use it, they finish on the weights they started with."""
+        seen = self._loaded_from.get(name)
+        now = time.monotonic()
+        if seen is None or self._in_use.get(name) or now - self._checked.get(name, 0.0) < self.recheck_s:
+            return False
+        self._checked[name] = now
+        if _signature(self.root / name) == seen:
+            return False
+        log.info("adapter %r: its files changed since it was loaded; reading them again", name)
+        if name in self._pinned:
+            self._repin.add(name)
+        self._evict(name)
+        return True
 
     def _plan(self, config: LoraConfig) -> Plan:
         """plan_targets, cached by config: the plan depends only on the base's structure (wrappers are seen

@@ -1,4 +1,4 @@
-"""The runner: every tensor of the serving engine (the batch's KV cache, its masks and positions) and sampling.
+"""The runner: every tensor of the serving engine (the batch's KV cache, its masks and positions).
 
 One batch KV cache holds every running request, left-padded to a common length T:
 
@@ -12,58 +12,23 @@ masks are cut). Each forward is routed (serve.batched_lora.route) so row i adds 
 A padded position gets an attention weight of exactly zero, so a row's tokens are those it would get alone,
 up to float rounding in the batched matmuls.
 
-Sampling: temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), cut to the smallest set of
-tokens whose probability reaches top_p, drawn with the request's own torch.Generator (same seed, same tokens).
+Sampling is rankdial.sampling's (the one sampler of the server and `rankdial generate`): a row it cannot sample
+is marked on its Sequence (failure) and the engine ends that request alone.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
-import secrets
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, RequestError
+from ..errors import ConfigError
 from ..lora import LoraLayer
 from ..lora.inject import named_wrappers
+from ..sampling import SamplingParams, sample
 from .batched_lora import Routing, route
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request is sampled; every field is checked at construction (RequestError names the field)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        problems = []
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            problems.append(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
-            problems.append(f"top_p must be in (0, 1], got {p!r}")
-        stop = self.stop
-        if isinstance(stop, str):
-            object.__setattr__(self, "stop", (stop,))
-        elif isinstance(stop, list):
-            object.__setattr__(self, "stop", tuple(stop))
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 8:
-            problems.append(f"stop must be at most 8 non-empty strings, got {stop!r}")
-        s = self.seed
-        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63):
-            problems.append(f"seed must be an integer in [0, 2**63) or None, got {s!r}")
-        if problems:
-            raise RequestError("; ".join(problems))
 
 
 @dataclass
@@ -76,6 +41,7 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)  # generated so far
+    failure: str | None = None  # set by sample() when this row's last token could not be sampled
 
 
 class Runner:
@@ -240,28 +206,3 @@ def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim)
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A request's own generator: seeded as asked, or from the OS when no seed is given."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else secrets.randbits(63))
-    return g
-
-
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """The next token of each row: argmax for temperature 0, else top-p sampling with the row's generator."""
-    greedy = logits.argmax(-1).tolist()  # (n,)
-    out = []
-    for i, s in enumerate(seqs):
-        p = s.params
-        if p.temperature == 0:
-            out.append(greedy[i])
-            continue
-        probs = torch.softmax(logits[i] / p.temperature, -1)
-        if p.top_p < 1:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # the smallest prefix whose mass reaches top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        out.append(int(torch.multinomial(probs, 1, generator=s.generator)))
-    return out
