@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import TimeoutError as FutureTimeout
 
 from ..errors import AdapterError, AdapterFileError, ConfigError, RankdialError, RequestError, Unavailable
 from .handle import Completion, Detokenizer, Handle, TokenEvent
@@ -71,8 +70,10 @@ class Engine:
         self.max_prompt_tokens = max_prompt_tokens or max(1, self.context - 1)
         self.budget_wait_s = budget_wait_s  # how long a request waits for room in a full adapter budget
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.runner = Runner(model, pad if pad is not None else 0)
         self.scheduler = Scheduler(limits)
+        row_tokens = min(self.context, self.scheduler.limits.max_tokens_in_flight, self.max_prompt_tokens + max_new_tokens)
+        self.runner = Runner(model, pad if pad is not None else 0, slots=self.scheduler.limits.max_batch_size,
+                             row_tokens=row_tokens)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self.eos_ids = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
@@ -134,7 +135,7 @@ class Engine:
     def check(self, prompt: str | list[int], adapter: str | None = None,
               params: SamplingParams = SamplingParams()) -> Checked:
         """Everything submit() checks (RequestError / AdapterError / Unavailable), without queueing: a server checks a
-        request before it loads the request's adapter (prepare), then enqueue()s it."""
+        request before it loads the request's adapter (prepare_async), then enqueue()s it."""
         if self._stopping:
             raise Unavailable("the engine is shutting down and takes no new requests; retry on another replica")
         if not isinstance(params, SamplingParams):
@@ -165,25 +166,12 @@ class Engine:
         self._wake.set()
         return handle
 
-    def prepare(self, adapter: str | None, timeout: float = 10.0) -> None:
-        """Load `adapter` (if it is not loaded) before a request for it is answered, waiting up to `timeout` s, so
-        that an adapter that cannot load is refused before a stream has started: AdapterFileError with the
-        folder's one-line reason, AdapterError if it is unknown. Returns quietly when it loaded, when the load
-        takes longer than `timeout` (the request then waits in the engine) or when the budget is full (the
-        engine waits for room, budget_wait_s)."""
-        if adapter is None or adapter == self.base_name or self.registry.is_loaded(adapter):
-            return
-        self.registry.check_known(adapter)
-        future = self.registry.load_async(adapter)
-        try:
-            future.result(timeout)
-        except FutureTimeout:
-            return
-        except BaseException as err:  # noqa: BLE001
-            self._prepare_failed(adapter, err)
-
     async def prepare_async(self, adapter: str | None, timeout: float = 10.0) -> None:
-        """prepare() for a server: the wait is on the event loop, not on a worker thread of the pool."""
+        """Load `adapter` (if it is not loaded) before a request for it is answered, waiting up to `timeout` s on the
+        event loop, so that an adapter that cannot load is refused before a stream has started: AdapterFileError
+        with the folder's one-line reason, AdapterError if it is unknown. Returns quietly when it loaded, when the
+        load takes longer than `timeout` (the request then waits in the engine) or when the budget is full (the
+        engine waits for room, budget_wait_s)."""
         if adapter is None or adapter == self.base_name or self.registry.is_loaded(adapter):
             return
         self.registry.check_known(adapter)
