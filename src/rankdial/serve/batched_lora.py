@@ -58,12 +58,13 @@ class RankStack:
     Slots are reused when adapters leave; a full stack grows by half its capacity (at least one slot), so loading
     K adapters copies O(K) slots in all. `trim()` gives back the free slots' memory."""
 
-    def __init__(self, r: int, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, r: int, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype, capacity: int = 1):
         self.r, self.d_in, self.d_out = r, d_in, d_out
-        self.At = torch.empty(0, d_in, r, device=device, dtype=dtype)
-        self.Bt = torch.empty(0, r, d_out, device=device, dtype=dtype)
-        self.names: list[str | None] = []  # per slot; None: free
-        self.scale: list[float] = []
+        # free slots are never read (no row routes to them), so they need no zeros
+        self.At = torch.empty(capacity, d_in, r, device=device, dtype=dtype)
+        self.Bt = torch.empty(capacity, r, d_out, device=device, dtype=dtype)
+        self.names: list[str | None] = [None] * capacity  # per slot; None: free
+        self.scale: list[float] = [0.0] * capacity
 
     @property
     def slot_bytes(self) -> int:
@@ -83,9 +84,8 @@ class RankStack:
         if grow:
             self._resize(len(self.names) + grow)
         k = self.names.index(None)
-        with torch.no_grad():
-            self.At[k].copy_(A.t())
-            self.Bt[k].copy_(B.t())
+        self.At[k].copy_(A.detach().t())  # detached: copy_ into the stack never records autograd history
+        self.Bt[k].copy_(B.detach().t())
         self.names[k], self.scale[k] = name, float(scale)
         return k
 
@@ -103,8 +103,8 @@ class RankStack:
 
     def _resize(self, capacity: int) -> None:
         old = len(self.names)
-        At = self.At.new_zeros(capacity, self.d_in, self.r)
-        Bt = self.Bt.new_zeros(capacity, self.r, self.d_out)
+        At = self.At.new_empty(capacity, self.d_in, self.r)
+        Bt = self.Bt.new_empty(capacity, self.r, self.d_out)
         At[:old], Bt[:old] = self.At, self.Bt
         self.At, self.Bt = At, Bt
         self.names += [None] * (capacity - old)

@@ -130,6 +130,8 @@ class AdapterRegistry:
         self._ranks: dict[str, int] = {}  # loaded adapter -> its largest rank (info() without walking the model)
         self._stacks: dict[str, AdapterStacks] = {}  # layer path -> its routed stacks: the adapters' one storage
         self._where: dict[str, list[str]] = {}  # loaded adapter -> the layer paths holding it
+        self._parents: dict[str, tuple[nn.Module, str]] = {}  # layer path -> (its parent, its attribute there)
+        self._spare: dict[str, LoraLayer] = {}  # path -> the bare wrapper taken out when its last adapter left
         self._failed: dict[str, tuple[tuple, str]] = {}  # folder under root -> (its files' signature, why it failed)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
 
@@ -467,12 +469,25 @@ class AdapterRegistry:
 
     def _unwrap(self, path: str) -> None:
         """A layer whose stacks are empty: give the stacks' memory back, and the base its place if nothing else
-        wraps it (adapters the layer holds itself keep the wrapper)."""
-        layer = self.model.get_submodule(path)
-        layer.stacks = layer.routing = None
+        wraps it (adapters the layer holds itself keep the wrapper). The bare wrapper is kept aside for the next
+        adapter there (building one costs more than the copy of a small adapter's tensors)."""
+        layer = self._layer(path)
+        layer.routing = None
         del self._stacks[path]
-        if not layer.lora_A:
-            self.model.set_submodule(path, layer.base_layer)
+        if layer.lora_A:
+            layer.stacks = None
+        else:
+            parent, attr = self._parents[path]
+            parent._modules[attr] = layer.base_layer  # what setattr does for a child module, without its checks
+            self._spare[path] = layer  # its empty stacks hold no tensor (a rank's last adapter frees its stack)
+
+    def _layer(self, path: str) -> nn.Module:
+        """The module at `path`, its parent found once (get_submodule walks the path at every call)."""
+        if path not in self._parents:
+            parent, _, attr = path.rpartition(".")
+            self._parents[path] = (self.model.get_submodule(parent), attr)
+        parent, attr = self._parents[path]
+        return parent._modules[attr]
 
     def _plan(self, config: LoraConfig) -> Plan:
         """plan_targets, cached by config: the plan depends only on the base's structure (wrappers are seen
@@ -507,10 +522,17 @@ class AdapterRegistry:
 
     def _wrap(self, path: str) -> AdapterStacks:
         """The layer at `path` as a LoraLayer (wrapped, base frozen, if it is not one) with empty serving stacks."""
-        layer = self.model.get_submodule(path)
+        layer = self._layer(path)
         if not isinstance(layer, LoraLayer):
-            layer.requires_grad_(False)
-            layer = LoraLayer(layer)
-            self.model.set_submodule(path, layer)
-        layer.stacks = self._stacks[path] = AdapterStacks.for_layer(layer)
+            spare = self._spare.pop(path, None)
+            if spare is None or spare.base_layer is not layer:
+                layer.requires_grad_(False)
+                spare = LoraLayer(layer)
+                spare.stacks = AdapterStacks.for_layer(spare)
+            parent, attr = self._parents[path]
+            parent._modules[attr] = spare
+            layer = spare
+        elif layer.stacks is None:
+            layer.stacks = AdapterStacks.for_layer(layer)
+        self._stacks[path] = layer.stacks
         return layer.stacks

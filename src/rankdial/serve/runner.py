@@ -6,11 +6,12 @@ One KV cache, preallocated at start-up (SlotCache), holds every running request:
     slot s: one request's tokens at columns 0..n_s-1, position of its next token = n_s
 
 A request joins by taking a free slot: its prompt is prefilled (new rows together, left-padded) and its keys and
-values are written into its slot; it leaves by freeing the slot. Nobody else's cache is copied either way, and the
+values are written into its slot; it leaves by freeing the slot. The others' cache stays where it is, and the
 cache never grows: its bytes are slots x row_tokens, fixed by the flags (`rankdial serve --max-batch`,
 `--max-tokens-in-flight`), and a start-up whose cache does not fit the device is refused. A decode step feeds
-slots 0..n-1 their last token (a free slot among them computes a throwaway row), writes each new key at its own
-column and attends over the columns a mask allows. Each forward is routed (serve.batched_lora.route) so row i adds
+slots 0..n-1 their last token, writes each new key at its own column and attends over the columns a mask allows;
+so that it computes no empty slot, a hole that joining rows do not fill takes the highest row (that one row's
+columns copied). Each forward is routed (serve.batched_lora.route) so row i adds
 only its own adapter's term. A masked column gets an attention weight of exactly zero, so a row's tokens are
 those it would get alone, up to float rounding in the batched matmuls.
 
@@ -217,6 +218,7 @@ class Runner:
         if len(self.slot_of) + len(new) > self.slots:
             raise RequestError(f"{len(self.slot_of) + len(new)} rows at once, more than the runner's {self.slots} "
                                "slots (max_batch_size); schedule at most that many")
+        self._compact(len(new))
         out: dict[str, int] = {}
         if self.slot_of:
             old = sorted(self.slot_of.items(), key=lambda kv: kv[1])
@@ -235,6 +237,22 @@ class Runner:
     def release_all(self) -> None:
         for rid in list(self.slot_of):
             self._leave(rid)
+
+    def _compact(self, joining: int) -> None:
+        """Keep the rows in slots 0..n-1 (a decode step computes every slot below the highest held one): the
+        holes that the joining rows will not fill take the highest rows, one row's columns copied each."""
+        held = len(self.slot_of) + joining
+        holes = [k for k in range(held) if self.slot_ids[k] is None][joining:]  # the lowest ones go to new rows
+        high = sorted((s for s in self.slot_of.values() if s >= held), reverse=True)
+        for src, dst in zip(high, holes):
+            n = self.lengths[src]
+            for keys, values in zip(self.cache.keys, self.cache.values):
+                keys[dst, :, :n] = keys[src, :, :n]
+                values[dst, :, :n] = values[src, :, :n]
+            rid = self.slot_ids[src]
+            self.slot_ids[dst], self.slot_of[rid], self.lengths[dst] = rid, dst, n
+            self.slot_ids[src], self.lengths[src] = None, 0
+            self.last[dst] = self.last[src]
 
     def _leave(self, rid: str) -> None:
         """Free the row's slot: nothing is copied (its columns are overwritten by the next request there)."""
