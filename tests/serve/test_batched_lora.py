@@ -324,3 +324,22 @@ def test_route_keeps_the_routing_while_rows_and_stacks_are_unchanged(monkeypatch
     model[0].stacks.add("c", torch.randn(4, D_IN), torch.randn(D_OUT, 4), 1.0)
     route(model, ["b", "a"])
     assert model[0].routing is not second
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_distinct_adapters_within_a_range_are_read_through_a_view_of_the_stack(tokens):
+    """Rows with distinct adapters whose slots lie in a short range (gaps included) run over a view of the stack
+    instead of copying each row's adapter; the same sums as the reference and as the plain gather."""
+    model = layer_model({n: 4 for n in NAMES}, 6)
+    rows = ["ad1", "ad4", None, "ad2", "ad6"]  # slots 1, 4, 2, 6 of ad0..ad8: a range of 6 for 4 adapters
+    x = torch.randn(len(rows), tokens, D_IN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = reference_rows(model[0], x, rows)
+        route(model, rows)
+        (plan,) = model[0].routing.plans
+        assert plan.by_view and not plan.grouped and isinstance(plan.group_tensors()[0], slice)
+        assert (model(x) - ref).abs().max().item() <= 1e-5
+        model[0].routing.grouped = False  # the plain gather
+        assert not plan.by_view and (model(x) - ref).abs().max().item() <= 1e-5
+        route(model, ["ad0", "ad8"])  # a range of 9 for 2 adapters: copied, not viewed
+        assert not model[0].routing.plans[0].by_view

@@ -204,7 +204,12 @@ def _stack_key(layer: LoraLayer) -> tuple:
 
 class _RankPlan:
     """The rows of one rank in one batch: which rows, their slots, the path the rule picks, and the index tensors
-    each path reads (made on first use; shared by every layer whose stacks put these rows in the same slots)."""
+    each path reads (made on first use; shared by every layer whose stacks put these rows in the same slots).
+
+    `span` is the slots the grouped matmuls run over: the distinct slots, or, when every row has its own adapter
+    and their slots lie within a range at most twice their number, that whole range (a view of the stack, the gaps
+    computed and dropped): reading the range costs less than copying each row's adapter, so the gather path then
+    runs this way (`by_view`)."""
 
     def __init__(self, r: int, rows: list[int], slots: list[int], n_rows: int, device: torch.device):
         self.r, self.rows, self.slots, self.device = r, rows, slots, device
@@ -214,6 +219,9 @@ class _RankPlan:
             groups.setdefault(slot, []).append(row)
         self.groups, self.size = groups, max(map(len, groups.values()))
         self.grouped = len(groups) < len(rows) and len(groups) * self.size <= 2 * len(rows)  # the rule (Routing)
+        uniq = sorted(groups)
+        self.by_view = self.size == 1 and uniq[-1] - uniq[0] + 1 <= 2 * len(uniq)
+        self.span = list(range(uniq[0], uniq[-1] + 1)) if self.by_view else uniq
         self._gather = self._group = None
 
     def gather_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -224,17 +232,17 @@ class _RankPlan:
         return self._gather
 
     def group_tensors(self) -> tuple:
-        """(the distinct slots as a slice or an index, the rows each group reads (padded with its first row), the
+        """(the span's slots as a slice or an index, the rows each slot of the span reads (padded with a row), the
         valid positions (None without padding), the rows they add to)."""
         if self._group is None:
-            uniq, size, groups = sorted(self.groups), self.size, self.groups
+            span, size, groups, pad = self.span, self.size, self.groups, [self.rows[0]]
             as_index = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
-            pos = [g[i] if i < len(g) else g[0] for u in uniq for g in (groups[u],) for i in range(size)]
-            valid = [k for k, u in enumerate(uniq) for k in range(k * size, k * size + len(groups[u]))]
-            contiguous = uniq == list(range(uniq[0], uniq[0] + len(uniq)))
-            self._group = (slice(uniq[0], uniq[0] + len(uniq)) if contiguous else as_index(uniq), as_index(pos),
+            pos = [g[i] if i < len(g) else g[0] for u in span for g in (groups.get(u, pad),) for i in range(size)]
+            valid = [k * size + i for k, u in enumerate(span) for i in range(len(groups.get(u, ())))]
+            contiguous = span == list(range(span[0], span[0] + len(span)))
+            self._group = (slice(span[0], span[0] + len(span)) if contiguous else as_index(span), as_index(pos),
                            None if len(valid) == len(pos) else as_index(valid),
-                           as_index([row for u in uniq for row in groups[u]]))
+                           as_index([row for u in span for row in groups.get(u, ())]))
         return self._group
 
 
@@ -275,6 +283,7 @@ class Routing:
     def grouped(self, value: bool) -> None:
         for plan in self.plans:
             plan.grouped = value
+            plan.by_view = plan.by_view and value  # forced gather: each row's own copy, the plain way
 
     def slot(self, row: int) -> tuple[int, int] | None:
         """Row `row`'s (rank, slot) in this layer's stacks; None when it adds nothing here."""
@@ -285,7 +294,7 @@ class Routing:
         key = (plan.r, grouped)
         if key not in self._scales:
             scale = self.stacks.stacks[plan.r].scale
-            slots = sorted(plan.groups) if grouped else plan.slots
+            slots = plan.span if grouped else plan.slots
             self._scales[key] = torch.tensor([scale[k] for k in slots], dtype=self.stacks.dtype, device=plan.device)
         return self._scales[key]
 
@@ -306,7 +315,7 @@ class Routing:
             h3 = h3.to(dtype, copy=True)
         for plan in self.plans:
             stack = self.stacks.stacks[plan.r]
-            if plan.grouped:
+            if plan.grouped or plan.by_view:
                 uniq, pos, valid, rows = plan.group_tensors()
                 At, Bt = (stack.At[uniq], stack.Bt[uniq]) if isinstance(uniq, slice) else (
                     stack.At.index_select(0, uniq), stack.Bt.index_select(0, uniq))
