@@ -313,7 +313,7 @@ def test_route_keeps_the_routing_while_rows_and_stacks_are_unchanged(monkeypatch
     bl = importlib.import_module("rankdial.serve.batched_lora")  # the package exports a function of that name
 
     model = stacked_model({"a": 4, "b": 4}, 41)
-    monkeypatch.setattr(bl, "_stack_key", lambda layer: pytest.fail("registry stacks are never re-keyed"))
+    monkeypatch.setattr(bl, "stack_key", lambda layer: pytest.fail("registry stacks are never re-keyed"))
     route(model, ["a", "b", None])
     first = model[0].routing
     route(model, ["a", "b", None])

@@ -2,6 +2,7 @@
 
     batched_lora.py  heterogeneous batching: one forward of the base, row i adds s_i·B_i·A_i·x_i (or nothing);
                      route(model, rows) / clear_route(model), with the per-request reference loop beside it.
+    stacks.py        the routed adapters' storage: per layer one stack per rank (AdapterStacks, RankStack).
     scheduler.py     continuous-batching bookkeeping in plain Python (no torch): admission under batch-size
                      and tokens-in-flight limits, round-robin across adapters, FIFO within one, cancellation.
     registry.py      AdapterRegistry: adapter folders loaded on first use (read off the engine thread) straight
@@ -21,7 +22,8 @@
                      a ConfigError naming --port / --host if it cannot be (for the playground too).
 """
 
-from .batched_lora import AdapterStacks, Routing, batched_lora, clear_route, reference_rows, route
+from .batched_lora import Routing, batched_lora, clear_route, reference_rows, route
+from .stacks import AdapterStacks
 from .engine import Engine
 from .handle import Completion, Handle, TokenEvent
 from .registry import AdapterInfo, AdapterRegistry

@@ -35,7 +35,7 @@ from ..config import LoraConfig, lora_scaling
 from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable
 from ..lora import LoraLayer
 from ..lora.inject import Plan, plan_targets, with_task_heads
-from .batched_lora import AdapterStacks
+from .stacks import AdapterStacks
 
 DEFAULT_BUDGET_BYTES = 1 << 30  # 1 GiB of adapter weights: hundreds of rank-16 adapters on a 7B model
 # A plain folder name, the one rule for an adapter's name (the API's schemas use it too): no '.', '/', '\\', spaces
