@@ -33,7 +33,8 @@ from ..lora.inject import named_wrappers
 from .stacks import AdapterStacks, stack_key
 
 
-def batched_lora(h: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def batched_lora(h: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor,
+                 scale: torch.Tensor) -> torch.Tensor:
     """h[i] += scale[i]·x[i]·At[i]·Bt[i]:  h (N, L, d_out), x (N, L, d_in), At (N, d_in, r), Bt (N, r, d_out),
     scale (N,). Adds into h in place (and returns it): one pass over the output instead of a product and an add."""
     z = torch.bmm(x, At).mul_(scale[:, None, None])  # (N, L, r): s applied on the small side
@@ -211,7 +212,8 @@ def _check_rows(layers: list[tuple[str, LoraLayer]], rows) -> list[str | None]:
         raise RequestError(f"route() takes a non-empty list with one adapter name (or None) per batch row, got {rows!r}")
     unknown = sorted(r for r in set(rows) - {None} if not any(_held(layer, r) for _, layer in layers))
     if unknown:
-        loaded = sorted({n for _, layer in layers for n in [*layer.lora_A, *(layer.stacks.where if layer.stacks else ())]})
+        loaded = sorted({n for _, layer in layers
+                         for n in [*layer.lora_A, *(layer.stacks.where if layer.stacks else ())]})
         raise AdapterError(f"unknown adapter(s) {unknown} in route(); this model has {loaded or 'no adapters'} "
                            "(load_adapter() it first, or use None for the base)")
     return list(rows)

@@ -71,9 +71,9 @@ class Engine:
         self.budget_wait_s = budget_wait_s  # how long a request waits for room in a full adapter budget
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.scheduler = Scheduler(limits)
-        row_tokens = min(self.context, self.scheduler.limits.max_tokens_in_flight, self.max_prompt_tokens + max_new_tokens)
-        self.runner = Runner(model, pad if pad is not None else 0, slots=self.scheduler.limits.max_batch_size,
-                             row_tokens=row_tokens)
+        sched = self.scheduler.limits  # the KV cache holds max_batch_size rows of at most this many tokens:
+        row_tokens = min(self.context, sched.max_tokens_in_flight, self.max_prompt_tokens + max_new_tokens)
+        self.runner = Runner(model, pad if pad is not None else 0, slots=sched.max_batch_size, row_tokens=row_tokens)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self.eos_ids = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
