@@ -276,6 +276,10 @@ def add_serve_parser(verbs, fmt) -> None:
     p.add_argument("--admin-key", help="key for loading by path and unloading (env RANKDIAL_ADMIN_KEY)")
     p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: 512)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default: what the model's context allows)")
+    p.add_argument("--max-batch", type=int, help="most requests decoded at once: the KV cache's rows (default: 32)")
+    p.add_argument("--max-tokens-in-flight", type=int,
+                   help="most tokens held at once (prompt + max_tokens of each running request; also caps one row of "
+                        "the KV cache; default: 16384)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default: 1024)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM / Ctrl-C, seconds to let requests in flight finish before cancelling them (default: 30)")

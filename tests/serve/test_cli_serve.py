@@ -176,3 +176,26 @@ def test_sigterm_cancels_a_stream_still_running_after_the_drain_timeout(tmp_path
     finals = [json.loads(c[6:])["choices"][0]["finish_reason"] for c in chunks if c.startswith("data: {")]
     assert finals[-1] == "length" and chunks[-1] == "data: [DONE]"
     assert app.state.cancelled_at_shutdown == 1
+
+
+def test_batch_and_tokens_in_flight_flags_size_the_kv_cache_and_a_cache_too_large_refuses_the_start(monkeypatch, capsys):
+    """Issue 19 defect 2: --max-batch and --max-tokens-in-flight reach the scheduler and size the preallocated KV
+    cache; a cache that cannot fit is refused at start-up in one line naming the flags to lower."""
+    import rankdial.serve.runner as runner_mod
+    from rankdial.cli import main
+
+    app, line = app_from_args(serve_args("--max-batch", "3", "--max-tokens-in-flight", "100"), freeze_gc=False)
+    engine = app.state.engine
+    try:
+        limits = engine.scheduler.limits
+        assert (limits.max_batch_size, limits.max_tokens_in_flight) == (3, 100)
+        assert engine.runner.cache.shape[0] == 3 and engine.runner.cache.shape[2] == 100  # slots x tokens per row
+        assert "batch <= 3" in line and "KV cache" in line
+    finally:
+        engine.shutdown(drain=False)
+    with pytest.raises(ConfigError, match="--max-batch must be positive.*--max-tokens-in-flight must be positive"):
+        check_serve_flags(serve_args("--max-batch", "0", "--max-tokens-in-flight", "-5"))
+    monkeypatch.setattr(runner_mod, "available_bytes", lambda device: 2**20)
+    assert main(["serve", "--port", "0", "--max-batch", "64"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (a progress bar beside)
+    assert len(errors) == 1 and "KV cache for 64 rows" in errors[0] and "lower --max-batch" in errors[0], errors

@@ -109,6 +109,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self._unmerged_active: tuple[str, ...] = ()
         self.routing = None  # serve.batched_lora.Routing, set by route(): each batch row adds its own adapter
+        self.stacks = None  # serve.batched_lora.AdapterStacks: adapters held for routing only (the serving registry's)
         self.generation = 0  # bumped whenever an adapter is added or deleted (caches such as routing's key on it)
 
     # -- the base, seen through the wrapper -------------------------------------------------------
@@ -143,18 +144,15 @@ class LoraLayer(nn.Module):
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     init_lora_weights: bool | str = True, config: LoraConfig | None = None, *, init: bool = True,
-                    weights: tuple[torch.Tensor, torch.Tensor] | None = None, use_dora: bool = False,
-                    loftq_config: dict | None = None) -> None:
+                    use_dora: bool = False, loftq_config: dict | None = None) -> None:
         """Add adapter `name` (inactive); A Kaiming-uniform and B zero unless init_lora_weights says otherwise
         (False, "gaussian", "pissa", "pissa_niter_K", "olora", "loftq": lora/init.py; PiSSA, OLoRA and LoftQ
         change the base weight too). use_dora adds DoRA's magnitude m = ‖W₀ + s·BA‖ per row (after the init).
 
         `config` is the model-level LoraConfig it was injected with (what save_adapter writes). init=False leaves
         A and B uninitialised (torch.empty, no random numbers drawn) for a caller that copies weights into them
-        straight away; the layer is wrong until it does. weights=(A, B) makes those tensors, (r, d_in) and
-        (d_out, r), the adapter's parameters themselves (moved to the adapters' device and dtype only where they
-        differ, so the caller hands them over and must not reuse them), as the serving registry's load does.
-        Raises AdapterError for a bad or taken name or bad weights, ConfigError for a bad r, alpha or dropout.
+        straight away; the layer is wrong until it does.
+        Raises AdapterError for a bad or taken name, ConfigError for a bad r, alpha or dropout.
         """
         check_name(name)
         tables = self._modules
@@ -166,16 +164,14 @@ class LoraLayer(nn.Module):
         if use_dora:
             dora.check_base(self.base_layer)
         device, dtype = self._base_device_dtype()
-        if weights is not None:
-            A, B = (_linear_around(w) for w in self._adopt(name, r, weights, device, dtype))
-        elif not init:
+        if not init:
             A = _linear_around(torch.empty(r, self.in_features, device=device, dtype=dtype))
             B = _linear_around(torch.empty(self.out_features, r, device=device, dtype=dtype))
         else:
             A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
             B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         scale = lora_scaling(r, alpha, use_rslora)
-        if init and weights is None:
+        if init:
             from .init import initialise  # (init.py uses quant/ and this layer's base; imported when used)
 
             initialise(self, A.weight, B.weight, scale, init_lora_weights, loftq_config)
@@ -185,8 +181,7 @@ class LoraLayer(nn.Module):
         _put(tables["lora_B"], name, B)
         _put(tables["lora_dropout"], name, nn.Dropout(dropout) if dropout > 0 else _bare_module(nn.Identity))
         if use_dora:
-            m = dora.row_norm(self.base_layer, A.weight, B.weight, scale) if init or weights is not None \
-                else torch.empty(self.out_features)
+            m = dora.row_norm(self.base_layer, A.weight, B.weight, scale) if init else torch.empty(self.out_features)
             _put(tables["lora_magnitude_vector"], name, dora.Magnitude(m.to(device=device, dtype=dtype)))
         self.scaling[name] = scale
         self.generation += 1
@@ -195,19 +190,6 @@ class LoraLayer(nn.Module):
                                 init_lora_weights=init_lora_weights, target_modules=BY_HAND, use_dora=use_dora,
                                 loftq_config=loftq_config or {})
         self.configs[name] = (next(_ORDER), config)
-
-    def _adopt(self, name: str, r: int, weights, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-        """weights=(A, B) checked against this layer and rank r, on the adapters' device and dtype."""
-        shapes = ((r, self.in_features), (self.out_features, r))
-        if (not isinstance(weights, (tuple, list)) or len(weights) != 2
-                or not all(isinstance(w, torch.Tensor) and w.is_floating_point() for w in weights)):
-            raise AdapterError(f"adapter {name!r}: weights must be a pair of floating-point tensors (A, B) of shapes "
-                               f"{list(shapes[0])} and {list(shapes[1])}, got {type(weights).__name__}")
-        for side, w, shape in zip("AB", weights, shapes):
-            if tuple(w.shape) != shape:
-                raise AdapterError(f"adapter {name!r}: lora_{side} has shape {list(w.shape)}, this layer needs "
-                                   f"{list(shape)} (r={r}, {self.in_features} -> {self.out_features})")
-        return [w.detach().to(device=device, dtype=dtype) for w in weights]
 
     def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Where the adapters live, and in which dtype: fp32 unless the base computes in fp32/fp64 itself.

@@ -6,9 +6,12 @@ halves so that a load never stalls requests for other adapters:
     read    (any thread, no lock): resolve the path safely, read adapter_config.json and the safetensors file,
             check the file on its own (check_adapter_tensors). Pickle files are never read.
     attach  (under `lock`, which the engine holds while it runs a step): check the targets and shapes against
-            the base, evict least-recently-used adapters until the new one fits the budget, inject and copy.
+            the base, evict least-recently-used adapters until the new one fits the budget, and copy each
+            layer's A and B straight into that layer's routed stacks (serve.batched_lora.AdapterStacks, one
+            stack per rank): the stacks are the adapters' one copy, no module is built per adapter.
 
-The cache is an LRU bounded by a budget in BYTES (adapters of different ranks differ in size), with pinning;
+The cache is an LRU bounded by a budget in BYTES on everything the stacks hold (free slots of a stack grown ahead
+included; under pressure free slots are given back before anything is evicted), with pinning;
 an adapter in use by a running request (acquire/release) is never evicted. Counters: hits, misses, evictions.
 An adapter that does not fit the base is refused with the reason and the others keep serving.
 """
@@ -21,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,10 +33,11 @@ from torch import nn
 from ..adapters import read_adapter_config, read_adapter_weights
 from ..adapters.io import check_tensor_shapes, check_adapter_tensors, check_servable, expected_shapes
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
-from ..config import LoraConfig
+from ..config import LoraConfig, lora_scaling
 from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable, one_line, shorten
-from ..lora import LoraLayer, delete_adapter
+from ..lora import LoraLayer
 from ..lora.inject import Plan, plan_targets, with_task_heads
+from .stacks import AdapterStacks
 
 log = logging.getLogger("rankdial.serve")
 
@@ -111,7 +115,7 @@ class AdapterRegistry:
     Args:
         model: the base model (with or without LoRA layers yet); adapters are injected into it.
         root: the folder whose sub-folders are the adapters (None: only adapters loaded by path).
-        budget_bytes: the most bytes of adapter weights held in the model at once (default 1 GiB).
+        budget_bytes: the most bytes the adapters' stacks hold in the model at once (default 1 GiB).
     """
 
     def __init__(self, model: nn.Module, root: str | Path | None = None, *, budget_bytes: int | None = None):
@@ -135,6 +139,10 @@ class AdapterRegistry:
         self._held_reads: dict[str, _Read] = {}  # reads whose attach found the budget full, kept for the retry
         self._plans: dict[str, Plan] = {}
         self._ranks: dict[str, int] = {}  # loaded adapter -> its largest rank (info() without walking the model)
+        self._stacks: dict[str, AdapterStacks] = {}  # layer path -> its routed stacks: the adapters' one storage
+        self._where: dict[str, list[str]] = {}  # loaded adapter -> the layer paths holding it
+        self._parents: dict[str, tuple[nn.Module, str]] = {}  # layer path -> (its parent, its attribute there)
+        self._spare: dict[str, LoraLayer] = {}  # path -> the bare wrapper taken out when its last adapter left
         self._failed: dict[str, tuple[tuple, str]] = {}  # folder under root -> (its files' signature, why it failed)
         self._loaded_from: dict[str, tuple] = {}  # loaded folder under root -> its files' signature when read
         self._checked: dict[str, float] = {}  # loaded folder under root -> when its files were last compared
@@ -145,7 +153,8 @@ class AdapterRegistry:
     # -- what is known -------------------------------------------------------------------------------
     @property
     def loaded_bytes(self) -> int:
-        return sum(self._loaded.values())
+        """Every byte the adapters' stacks hold (free slots included): what the budget bounds."""
+        return sum(stacks.nbytes for stacks in self._stacks.values())
 
     def loaded(self) -> list[str]:
         """The adapters held in the model, least recently used first."""
@@ -332,14 +341,8 @@ class AdapterRegistry:
                 if not by_path:
                     self._remember_failure(name, read.path, message, read.signature)
                 raise AdapterFileError(message) from None
-            size = sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4  # float32 A and B, as the layers hold them
-            self._make_room(name, size)
-            try:
-                held = self._attach(name, config, plan, read.tensors)
-            except BaseException:  # all or nothing: no layer keeps a part of an adapter that failed to attach
-                self._detach_partial(name)
-                raise
-            self._loaded[name] = held
+            minimal = self._make_room(name, plan)
+            self._loaded[name] = self._store(name, config, plan, read.tensors, minimal)
             self._ranks[name] = max((t.r for t in plan.targets), default=0)
             if read.signature:
                 self._loaded_from[name], self._checked[name] = read.signature, time.monotonic()
@@ -476,12 +479,35 @@ class AdapterRegistry:
         self._reader.shutdown(wait=False, cancel_futures=True)
 
     # -- internals -------------------------------------------------------------------------------------
-    def _make_room(self, name: str, size: int) -> None:
+    def _own_bytes(self, plan: Plan) -> int:
+        """The bytes of an adapter's own slots (its A and B, float32 as the stacks hold them)."""
+        return sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4
+
+    def _need(self, plan: Plan, minimal: bool = False) -> int:
+        """The bytes storing this plan's adapter would allocate (stack growth; 0 where free slots take it)."""
+        need = 0
+        for t in plan.targets:
+            stacks = self._stacks.get(t.path)
+            need += (t.r * (t.d_in + t.d_out) * 4 if stacks is None else stacks.growth_bytes(t.r, minimal))
+        return need
+
+    def _make_room(self, name: str, plan: Plan) -> bool:
+        """Evict least-recently-used adapters (and give back free slots) until storing the adapter keeps every byte
+        the stacks hold within the budget; whether it must grow stacks by one slot only (the budget's edge)."""
+        size = self._own_bytes(plan)
         if size > self.budget_bytes:
             raise AdapterFileError(f"adapter {name!r} needs {size} bytes, more than the whole adapter budget "
                                    f"({self.budget_bytes} bytes); raise the budget (rankdial serve --budget-mb, "
                                    "or budget_bytes)")
-        while self.loaded_bytes + size > self.budget_bytes:
+        while True:
+            if self.loaded_bytes + self._need(plan) <= self.budget_bytes:
+                return False
+            if self.loaded_bytes + self._need(plan, minimal=True) <= self.budget_bytes:
+                return True
+            if any(st.slack for st in self._stacks.values()):
+                for stacks in self._stacks.values():
+                    stacks.trim()
+                continue
             victim = next((n for n in self._loaded if n not in self._pinned and not self._in_use.get(n)), None)
             if victim is None:
                 raise BudgetFull(f"adapter {name!r} ({size} bytes) does not fit the adapter budget "
@@ -491,19 +517,16 @@ class AdapterRegistry:
             self.evictions += 1
 
     def _evict(self, name: str) -> None:
-        delete_adapter(self.model, name)
+        for path in self._where.pop(name, ()):
+            stacks = self._stacks[path]
+            stacks.remove(name)
+            if not stacks.where:
+                self._unwrap(path)
         del self._loaded[name]
         self._ranks.pop(name, None)
         self._pinned.discard(name)
         self._loaded_from.pop(name, None)
         self._checked.pop(name, None)
-
-    def _detach_partial(self, name: str) -> None:
-        """Remove what a failed attach left of `name` in the model's layers (nothing, if it failed before the first)."""
-        try:
-            delete_adapter(self.model, name)
-        except AdapterError:  # no layer holds it
-            pass
 
     def _drop_if_changed(self, name: str) -> bool:
         """Unload adapter `name` (under `lock`) if its folder's files changed since it was loaded and no running
@@ -522,6 +545,28 @@ class AdapterRegistry:
         self._evict(name)
         return True
 
+    def _unwrap(self, path: str) -> None:
+        """A layer whose stacks are empty: give the stacks' memory back, and the base its place if nothing else
+        wraps it (adapters the layer holds itself keep the wrapper). The bare wrapper is kept aside for the next
+        adapter there (building one costs more than the copy of a small adapter's tensors)."""
+        layer = self._layer(path)
+        layer.routing = None
+        del self._stacks[path]
+        if layer.lora_A:
+            layer.stacks = None
+        else:
+            parent, attr = self._parents[path]
+            parent._modules[attr] = layer.base_layer  # what setattr does for a child module, without its checks
+            self._spare[path] = layer  # its empty stacks hold no tensor (a rank's last adapter frees its stack)
+
+    def _layer(self, path: str) -> nn.Module:
+        """The module at `path`, its parent found once (get_submodule walks the path at every call)."""
+        if path not in self._parents:
+            parent, _, attr = path.rpartition(".")
+            self._parents[path] = (self.model.get_submodule(parent), attr)
+        parent, attr = self._parents[path]
+        return parent._modules[attr]
+
     def _plan(self, config: LoraConfig) -> Plan:
         """plan_targets, cached by config: the plan depends only on the base's structure (wrappers are seen
         through) and the config, and computing it walks the whole model, which grows with every adapter loaded."""
@@ -532,27 +577,40 @@ class AdapterRegistry:
             self._plans[key] = plan_targets(self.model, config)
         return self._plans[key]
 
-    def _attach(self, name: str, config: LoraConfig, plan: Plan, tensors: dict[str, torch.Tensor]) -> int:
-        """apply_plan for serving, touching only the plan's layers (apply_plan's freeze_base walks every parameter
-        of the model, so its cost would grow with the adapters loaded): wrap, add (inactive, frozen), copy in.
-        Returns the bytes the adapter holds."""
-        recorded = replace(config, fan_in_fan_out=any(t.fan_in_fan_out for t in plan.targets))
-        held = 0
-        with torch.no_grad():
+    def _store(self, name: str, config: LoraConfig, plan: Plan, tensors: dict[str, torch.Tensor], minimal: bool) -> int:
+        """Write the adapter's tensors straight into the target layers' routed stacks (wrapping a layer on its
+        first adapter); nothing else is built or kept. All or nothing: a failure takes out what was written.
+        minimal: grow a full stack by one slot only (the budget's edge, _make_room). Returns the adapter's own bytes."""
+        self._where[name] = paths = []
+        try:
             for t in plan.targets:
-                layer = self.model.get_submodule(t.path)
-                if not isinstance(layer, LoraLayer):
-                    layer.requires_grad_(False)
-                    layer = LoraLayer(layer)
-                    self.model.set_submodule(t.path, layer)
-                # init=False: overwritten just below, no random initialisation. Copied, not adopted (add_adapter's
-                # weights=): safetensors maps the file, and a file rewritten in place under a server would change
-                # (or, truncated, SIGBUS) weights that alias the mapping.
-                layer.add_adapter(name, t.r, t.alpha, config.lora_dropout, config.use_rslora, False, config=recorded,
-                                  init=False)
-                for side in ("A", "B"):
-                    weight = getattr(layer, f"lora_{side}")[name].weight
-                    weight.requires_grad_(False)
-                    weight.copy_(tensors[lora_key(t.path, side)])
-                    held += weight.numel() * weight.element_size()
-        return held
+                stacks = self._stacks.get(t.path) or self._wrap(t.path)
+                paths.append(t.path)
+                stacks.add(name, tensors[lora_key(t.path, "A")], tensors[lora_key(t.path, "B")],
+                           lora_scaling(t.r, t.alpha, config.use_rslora), minimal)
+        except BaseException:
+            for path in paths:
+                if name in self._stacks[path].where:
+                    self._stacks[path].remove(name)
+                if not self._stacks[path].where:
+                    self._unwrap(path)
+            del self._where[name]
+            raise
+        return self._own_bytes(plan)
+
+    def _wrap(self, path: str) -> AdapterStacks:
+        """The layer at `path` as a LoraLayer (wrapped, base frozen, if it is not one) with empty serving stacks."""
+        layer = self._layer(path)
+        if not isinstance(layer, LoraLayer):
+            spare = self._spare.pop(path, None)
+            if spare is None or spare.base_layer is not layer:
+                layer.requires_grad_(False)
+                spare = LoraLayer(layer)
+                spare.stacks = AdapterStacks.for_layer(spare)
+            parent, attr = self._parents[path]
+            parent._modules[attr] = spare
+            layer = spare
+        elif layer.stacks is None:
+            layer.stacks = AdapterStacks.for_layer(layer)
+        self._stacks[path] = layer.stacks
+        return layer.stacks
