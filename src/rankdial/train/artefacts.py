@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..adapters.io import ADAPTER_FILES
-from ..atomic import MARKER, atomic_dir, atomic_file, write_text
+from ..atomic import MARKER, OwnFiles, atomic_dir, atomic_file, write_text
 from ..errors import TrainingError
 
 RUN_KIND = "train-run"  # the marker kind of a run folder
@@ -26,11 +26,9 @@ PLOT_NAME = "loss.png"
 LEGACY_RUN_NAMES = {CONFIG_NAME, METRICS_NAME, PLOT_NAME, DONE_MARKER, "checkpoints"} | ADAPTER_FILES
 
 
-def is_legacy_run(folder: Path) -> bool:
-    """A run folder written before rankdial's marker: it holds rankdial_train.json and nothing but a run's own
-    files (one common file name alone does not make a folder rankdial's to replace)."""
-    names = {p.name for p in folder.iterdir()}
-    return CONFIG_NAME in names and names <= LEGACY_RUN_NAMES
+# A run folder written before rankdial's marker: it holds rankdial_train.json and nothing but a run's own
+# files (rankdial.atomic.OwnFiles, the rule every kind uses).
+is_legacy_run = OwnFiles(CONFIG_NAME, LEGACY_RUN_NAMES)
 
 
 def append_metrics(path: Path, record: dict) -> None:
