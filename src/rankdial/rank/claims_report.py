@@ -2,10 +2,15 @@
 
 The folder is written beside its target and swapped in whole (atomic_dir, kind "claims-report"), so a report
 that fails half way leaves the previous one as it was, and a folder rankdial did not write is never replaced.
+
+A figure that came out NaN or ±Inf (a run that diverged) never loses the report: report.md writes it
+"diverged" (claims_text.Diverged), claims.json holds null there and lists it under "not_finite" with its value,
+and a plot leaves it out (a plot with nothing finite left says so instead).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -118,9 +123,15 @@ def plot_steering(f: dict, png: Path) -> None:
         full = runs[-1]
         ax.plot([run["rank"] for run in lora], [run["eval_loss"] for run in lora], "o-", label="LoRA")
         for run in lora:
+            if math.isnan(run["eval_loss"]):  # diverged (NaN/Inf, made NaN for plotting): said at the top
+                ax.annotate(f"r={run['rank']} diverged", (run["rank"], 0.86), xycoords=("data", "axes fraction"),
+                            fontsize=7, color="tab:blue")
+                continue
             ax.annotate(f"lr {run['lr']:g}", (run["rank"], run["eval_loss"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
-        ax.axhline(full["eval_loss"], color="tab:red", label=f"full fine-tuning (lr {full['lr']:g})")
+        gone = math.isnan(full["eval_loss"])
+        ax.axhline(full["eval_loss"], color="tab:red",
+                   label="full fine-tuning: diverged" if gone else f"full fine-tuning (lr {full['lr']:g})")
         ax.axhline(full["eval_loss_before"], color="grey", linestyle=":", label="before training")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("LoRA rank")
@@ -128,6 +139,51 @@ def plot_steering(f: dict, png: Path) -> None:
         ax.set_title(f"{name} task, {f['steps']} steps, lr chosen on validation", fontsize=9)
         ax.legend()
     _save(plt, fig, png)
+
+
+def _strict_json(x, path: str = "", found: dict | None = None):
+    """(x with every NaN/Inf float as None, {dotted path: "nan" | "inf" | "-inf"} of those)."""
+    found = {} if found is None else found
+    if isinstance(x, dict):
+        return {k: _strict_json(v, f"{path}.{k}" if path else str(k), found)[0] for k, v in x.items()}, found
+    if isinstance(x, list):
+        return [_strict_json(v, f"{path}.{i}", found)[0] for i, v in enumerate(x)], found
+    if isinstance(x, float) and not math.isfinite(x):
+        found[path] = str(x)
+        return None, found
+    return x, found
+
+
+def _plottable(x):
+    """x with ±Inf as NaN (matplotlib leaves NaN points out; an infinite one would stretch the axes)."""
+    if isinstance(x, dict):
+        return {k: _plottable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plottable(v) for v in x]
+    return math.nan if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _no_plot(name: str, png: Path) -> None:
+    """The PNG of a claim whose figures left nothing to draw: it says why."""
+    plt, fig, ax = _figure()
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{name}: the figures diverged (NaN/Inf); nothing to plot", ha="center", va="center")
+    _save(plt, fig, png)
+
+
+def _plot(name: str, figures: dict, png: Path) -> None:
+    """PLOTS[name] on the claim's figures, NaN/Inf left out; when they leave matplotlib nothing to draw (every
+    value of a log axis gone), the PNG says so. A failure on finite figures is a bug and is raised."""
+    import matplotlib.pyplot as plt
+
+    clean = _plottable(figures)
+    if clean == clean and figures == clean:  # no NaN anywhere (NaN != NaN): plot as always
+        return PLOTS[name](figures, png)
+    try:
+        PLOTS[name](clean, png)
+    except (ValueError, OverflowError):  # e.g. "Data cannot be log-scaled because all values are <= 0"
+        plt.close("all")
+        _no_plot(name, png)
 
 
 PLOTS = {"parameters": plot_parameters, "merge": plot_merge, "memory": plot_memory, "rank": plot_rank,
@@ -146,9 +202,10 @@ def write_report(out: str | Path, quick: bool = True, log=print, figures: dict |
     check_target(out, KIND, what="--out folder")  # fail before minutes of measuring, not after
     figures = run_claims(quick, log) if figures is None else figures
     with atomic_dir(out, KIND, what="--out folder") as tmp:
-        for name, plot in PLOTS.items():
-            plot(figures[name], tmp / f"{name}.png")
-        write_json(tmp / "claims.json", figures)
+        for name in PLOTS:
+            _plot(name, figures[name], tmp / f"{name}.png")
+        strict, not_finite = _strict_json(figures)
+        write_json(tmp / "claims.json", {**strict, "not_finite": not_finite} if not_finite else strict)
         command = f"rankdial claims{' --quick' if quick else ''} --out {out}"
         write_text(tmp / "report.md", markdown(figures, command, sys.version.split()[0]))
     return figures
