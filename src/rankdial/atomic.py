@@ -288,6 +288,36 @@ def sweep_stale(target: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
     return removed
 
 
+def swap_in(folder: str | os.PathLike, target: str | os.PathLike, kind: str,
+            inputs: Iterable[str | os.PathLike | None] = (), legacy: OwnFiles | None = None,
+            what: str = "output folder") -> Path:
+    """Make `folder` (built beside `target`, on the same filesystem) the new `target`, whole: its marker written
+    (listing its files), flushed, `target` checked again (check_target), then swapped in (renameat2 exchange, else
+    two renames). The replaced folder is removed. If anything fails, `target` is as it was and `folder` is left
+    where it is, so the work in it is never lost here."""
+    folder, target = Path(folder), Path(target)
+    files = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+    (folder / MARKER).write_text(json.dumps({"kind": kind, "written_by": "rankdial", "files": files}) + "\n")
+    _plain_modes(folder)
+    fsync_tree(folder)
+    check_target(target, kind, inputs, legacy, what)  # the world may have changed while we wrote
+    if not target.exists():
+        os.rename(folder, target)
+    elif _exchange(folder, target):
+        shutil.rmtree(folder)  # folder now holds the old target
+    else:
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+        try:
+            os.rename(folder, target)
+        except BaseException:
+            os.rename(old, target)  # put the good folder back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(target.parent)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
                legacy: OwnFiles | None = None, what: str = "output folder"):
@@ -304,25 +334,7 @@ def atomic_dir(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.P
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}@{_HOST}-", dir=target.parent))
     try:
         yield tmp
-        files = sorted(p.name for p in tmp.iterdir())
-        (tmp / MARKER).write_text(json.dumps({"kind": kind, "written_by": "rankdial", "files": files}) + "\n")
-        _plain_modes(tmp)
-        fsync_tree(tmp)
-        check_target(target, kind, inputs, legacy, what)  # the world may have changed while we wrote
-        if not target.exists():
-            os.rename(tmp, target)
-        elif _exchange(tmp, target):
-            shutil.rmtree(tmp)  # tmp now holds the old folder
-        else:
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)  # put the good folder back before the temporary one is removed
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(target.parent)
+        swap_in(tmp, target, kind, inputs, legacy, what)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
