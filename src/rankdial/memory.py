@@ -366,6 +366,23 @@ def process_status_bytes(key: str) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) * 1024
 
 
+def reset_peak_memory(device="cpu") -> None:
+    """Start peak_memory_mb afresh, so it reports what happens from here on (one run of several in a process):
+    CUDA's peak statistics, else the resident peak (writing 5 to /proc/self/clear_refs; where that is not
+    possible the process's peak stays, and peak_memory_mb reports it as before)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device="cpu") -> float:
     """This process's peak memory in MiB: CUDA's max_memory_allocated on a GPU, else the resident peak (VmHWM)."""
     import resource
