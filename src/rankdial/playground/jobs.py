@@ -9,7 +9,7 @@ The math is the library's: `rankdial.train.loop`'s stages, `rankdial.rank.spectr
 
 from __future__ import annotations
 
-import itertools
+import secrets
 import shutil
 import tempfile
 import threading
@@ -117,7 +117,6 @@ class JobManager:
         self.keep_adapter = keep_adapter
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
 
     def running(self) -> list[Job]:
         return [j for j in self.jobs.values() if not j.finished]
@@ -134,7 +133,7 @@ class JobManager:
             finished = [j for j in self.jobs.values() if j.finished]
             for old in [j for j in finished if j.client == client] + finished[:-KEEP_FINISHED]:
                 self.jobs.pop(old.id, None)  # a visitor's latest job only, and a bounded number in all
-            job = Job(f"job{next(self._ids)}", client, spec, keep_adapter=self.keep_adapter, device=self.device)
+            job = Job(f"job-{secrets.token_urlsafe(12)}", client, spec, keep_adapter=self.keep_adapter, device=self.device)
             self.jobs[job.id] = job
         threading.Thread(target=self._run, args=(job,), name=f"playground-{job.id}", daemon=True).start()
         return job
