@@ -8,7 +8,6 @@ Nothing here is typed in: counts come from the planner or the models, times and 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 import tempfile
@@ -138,11 +137,10 @@ def rank_as_capacity(ranks: list[int], steps: int) -> dict:
 
 
 def steers_not_reeducates(ranks: list[int], steps: int, n_facts: int, log=None, lr_grids: dict | None = None,
-                          device: str = "cpu", loading=None) -> dict:
+                          device: str = "cpu") -> dict:
     """steering.steering on the default model (on `device`); each method's learning rate picked from lr_grids on
-    validation. `loading`, a lock, is held while the model loads (the playground's MODEL_LOADING)."""
-    with loading or contextlib.nullcontext():
-        model, tokenizer = load_model(resolve_model("default"), pick_device(device))
+    validation."""
+    model, tokenizer = load_model(resolve_model("default"), pick_device(device))
     return steering(model, tokenizer, ranks, steps, n_facts=n_facts, log=log, lr_grids=lr_grids)
 
 
