@@ -14,32 +14,16 @@ import math
 import sys
 from pathlib import Path
 
-from ..atomic import atomic_dir, atomic_file, write_json, write_text
+from ..atomic import atomic_dir, write_json, write_text
+from ..plotting import figure, save
 from .claims import run_claims
 
 KIND = "claims-report"
 MB = 2**20
 
 
-def _figure(ncols: int = 1, width: float = 5.2):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 3.6), dpi=100)
-    return plt, fig, axes
-
-
-def _save(plt, fig, png: Path) -> None:
-    fig.tight_layout()
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
 def plot_parameters(f: dict, png: Path) -> None:
-    plt, fig, ax = _figure()
+    fig, ax = figure()
     methods = list(f["llama_70b"])
     xs = range(len(methods))
     ax.bar([x - 0.2 for x in xs], [f["llama_70b"][m]["weights_gb"] for m in methods], 0.4, label="weights")
@@ -51,21 +35,21 @@ def plot_parameters(f: dict, png: Path) -> None:
     ax.set_ylabel("GB (planned)")
     ax.set_title(f"Llama-70B, r={f['r']}; one {f['d']}² layer trains {f['share_percent']:.2f}%")
     ax.legend()
-    _save(plt, fig, png)
+    save(fig, png)
 
 
 def plot_merge(f: dict, png: Path) -> None:
-    plt, fig, ax = _figure()
+    fig, ax = figure()
     ax.bar(["base", "LoRA unmerged", "LoRA merged"], [f["base_ms"], f["unmerged_ms"], f["merged_ms"]],
            color=["grey", "tab:orange", "tab:green"])
     ax.set_ylabel(f"median forward latency (ms), 1×{f['seq_len']} tokens")
     ax.set_title(f"merged = unmerged to {f['max_abs_diff_merged_vs_unmerged']:.1e} (max |Δlogit|)")
-    _save(plt, fig, png)
+    save(fig, png)
 
 
 def plot_memory(f: dict, png: Path) -> None:
     models = sorted({row["model"] for row in f["rows"]}, key=["default", "big"].index)
-    plt, fig, axes = _figure(len(models))
+    fig, axes = figure(len(models))
     for ax, name in zip(axes if len(models) > 1 else [axes], models):
         rows = [row for row in f["rows"] if row["model"] == name]
         xs = range(len(rows))
@@ -75,11 +59,11 @@ def plot_memory(f: dict, png: Path) -> None:
         ax.set_ylabel("training peak (MiB)")
         ax.set_title(f"{name}: batch {rows[0]['batch_size']}×{rows[0]['seq_len']}, fp32, AdamW")
         ax.legend()
-    _save(plt, fig, png)
+    save(fig, png)
 
 
 def plot_rank(f: dict, png: Path) -> None:
-    plt, fig, (curves, finals) = _figure(2)
+    fig, (curves, finals) = figure(2)
     for run in f["runs"]:
         line, = curves.plot(run["steps"], run["eval_loss"], label=f"r={run['rank']} eval")
         curves.plot(run["steps"], run["train_loss"], linestyle=":", color=line.get_color())
@@ -99,11 +83,11 @@ def plot_rank(f: dict, png: Path) -> None:
     finals.legend()
     t = f["task"]
     fig.suptitle(f"true update of rank {t['true_rank']}, d={t['d']}, {t['n_train']} train pairs")
-    _save(plt, fig, png)
+    save(fig, png)
 
 
 def plot_adapters(f: dict, png: Path) -> None:
-    plt, fig, ax = _figure()
+    fig, ax = figure()
     ns = [row["n"] for row in f["rows"]]
     ax.plot(ns, [row["full_copies"] / MB for row in f["rows"]], "o-", label="N full copies")
     ax.plot(ns, [row["base_plus_adapters"] / MB for row in f["rows"]], "o-", label="1 base + N adapters")
@@ -113,11 +97,11 @@ def plot_adapters(f: dict, png: Path) -> None:
     ax.set_ylabel("MiB on disk")
     ax.set_title(f"default model; adapter r={f['rank']} is {f['adapter_share_percent']:.1f}% of the base")
     ax.legend()
-    _save(plt, fig, png)
+    save(fig, png)
 
 
 def plot_steering(f: dict, png: Path) -> None:
-    plt, fig, axes = _figure(2)
+    fig, axes = figure(2)
     for ax, (name, runs) in zip(axes, f["tasks"].items()):
         lora = [run for run in runs if run["method"] == "lora"]
         full = runs[-1]
@@ -138,7 +122,7 @@ def plot_steering(f: dict, png: Path) -> None:
         ax.set_ylabel("eval loss on targets (nats/token)")
         ax.set_title(f"{name} task, {f['steps']} steps, lr chosen on validation", fontsize=9)
         ax.legend()
-    _save(plt, fig, png)
+    save(fig, png)
 
 
 def _strict_json(x, path: str = "", found: dict | None = None):
@@ -165,10 +149,10 @@ def _plottable(x):
 
 def _no_plot(name: str, png: Path) -> None:
     """The PNG of a claim whose figures left nothing to draw: it says why."""
-    plt, fig, ax = _figure()
+    fig, ax = figure()
     ax.axis("off")
     ax.text(0.5, 0.5, f"{name}: the figures diverged (NaN/Inf); nothing to plot", ha="center", va="center")
-    _save(plt, fig, png)
+    save(fig, png)
 
 
 def _plot(name: str, figures: dict, png: Path) -> None:
@@ -176,13 +160,15 @@ def _plot(name: str, figures: dict, png: Path) -> None:
     value of a log axis gone), the PNG says so. A failure on finite figures is a bug and is raised."""
     import matplotlib.pyplot as plt
 
-    clean = _plottable(figures)
-    if clean == clean and figures == clean:  # no NaN anywhere (NaN != NaN): plot as always
+    if not _strict_json(figures)[1]:  # every figure finite: plot as always
         return PLOTS[name](figures, png)
+    clean = _plottable(figures)
+    before = set(plt.get_fignums())
     try:
         PLOTS[name](clean, png)
     except (ValueError, OverflowError):  # e.g. "Data cannot be log-scaled because all values are <= 0"
-        plt.close("all")
+        for number in set(plt.get_fignums()) - before:
+            plt.close(number)  # the failed plot's figure, if it did not get as far as save()
         _no_plot(name, png)
 
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import MARKER, atomic_file, check_target, swap_in, write_json
+from ..atomic import MARKER, check_target, swap_in, write_json
 from ..errors import ConfigError, TrainingError, TrainingInterrupted
+from ..plotting import figure, save
 
 KIND = "rank-sweep"
 PARTIAL_KIND = "rank-sweep-partial"  # OUT.partial: a sweep being built (or interrupted)
@@ -130,12 +131,7 @@ def sweep(config: Any, ranks: Any, out: str | Path, log=None, resume: bool = Fal
 
 def plot_sweep(rows: list[dict], png: Path) -> None:
     """Eval loss against rank (log2 axis) and against trainable parameters, with the loss before training."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (by_rank, by_params) = plt.subplots(1, 2, figsize=(9.6, 3.8), dpi=100)
+    fig, (by_rank, by_params) = figure(2, width=4.8, height=3.8)
     ranks = [row["r"] for row in rows]
     losses = [row["eval_loss"] for row in rows]
     for ax, xs, label in ((by_rank, ranks, "rank r"), (by_params, [row["trainable_params"] for row in rows],
@@ -148,7 +144,4 @@ def plot_sweep(rows: list[dict], png: Path) -> None:
         ax.grid(alpha=0.3)
     by_rank.legend()
     fig.suptitle("the rank dial: eval loss against capacity")
-    fig.tight_layout()
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save(fig, png)

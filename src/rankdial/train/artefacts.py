@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..adapters.io import ADAPTER_FILES
-from ..atomic import MARKER, OwnFiles, atomic_dir, atomic_file, write_text
+from ..atomic import MARKER, OwnFiles, atomic_dir, write_text
 from ..errors import TrainingError
 
 RUN_KIND = "train-run"  # the marker kind of a run folder
@@ -81,10 +81,7 @@ def save_final_model(model, tokenizer, work: Path, is_lora: bool) -> None:
 
 def plot_losses(metrics: Path, png: Path, title: str = "") -> None:
     """Train (and eval) loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plotting import figure, save
 
     train_pts, eval_pts = [], []
     for line in metrics.read_text().splitlines():
@@ -93,7 +90,7 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> None:
             train_pts.append((rec["step"], rec["loss"]))
         if "eval_loss" in rec:
             eval_pts.append((rec["step"], rec["eval_loss"]))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig, ax = figure(width=6.4, height=4.0)
     if train_pts:
         ax.plot(*zip(*train_pts), label="train", linewidth=1.2)
     if eval_pts:
@@ -103,7 +100,4 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save(fig, png)
