@@ -23,7 +23,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import is_positive_int
 from .errors import ConfigError
+
+MIB = 2**20  # bytes in a MiB: the one home of this constant (rankdial reports memory and files in MiB)
 
 __all__ = ["estimate_memory", "MemoryPlan", "LlamaShape", "model_shape", "lora_params", "nf4_bytes",
            "layer_activation_bytes", "peak_memory_mb", "PRESETS"]
@@ -104,7 +107,7 @@ def _divisor_near(n: int, k: int) -> int:
 
 def lora_params(d_in: int, d_out: int, r: int) -> int:
     """Trainable parameters LoRA adds to one (d_in -> d_out) linear: A is (r, d_in), B is (d_out, r)."""
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r > min(d_in, d_out):
+    if not is_positive_int(r) or r > min(d_in, d_out):
         raise ConfigError(f"rank r must be an integer in 1..min(d_in, d_out) = 1..{min(d_in, d_out)} for a "
                           f"{d_in}x{d_out} linear, got {r!r}; typical: 8-64")
     return r * (d_in + d_out)
@@ -243,7 +246,7 @@ def _targets(targets) -> tuple[str, ...]:
 
 
 def _positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_positive_int(value):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -391,8 +394,8 @@ def peak_memory_mb(device="cpu") -> float:
 
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_allocated(device) / MIB
     try:
-        return process_status_bytes("VmHWM") / 2**20
+        return process_status_bytes("VmHWM") / MIB
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

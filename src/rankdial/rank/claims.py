@@ -18,7 +18,7 @@ import torch
 
 from ..config import LoraConfig
 from ..lora import inject, lora_layers, merge_and_unload
-from ..memory import estimate_memory, lora_params
+from ..memory import MIB, estimate_memory, lora_params
 from ..models.loading import default_model_path, load_model, pick_device, resolve_model
 from .steering import LR_GRIDS, steering
 from .synthetic import CLAIMS_TASK, rank_capacity, synthetic_task
@@ -106,10 +106,10 @@ def memory_bill(models: list[str], rank: int = 16) -> dict:
         plan = estimate_memory(**case, dtype="fp32", gradient_checkpointing=False)
         name = case["model"] if isinstance(case["model"], str) else "big"
         rows.append({"model": name, "method": case["method"], "batch_size": case["batch_size"],
-                     "seq_len": case["seq_len"], "planned_mb": plan.total_bytes / 2**20,
-                     "planned_weights_mb": plan.weights_bytes / 2**20, "trainable_params": plan.trainable_params,
-                     "measured_mb": got["peak"] / 2**20 if "peak" in got else None,
-                     "measured_model_mb": got["model"] / 2**20 if "model" in got else None,
+                     "seq_len": case["seq_len"], "planned_mb": plan.total_bytes / MIB,
+                     "planned_weights_mb": plan.weights_bytes / MIB, "trainable_params": plan.trainable_params,
+                     "measured_mb": got["peak"] / MIB if "peak" in got else None,
+                     "measured_model_mb": got["model"] / MIB if "model" in got else None,
                      "error": got.get("error")})
     return {"rank": rank, "rows": rows}
 

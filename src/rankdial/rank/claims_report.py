@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 from ..atomic import atomic_dir, write_json, write_text
+from ..memory import MIB
 from ..plotting import figure, save
 from .claims import run_claims
 
 KIND = "claims-report"
-MB = 2**20
 
 
 def plot_parameters(f: dict, png: Path) -> None:
@@ -89,8 +89,8 @@ def plot_rank(f: dict, png: Path) -> None:
 def plot_adapters(f: dict, png: Path) -> None:
     fig, ax = figure()
     ns = [row["n"] for row in f["rows"]]
-    ax.plot(ns, [row["full_copies"] / MB for row in f["rows"]], "o-", label="N full copies")
-    ax.plot(ns, [row["base_plus_adapters"] / MB for row in f["rows"]], "o-", label="1 base + N adapters")
+    ax.plot(ns, [row["full_copies"] / MIB for row in f["rows"]], "o-", label="N full copies")
+    ax.plot(ns, [row["base_plus_adapters"] / MIB for row in f["rows"]], "o-", label="1 base + N adapters")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("N fine-tuned variants")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-MB = 2**20
+from ..memory import MIB
 
 
 class Diverged(float):
@@ -129,7 +129,7 @@ def _steering_verdict(lora: list[dict], full: dict) -> str:
 
 
 def _adapters(f: dict) -> list[str]:
-    rows = [f"| {r['n']} | {r['base_plus_adapters'] / MB:.1f} | {r['full_copies'] / MB:.1f} | "
+    rows = [f"| {r['n']} | {r['base_plus_adapters'] / MIB:.1f} | {r['full_copies'] / MIB:.1f} | "
             f"{r['full_copies'] / r['base_plus_adapters']:.1f}× |" for r in f["rows"]]
     return [f"Default model: base file {f['base_bytes']:,} bytes; one adapter (r = {f['rank']}, every linear layer, "
             f"as saved) {f['adapter_bytes']:,} bytes ({f['adapter_share_percent']:.1f}% of the base).", "",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import MARKER, check_target, swap_in, write_json
+from ..config import is_positive_int
 from ..errors import ConfigError, TrainingError, TrainingInterrupted
 from ..plotting import figure, save
 
@@ -47,8 +48,7 @@ def check_ranks(ranks: Any) -> list[int]:
             ranks = [int(r) for r in ranks.split(",") if r.strip()]
         except ValueError:
             raise ConfigError(f"--ranks {ranks!r}: give comma-separated positive integers, e.g. 1,2,4,8") from None
-    if not isinstance(ranks, (list, tuple)) or not ranks or not all(
-            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+    if not isinstance(ranks, (list, tuple)) or not ranks or not all(is_positive_int(r) for r in ranks):
         raise ConfigError(f"ranks must be a non-empty list of positive integers, got {ranks!r} (e.g. [1, 2, 4, 8])")
     return sorted(set(ranks))
 

@@ -29,7 +29,7 @@ import torch
 
 from ..atomic import MARKER, atomic_dir, check_target, note_written, write_json
 from ..errors import RankdialError, TrainingError, TrainingInterrupted
-from ..memory import estimate_memory, peak_memory_mb, reset_peak_memory
+from ..memory import MIB, estimate_memory, peak_memory_mb, reset_peak_memory
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
 from .artefacts import (CONFIG_NAME, DONE_MARKER, LEGACY_RUN_NAMES, METRICS_NAME, PLOT_NAME, RUN_KIND, append_metrics,
@@ -38,7 +38,6 @@ from .data import Dataset, check_data_file, collate
 from .distributed import Dist, all_sum, barrier, init_distributed, pick_run_device
 from .pieces import Sampler, evaluate, load_data, make_optimizer, prepare_model, token_loss_sum
 
-MIB = 1 << 20
 
 __all__ = ["train", "setup", "output_folder", "fit", "step", "evaluate_now", "save", "finish", "result", "Run", "TrainResult",
            "TrainingError", "token_loss_sum", "prepare_model", "plot_losses", "summary_text", "peak_memory_mb"]
