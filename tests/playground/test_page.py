@@ -272,3 +272,16 @@ def test_the_fit_table_fits_a_phone_screen(browser, server, tmp_path):
         assert "fits on" in label  # each value says which column it is
     finally:
         page.close()
+
+
+def test_a_diverged_steering_run_is_drawn_as_diverged(page, server):
+    """A NaN/Inf figure reaches the page as null (the event stream's JSON has no NaN): the steering panel read it
+    with toFixed and threw; it shows "diverged" instead."""
+    open_page(page, server)
+    figures = {"steps": 5, "tasks": {"format": [
+        {"rank": 1, "eval_loss": 1.5, "loss_over_full": 0.9},
+        {"rank": 8, "eval_loss": None, "loss_over_full": None},
+        {"rank": None, "eval_loss": 1.6, "loss_over_full": 1.0}]}}
+    page.evaluate("(f) => drawSteering(f)", figures)
+    assert "r=8 diverged" in text(page, "steer-status") and "r=1 0.90×" in text(page, "steer-status")
+    assert page.errors == []

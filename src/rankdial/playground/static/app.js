@@ -324,12 +324,15 @@ function drawSteering(f) {
   const bars = [];
   Object.entries(f.tasks).forEach(([task, runs]) => runs.forEach((run) => {
     const label = task + " " + (run.rank == null ? "full" : "r=" + run.rank);
-    bars.push({ label, parts: [{ value: run.eval_loss, color: run.rank == null ? "#64748b" : COLORS[task === Object.keys(f.tasks)[0] ? 0 : 1] }] });
+    const color = run.rank == null ? "#64748b" : COLORS[task === Object.keys(f.tasks)[0] ? 0 : 1];
+    // a diverged run's figures arrive as null (NaN/Inf are not JSON): an empty bar that says so
+    bars.push(run.eval_loss == null ? { label, parts: [], text: "diverged" } : { label, parts: [{ value: run.eval_loss, color }] });
   }));
   $("steer-chart").style.height = Math.max(150, 36 * bars.length + 40) + "px";
   barChart($("steer-chart"), bars, (v) => "eval loss " + v.toFixed(3));
   const gaps = Object.entries(f.tasks).map(([task, runs]) => task + ": LoRA/full eval loss " +
-    runs.filter((r) => r.rank != null).map((r) => "r=" + r.rank + " " + r.loss_over_full.toFixed(2) + "×").join(", "));
+    runs.filter((r) => r.rank != null).map((r) => "r=" + r.rank + " " +
+      (r.loss_over_full == null ? "diverged" : r.loss_over_full.toFixed(2) + "×")).join(", "));
   $("steer-status").textContent = `${f.steps} steps each. ` + gaps.join("; ");
 }
 

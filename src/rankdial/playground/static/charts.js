@@ -95,7 +95,7 @@ function barChart(canvas, bars, unit, markers) {
     ctx.fillStyle = "#222"; ctx.textAlign = "right"; ctx.textBaseline = "middle";
     ctx.fillText(bar.label, box.l - 6, y + bh / 2);
     ctx.textAlign = "left";
-    const txt = unit(x0);
+    const txt = bar.text ?? unit(x0);  // a bar may say what it is instead ("diverged")
     ctx.fillText(txt, Math.min(X(x0) + 4, box.r - ctx.measureText(txt).width), y + bh / 2);
   });
   (markers || []).forEach((m) => {
