@@ -63,18 +63,20 @@ def test_public_api_loads_on_first_use():
     ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
                                   "because Hugging Face Hub is in offline mode."),
 ])
-def test_unactionable_dependency_warnings_are_dropped_and_only_those(caplog, logger, message):
+def test_unactionable_dependency_warnings_are_dropped_and_only_those(logger, message):
     _quiet.install()
     _quiet.install()  # idempotent: one filter per logger
     assert sum(isinstance(f, _quiet._Drop) for f in logging.getLogger(logger).filters) == 1
-    with caplog.at_level(logging.WARNING):
-        logging.getLogger(logger).warning(message)
-        logging.getLogger(logger).warning("something else the package has to say")
-        logging.getLogger("kernels._internals.hf_hub").warning(
-            "Skipping publisher trust check for 'someone/their-kernel' because Hugging Face Hub is in offline mode.")
-    assert [r.getMessage() for r in caplog.records] == [
-        "something else the package has to say",
-        "Skipping publisher trust check for 'someone/their-kernel' because Hugging Face Hub is in offline mode."]
+    # The loggers' own filters decide (not caplog on the root: once bitsandbytes and others are imported by earlier
+    # tests, a logger may not propagate or may be disabled by a logging config, and the filter must hold either way).
+    def passes(name: str, text: str) -> bool:
+        record = logging.LogRecord(name, logging.WARNING, __file__, 0, text, None, None)
+        return bool(logging.getLogger(name).filter(record))
+
+    assert not passes(logger, message)
+    assert passes(logger, "something else the package has to say")
+    assert passes("kernels._internals.hf_hub",
+                  "Skipping publisher trust check for 'someone/their-kernel' because Hugging Face Hub is in offline mode.")
 
 
 @pytest.mark.slow  # importing bitsandbytes takes ~5 s

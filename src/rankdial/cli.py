@@ -147,7 +147,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .train.config import FIELDS
 
     overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
-    print(sweep(args.config, args.ranks, args.out, **overrides))
+    print(sweep(args.config, args.ranks, args.out, resume=args.resume, **overrides))
     return 0
 
 
@@ -349,7 +349,8 @@ def add_sweep_parser(verbs, fmt) -> None:
                          epilog=EPILOG["sweep"], formatter_class=fmt)
     p.add_argument("config", nargs="?", default=None, help="a .toml or .yaml config file (optional)")
     p.add_argument("--ranks", required=True, help="comma-separated ranks, e.g. 1,2,4,8,16,64")
-    p.add_argument("--out", required=True, help="folder for the sweep (built beside, swapped in when done)")
+    p.add_argument("--out", required=True, help="folder for the sweep (built in OUT.partial, swapped in when done)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep kept in OUT.partial")
     _add_config_flags(p, skip=("output_dir", "r"))
     p.set_defaults(run=cmd_sweep)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import load_adapter
+from .config import is_positive_int
 from .errors import ConfigError, ModelError
 from .export import base_for_adapter, check_finished
 from .lora import disabled, set_active
@@ -35,7 +36,7 @@ def check_sampling(prompts: list[str] | tuple[str, ...] = (), max_new_tokens: in
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt:
             problems.append(f"prompt {i + 1} is {prompt!r}: give some text to continue")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_positive_int(max_new_tokens):
         problems.append(f"--max-new-tokens (max_new_tokens) is {max_new_tokens!r}: must be a whole number >= 1")
     if not _real(temperature) or temperature < 0:
         problems.append(f"--temperature is {temperature!r}: must be >= 0 (0 = greedy, typical 0.7-1.0)")

@@ -108,7 +108,7 @@ def check_name(name: Any) -> None:
 def adapter_value_problems(r: Any, alpha: Any, dropout: Any) -> list[str]:
     """What is wrong with one adapter's rank, alpha and dropout (empty when all are valid)."""
     p = []
-    if not _is_rank(r):
+    if not is_positive_int(r):
         p.append(f"r must be a positive integer, got {r!r} (typical: 8-64)")
     if not _is_alpha(alpha):
         p.append(f"lora_alpha must be a positive finite number, got {alpha!r} (typical: r or 2*r)")
@@ -117,7 +117,9 @@ def adapter_value_problems(r: Any, alpha: Any, dropout: Any) -> list[str]:
     return p
 
 
-def _is_rank(value: Any) -> bool:
+def is_positive_int(value: Any) -> bool:
+    """THE "positive integer" test (a rank, a count, a token budget): an int >= 1, never a bool (True is an int to
+    Python) nor a float such as 1.0. Every such check in rankdial calls this one."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
@@ -164,7 +166,7 @@ def _problems(cfg: LoraConfig) -> list[str]:
         p.append(f"layers_to_transform must be a non-negative int or a list of them, got {cfg.layers_to_transform!r}")
     for key, value in (cfg.rank_pattern or {}).items():
         p += [q for q in [_regex_problem("rank_pattern key", key)] if q]
-        if not _is_rank(value):
+        if not is_positive_int(value):
             p.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
     for key, value in (cfg.alpha_pattern or {}).items():
         p += [q for q in [_regex_problem("alpha_pattern key", key)] if q]

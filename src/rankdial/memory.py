@@ -23,7 +23,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import is_positive_int
 from .errors import ConfigError
+
+MIB = 2**20  # bytes in a MiB: the one home of this constant (rankdial reports memory and files in MiB)
 
 __all__ = ["estimate_memory", "MemoryPlan", "LlamaShape", "model_shape", "lora_params", "nf4_bytes",
            "layer_activation_bytes", "peak_memory_mb", "PRESETS"]
@@ -105,7 +108,7 @@ def _divisor_near(n: int, k: int) -> int:
 
 def lora_params(d_in: int, d_out: int, r: int) -> int:
     """Trainable parameters LoRA adds to one (d_in -> d_out) linear: A is (r, d_in), B is (d_out, r)."""
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r > min(d_in, d_out):
+    if not is_positive_int(r) or r > min(d_in, d_out):
         raise ConfigError(f"rank r must be an integer in 1..min(d_in, d_out) = 1..{min(d_in, d_out)} for a "
                           f"{d_in}x{d_out} linear, got {r!r}; typical: 8-64")
     return r * (d_in + d_out)
@@ -247,7 +250,7 @@ def _targets(targets) -> tuple[str, ...]:
 
 
 def _positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_positive_int(value):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -442,6 +445,23 @@ def process_status_bytes(key: str) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) * 1024
 
 
+def reset_peak_memory(device="cpu") -> None:
+    """Start peak_memory_mb afresh, so it reports what happens from here on (one run of several in a process):
+    CUDA's peak statistics, else the resident peak (writing 5 to /proc/self/clear_refs; where that is not
+    possible the process's peak stays, and peak_memory_mb reports it as before)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device="cpu") -> float:
     """This process's peak memory in MiB: CUDA's max_memory_allocated on a GPU, else the resident peak (VmHWM)."""
     import resource
@@ -450,8 +470,8 @@ def peak_memory_mb(device="cpu") -> float:
 
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_allocated(device) / MIB
     try:
-        return process_status_bytes("VmHWM") / 2**20
+        return process_status_bytes("VmHWM") / MIB
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -17,7 +17,7 @@ from torch import nn
 
 import os
 
-from ..atomic import atomic_dir, atomic_file
+from ..atomic import OwnFiles, atomic_dir, atomic_file
 from ..config import LoraConfig, init_mutates_base
 from ..errors import AdapterError, AdapterFileError
 from ..lora.inject import (Plan, adapter_configs, apply_plan, check_adapter_name, named_wrappers, pattern_value,
@@ -115,11 +115,9 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME}  # not README.md: a user's notes may be called that
 
 
-def is_plain_adapter_folder(folder: Path) -> bool:
-    """A folder written before rankdial's marker (or by PEFT) may be replaced: it holds an adapter_config.json
-    and nothing but adapter files, so nothing else is lost."""
-    names = {p.name for p in folder.iterdir()}
-    return CONFIG_NAME in names and names <= ADAPTER_FILES
+# A folder written before rankdial's marker (or by PEFT) may be replaced: it holds an adapter_config.json and
+# nothing but adapter files, so nothing else is lost (rankdial.atomic.OwnFiles, the rule every kind uses).
+is_plain_adapter_folder = OwnFiles(CONFIG_NAME, ADAPTER_FILES)
 
 
 def save_adapter(model: nn.Module, path: str | Path, adapter: str | None = None, residual_base: bool = False) -> Path:

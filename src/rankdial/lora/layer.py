@@ -275,19 +275,17 @@ class LoraLayer(nn.Module):
     def merge(self, names: list[str] | None = None, module_path: str = "") -> None:
         """Add s·BA of each named (default: active) adapter into W₀ in place; merging twice is a no-op.
 
-        Checked before anything is written (merge_check): MergeError, W₀ untouched, if the merged weight would
-        hold NaN or Inf, or if the base is quantized (NF4 or bitsandbytes 4/8-bit), where adding in place would
-        round the update away.
+        Checked before anything is written: MergeError, W₀ untouched, if the merged weight would hold NaN or
+        Inf in W₀'s own dtype (an fp16 base overflows past 65504), or if the base is quantized (NF4 or
+        bitsandbytes 4/8-bit), where adding in place would round the update away. Each ΔW is computed once.
         """
-        todo = self.merge_check(names, module_path)
-        if not todo:
-            return
-        weight = self.base_layer.weight
-        merged = self._with_adapters(weight.float(), todo, record=True)
-        with torch.no_grad():
-            weight.copy_(merged.to(weight.dtype))
-        self._merged += todo
-        self._refresh()
+        todo = self._merge_todo(names, module_path)
+        if todo:
+            merged = self._merged_in_place_dtype(todo, module_path, record=True)
+            with torch.no_grad():
+                self.base_layer.weight.copy_(merged)
+            self._merged += todo
+            self._refresh()
 
     def _with_adapters(self, weight: torch.Tensor, names, record: bool = False) -> torch.Tensor:
         """W₀ (fp32, the base's layout) with the terms of `names` added: + s·BA for LoRA, + (m/n)⊙(W₀+s·BA) − W₀
@@ -309,32 +307,62 @@ class LoraLayer(nn.Module):
 
     def merge_check(self, names: list[str] | None = None, module_path: str = "") -> list[str]:
         """The adapters merge(names) would add (each once, none already merged), after checking that it may:
-        raises MergeError naming the first adapter whose merge would give NaN/Inf, or a quantized base."""
+        raises MergeError naming the first adapter whose merge would give NaN/Inf, or a quantized base.
+
+        Cheap when the answer is plain: a bound on |W₀ + Σ s·BA| from the largest entries of W₀, A and B proves
+        the merge finite without forming ΔW; only a layer whose bound reaches its dtype's range is merged in
+        full to find out (so merge, which forms ΔW, usually does it once)."""
+        todo = self._merge_todo(names, module_path)
+        if todo and not self._surely_finite(todo):
+            self._merged_in_place_dtype(todo, module_path)
+        return todo
+
+    def _merge_todo(self, names: list[str] | None, module_path: str) -> list[str]:
         todo = list(dict.fromkeys(n for n in (self._active if names is None else names) if n not in self._merged))
         for name in todo:
             self._require(name)
-        if not todo:
-            return []
         dora_names = [n for n in todo + self._merged if self.is_dora(n)]
-        if dora_names and len(todo) + len(self._merged) > 1:
+        if todo and dora_names and len(todo) + len(self._merged) > 1:
             raise MergeError(
                 f"DoRA adapter {dora_names[0]!r} in {module_path or 'this layer'} merges only alone: its row norm is "
                 f"taken against the unmerged base, so merge it with no other adapter merged (now merged: "
                 f"{self._merged or 'none'}, asked: {todo})")
-        quantized = quantized_kind(self.base_layer)
+        quantized = quantized_kind(self.base_layer) if todo else None
         if quantized:
             raise MergeError(
                 f"the base of {module_path or 'this layer'} is {quantized}: merging in place would round the adapter "
                 "away. Use merge_and_unload(model) for a 16/32-bit merged model, or (for NF4) "
                 "merge_and_requantize(model) to go back to NF4 with the rounding error reported")
-        merged = self.base_layer.weight.float()
-        for name in todo:  # (a DoRA adapter merges alone, so `merged` is still W₀ when it comes)
-            merged = self._with_adapters(merged, [name])
-            if not torch.isfinite(merged).all():
-                raise MergeError(
-                    f"merging adapter {name!r} into {module_path or 'a layer'} would put NaN/Inf in the base weight; "
-                    "the adapter weights are corrupt or diverged: reload a good checkpoint (the base is unchanged)")
         return todo
+
+    def _surely_finite(self, todo: list[str]) -> bool:
+        """True when |W₀ + Σ s·BA| provably stays inside W₀'s dtype: max|W₀| + Σ |s|·Σ_k max_i|B_ik|·max_j|A_kj|.
+        (A DoRA adapter's term rescales rows by m/n: no bound here, so its merge is checked in full.)"""
+        if any(self.is_dora(name) for name in todo):
+            return False
+        weight = self.base_layer.weight
+        bound = torch.linalg.vector_norm(weight, float("inf"), dtype=torch.float32)
+        for name in todo:
+            A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+            bound = bound + abs(self.scaling[name]) * (B.abs().amax(0) @ A.abs().amax(1))
+        return bool(bound < torch.finfo(weight.dtype).max * 0.99)  # NaN compares False; margin for fp32 rounding
+
+    def _merged_in_place_dtype(self, todo: list[str], module_path: str, record: bool = False) -> torch.Tensor:
+        """W₀ with the terms of `todo` added (_with_adapters), in W₀'s dtype; MergeError naming the adapter if any
+        entry is NaN/Inf. `record`: keep DoRA's row norms for unmerge."""
+        weight = self.base_layer.weight
+        merged = weight.float()
+        for name in todo:  # (a DoRA adapter merges alone, so `merged` is still W₀ when it comes)
+            merged = self._with_adapters(merged, [name], record)
+            if not torch.isfinite(merged).all():
+                break
+        merged = merged.to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise MergeError(
+                f"merging adapter {name!r} into {module_path or 'a layer'} would put NaN/Inf in the base weight "
+                f"({str(weight.dtype).removeprefix('torch.')}); the adapter weights are corrupt or diverged: reload a "
+                "good checkpoint (the base is unchanged)")
+        return merged
 
     def merged_weight(self, module_path: str = "") -> torch.Tensor:
         """W₀ + Σ s·BA over the active unmerged adapters, in fp32 and the (d_out, d_in) layout; W₀ is not changed.

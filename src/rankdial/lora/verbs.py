@@ -134,16 +134,27 @@ def unmerge(model: nn.Module) -> None:
             layer.unmerge()
 
 
-def _dense_linear(layer: LoraLayer, weight: torch.Tensor) -> nn.Linear:
-    """A plain nn.Linear holding `weight` (d_out, d_in) and the base's bias, in the dtype W₀ was stored in."""
+def _dense_linear(layer: LoraLayer, weight: torch.Tensor, path: str) -> nn.Linear:
+    """A plain nn.Linear holding `weight` (d_out, d_in) and the base's bias, in the dtype W₀ was stored in
+    (MergeError if that dtype cannot hold it: an fp16 base overflows past 65504)."""
     base = layer.base_layer
     dtype = _stored_dtype(base)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
-        linear.weight.copy_(weight)
+        linear.weight.copy_(_stored(layer, weight, dtype, path))
         if base.bias is not None:
             linear.bias.copy_(base.bias)
     return linear.requires_grad_(False)
+
+
+def _stored(layer: LoraLayer, weight: torch.Tensor, dtype: torch.dtype, path: str) -> torch.Tensor:
+    """`weight` (a merged fp32 weight) in `dtype`; MergeError if that dtype cannot hold it (fp16 past 65504)."""
+    stored = weight.to(dtype)
+    if not torch.isfinite(stored).all():
+        raise MergeError(f"merging adapters {layer.active} into {path} gives NaN/Inf weights in "
+                         f"{str(dtype).removeprefix('torch.')}; the adapter weights are corrupt or diverged "
+                         "(the model is unchanged)")
+    return stored
 
 
 def _stored_dtype(base: nn.Module) -> torch.dtype:
@@ -180,7 +191,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (16 or 32 bit); nothing is rounded back to 4 or 8 bits. NaN/Inf are checked first (see merge).
     """
     _something_to_merge(model, "merge_and_unload")
-    dense = {p: _dense_linear(layer, layer.merged_weight(p)) for p, layer in lora_layers(model) if _is_quantized(layer)}
+    dense = {p: _dense_linear(layer, layer.merged_weight(p), p) for p, layer in lora_layers(model) if _is_quantized(layer)}
     _merge_dense(model)
     return _unload(model, dense)
 
@@ -317,10 +328,10 @@ def merge_and_requantize(model: nn.Module) -> tuple[nn.Module, RequantizeReport]
     for path, layer in lora_layers(model):
         if not isinstance(layer.base_layer, NF4Linear):
             if _is_quantized(layer):
-                quantized[path] = _dense_linear(layer, layer.merged_weight(path))
+                quantized[path] = _dense_linear(layer, layer.merged_weight(path), path)
             continue
         base, weight = layer.base_layer, layer.merged_weight(path)
-        nf4 = quantize_nf4(weight.to(base.weight_dtype), base.blocksize, base.nested_absmax is not None)
+        nf4 = quantize_nf4(_stored(layer, weight, base.weight_dtype, path), base.blocksize, base.nested_absmax is not None)
         new = NF4Linear(nf4, base.bias, base.compute_dtype)
         error = new.dequantized_weight(torch.float32) - weight
         rows.append((path, error.abs().max().item(), (error.norm() / weight.norm().clamp(min=1e-30)).item()))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import MARKER, atomic_dir
+from ..atomic import MARKER, OwnFiles, atomic_dir
 
 KIND = "train-checkpoint"  # the marker kind of a checkpoint folder
 MANIFEST = "manifest.json"
@@ -67,9 +67,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _is_checkpoint_folder(folder: Path) -> bool:
-    """A step folder under a run's checkpoints/ written before rankdial's marker: rankdial's own to replace."""
-    return folder.parent.name == "checkpoints" and folder.name.startswith(PREFIX)
+# A step folder written before rankdial's marker: nothing but a checkpoint's own files (rankdial.atomic.OwnFiles).
+_is_checkpoint_folder = OwnFiles("state.json", {"trainable.safetensors", "training_state.pt", "adapter", MANIFEST})
 
 
 def write_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,

@@ -36,7 +36,7 @@ import torch
 
 from ..atomic import MARKER, atomic_dir, check_target, note_written, write_json
 from ..errors import RankdialError, TrainingError, TrainingInterrupted
-from ..memory import estimate_memory, peak_memory_mb
+from ..memory import MIB, estimate_memory, peak_memory_mb, reset_peak_memory
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
 from .artefacts import (CONFIG_NAME, DONE_MARKER, LEGACY_RUN_NAMES, METRICS_NAME, PLOT_NAME, RUN_KIND, append_metrics,
@@ -46,7 +46,6 @@ from .distributed import (Dist, all_sum, barrier, full_value, init_distributed, 
                           pick_run_device, shard_model, whole_parameters)
 from .pieces import Sampler, evaluate, load_data, make_optimizer, prepare_model, token_loss_sum
 
-MIB = 1 << 20
 
 __all__ = ["train", "setup", "output_folder", "fit", "step", "evaluate_now", "save", "finish", "result", "Run", "TrainResult",
            "TrainingError", "token_loss_sum", "prepare_model", "plot_losses", "summary_text", "peak_memory_mb"]
@@ -106,8 +105,10 @@ class Run:
     losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     tokens_done: int = 0
-    t_start: float = field(default_factory=time.perf_counter)
+    t_start: float = 0.0  # when fit() began: seconds count the loop (steps, evaluations, checkpoints), not loading
     t_loop: float = 0.0
+    seconds_before: float = 0.0  # a resumed run's seconds and peak up to its checkpoint
+    peak_before: float = 0.0
 
     @property
     def global_batch(self) -> int:
@@ -156,6 +157,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
 
     dist_info = init_distributed(cfg.device)
     device = pick_run_device(cfg.device, dist_info)
+    reset_peak_memory(device)  # the run's own peak, not the process's so far (a sweep trains several runs)
     say = (log or print) if dist_info.main else (lambda *a, **k: None)
     base_path = resolve_model(cfg.model)
     check_data_files(cfg)
@@ -337,6 +339,7 @@ def resume_from_checkpoint(run: Run) -> None:
                             "config it was written with") from None
     _apply_lr(run, found.step)
     run.start_step = run.done = run.resumed_from = found.step
+    run.seconds_before, run.peak_before = saved.get("seconds", 0.0), saved.get("peak_memory_mb", 0.0)
     run.last_checkpoint = found
     run.say(f"resumed from {found.path} (step {found.step})")
 
@@ -384,6 +387,7 @@ def fit(run: Run, on_step: Callable[[Run], None] | None = None) -> None:
     on_step(run), if given, is called after each step and its evaluation (the playground streams from it; an
     exception it raises stops the run there)."""
     cfg = run.cfg
+    run.t_start = time.perf_counter()
     if run.dist.main:
         write_json(run.work / CONFIG_NAME, {**cfg.to_dict(), "base_model": str(run.base_path),
                                             "world_size": run.dist.world})
@@ -479,7 +483,8 @@ def save(run: Run) -> None:
     process writes its shards), then prune old ones."""
     state = {"global_batch": run.global_batch, "total_steps": run.total_steps,
              "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed,
-             "sharding": run.cfg.sharding, "optimizer": run.cfg.optimizer}
+             "sharding": run.cfg.sharding, "optimizer": run.cfg.optimizer,
+             "seconds": _seconds(run), "peak_memory_mb": max(run.peak_before, peak_memory_mb(run.device))}
     if run.cfg.sharding == "fsdp":
         adapter_fn = _sharded_adapter_writer(run) if run.is_lora else None
         path = ckpt_io.write_sharded_checkpoint(run.work, run.done, run.named, run.optimizer, run.scheduler, state,
@@ -529,10 +534,15 @@ def _report_step(run: Run, bar, loss: float, lr: float) -> None:
 
 # ---------------------------------------------------------------------------------------------- the end
 
+def _seconds(run: Run) -> float:
+    """The run's training seconds so far: this session's loop plus, after --resume, the sessions before."""
+    return run.seconds_before + time.perf_counter() - run.t_start
+
+
 def result(run: Run) -> TrainResult:
     tps = run.tokens_done * run.dist.world / max(time.perf_counter() - run.t_loop, 1e-9)
     return TrainResult(run.out, run.cfg.method, run.total_steps, run.losses, run.eval_losses, run.trainable,
-                       run.total_params, time.perf_counter() - run.t_start, tps, peak_memory_mb(run.device),
+                       run.total_params, _seconds(run), tps, max(run.peak_before, peak_memory_mb(run.device)),
                        run.resumed_from, run.data_report)
 
 
