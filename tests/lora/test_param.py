@@ -263,3 +263,15 @@ def test_a_rank_pattern_on_an_expert_parameter_is_refused_not_ignored():
         _ours(moe_model("mixtral"), rank_pattern={"down_proj": 2})
     assert "\n" not in str(err.value)
     _ours(moe_model("mixtral"), rank_pattern={"q_proj": 2})  # a pattern for modules only is fine
+
+
+@pytest.mark.parametrize("kw", [{"use_dora": True}, {"init_lora_weights": "gaussian"}, {"init_lora_weights": "olora"}])
+def test_dora_and_other_inits_on_expert_parameters_are_refused_not_ignored(kw):
+    """ExpertLora has no magnitude vector and only the default / B-random inits: PEFT's ParamWrapper refuses
+    DoRA, and an init the experts would not get must not pass silently either."""
+    base = moe_model("mixtral")
+    untouched = copy.deepcopy(base)
+    with pytest.raises(ConfigError, match=r"with target_parameters") as err:
+        inject(untouched, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=TP, **kw))
+    assert "\n" not in str(err.value)
+    assert not any(isinstance(m, ExpertLora) for m in untouched.modules())

@@ -234,6 +234,12 @@ def plan_parameters(model: nn.Module, config: LoraConfig) -> dict[str, list[str]
     if config.lora_dropout:
         raise ConfigError(f"lora_dropout={config.lora_dropout} with target_parameters: dropout cannot be applied to a "
                           "weight update (PEFT refuses it too); set lora_dropout = 0")
+    if config.use_dora:
+        raise ConfigError("use_dora with target_parameters: an expert update has no DoRA magnitude (PEFT refuses it "
+                          "too); set use_dora = false, or adapt the experts in a separate adapter without DoRA")
+    if not isinstance(config.init_lora_weights, bool):
+        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} with target_parameters: expert updates "
+                          "start only as true (A Kaiming-uniform, B zero) or false; use one of those")
     found: dict[str, list[str]] = {}
     matched, flat = set(), []
     for path, module in _modules(model):
