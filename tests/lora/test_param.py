@@ -275,3 +275,15 @@ def test_dora_and_other_inits_on_expert_parameters_are_refused_not_ignored(kw):
         inject(untouched, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=TP, **kw))
     assert "\n" not in str(err.value)
     assert not any(isinstance(m, ExpertLora) for m in untouched.modules())
+
+
+def test_merging_an_adapter_named_twice_adds_it_once():
+    """merge(["default", "default"]) is merge(["default"]), as LoraLayer.merge dedupes: ΔW added once."""
+    ours = _ours(moe_model("mixtral"))
+    ids = _ids()
+    before = _logits(ours, ids)
+    for _, module in ours.named_modules():
+        if isinstance(module, ExpertLora):
+            module.merge(["default", "default"])
+            assert module.merged == ["default"]
+    torch.testing.assert_close(_logits(ours, ids), before, rtol=1e-5, atol=1e-5)

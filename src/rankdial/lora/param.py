@@ -143,7 +143,7 @@ class ExpertLora(nn.Module):
     # -- merge ------------------------------------------------------------------------------------
     def merge(self, names: list[str] | None = None, module_path: str = "") -> None:
         """Add each named (default: active) adapter's ΔW into the parameters in place; twice is a no-op."""
-        todo = [n for n in (self._active if names is None else names) if n not in self._merged]
+        todo = list(dict.fromkeys(n for n in (self._active if names is None else names) if n not in self._merged))
         for name in todo:
             self._require(name)
         with torch.no_grad():
@@ -162,7 +162,7 @@ class ExpertLora(nn.Module):
 
     def unmerge(self, names: list[str] | None = None) -> None:
         """Subtract merged adapters' ΔW again (default: every merged one)."""
-        todo = list(self._merged) if names is None else [n for n in names if n in self._merged]
+        todo = list(self._merged) if names is None else [n for n in dict.fromkeys(names) if n in self._merged]
         with torch.no_grad():
             for name in reversed(todo):
                 for p in self.lora_A[name]:
