@@ -197,21 +197,19 @@ def _lora_init_values(model) -> dict[tuple[str, str], tuple[torch.Tensor, torch.
     process that loaded the whole model and injected there. Small: the adapters only."""
     import math
 
+    from ..lora.init import initialise
     from ..lora.verbs import lora_layers
 
     out = {}
     for path, layer in lora_layers(model):
         for name in sorted(layer.configs, key=lambda n: layer.configs[n][0]):
             r = layer.lora_A[name].weight.shape[0]
-            # nn.Linear(d_in, r) and nn.Linear(r, d_out) each draw their reset_parameters() init, then A is
-            # drawn again, then B zeroed (or drawn from a normal).
+            # nn.Linear(d_in, r) and nn.Linear(r, d_out) each draw their reset_parameters() init, then the
+            # scheme's own draws (lora/init.initialise: none of these schemes reads or rewrites the base).
             a, b = torch.empty(r, layer.in_features), torch.empty(layer.out_features, r)
-            for t in (a, b, a):
+            for t in (a, b):
                 torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5))
-            if layer.configs[name][1].init_lora_weights:
-                torch.nn.init.zeros_(b)
-            else:
-                torch.nn.init.normal_(b, std=1.0 / math.sqrt(r))
+            initialise(layer, a, b, layer.scaling[name], layer.configs[name][1].init_lora_weights)
             out[(path, name)] = (a, b)
     return out
 
