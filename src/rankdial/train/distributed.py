@@ -226,7 +226,8 @@ def load_into_shards(model, path, dist_info: Dist, device: torch.device, *, qlor
     from ..errors import ModelError
     from ..layers import Wrapper, linear_dims
     from ..lora.verbs import lora_layers
-    from ..models.loading import _read_tensor, _release_freed_memory, _safetensors_index, _weight_files
+    from ..models.loading import (_read_tensor, _release_freed_memory, _safetensors_index, _weight_files,
+                                  rebuild_meta_buffers)
     from ..quant import quantize_nf4
     from ..quant.linear import NF4Linear, quantize_candidates
     from ..quant.nf4_tensor import make_shardable
@@ -295,14 +296,7 @@ def load_into_shards(model, path, dist_info: Dist, device: torch.device, *, qlor
     fill(model, "")
     if tied:
         model.tie_weights()
-    config = model.config
-    for name, module in list(model.named_modules()):  # non-persistent buffers (rotary inv_freq) are rebuilt
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            try:
-                fresh = type(module)(config=getattr(module, "config", config), device=device)
-            except TypeError:
-                fresh = type(module)(config=getattr(module, "config", config))
-            model.set_submodule(name, fresh.to(device))
+    rebuild_meta_buffers(model, model.config, device)
     still = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still:
         raise ModelError(f"{path}: could not load {still[:3]} into the sharded model")
