@@ -231,15 +231,7 @@ def plan_parameters(model: nn.Module, config: LoraConfig) -> dict[str, list[str]
     targets = list(config.target_parameters or [])
     if not targets:
         return {}
-    if config.lora_dropout:
-        raise ConfigError(f"lora_dropout={config.lora_dropout} with target_parameters: dropout cannot be applied to a "
-                          "weight update (PEFT refuses it too); set lora_dropout = 0")
-    if config.use_dora:
-        raise ConfigError("use_dora with target_parameters: an expert update has no DoRA magnitude (PEFT refuses it "
-                          "too); set use_dora = false, or adapt the experts in a separate adapter without DoRA")
-    if not isinstance(config.init_lora_weights, bool):
-        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} with target_parameters: expert updates "
-                          "start only as true (A Kaiming-uniform, B zero) or false; use one of those")
+    _check_options(config)
     found: dict[str, list[str]] = {}
     matched, flat = set(), []
     for path, module in _modules(model):
@@ -269,6 +261,19 @@ def plan_parameters(model: nn.Module, config: LoraConfig) -> dict[str, list[str]
         raise TargetError(f"target_parameters {missing} matched no parameter of {type(model).__name__}; its 3-D "
                           f"parameters are {names[:10] or 'none (it has no stacked experts)'}")
     return found
+
+
+def _check_options(config: LoraConfig) -> None:
+    """ConfigError for an option an expert update cannot honour (rather than ignoring it)."""
+    if config.lora_dropout:
+        raise ConfigError(f"lora_dropout={config.lora_dropout} with target_parameters: dropout cannot be applied to a "
+                          "weight update (PEFT refuses it too); set lora_dropout = 0")
+    if config.use_dora:
+        raise ConfigError("use_dora with target_parameters: an expert update has no DoRA magnitude (PEFT refuses it "
+                          "too); set use_dora = false, or adapt the experts in a separate adapter without DoRA")
+    if not isinstance(config.init_lora_weights, bool):
+        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} with target_parameters: expert updates "
+                          "start only as true (A Kaiming-uniform, B zero) or false; use one of those")
 
 
 def _pattern_hit(patterns: dict, key: str) -> bool:
