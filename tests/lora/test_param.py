@@ -287,3 +287,21 @@ def test_merging_an_adapter_named_twice_adds_it_once():
             module.merge(["default", "default"])
             assert module.merged == ["default"]
     torch.testing.assert_close(_logits(ours, ids), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_diverged_expert_update_leaves_every_weight_unmerged():
+    """merge(model) is all-or-nothing across LoRA layers and expert wrappers: a NaN expert update refuses the
+    merge before any layer's weight is written."""
+    from rankdial import MergeError
+    from rankdial.lora import LoraLayer, merge
+
+    ours = _ours(moe_model("mixtral"), target_modules=["q_proj"])
+    before = {n: t.clone() for n, t in ours.state_dict().items()}
+    experts = ours.model.layers[1].mlp.experts
+    with torch.no_grad():
+        experts.lora_B["default"]["down_proj"][0, 0, 0] = float("nan")
+    with pytest.raises(MergeError, match="NaN/Inf"):
+        merge(ours)
+    assert not any(m.merged for m in ours.modules() if isinstance(m, (LoraLayer, ExpertLora)))
+    after = ours.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)

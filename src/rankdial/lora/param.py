@@ -143,22 +143,33 @@ class ExpertLora(nn.Module):
     # -- merge ------------------------------------------------------------------------------------
     def merge(self, names: list[str] | None = None, module_path: str = "") -> None:
         """Add each named (default: active) adapter's ΔW into the parameters in place; twice is a no-op."""
+        todo = self.merge_check(names, module_path)
+        with torch.no_grad():
+            for p, w in self._merged_values(todo).items():
+                getattr(self.base_layer, p).copy_(w)
+        self._merged += todo
+
+    def merge_check(self, names: list[str] | None = None, module_path: str = "") -> list[str]:
+        """The adapters merge(names) would add (each once, none already merged), after checking that it may:
+        MergeError, nothing written, if a merged parameter would hold NaN/Inf."""
         todo = list(dict.fromkeys(n for n in (self._active if names is None else names) if n not in self._merged))
         for name in todo:
             self._require(name)
-        with torch.no_grad():
-            new = {}
-            for name in todo:
-                for p in self.lora_A[name]:
-                    W = new.get(p, getattr(self.base_layer, p))
-                    new[p] = W.float() + self.delta_weight(name, p)
-            bad = [p for p, w in new.items() if not torch.isfinite(w).all()]
-            if bad:
-                raise MergeError(f"merging {todo} into {module_path or 'this module'}.{bad[0]} would give NaN/Inf; "
-                                 "the parameters were left as they were")
-            for p, w in new.items():
-                getattr(self.base_layer, p).copy_(w)
-        self._merged += todo
+        bad = [p for p, w in self._merged_values(todo).items() if not torch.isfinite(w).all()]
+        if bad:
+            raise MergeError(f"merging {todo} into {module_path or 'this module'}.{bad[0]} would give NaN/Inf; "
+                             "the parameters were left as they were")
+        return todo
+
+    @torch.no_grad()
+    def _merged_values(self, todo: list[str]) -> dict[str, torch.Tensor]:
+        """{parameter: W + Σ ΔW over `todo`} in fp32, for the parameters those adapters target."""
+        new: dict[str, torch.Tensor] = {}
+        for name in todo:
+            for p in self.lora_A[name]:
+                W = new.get(p, getattr(self.base_layer, p))
+                new[p] = W.float() + self.delta_weight(name, p)
+        return new
 
     def unmerge(self, names: list[str] | None = None) -> None:
         """Subtract merged adapters' ΔW again (default: every merged one)."""
