@@ -319,7 +319,8 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     each. "fsdp" with N processes (FSDP2, rankdial's sharding="fsdp") divides the weights, constants, adapters,
     gradients and optimizer state by N and adds what is whole for a while (see _fsdp_terms): the root's
     weights (embeddings, final norm, head) for the whole step, and the largest decoder layer gathered while it
-    runs. batch_size is per process.
+    runs. batch_size is per process. The chunked loss does not run under FSDP (its head is sharded), so loss_chunk
+    is planned as 0 there.
     """
     shape = model_shape(model)
     _choice("sharding", sharding, SHARDINGS)
@@ -332,6 +333,8 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
         raise ConfigError(f"loss_chunk must be 0 (the whole logits at once) or a positive number of rows, got {loss_chunk!r}")
     if gradient_checkpointing is None:
         gradient_checkpointing = method == "qlora"
+    if sharding == "fsdp" and processes > 1:
+        loss_chunk = 0  # the head's weight is a sharded DTensor when the loss looks: train/loss.py takes the plain loss
     dtype = DTYPE_ALIASES.get(str(dtype), dtype) if dtype else shape.dtype
     e, a, tgt = _dtype(dtype, "dtype"), _dtype(adapter_dtype, "adapter_dtype"), _targets(targets)
     weights, consts = _weight_bytes(shape, method, e)

@@ -263,3 +263,45 @@ def test_a_rank_pattern_on_an_expert_parameter_is_refused_not_ignored():
         _ours(moe_model("mixtral"), rank_pattern={"down_proj": 2})
     assert "\n" not in str(err.value)
     _ours(moe_model("mixtral"), rank_pattern={"q_proj": 2})  # a pattern for modules only is fine
+
+
+@pytest.mark.parametrize("kw", [{"use_dora": True}, {"init_lora_weights": "gaussian"}, {"init_lora_weights": "olora"}])
+def test_dora_and_other_inits_on_expert_parameters_are_refused_not_ignored(kw):
+    """ExpertLora has no magnitude vector and only the default / B-random inits: PEFT's ParamWrapper refuses
+    DoRA, and an init the experts would not get must not pass silently either."""
+    base = moe_model("mixtral")
+    untouched = copy.deepcopy(base)
+    with pytest.raises(ConfigError, match=r"with target_parameters") as err:
+        inject(untouched, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=TP, **kw))
+    assert "\n" not in str(err.value)
+    assert not any(isinstance(m, ExpertLora) for m in untouched.modules())
+
+
+def test_merging_an_adapter_named_twice_adds_it_once():
+    """merge(["default", "default"]) is merge(["default"]), as LoraLayer.merge dedupes: ΔW added once."""
+    ours = _ours(moe_model("mixtral"))
+    ids = _ids()
+    before = _logits(ours, ids)
+    for _, module in ours.named_modules():
+        if isinstance(module, ExpertLora):
+            module.merge(["default", "default"])
+            assert module.merged == ["default"]
+    torch.testing.assert_close(_logits(ours, ids), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_diverged_expert_update_leaves_every_weight_unmerged():
+    """merge(model) is all-or-nothing across LoRA layers and expert wrappers: a NaN expert update refuses the
+    merge before any layer's weight is written."""
+    from rankdial import MergeError
+    from rankdial.lora import LoraLayer, merge
+
+    ours = _ours(moe_model("mixtral"), target_modules=["q_proj"])
+    before = {n: t.clone() for n, t in ours.state_dict().items()}
+    experts = ours.model.layers[1].mlp.experts
+    with torch.no_grad():
+        experts.lora_B["default"]["down_proj"][0, 0, 0] = float("nan")
+    with pytest.raises(MergeError, match="NaN/Inf"):
+        merge(ours)
+    assert not any(m.merged for m in ours.modules() if isinstance(m, (LoraLayer, ExpertLora)))
+    after = ours.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)

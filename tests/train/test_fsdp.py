@@ -93,7 +93,7 @@ def test_two_process_fsdp_matches_one_process_on_the_default_model(tmp_path, met
     assert (a - b).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("init_lora_weights", [True, False])
+@pytest.mark.parametrize("init_lora_weights", [True, False, "gaussian"])
 def test_adapters_injected_on_meta_start_as_injected_on_the_cpu(init_lora_weights):
     """load_into_shards' adapter values (drawn without the model) equal inject's on a loaded model."""
     from rankdial import LoraConfig
@@ -162,3 +162,19 @@ def test_shard_model_keeps_the_outputs_and_wraps_the_root_of_a_model_without_lay
     assert same == "True" and kinds == "['DTensor']" and whole == "['Parameter']" and n == "28"
     assert "2 decoder layers and the root sharded over 1 processes" in first
     assert "Sequential has no repeated decoder layers to wrap; sharding the whole model as one unit" in second
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,options", [(["--init-lora-weights", "olora"], {"init_lora_weights": "olora"}),
+                                           (["--use-dora"], {"use_dora": True})])
+def test_inits_that_read_the_base_take_the_ordinary_load_under_fsdp(tmp_path, flags, options):
+    """OLoRA/PiSSA (A, B and the residual from W₀) and DoRA (m = ‖W₀‖ per row) cannot be drawn on the meta
+    device: the model is loaded whole, then sharded, and the run follows one process as any other does."""
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(24))
+    single = train(data=str(data), output_dir=str(tmp_path / "one"), steps=2, lr=5e-3, max_length=48, batch_size=4,
+                   **options, **QUIET)
+    proc = torchrun(["--data", str(data), "--steps", "2", "--lr", "5e-3", "--max-length", "48", "--batch-size", "2",
+                     "--no-progress", "--sharding", "fsdp", "--output-dir", str(tmp_path / "two"), *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sharded over 2 processes" in proc.stdout and "loaded straight into shards" not in proc.stdout
+    assert losses(tmp_path / "two") == pytest.approx(single.losses, abs=1e-5)

@@ -38,3 +38,15 @@ def test_bad_sharding_or_processes_is_one_line():
         estimate_memory("default", sharding="zero")
     with pytest.raises(ConfigError, match="processes must be a positive integer"):
         estimate_memory("default", processes=0)
+
+
+def test_fsdp_plans_the_plain_loss_whatever_loss_chunk_says():
+    """Under FSDP the head's weight is a sharded DTensor when the loss looks at it, so train/loss.py takes the
+    plain loss (chunkable_head is None): the plan must hold the whole logits, not one chunk's."""
+    kw = dict(method="lora", batch_size=8, seq_len=512, processes=2, sharding="fsdp")
+    plain = estimate_memory("llama-7b", loss_chunk=0, **kw)
+    asked = estimate_memory("llama-7b", loss_chunk=1024, **kw)
+    assert asked.logits == plain.logits and asked.total_bytes == plain.total_bytes
+    assert asked.settings["loss_chunk"] == 0
+    one = estimate_memory("llama-7b", method="lora", batch_size=8, seq_len=512, loss_chunk=1024)
+    assert one.logits < plain.logits  # one process: the chunked loss runs, and is planned

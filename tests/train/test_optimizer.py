@@ -160,3 +160,14 @@ def test_resuming_with_another_optimizer_is_refused_in_one_line(tiny_model_dir, 
     with pytest.raises(TrainingError, match=r"optimizer='adamw'; this run has 'adamw-8bit'") as err:
         train(resume=True, optimizer="adamw-8bit", **common)
     assert "\n" not in str(err.value)
+
+
+
+def test_8bit_with_fsdp_is_refused_before_a_checkpoint_loses_its_moments():
+    """sharding="fsdp" checkpoints (DCP) hold fp32 AdamW's exp_avg/exp_avg_sq only: 8-bit states were dropped
+    on save and resume crashed (bitsandbytes' int step), so the pair is refused in one line, at config time."""
+    with pytest.raises(ConfigError, match=r"optimizer='adamw-8bit' with sharding='fsdp'") as err:
+        _cfg(optimizer="adamw-8bit", sharding="fsdp")
+    assert "\n" not in str(err.value) and "optimizer = \"adamw\"" in str(err.value)
+    _cfg(optimizer="adamw-8bit", sharding="ddp")
+    _cfg(optimizer="adamw", sharding="fsdp")

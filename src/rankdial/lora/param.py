@@ -143,26 +143,37 @@ class ExpertLora(nn.Module):
     # -- merge ------------------------------------------------------------------------------------
     def merge(self, names: list[str] | None = None, module_path: str = "") -> None:
         """Add each named (default: active) adapter's ΔW into the parameters in place; twice is a no-op."""
-        todo = [n for n in (self._active if names is None else names) if n not in self._merged]
-        for name in todo:
-            self._require(name)
+        todo = self.merge_check(names, module_path)
         with torch.no_grad():
-            new = {}
-            for name in todo:
-                for p in self.lora_A[name]:
-                    W = new.get(p, getattr(self.base_layer, p))
-                    new[p] = W.float() + self.delta_weight(name, p)
-            bad = [p for p, w in new.items() if not torch.isfinite(w).all()]
-            if bad:
-                raise MergeError(f"merging {todo} into {module_path or 'this module'}.{bad[0]} would give NaN/Inf; "
-                                 "the parameters were left as they were")
-            for p, w in new.items():
+            for p, w in self._merged_values(todo).items():
                 getattr(self.base_layer, p).copy_(w)
         self._merged += todo
 
+    def merge_check(self, names: list[str] | None = None, module_path: str = "") -> list[str]:
+        """The adapters merge(names) would add (each once, none already merged), after checking that it may:
+        MergeError, nothing written, if a merged parameter would hold NaN/Inf."""
+        todo = list(dict.fromkeys(n for n in (self._active if names is None else names) if n not in self._merged))
+        for name in todo:
+            self._require(name)
+        bad = [p for p, w in self._merged_values(todo).items() if not torch.isfinite(w).all()]
+        if bad:
+            raise MergeError(f"merging {todo} into {module_path or 'this module'}.{bad[0]} would give NaN/Inf; "
+                             "the parameters were left as they were")
+        return todo
+
+    @torch.no_grad()
+    def _merged_values(self, todo: list[str]) -> dict[str, torch.Tensor]:
+        """{parameter: W + Σ ΔW over `todo`} in fp32, for the parameters those adapters target."""
+        new: dict[str, torch.Tensor] = {}
+        for name in todo:
+            for p in self.lora_A[name]:
+                W = new.get(p, getattr(self.base_layer, p))
+                new[p] = W.float() + self.delta_weight(name, p)
+        return new
+
     def unmerge(self, names: list[str] | None = None) -> None:
         """Subtract merged adapters' ΔW again (default: every merged one)."""
-        todo = list(self._merged) if names is None else [n for n in names if n in self._merged]
+        todo = list(self._merged) if names is None else [n for n in dict.fromkeys(names) if n in self._merged]
         with torch.no_grad():
             for name in reversed(todo):
                 for p in self.lora_A[name]:
@@ -231,9 +242,7 @@ def plan_parameters(model: nn.Module, config: LoraConfig) -> dict[str, list[str]
     targets = list(config.target_parameters or [])
     if not targets:
         return {}
-    if config.lora_dropout:
-        raise ConfigError(f"lora_dropout={config.lora_dropout} with target_parameters: dropout cannot be applied to a "
-                          "weight update (PEFT refuses it too); set lora_dropout = 0")
+    _check_options(config)
     found: dict[str, list[str]] = {}
     matched, flat = set(), []
     for path, module in _modules(model):
@@ -263,6 +272,19 @@ def plan_parameters(model: nn.Module, config: LoraConfig) -> dict[str, list[str]
         raise TargetError(f"target_parameters {missing} matched no parameter of {type(model).__name__}; its 3-D "
                           f"parameters are {names[:10] or 'none (it has no stacked experts)'}")
     return found
+
+
+def _check_options(config: LoraConfig) -> None:
+    """ConfigError for an option an expert update cannot honour (rather than ignoring it)."""
+    if config.lora_dropout:
+        raise ConfigError(f"lora_dropout={config.lora_dropout} with target_parameters: dropout cannot be applied to a "
+                          "weight update (PEFT refuses it too); set lora_dropout = 0")
+    if config.use_dora:
+        raise ConfigError("use_dora with target_parameters: an expert update has no DoRA magnitude (PEFT refuses it "
+                          "too); set use_dora = false, or adapt the experts in a separate adapter without DoRA")
+    if not isinstance(config.init_lora_weights, bool):
+        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} with target_parameters: expert updates "
+                          "start only as true (A Kaiming-uniform, B zero) or false; use one of those")
 
 
 def _pattern_hit(patterns: dict, key: str) -> bool:

@@ -100,15 +100,25 @@ def merge(model: nn.Module, adapters: str | list[str] | None = None) -> None:
         _something_to_merge(model, "merge")
     elif not _known(model, adapters, "merge"):
         raise MergeError("merge(model, []): no adapter named; give a name, or call merge(model) for the active ones")
-    _merge_layers(list(lora_layers(model)), None if adapters is None else _known(model, adapters, "merge"))
-    _merge_experts(model, None if adapters is None else _known(model, adapters, "merge"))
+    _merge_all(model, list(lora_layers(model)), None if adapters is None else _known(model, adapters, "merge"))
 
 
-def _merge_experts(model: nn.Module, names: list[str] | None) -> None:
-    """Merge into each expert-parameter wrapper (lora/param.py); each checks its own merged weights first."""
+def _merge_all(model: nn.Module, layers: list[tuple[str, LoraLayer]], names: list[str] | None) -> None:
+    """Merge into `layers` and every expert-parameter wrapper, or into none: all are checked first."""
+    experts = _expert_merges(model, names)
+    _merge_layers(layers, names)
+    for path, wrapper, todo in experts:
+        wrapper.merge(todo, module_path=path)
+
+
+def _expert_merges(model: nn.Module, names: list[str] | None) -> list[tuple[str, ExpertLora, list[str]]]:
+    """(path, wrapper, adapters) to merge into each expert-parameter wrapper (lora/param.py), each checked."""
+    out = []
     for path, wrapper in named_wrappers(model):
         if isinstance(wrapper, ExpertLora):
-            wrapper.merge(None if names is None else [n for n in names if n in wrapper.lora_A], module_path=path)
+            wanted = None if names is None else [n for n in names if n in wrapper.lora_A]
+            out.append((path, wrapper, wrapper.merge_check(wanted, module_path=path)))
+    return out
 
 
 def _merge_layers(layers: list[tuple[str, LoraLayer]], names: list[str] | None) -> None:
@@ -123,8 +133,7 @@ def _merge_layers(layers: list[tuple[str, LoraLayer]], names: list[str] | None) 
 
 def _merge_dense(model: nn.Module) -> None:
     """Merge the active adapters of every layer whose base is dense (4-bit bases are rebuilt, not merged)."""
-    _merge_layers([(p, layer) for p, layer in lora_layers(model) if not _is_quantized(layer)], None)
-    _merge_experts(model, None)
+    _merge_all(model, [(p, layer) for p, layer in lora_layers(model) if not _is_quantized(layer)], None)
 
 
 def unmerge(model: nn.Module) -> None:

@@ -172,6 +172,18 @@ def _release_freed_memory() -> None:
         pass
 
 
+def rebuild_meta_buffers(model: torch.nn.Module, config, device: torch.device | str) -> None:
+    """Rebuild, from `config` on `device`, each module of a model built on the meta device whose own buffers are
+    still there: non-persistent buffers (rotary inv_freq) are in no weights file."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            try:
+                fresh = type(module)(config=getattr(module, "config", config), device=device)
+            except TypeError:
+                fresh = type(module)(config=getattr(module, "config", config))
+            model.set_submodule(name, fresh.to(device))
+
+
 @_one_load_at_a_time
 def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
     """(model, tokenizer) with every linear but the output head stored in NF4, quantized while loading.
@@ -225,13 +237,7 @@ def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
     model.load_state_dict(rest, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    for name, module in list(model.named_modules()):  # non-persistent buffers (rotary inv_freq) are rebuilt
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            try:
-                fresh = type(module)(config=getattr(module, "config", config), device=device)
-            except TypeError:
-                fresh = type(module)(config=getattr(module, "config", config))
-            model.set_submodule(name, fresh.to(device))
+    rebuild_meta_buffers(model, config, device)
     still = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still:
         raise ModelError(f"{path}: could not load {still[:3]} while quantizing on load (missing from the weights: "

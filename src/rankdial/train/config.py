@@ -124,6 +124,10 @@ class TrainConfig:
             problems.append(f"sharding={self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "adamw-8bit" and self.sharding == "fsdp":  # checkpoint.write_sharded_checkpoint
+            problems.append("optimizer='adamw-8bit' with sharding='fsdp': FSDP checkpoints store fp32 AdamW's "
+                            "moments only, so 8-bit states would be lost on save; use optimizer = \"adamw\" "
+                            "with fsdp, or sharding = \"ddp\"")
         if not self.data:
             problems.append("data is empty: give a JSONL file (data = \"train.jsonl\" or --data train.jsonl)")
         for name in ("max_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):

@@ -197,21 +197,19 @@ def _lora_init_values(model) -> dict[tuple[str, str], tuple[torch.Tensor, torch.
     process that loaded the whole model and injected there. Small: the adapters only."""
     import math
 
+    from ..lora.init import initialise
     from ..lora.verbs import lora_layers
 
     out = {}
     for path, layer in lora_layers(model):
         for name in sorted(layer.configs, key=lambda n: layer.configs[n][0]):
             r = layer.lora_A[name].weight.shape[0]
-            # nn.Linear(d_in, r) and nn.Linear(r, d_out) each draw their reset_parameters() init, then A is
-            # drawn again, then B zeroed (or drawn from a normal).
+            # nn.Linear(d_in, r) and nn.Linear(r, d_out) each draw their reset_parameters() init, then the
+            # scheme's own draws (lora/init.initialise: none of these schemes reads or rewrites the base).
             a, b = torch.empty(r, layer.in_features), torch.empty(layer.out_features, r)
-            for t in (a, b, a):
+            for t in (a, b):
                 torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5))
-            if layer.configs[name][1].init_lora_weights:
-                torch.nn.init.zeros_(b)
-            else:
-                torch.nn.init.normal_(b, std=1.0 / math.sqrt(r))
+            initialise(layer, a, b, layer.scaling[name], layer.configs[name][1].init_lora_weights)
             out[(path, name)] = (a, b)
     return out
 
@@ -228,7 +226,8 @@ def load_into_shards(model, path, dist_info: Dist, device: torch.device, *, qlor
     from ..errors import ModelError
     from ..layers import Wrapper, linear_dims
     from ..lora.verbs import lora_layers
-    from ..models.loading import _read_tensor, _release_freed_memory, _safetensors_index, _weight_files
+    from ..models.loading import (_read_tensor, _release_freed_memory, _safetensors_index, _weight_files,
+                                  rebuild_meta_buffers)
     from ..quant import quantize_nf4
     from ..quant.linear import NF4Linear, quantize_candidates
     from ..quant.nf4_tensor import make_shardable
@@ -297,14 +296,7 @@ def load_into_shards(model, path, dist_info: Dist, device: torch.device, *, qlor
     fill(model, "")
     if tied:
         model.tie_weights()
-    config = model.config
-    for name, module in list(model.named_modules()):  # non-persistent buffers (rotary inv_freq) are rebuilt
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            try:
-                fresh = type(module)(config=getattr(module, "config", config), device=device)
-            except TypeError:
-                fresh = type(module)(config=getattr(module, "config", config))
-            model.set_submodule(name, fresh.to(device))
+    rebuild_meta_buffers(model, model.config, device)
     still = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still:
         raise ModelError(f"{path}: could not load {still[:3]} into the sharded model")

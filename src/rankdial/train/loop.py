@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from ..atomic import MARKER, atomic_dir, check_target, note_written, write_json
+from ..config import init_mutates_base
 from ..errors import RankdialError, TrainingError, TrainingInterrupted
 from ..memory import MIB, estimate_memory, peak_memory_mb, reset_peak_memory
 from . import checkpoint as ckpt_io
@@ -166,11 +167,10 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     random.seed(cfg.seed)
     fsdp = _fsdp(cfg, dist_info, say)
     # FSDP builds the model on the meta device and loads it straight into shards (load_into_shards), so no
-    # process ever holds the whole model; a model passed in, a custom `prepare`, modules_to_save (full copies
-    # made from the base's values) or weights not in safetensors take the ordinary load, then shard_model.
+    # process ever holds the whole model; a model passed in, a custom `prepare`, an adapter whose start reads the
+    # base (_reads_base) or weights not in safetensors take the ordinary load, then shard_model.
     skeleton = (meta_model(base_path) if fsdp and model is None and prepare is None
-                and not cfg.lora.modules_to_save
-                and cfg.lora.init_lora_weights != "loftq" else None)
+                and not _reads_base(cfg) else None)
     if skeleton is not None:
         model = (skeleton, load_tokenizer(base_path))
     elif model is None:  # QLoRA quantizes while loading, so the full-precision model is never in memory at once
@@ -235,6 +235,15 @@ def plan_output(cfg: TrainConfig, resume: bool, overwrite: bool, inputs: list) -
         raise TrainingError(f"output_dir {out} holds checkpoints of an unfinished run; pass --resume to continue "
                             "it, --overwrite to replace it, or choose another output_dir")
     return "restart"
+
+
+def _reads_base(cfg: TrainConfig) -> bool:
+    """Whether the adapter's start is made from the base's values, so it cannot be drawn on the meta device
+    (distributed._lora_init_values): modules_to_save (copies of base modules), PiSSA/OLoRA/LoftQ (A, B and the
+    residual from W₀), DoRA (m = ‖W₀ + s·BA‖ per row) and expert parameters (lora/param.py)."""
+    lora = cfg.lora
+    return cfg.method != "full" and bool(lora.modules_to_save or init_mutates_base(lora.init_lora_weights)
+                                         or lora.use_dora or lora.target_parameters)
 
 
 def _fsdp(cfg: TrainConfig, dist_info: Dist, say) -> bool:
