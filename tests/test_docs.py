@@ -138,6 +138,20 @@ def test_the_readme_is_a_short_front_page():
         assert f"(docs/{page.name})" in text, f"README.md does not link docs/{page.name}"
 
 
+def test_no_indented_code_blocks():
+    """An indented code block would escape the fenced-block runner: every block is fenced."""
+    bad = []
+    for page in PAGES:
+        lines, fenced = page.read_text().splitlines(), False
+        for i, line in enumerate(lines):
+            fenced ^= bool(FENCE.match(line)) and not line.startswith(" ")
+            before = next((l for l in reversed(lines[:i]) if l.strip()), "")
+            if (not fenced and line.startswith("    ") and i and not lines[i - 1].strip()
+                    and not before.startswith((" ", "-", "*", "|")) and not re.match(r"\d+\. ", before)):
+                bad.append(f"{page.relative_to(ROOT)}:{i + 1}: an indented code block; fence it")
+    assert not bad, "\n".join(bad)
+
+
 def _anchors(page: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
     found = set()
@@ -163,6 +177,9 @@ def test_links_are_relative_and_resolve():
                 bad.append(f"{page.name}: {target} does not exist")
             elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
                 bad.append(f"{page.name}: {target}: no heading with that anchor")
+        for path in re.findall(r"`((?:src|tests|benchmarks|scripts|docs)/[\w./-]*)", text):
+            if not (ROOT / path).exists():
+                bad.append(f"{page.name}: `{path}` is not in the repository")
         if "../shared" in text or "/work/" in text:
             bad.append(f"{page.name} refers to a file outside the repository")
     assert not bad, "\n".join(bad)
