@@ -19,6 +19,7 @@ render it):
 
 How each language runs, always in a fresh temporary folder:
 - python: a subprocess of this interpreter with the repository's src/ first on the path.
+  A line `print(x)  # LITERAL` shows output, and the block asserts x == LITERAL.
 - bash: line by line (a trailing backslash continues a line), each line must exit 0; `rankdial`, `python` and
   `torchrun` are this virtual environment's, importing the repository's src/.
 - toml / yaml: parsed, and a training config (its first line names it, `# run.toml`) is loaded with the
@@ -27,6 +28,7 @@ How each language runs, always in a fresh temporary folder:
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shlex
@@ -317,8 +319,25 @@ def run_bash(block: Block, tmp: Path) -> None:
             _run(line, tmp, shell=True)
 
 
+def checked_prints(code: str) -> str:
+    """`print(x)  # LITERAL` shows output: the line also asserts that x equals the literal it shows."""
+    out = []
+    for line in code.splitlines():
+        shown = re.match(r"^(\s*)print\((.*)\)\s+#\s*(.+?)\s*$", line)
+        try:
+            expected = ast.literal_eval(shown.group(3)) if shown else None
+        except (ValueError, SyntaxError):
+            shown = None
+        if shown:
+            indent, expr = shown.group(1), shown.group(2)
+            message = repr(f"the page shows {expected!r}, got ")
+            out.append(f"{indent}assert ({expr}) == {expected!r}, {message} + repr({expr})")
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def run_python(block: Block, tmp: Path) -> None:
-    code, server = block.code, None
+    code, server = checked_prints(block.code), None
     if "client" in block.marks:
         argv, probe = _server_argv(block.marks["client"])
         server = Server(argv, tmp, probe)
@@ -405,6 +424,12 @@ def test_the_layout_check_sees_a_missing_module(tmp_path):
     dropped = Block(block.page, block.line, "text", "\n".join(l for l in lines if "memory.py" not in l) + "\n")
     with pytest.raises(AssertionError, match="memory"):
         check_layout(dropped, tmp_path)
+
+
+def test_shown_output_is_checked(tmp_path):
+    run_block(Block(ROOT / "README.md", 0, "python", "print(sorted([3, 1]))  # [1, 3]\n"), tmp_path)
+    with pytest.raises(AssertionError, match="the page shows"):
+        run_block(Block(ROOT / "README.md", 0, "python", "print(sorted([3, 1]))  # [3, 1]\n"), tmp_path)
 
 
 def test_bash_lines_join_continuations():
