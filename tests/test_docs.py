@@ -28,6 +28,7 @@ How each language runs, always in a fresh temporary folder:
 
 from __future__ import annotations
 
+import argparse
 import ast
 import os
 import re
@@ -127,7 +128,8 @@ def test_every_marker_sits_above_a_fence():
         lines = page.read_text().splitlines()
         for i, line in enumerate(lines):
             if "doc-test" in line and (not MARKER.match(line) or i + 1 >= len(lines) or not FENCE.match(lines[i + 1])):
-                bad.append(f"{page.relative_to(ROOT)}:{i + 1}: {line.strip()!r} is not a marker line just above a fence")
+                bad.append(f"{page.relative_to(ROOT)}:{i + 1}: {line.strip()!r} is not a marker line just above "
+                           "a fence")
     assert not bad, "\n".join(bad)
 
 
@@ -152,6 +154,14 @@ def test_no_indented_code_blocks():
                     and not before.startswith((" ", "-", "*", "|")) and not re.match(r"\d+\. ", before)):
                 bad.append(f"{page.relative_to(ROOT)}:{i + 1}: an indented code block; fence it")
     assert not bad, "\n".join(bad)
+
+
+def test_the_command_line_page_lists_every_verb():
+    from rankdial.cli import build_parser
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    listed = re.findall(r"^\| `rankdial ([\w-]+)", (ROOT / "docs" / "cli.md").read_text(), re.M)
+    assert sorted(listed) == sorted(verbs.choices)
 
 
 def _anchors(page: Path) -> set[str]:
@@ -290,7 +300,8 @@ def _server_argv(line: str) -> tuple[list[str], str] | None:
 def _run(argv_or_line, cwd: Path, shell: bool) -> None:
     done = subprocess.run(argv_or_line, cwd=cwd, env=_env(), shell=shell, executable="/bin/bash" if shell else None,
                           capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
-    assert done.returncode == 0, f"{argv_or_line!r} exited with {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, \
+        f"{argv_or_line!r} exited with {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 def bash_lines(code: str) -> list[str]:
