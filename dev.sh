@@ -6,16 +6,21 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
-# The playground's browser tests drive Debian's chromium (never a browser download).
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "installing Debian's chromium for the browser tests (apt-get)..." >&2
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
-  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; } \
-    || echo "could not install chromium (apt-get install -y chromium): the browser tests will fail" >&2
-fi
+# Nothing here downloads from the Hugging Face Hub (models are local; bitsandbytes would otherwise try to fetch an
+# optional kernel at import, in the setup check below).
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 stamp=".venv/.setup-$(cksum < pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ]; then
-  echo "setting up .venv (torch==2.13.0, rankdial and its test dependencies)..." >&2
+  # Progress goes to stdout: stderr is for what went wrong.
+  # The playground's browser tests drive Debian's chromium (never a browser download); installed here, in the
+  # setup step, so later runs do not call apt-get.
+  if ! command -v chromium >/dev/null 2>&1; then
+    echo "installing Debian's chromium for the browser tests (apt-get)..."
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null; } \
+      || echo "could not install chromium (apt-get install -y chromium): the browser tests will fail" >&2
+  fi
+  echo "setting up .venv (torch==2.13.0, rankdial and its test dependencies)..."
   "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
   # Pinned here, not in pyproject: on these machines torch==2.13.0 is a local CPU wheel, while a bare
@@ -26,7 +31,6 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.setup-*
   touch "$stamp"
 fi
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 job=${1:-}
 [ $# -gt 0 ] && shift
 case "$job" in

@@ -20,6 +20,8 @@ def main() -> None:
     args = parser.parse_args()
     cases = [dict(model="default", method=m, batch_size=8, seq_len=128) for m in ("lora", "full", "qlora")]
     cases += [dict(model=BIG, method=m, batch_size=2, seq_len=64) for m in ("lora", "full", "qlora")]
+    cases += [dict(model=m, method="full", batch_size=b, seq_len=s, optimizer="adamw-8bit")
+              for m, b, s in (("default", 8, 128), (BIG, 2, 64))]
     print(f"config: allocator={args.allocator}, big={BIG}, CPU fp32 AdamW, 2 steps, r=16 all-linear")
     start = time.perf_counter()
     measured = measure_in_fresh_processes([{**c, "allocator": args.allocator} for c in cases])
@@ -27,11 +29,12 @@ def main() -> None:
     for case, got in zip(cases, measured):
         plan = estimate_memory(**case, dtype="fp32", gradient_checkpointing=False)
         row = dict(model=case["model"] if isinstance(case["model"], str) else "big", method=case["method"],
+                   optimizer=case.get("optimizer", "adamw"),
                    batch=case["batch_size"], seq=case["seq_len"], planned_mib=round(plan.total_bytes / 2**20, 1),
                    measured_mib=round(got["peak"] / 2**20, 1),
                    error=round((plan.total_bytes - got["peak"]) / got["peak"], 4), seconds=got["seconds"])
         rows.append(row)
-        print(f"{row['model']:8} {row['method']:6} {row['batch']}x{row['seq']:<4} planned {row['planned_mib']:8.1f} "
+        print(f"{row['model']:8} {row['method']:6} {row['optimizer']:10} {row['batch']}x{row['seq']:<4} planned {row['planned_mib']:8.1f} "
               f"MiB  measured {row['measured_mib']:8.1f} MiB  {100 * row['error']:+6.1f}%  {got['seconds']}")
     seventy = {m: estimate_memory("llama-70b", method=m) for m in ("full", "lora", "qlora")}
     for m, plan in seventy.items():

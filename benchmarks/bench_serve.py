@@ -44,6 +44,16 @@ Figures (2-core machine shared by 5 people; rounds of the same configuration dif
   non-finite check), p99_ms_32_adapters 3188, memory merged/adapters 14.7x.
   A same-process check alternating the engine (stepped synchronously and threaded) with generate, 3 times,
   gave engine/generate 0.65, 1.5-1.8, 1.0-1.1: the base comparison is within this machine's noise.
+  `... --quick` before and after the adapters' storage moved into per-rank stacks (the registry's one copy, loaded
+  straight from the file), the preallocated slot KV cache and route() reuse (h-B; run back to back, same machine):
+  before  base 2,492 tok/s, 32 adapters 1,888 (ratio_32_vs_base 0.76), 128 adapters 1,734 (0.70),
+          base_speedup_vs_transformers 1.02, load_ratio_vs_raw_read 3.75 (3.3 ms vs 0.88 ms)
+  after   base 2,847 tok/s, 32 adapters 1,987 (ratio_32_vs_base 0.70), 128 adapters 1,861 (0.65),
+          base_speedup_vs_transformers 1.18, load_ratio_vs_raw_read 2.67 (2.3 ms vs 0.87 ms)
+  Every engine figure rose (base +14%, 32 adapters +5%, 128 +7%; generate 2,439 -> 2,417); the ratios fell because
+  the base rose most. Three other after-runs that session: ratio_32 0.72/0.67/0.82, ratio_128 0.67/0.62/0.79,
+  load 2.9/2.9/2.9, base_speedup 0.97/1.27/1.01 (one earlier before-run: 0.65, 0.65, 3.7, 1.09): rounds differ more
+  than the change.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ Modes (same loop, data, optimizer, loss and batch order; only the model preparat
     rankdial-lora   our LoRA layers on the fp32 base               peft-lora    PEFT's get_peft_model
     rankdial-qlora  NF4 base quantized on load + our LoRA         peft-qlora   transformers+bitsandbytes 4-bit
     rankdial-full   every weight trains (AdamW)                                  (NF4, double quant) + PEFT
+    rankdial-dora   our LoRA layers with use_dora (DoRA)          peft-dora    PEFT's get_peft_model(use_dora=True)
     floor           the frozen model's forward + backward through every layer with no adapter at all (only
                     the first 1-D weight, layer 0's input norm, trains): what any LoRA step costs at least
 Models:
@@ -33,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-MODES = ("rankdial-lora", "peft-lora", "rankdial-qlora", "peft-qlora", "rankdial-full", "floor")
+MODES = ("rankdial-lora", "peft-lora", "rankdial-qlora", "peft-qlora", "rankdial-full", "floor", "rankdial-dora",
+         "peft-dora")
 MODELS = {
     "default": dict(batch=16, steps=40, skip=5),
     "large": dict(batch=4, steps=12, skip=3),
@@ -78,7 +80,8 @@ def peft_prepare(model, cfg, base_path):
     import peft
 
     peft.get_peft_model(model, peft.LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=0.0,
-                                               target_modules="all-linear", task_type="CAUSAL_LM"))
+                                               target_modules="all-linear", task_type="CAUSAL_LM",
+                                               use_dora=cfg.lora.use_dora))
     return None
 
 
@@ -96,14 +99,14 @@ def child(mode: str, model_dir: str, batch: int, steps: int, skip: int) -> None:
     from rankdial.train import default_samples_path, make_config
     from rankdial.train.loop import fit, output_folder, result, setup
 
-    method = "full" if mode == "floor" else mode.split("-")[1]
+    method = "full" if mode == "floor" else "lora" if mode.endswith("dora") else mode.split("-")[1]
     model = peft_model(mode, model_dir) if mode.startswith("peft") else None
     prepare = peft_prepare if mode.startswith("peft") else floor_prepare if mode == "floor" else None
     with tempfile.TemporaryDirectory() as tmp:
         # device="cpu": the PEFT modes run on the CPU, so rankdial's must too, GPU or not
         cfg = make_config(model=model_dir, device="cpu", method=method, data=str(default_samples_path() / "pydoc_qa.jsonl"),
                           output_dir=tmp + "/o", steps=steps, batch_size=batch, lr=1e-3, r=R, lora_alpha=2 * R,
-                          max_length=64, progress=False)
+                          max_length=64, progress=False, use_dora=mode.endswith("dora"))
         run = setup(cfg, log=lambda *a: None, model=model, prepare=prepare)
         with output_folder(run):
             fit(run)
@@ -180,6 +183,12 @@ def main() -> None:
             out[f"lora_speedup_vs_full{suffix}"] = round(ratio("rankdial-lora", "rankdial-full"), 3)
             out[f"lora_ratio_vs_floor{suffix}"] = round(ratio("floor", "rankdial-lora"), 3)  # time / floor time
             out[f"peft_lora_ratio_vs_floor{suffix}"] = round(ratio("floor", "peft-lora"), 3)
+            # DoRA: step time and peak RSS against LoRA at the same rank (targets: <= 1.3x time, <= 1.2x memory)
+            out[f"dora_step_time_vs_lora{suffix}"] = round(ratio("rankdial-lora", "rankdial-dora"), 3)
+            out[f"peft_dora_step_time_vs_peft_lora{suffix}"] = round(ratio("peft-lora", "peft-dora"), 3)
+            out[f"dora_speedup_vs_peft_dora{suffix}"] = round(ratio("rankdial-dora", "peft-dora"), 3)
+            out[f"dora_rss_vs_lora{suffix}"] = round(rss["rankdial-dora"] / rss["rankdial-lora"], 3)
+            out[f"peft_dora_rss_vs_peft_lora{suffix}"] = round(rss["peft-dora"] / rss["peft-lora"], 3)
             for m in MODES:
                 key = m.replace("rankdial-", "").replace("-", "_")
                 out[f"{key}_tokens_per_s{suffix}"] = round(tps[m], 1)

@@ -1,6 +1,7 @@
 """Atomic folders: a target that cannot be written is refused before any work, and the temporary folders a killed
 process leaves beside an output are swept by the next write, and nothing else."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rankdial.atomic import _HOST, atomic_dir, read_marker, sweep_stale
+from rankdial.atomic import _HOST, atomic_dir, check_target, read_marker, sweep_stale
+from rankdial.errors import OutputError
 
 
 def _dead_pid() -> int:
@@ -83,3 +85,41 @@ def test_a_symlinked_target_is_refused(tmp_path):
     (tmp_path / "link").symlink_to(real, target_is_directory=True)
     with pytest.raises(OutputError, match="symbolic link"):
         check_target(tmp_path / "link", kind="adapter")
+
+
+def _old_outputs():
+    """(kind, its before-markers rule, the files such an output held) for every kind rankdial replaces."""
+    from rankdial.adapters.io import is_plain_adapter_folder
+    from rankdial.export import MERGED_BEFORE_MARKERS
+    from rankdial.quant.bnb_format import RANKDIAL_QUANT_KEYS, written_before_markers
+    from rankdial.train.artefacts import is_legacy_run
+    from rankdial.train.checkpoint import _is_checkpoint_folder
+
+    quant = json.dumps({"quantization_config": {k: None for k in RANKDIAL_QUANT_KEYS}})
+    return [
+        ("adapter", is_plain_adapter_folder, {"adapter_config.json": "{}", "adapter_model.safetensors": ""}),
+        ("train-run", is_legacy_run, {"rankdial_train.json": "{}", "metrics.jsonl": "", "summary.json": "{}",
+                                      "checkpoints/step-000002/state.json": "{}"}),
+        ("quantized-model", written_before_markers, {"config.json": quant, "model.safetensors": ""}),
+        ("train-checkpoint", _is_checkpoint_folder, {"state.json": "{}", "trainable.safetensors": "",
+                                                     "training_state.pt": "", "manifest.json": "{}",
+                                                     "adapter/adapter_config.json": "{}"}),
+        ("merged-model", MERGED_BEFORE_MARKERS, {"rankdial_merge.json": "{}", "config.json": "{}",
+                                                 "model-00001-of-00002.safetensors": "", "tokenizer.json": "{}",
+                                                 "model.safetensors.index.json": "{}"}),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_an_unmarked_output_of_every_kind_is_ours_only_while_it_holds_nothing_else(tmp_path, case):
+    """One rule (atomic.OwnFiles) for every kind: an old output's tell-tale file alone never makes a folder
+    rankdial's to replace; a single file of the user's in it makes it the user's."""
+    kind, rule, files = _old_outputs()[case]
+    folder = tmp_path / "out"
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    assert check_target(folder, kind, legacy=rule) == folder
+    (folder / "notes.md").write_text("mine")
+    with pytest.raises(OutputError, match=r"holds \['notes.md'\], which rankdial did not write there"):
+        check_target(folder, kind, legacy=rule)

@@ -55,10 +55,6 @@ class FakeLM(torch.nn.Module):
         self.seen.append(input_ids.device)
         return SimpleNamespace(logits=torch.zeros(1, input_ids.shape[1], 4))
 
-    def generate(self, input_ids, attention_mask, **kwargs):
-        self.seen += [input_ids.device, attention_mask.device]
-        return torch.zeros(1, input_ids.shape[1] + 1, dtype=torch.long)
-
 
 @pytest.fixture(scope="module")
 def tok():
@@ -70,8 +66,7 @@ def tok():
 def test_inputs_are_built_on_the_models_device(tok):
     a, b = FakeLM("meta"), FakeLM("meta")
     assert max_logit_diff(a, b, tok, "And God said") == 0.0
-    sample(a, tok, "And God said", max_new_tokens=2)
-    assert a.seen == [torch.device("meta")] * 3 and b.seen == [torch.device("meta")]
+    assert a.seen == [torch.device("meta")] and b.seen == [torch.device("meta")]  # sample(): the test below
     assert encode(tok, "x", "meta").device == torch.device("meta")
 
 
@@ -126,3 +121,30 @@ def test_an_interrupted_training_run_says_where_in_one_line(capsys, monkeypatch)
     assert main(["train", "--data", "d.jsonl"]) == 130
     err = one_line(capsys)
     assert "step 12" in err and "checkpoint-10" in err and "--resume" in err
+
+
+@pytest.mark.slow
+def test_generate_and_the_server_give_the_same_text_for_a_seed(tmp_path):
+    """Issue 19: one sampler, one meaning of a seed: `rankdial generate` (compare.sample) and the serving engine
+    give the same text for the same prompt, seed and settings, on the base and on an adapter."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "serve"))
+    from engine_helpers import PROMPTS, make_adapter
+    from rankdial.compare import load_variants
+    from rankdial.serve import Engine, SamplingParams
+
+    make_adapter(tmp_path / "ad", seed=3, r=4)
+    net, tok, variants = load_variants(None, [str(tmp_path / "ad")], "cpu")
+    engine = Engine.from_pretrained("default", str(tmp_path), device="cpu")
+    try:
+        for seed, (temperature, top_p) in enumerate([(1.0, 1.0), (0.8, 0.9), (1.3, 0.95), (0.0, 1.0)]):
+            prompt = PROMPTS[seed]
+            served = {a: engine.generate(prompt, a, SamplingParams(max_tokens=24, temperature=temperature,
+                                                                   top_p=top_p, seed=seed)).text for a in (None, "ad")}
+            row = compare(net, tok, variants, [prompt], max_new_tokens=24, temperature=temperature, top_p=top_p,
+                          seed=seed)[0]["outputs"]
+            assert list(row.values()) == [served[None], served["ad"]]
+    finally:
+        engine.shutdown(drain=False)

@@ -97,10 +97,38 @@ def test_merging_again_into_its_own_folder_works_and_an_old_merge_folder_is_reco
     assert merge(adapter, out, base) == 0  # its own marker: replaced
     assert snapshot(out).keys() == first.keys()
     (out / ".rankdial-output.json").unlink()  # a folder merged before rankdial wrote markers
-    (out / "stale.txt").write_text("left by an old version")
     assert merge(adapter, out, base) == 0
-    assert read_marker(out) == "merged-model" and not (out / "stale.txt").exists()
+    assert read_marker(out) == "merged-model" and snapshot(out).keys() == first.keys()
     assert json.loads((out / "rankdial_merge.json").read_text())["base_model"] == str(base)
+
+
+def test_an_old_merge_folder_holding_a_users_file_is_never_replaced(base_and_adapter, tmp_path, capsys):
+    """Before markers a merged folder was recognised by rankdial_merge.json alone, and merging into it again
+    deleted whatever else the user had put there. Now only a folder holding nothing but a merged model's files
+    counts as rankdial's (the rule runs, adapters and quantized models use)."""
+    base, adapter = base_and_adapter
+    out = tmp_path / "merged"
+    assert merge(adapter, out, base) == 0
+    (out / ".rankdial-output.json").unlink()
+    (out / "notes.md").write_text("my evaluation notes")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert merge(adapter, out, base) == 2
+    one_line_error(capsys, str(out), "notes.md")
+    assert snapshot(out) == before
+
+
+def test_a_folder_holding_only_rankdial_merge_json_and_user_files_is_never_replaced(base_and_adapter, tmp_path,
+                                                                                    capsys, no_model_load):
+    base, adapter = base_and_adapter
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "rankdial_merge.json").write_text("{}")
+    (out / "thesis.txt").write_text("four years of work")
+    before = snapshot(out)
+    assert merge(adapter, out, base) == 2
+    one_line_error(capsys, str(out), "thesis.txt")
+    assert snapshot(out) == before
 
 
 def test_an_interrupted_merge_leaves_the_old_folder_whole(base_and_adapter, tmp_path, capsys, monkeypatch):

@@ -1,6 +1,6 @@
 """DESIGN.md's import directions, checked on the source: quant/ knows nothing of lora/, the neutral modules
 import nothing of the package's layers above them, nothing in the core imports the CLI, lora/ and adapters/
-never reach into train/, serve/ never imports train/."""
+never reach into train/, serve/ never imports train/, sampling (shared by generate and serve) imports neither."""
 
 import ast
 from pathlib import Path
@@ -37,6 +37,8 @@ RULES = [
     (("layers",), ("rankdial.lora", "rankdial.quant", "rankdial.adapters", "rankdial.train", "rankdial.models")),
     (("atomic",), ("rankdial.lora", "rankdial.quant", "rankdial.adapters", "rankdial.train", "rankdial.models")),
     (("errors",), ("rankdial.",)),
+    (("sampling",), ("rankdial.lora", "rankdial.quant", "rankdial.adapters", "rankdial.train", "rankdial.models",
+                     "rankdial.serve", "rankdial.cli")),
     (("config",), ("rankdial.lora", "rankdial.quant", "rankdial.adapters", "rankdial.train")),
     (("lora",), ("rankdial.adapters", "rankdial.train", "rankdial.cli")),
     (("adapters",), ("rankdial.train", "rankdial.cli")),

@@ -132,7 +132,10 @@ def test_a_config_that_is_not_a_llama_causal_lm_is_refused(tmp_path):
 # Measured against the planner: CPU, fp32, AdamW, transformers' default (SDPA) attention, one fresh process per
 # case. Each case's peak is VmHWM minus the resident size after imports and a warm-up (see measure_training_peak).
 CASES = [dict(model="default", method=m, batch_size=8, seq_len=128) for m in ("lora", "full", "qlora")] + \
-        [dict(model=BIG, method=m, batch_size=2, seq_len=64) for m in ("lora", "full", "qlora")]
+        [dict(model=BIG, method=m, batch_size=2, seq_len=64) for m in ("lora", "full", "qlora")] + \
+        [dict(model=m, method="full", batch_size=b, seq_len=s, optimizer="adamw-8bit")  # bitsandbytes' 8-bit AdamW
+         for m, b, s in (("default", 8, 128), (BIG, 2, 64))] + \
+        [dict(model="default", method="lora", batch_size=8, seq_len=128, loss_chunk=256)]  # rankdial's chunked loss
 
 
 @pytest.mark.slow
@@ -145,7 +148,7 @@ def test_planned_peaks_agree_with_measured_ones_within_15_percent():
         err = (plan.total_bytes - got["peak"]) / got["peak"]
         built = (plan.weights_bytes + plan.adapters - got["model"]) / got["model"]
         name = case["model"] if isinstance(case["model"], str) else "big"
-        rows.append(f"{name} {case['method']}: planned {plan.total_bytes / 2**20:.0f} MiB, measured "
+        rows.append(f"{name} {case['method']} {case.get('optimizer', 'adamw')} chunk {case.get('loss_chunk', 0)}: planned {plan.total_bytes / 2**20:.0f} MiB, measured "
                     f"{got['peak'] / 2**20:.0f} MiB ({100 * err:+.1f}%); model {100 * built:+.1f}%")
         if abs(err) > 0.15 or abs(built) > 0.15:
             bad.append(rows[-1])
@@ -159,3 +162,25 @@ def test_dimensions_with_a_typo_or_a_negative_head_dim_are_named():
     with pytest.raises(ConfigError, match="head_dim must be a positive integer"):
         estimate_memory({"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 4, "ffn": 128, "vocab": 100,
                          "head_dim": -16})
+
+
+def test_the_logits_term_follows_the_chunked_loss():
+    plain = estimate_memory("llama-7b", batch_size=8, seq_len=512)
+    chunked = estimate_memory("llama-7b", batch_size=8, seq_len=512, loss_chunk=1024)
+    assert plain.logits == 8 * 512 * 32000 * (2 + 12)  # bf16 logits, fp32 log-softmax and two fp32 gradients
+    assert chunked.logits == 1024 * 32000 * (2 + 4) + 3 * 8 * 512 * 4096 * 4
+    assert chunked.total_bytes < plain.total_bytes and chunked.activations == plain.activations
+    assert estimate_memory("llama-7b", batch_size=1, seq_len=512, loss_chunk=4096).logits == \
+        512 * 32000 * 6 + 3 * 512 * 4096 * 4  # a chunk larger than the batch is the batch
+    with pytest.raises(ConfigError, match="loss_chunk must be 0.*got -1"):
+        estimate_memory("default", loss_chunk=-1)
+
+
+def test_estimate_command_passes_loss_chunk_and_optimizer(capsys):
+    from rankdial.cli import main
+
+    assert main(["estimate", "llama-7b", "--batch-size", "8", "--seq-len", "512", "--loss-chunk", "1024",
+                 "--optimizer", "adamw-8bit", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = estimate_memory("llama-7b", batch_size=8, seq_len=512, loss_chunk=1024, optimizer="adamw-8bit")
+    assert got["logits"] == want.logits and got["optimizer"] == want.optimizer and got["settings"]["loss_chunk"] == 1024

@@ -137,3 +137,39 @@ def test_prepare_model_for_kbit_training_is_not_needed():
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
     assert all(p.grad is not None for n, p in trainable.items() if ".lora_B." in n)
+
+
+def test_use_dora_is_use_dora(tmp_path):
+    base = tiny_model("llama")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                      use_dora=True, init_lora_weights=False))
+    theirs.save_pretrained(tmp_path / "p")
+    ours = copy.deepcopy(base)
+    rd.load_adapter(ours, tmp_path / "p")
+    same(ours, theirs.eval())
+
+
+@pytest.mark.parametrize("init", ["gaussian", "pissa", "olora"])
+def test_init_lora_weights_is_init_lora_weights(init):
+    base = tiny_model("llama")
+    ours = copy.deepcopy(base)
+    torch.manual_seed(0)
+    rd.inject(ours, rd.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init))
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                                      init_lora_weights=init))
+    their = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p, their["base_model.model." + name], rtol=1e-5, atol=1e-5)
+
+
+def test_loftq_config_is_loftq_config():
+    """PEFT's LoftQ needs CUDA; held to its defining property: deq(Q) + s·BA is nearer W than deq(NF4(W))."""
+    base = tiny_model("llama")
+    ours = copy.deepcopy(base)
+    rd.inject(ours, rd.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="loftq",
+                                  loftq_config=vars(peft.LoftQConfig(loftq_bits=4, loftq_iter=1))))
+    for path, layer in rd.lora.lora_layers(ours):
+        w = base.get_submodule(path).weight
+        plain = rd.quant.nf4.dequantize_nf4(rd.quant.nf4.quantize_nf4(w.detach()), torch.float32)
+        assert (layer.merged_weight() - w).norm() < (plain - w).norm()

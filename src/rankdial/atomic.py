@@ -6,9 +6,10 @@ its target, flushed to disk and renamed over it; a folder is built beside its ta
 folder or the new one, never a half-written one where a good one was.
 
 A folder rankdial writes holds a small marker, `.rankdial-output.json` = {"kind": ...}. An existing folder
-is replaced only when its marker names the same kind of output (or, for folders written before markers,
-when the caller's `legacy` test recognises rankdial's own files), and never when it is one of the command's
-own inputs or holds one. Written files and folders follow the umask like any other (not tempfile's 0600).
+is replaced only when its marker names the same kind of output and it holds nothing the marker does not list
+(or, for folders written before markers, when it holds the kind's tell-tale file and nothing but that kind's
+own files: `OwnFiles`, the one rule every kind uses), and never when it is one of the command's own inputs or
+holds one. Written files and folders follow the umask like any other (not tempfile's 0600).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import socket
 import tempfile
 import uuid
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .errors import OutputError
@@ -157,6 +159,41 @@ def note_written(folder: str | os.PathLike, names) -> None:
     write_json(folder / MARKER, {**marker, "files": sorted(set(listed) | set(names))})
 
 
+@dataclass(frozen=True)
+class OwnFiles:
+    """How to recognise a folder of one kind that rankdial wrote before it wrote markers: it holds every one of
+    `required` and nothing whose top-level name is not in `names` or matched by one of `patterns` (regular
+    expressions, for numbered files such as weight shards), and passes `check` when one is given. One common
+    file name alone never makes a folder rankdial's to replace: replacing it would delete the rest.
+
+    Call it on a folder for the yes/no answer; `foreign` lists what stops it."""
+
+    required: tuple[str, ...]
+    names: frozenset[str]
+    patterns: tuple[str, ...] = ()
+    check: Callable[[Path], bool] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "required", (self.required,) if isinstance(self.required, str) else
+                           tuple(self.required))
+        object.__setattr__(self, "names", frozenset(self.names) | frozenset(self.required))
+
+    def _ours(self, name: str) -> bool:
+        return name in self.names or any(re.fullmatch(p, name) for p in self.patterns)
+
+    def foreign(self, folder: str | os.PathLike) -> list[str]:
+        """Top-level entries of `folder` that this kind of output never holds (sorted)."""
+        return sorted(p.name for p in Path(folder).iterdir() if not self._ours(p.name))
+
+    def looks_like(self, folder: str | os.PathLike) -> bool:
+        """Whether `folder` holds every required file (what an older output of this kind always holds)."""
+        return Path(folder).is_dir() and all((Path(folder) / name).exists() for name in self.required)
+
+    def __call__(self, folder: str | os.PathLike) -> bool:
+        return (self.looks_like(folder) and not self.foreign(folder)
+                and (self.check is None or bool(self.check(Path(folder)))))
+
+
 def _related(a: Path, b: Path) -> bool:
     """True when a and b are the same path or one contains the other."""
     a, b = a.resolve(), b.resolve()
@@ -180,12 +217,13 @@ def _check_writable_parent(target: Path, what: str) -> None:
 
 
 def check_target(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
-                 legacy: Callable[[Path], bool] | None = None, what: str = "output folder") -> Path:
+                 legacy: OwnFiles | None = None, what: str = "output folder") -> Path:
     """Raise OutputError unless `target` may receive a new output of `kind`; returns it as a Path.
 
-    Allowed: a path that does not exist, an empty folder, or a folder whose marker names `kind` (or that
-    `legacy` recognises as rankdial's own). Refused: a file, any other folder, and any path that is, holds or
-    lies inside one of `inputs`.
+    Allowed: a path that does not exist, an empty folder, a folder whose marker names `kind` and that holds
+    nothing the marker does not list, or an unmarked folder that `legacy` (OwnFiles) recognises as one
+    rankdial wrote before markers. Refused: a file, any other folder, and any path that is, holds or lies
+    inside one of `inputs`.
     """
     if not str(target).strip():
         raise OutputError(f"{what} is empty; give the path of a folder to write")
@@ -202,14 +240,15 @@ def check_target(target: str | os.PathLike, kind: str, inputs: Iterable[str | os
         raise OutputError(f"{what} {target} exists and is a file, not a folder; choose another path")
     if target.is_dir() and any(target.iterdir()):
         found = read_marker(target)
-        if found != kind and not (found is None and legacy is not None and legacy(target)):
-            said = f"rankdial wrote it as a {found!r}" if found else "rankdial did not write it"
-            raise OutputError(f"{what} {target} is not empty and {said}; rankdial replaces only a {kind!r} folder "
-                              "it wrote itself. Choose a new path, or empty or remove the folder yourself")
-        added = _added_since(target) if found == kind else []
+        older = found is None and legacy is not None and legacy.looks_like(target)  # written before markers?
+        added = _added_since(target) if found == kind else legacy.foreign(target) if older else []
         if added:
             raise OutputError(f"{what} {target} holds {added[:5]}, which rankdial did not write there; replacing the "
                               "folder would delete them. Move them out, or choose a new path")
+        if found != kind and not (older and legacy(target)):
+            said = f"rankdial wrote it as a {found!r}" if found else "rankdial did not write it"
+            raise OutputError(f"{what} {target} is not empty and {said}; rankdial replaces only a {kind!r} folder "
+                              "it wrote itself. Choose a new path, or empty or remove the folder yourself")
     return target
 
 
@@ -249,9 +288,39 @@ def sweep_stale(target: str | os.PathLike, inputs: Iterable[str | os.PathLike | 
     return removed
 
 
+def swap_in(folder: str | os.PathLike, target: str | os.PathLike, kind: str,
+            inputs: Iterable[str | os.PathLike | None] = (), legacy: OwnFiles | None = None,
+            what: str = "output folder") -> Path:
+    """Make `folder` (built beside `target`, on the same filesystem) the new `target`, whole: its marker written
+    (listing its files), flushed, `target` checked again (check_target), then swapped in (renameat2 exchange, else
+    two renames). The replaced folder is removed. If anything fails, `target` is as it was and `folder` is left
+    where it is, so the work in it is never lost here."""
+    folder, target = Path(folder), Path(target)
+    files = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+    (folder / MARKER).write_text(json.dumps({"kind": kind, "written_by": "rankdial", "files": files}) + "\n")
+    _plain_modes(folder)
+    fsync_tree(folder)
+    check_target(target, kind, inputs, legacy, what)  # the world may have changed while we wrote
+    if not target.exists():
+        os.rename(folder, target)
+    elif _exchange(folder, target):
+        shutil.rmtree(folder)  # folder now holds the old target
+    else:
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+        try:
+            os.rename(folder, target)
+        except BaseException:
+            os.rename(old, target)  # put the good folder back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(target.parent)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
-               legacy: Callable[[Path], bool] | None = None, what: str = "output folder"):
+               legacy: OwnFiles | None = None, what: str = "output folder"):
     """Yield a fresh folder beside `target`; when the block ends without error it replaces `target` whole.
 
     `target` is checked first (check_target). The marker is written into the new folder. On any exception
@@ -265,25 +334,7 @@ def atomic_dir(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.P
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}@{_HOST}-", dir=target.parent))
     try:
         yield tmp
-        files = sorted(p.name for p in tmp.iterdir())
-        (tmp / MARKER).write_text(json.dumps({"kind": kind, "written_by": "rankdial", "files": files}) + "\n")
-        _plain_modes(tmp)
-        fsync_tree(tmp)
-        check_target(target, kind, inputs, legacy, what)  # the world may have changed while we wrote
-        if not target.exists():
-            os.rename(tmp, target)
-        elif _exchange(tmp, target):
-            shutil.rmtree(tmp)  # tmp now holds the old folder
-        else:
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)  # put the good folder back before the temporary one is removed
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(target.parent)
+        swap_in(tmp, target, kind, inputs, legacy, what)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

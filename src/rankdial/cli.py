@@ -34,6 +34,7 @@ EPILOG = {
               "then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='k1').completions.create(model=NAME, ...)"),
     "estimate": ("examples:\n  rankdial estimate llama-70b --method qlora\n"
                  "  rankdial estimate default --method full --batch-size 16 --seq-len 256 --json\n"
+                 "  rankdial estimate llama-70b --method qlora --processes 2 --sharding fsdp\n"
                  "  rankdial estimate --hidden 4096 --layers 32 --heads 32 --ffn 11008 --vocab 32000"),
 }
 
@@ -84,7 +85,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"adapter {args.adapter}\n  base model: {info['base_model']}\n  r={info['r']} lora_alpha={info['lora_alpha']} "
-          f"rslora={info['use_rslora']}\n  target_modules: {info['target_modules']}\n"
+          f"rslora={info['use_rslora']}{' DoRA' if info['use_dora'] else ''}\n  target_modules: {info['target_modules']}\n"
           f"  modules_to_save: {info['modules_to_save']}\n  parameters: {info['parameters']:,}  "
           f"file: {info['file_bytes'] / 1e6:.2f} MB\n")
     width = max([len(m["module"]) for m in info["modules"]] + [6])
@@ -146,7 +147,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .train.config import FIELDS
 
     overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
-    print(sweep(args.config, args.ranks, args.out, **overrides))
+    print(sweep(args.config, args.ranks, args.out, resume=args.resume, **overrides))
     return 0
 
 
@@ -216,7 +217,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",")]
     plan = estimate_memory(model, method=args.method, rank=args.r, targets=targets, batch_size=args.batch_size,
                            seq_len=args.seq_len, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-                           optimizer=args.optimizer)
+                           optimizer=args.optimizer, processes=args.processes, sharding=args.sharding,
+                           loss_chunk=args.loss_chunk)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
 
@@ -274,6 +276,10 @@ def add_serve_parser(verbs, fmt) -> None:
     p.add_argument("--admin-key", help="key for loading by path and unloading (env RANKDIAL_ADMIN_KEY)")
     p.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask (default: 512)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt in tokens (default: what the model's context allows)")
+    p.add_argument("--max-batch", type=int, help="most requests decoded at once: the KV cache's rows (default: 32)")
+    p.add_argument("--max-tokens-in-flight", type=int,
+                   help="most tokens held at once (prompt + max_tokens of each running request; also caps one row of "
+                        "the KV cache; default: 16384)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default: 1024)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM / Ctrl-C, seconds to let requests in flight finish before cancelling them (default: 30)")
@@ -295,6 +301,11 @@ def add_estimate_parser(verbs, fmt) -> None:
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on for qlora")
     p.add_argument("--optimizer", choices=["adamw", "adamw-8bit"], default="adamw")
+    p.add_argument("--processes", type=int, default=1, help="torchrun processes; the plan is per process (default: 1)")
+    p.add_argument("--sharding", default="ddp", help="ddp (each process holds the whole model) or fsdp (sharded; "
+                   "as train --sharding fsdp) (default: ddp)")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="rows of logits the loss computes at once (rankdial train's default: 1024); 0: all at once")
     for dim in ("hidden", "layers", "heads", "kv-heads", "ffn", "vocab"):
         p.add_argument(f"--{dim}", type=int, default=None, help="model dimension (instead of MODEL)")
     p.add_argument("--tied", action="store_true", help="with dimensions: tied input/output embeddings")
@@ -338,7 +349,8 @@ def add_sweep_parser(verbs, fmt) -> None:
                          epilog=EPILOG["sweep"], formatter_class=fmt)
     p.add_argument("config", nargs="?", default=None, help="a .toml or .yaml config file (optional)")
     p.add_argument("--ranks", required=True, help="comma-separated ranks, e.g. 1,2,4,8,16,64")
-    p.add_argument("--out", required=True, help="folder for the sweep (built beside, swapped in when done)")
+    p.add_argument("--out", required=True, help="folder for the sweep (built in OUT.partial, swapped in when done)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep kept in OUT.partial")
     _add_config_flags(p, skip=("output_dir", "r"))
     p.set_defaults(run=cmd_sweep)
 
@@ -466,9 +478,20 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         return _unknown_arguments(parser, args.verb, unknown)
+    missing = _missing_extra_of(args.verb)
+    if missing:  # before anything heavy loads
+        print(missing, file=sys.stderr)
+        return 2
     try:
-        _quiet_transformers()
+        if args.verb not in NO_MODEL_VERBS:
+            _quiet_transformers()
         return args.run(args)
+    except ModuleNotFoundError as err:  # an optional extra that is not installed, found deeper: say which one
+        extra = _missing_extra(err.name, args.verb)
+        if extra is None:
+            raise
+        print(_missing_line(args.verb, err.name, extra), file=sys.stderr)
+        return 2
     except TrainingInterrupted as err:  # says where it stopped, the last checkpoint and --resume
         print(f"rankdial {args.verb}: {_one_line(err)}", file=sys.stderr)
         return 130
@@ -478,6 +501,35 @@ def main(argv: list[str] | None = None) -> int:
     except RankdialError as err:
         print(f"rankdial {args.verb}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+# a module that an optional extra of the wheel installs -> that extra (pyproject.toml's optional-dependencies)
+EXTRA_MODULES = {"fastapi": "serve", "starlette": "serve", "pydantic": "serve", "uvicorn": "serve",
+                 "prometheus_client": "serve", "bitsandbytes": "bnb"}
+# verbs that never load a transformers model: they skip importing transformers (most of `rankdial estimate`'s time)
+NO_MODEL_VERBS = {"estimate", "inspect", "truncate", "combine", "convert-bin"}
+# verbs that need an extra, checked before anything heavy loads (the modules they import from it)
+VERB_MODULES = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "playground": ("fastapi", "uvicorn")}
+
+
+def _missing_extra(module: str | None, verb: str) -> str | None:
+    """The extra to install for a module an extra provides ('playground' for that verb's), else None."""
+    extra = EXTRA_MODULES.get((module or "").partition(".")[0])
+    return "playground" if extra == "serve" and verb == "playground" else extra
+
+
+def _missing_line(verb: str, module: str, extra: str) -> str:
+    return f"rankdial {verb}: error: needs {module}, which is not installed; pip install 'rankdial[{extra}]'"
+
+
+def _missing_extra_of(verb: str) -> str | None:
+    """The one-line error for a verb whose extra is not installed, else None."""
+    import importlib.util
+
+    for module in VERB_MODULES.get(verb, ()):
+        if importlib.util.find_spec(module) is None:
+            return _missing_line(verb, module, _missing_extra(module, verb))
+    return None
 
 
 def _quiet_transformers() -> None:

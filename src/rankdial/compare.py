@@ -7,16 +7,20 @@ put on the model's own device.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 
 from .adapters import load_adapter
+from .config import is_positive_int
 from .errors import ConfigError, ModelError
 from .export import base_for_adapter, check_finished
 from .lora import disabled, set_active
 from .models import load_model, pick_device, resolve_model
+from .sampling import Row, SamplingParams, end_ids, make_generator
+from .sampling import sample as sample_next
 
 
 @dataclass
@@ -32,7 +36,7 @@ def check_sampling(prompts: list[str] | tuple[str, ...] = (), max_new_tokens: in
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt:
             problems.append(f"prompt {i + 1} is {prompt!r}: give some text to continue")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_positive_int(max_new_tokens):
         problems.append(f"--max-new-tokens (max_new_tokens) is {max_new_tokens!r}: must be a whole number >= 1")
     if not _real(temperature) or temperature < 0:
         problems.append(f"--temperature is {temperature!r}: must be >= 0 (0 = greedy, typical 0.7-1.0)")
@@ -84,17 +88,39 @@ def load_variants(model: str | None, adapters: list[str], device: str = "auto", 
 @torch.no_grad()
 def sample(net, tok, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0, top_p: float = 1.0,
            seed: int = 0, chat: bool = False) -> str:
-    """The model's continuation of `prompt` (greedy when temperature is 0), without the prompt."""
+    """The model's continuation of `prompt` (greedy when temperature is 0), without the prompt: rankdial.sampling's
+    sampler with a generator seeded with `seed`, so `rankdial serve` gives the same text for the same settings."""
     check_sampling([prompt], max_new_tokens, temperature, top_p)
     ids = encode(tok, prompt, model_device(net), chat)
-    torch.manual_seed(seed)
-    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    if temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    return tok.decode(generate_ids(net, ids, params, end_ids(net, tok)), skip_special_tokens=True)
+
+
+def generate_ids(net, ids: torch.Tensor, params: SamplingParams, stop_ids: set[int]) -> list[int]:
+    """The tokens after `ids` (1, T), one forward per token with a KV cache, called as the serving runner calls the
+    model for a lone request (explicit positions, the last position's logits), so both see the same scores."""
+    from transformers import DynamicCache
+
+    row = Row(params, make_generator(params.seed, ids.device))
+    names = inspect.signature(type(net).forward).parameters
+    kwargs = {"cache" if "cache" in names else "past_key_values": DynamicCache(config=net.config), "use_cache": True}
+    if "logits_to_keep" in names:
+        kwargs["logits_to_keep"] = 1
+    mask = torch.ones_like(ids)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # (1, T)
+    out: list[int] = []
+    while len(out) < params.max_tokens:
+        logits = net(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs).logits[:, -1].float()
+        token = sample_next(logits, [row])[0]
+        if row.failure is not None:
+            raise ModelError(f"generation stopped after {len(out)} tokens: {row.failure}")
+        if token in stop_ids:
+            break
+        out.append(token)
+        ids = torch.tensor([[token]], device=ids.device)
+        mask = torch.cat([mask, mask.new_ones(1, 1)], 1)
+        positions = positions[:, -1:] + 1
+    return out
 
 
 def compare(net, tok, variants: list[Variant], prompts: list[str], **kwargs) -> list[dict]:

@@ -23,13 +23,24 @@ class LoraConfig:
         target_modules: a list of names (exact module path, or the part after a dot: "q_proj"), a regex
             string (full match on the module path), or "all-linear" (every linear except the output head).
         exclude_modules: list or regex of modules never to adapt, with the same matching rules.
+        target_parameters: 3-D expert parameters to adapt, one low-rank update per expert ("mlp.experts.gate_up_proj";
+            matched as PEFT does, on the end of "<module path>.<parameter>"); see rankdial.lora.param.
+            target_modules may then be [] (adapt only these).
         layers_to_transform: only adapt modules in these layer indices (the number after "layers.", "h.", ...).
         layers_pattern: the name(s) that precede the layer index, e.g. "layers"; None finds it automatically.
         rank_pattern / alpha_pattern: {regex matched on a suffix of the module path: rank or alpha}.
         use_rslora: scale by lora_alpha/√r (Kalajdzievski 2023, arXiv:2312.03732).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classification head).
-        init_lora_weights: True gives A Kaiming-uniform and B = 0 (training starts at the base model);
-            False gives both random (useful for tests).
+        init_lora_weights: True gives A Kaiming-uniform and B = 0 (training starts at the base model); False
+            gives both random (useful for tests); "gaussian" gives A ~ N(0, 1/r²), B = 0; "pissa" / "pissa_niter_K"
+            put the top-r singular part of W₀ into B·A (exact SVD / K subspace iterations) and leave the residual
+            in the base (Meng et al. 2024); "olora" does the same with a QR decomposition (Büyükakyüz 2024);
+            "loftq" (with loftq_config) quantizes the base to NF4 as NF4(W₀ − s·BA) with B·A fitted to the
+            quantization error (Li et al. 2023). PiSSA and OLoRA adapters are saved converted by default (see
+            adapters.io.save_adapter), so they run on the original base.
+        loftq_config: {"loftq_bits": 4, "loftq_iter": 1} for init_lora_weights="loftq" (PEFT's LoftQConfig).
+        use_dora: DoRA (Liu et al. 2024, arXiv:2402.09353): a learned magnitude per output row times the
+            direction W₀ + s·BA normalised per row (lora/dora.py).
         fan_in_fan_out: set automatically for GPT-2's Conv1D, which stores its weight as (d_in, d_out).
         bias: only "none" is supported.
         task_type, base_model_name_or_path: recorded in adapter_config.json.
@@ -43,23 +54,30 @@ class LoraConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = ALL_LINEAR
     exclude_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
-    init_lora_weights: bool = True
+    init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False
     bias: str = "none"
     task_type: str | None = None
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
+    loftq_config: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
+        if isinstance(self.target_parameters, (list, set, tuple)) and all(isinstance(t, str) for t in self.target_parameters):
+            self.target_parameters = sorted(self.target_parameters)  # order-free (PEFT writes a set's order)
         if isinstance(self.modules_to_save, (set, tuple, str)):
             self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) else list(self.modules_to_save)
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
@@ -90,7 +108,7 @@ def check_name(name: Any) -> None:
 def adapter_value_problems(r: Any, alpha: Any, dropout: Any) -> list[str]:
     """What is wrong with one adapter's rank, alpha and dropout (empty when all are valid)."""
     p = []
-    if not _is_rank(r):
+    if not is_positive_int(r):
         p.append(f"r must be a positive integer, got {r!r} (typical: 8-64)")
     if not _is_alpha(alpha):
         p.append(f"lora_alpha must be a positive finite number, got {alpha!r} (typical: r or 2*r)")
@@ -99,7 +117,9 @@ def adapter_value_problems(r: Any, alpha: Any, dropout: Any) -> list[str]:
     return p
 
 
-def _is_rank(value: Any) -> bool:
+def is_positive_int(value: Any) -> bool:
+    """THE "positive integer" test (a rank, a count, a token budget): an int >= 1, never a bool (True is an int to
+    Python) nor a float such as 1.0. Every such check in rankdial calls this one."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
@@ -130,7 +150,12 @@ def _problems(cfg: LoraConfig) -> list[str]:
     p: list[str] = adapter_value_problems(cfg.r, cfg.lora_alpha, cfg.lora_dropout)
     if cfg.target_modules is None:
         p.append("target_modules is required: a list like ['q_proj', 'v_proj'], a regex, or 'all-linear'")
-    p += _names_problem("target_modules", cfg.target_modules)
+    if not (cfg.target_parameters and cfg.target_modules == []):  # only expert parameters: no module needed
+        p += _names_problem("target_modules", cfg.target_modules)
+    if cfg.target_parameters is not None and not (isinstance(cfg.target_parameters, list) and all(
+            isinstance(t, str) and t for t in cfg.target_parameters)):
+        p.append(f"target_parameters must be a list of parameter names such as ['mlp.experts.gate_up_proj'], "
+                 f"got {cfg.target_parameters!r}")
     p += _names_problem("exclude_modules", cfg.exclude_modules)
     if cfg.modules_to_save is not None and not all(isinstance(m, str) and m for m in cfg.modules_to_save):
         p.append(f"modules_to_save must be a list of module names, got {cfg.modules_to_save!r}")
@@ -141,7 +166,7 @@ def _problems(cfg: LoraConfig) -> list[str]:
         p.append(f"layers_to_transform must be a non-negative int or a list of them, got {cfg.layers_to_transform!r}")
     for key, value in (cfg.rank_pattern or {}).items():
         p += [q for q in [_regex_problem("rank_pattern key", key)] if q]
-        if not _is_rank(value):
+        if not is_positive_int(value):
             p.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
     for key, value in (cfg.alpha_pattern or {}).items():
         p += [q for q in [_regex_problem("alpha_pattern key", key)] if q]
@@ -149,8 +174,66 @@ def _problems(cfg: LoraConfig) -> list[str]:
             p.append(f"alpha_pattern[{key!r}] must be a positive finite number, got {value!r}")
     if cfg.bias != "none":
         p.append(f"bias={cfg.bias!r} is not supported; use bias='none' (train biases via modules_to_save instead)")
-    if not isinstance(cfg.init_lora_weights, bool):
-        p.append(f"init_lora_weights must be True or False, got {cfg.init_lora_weights!r} (other PEFT init schemes are not supported)")
+    p += init_problems(cfg.init_lora_weights, cfg.loftq_config)
+    if not isinstance(cfg.use_dora, bool):
+        p.append(f"use_dora must be true or false, got {cfg.use_dora!r}")
+    elif cfg.use_dora and init_mutates_base(cfg.init_lora_weights):
+        p.append(f"use_dora with init_lora_weights={cfg.init_lora_weights!r} is not supported: DoRA's magnitude "
+                 "has no converted form for the original base; use one of the two")
+    return p
+
+
+INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_K", "olora", "loftq")
+RESIDUAL_INITS = ("pissa", "olora", "loftq")  # (prefixes) inits that change the base weight as well as A and B
+
+
+def init_mutates_base(value: Any) -> bool:
+    """Whether init_lora_weights=value moves part of W₀ into the adapter (PiSSA, OLoRA, LoftQ; PEFT's CorDA and
+    LoRA-GA too), so the trained adapter belongs to the residual base unless converted."""
+    return isinstance(value, str) and value.lower().startswith(RESIDUAL_INITS + ("corda", "lora_ga"))
+
+
+def pissa_niter(value: str) -> int | None:
+    """K of "pissa_niter_K" (None for exact "pissa"); ValueError for any other spelling."""
+    if value == "pissa":
+        return None
+    head, _, k = value.partition("_niter_")
+    if head != "pissa" or not k.isdigit():
+        raise ValueError(value)
+    return int(k)
+
+
+def init_problems(value: Any, loftq: Any) -> list[str]:
+    """What is wrong with an init_lora_weights value and its loftq_config (empty when valid)."""
+    choices = ", ".join(repr(c) for c in INIT_CHOICES)
+    if isinstance(value, bool):
+        pass
+    elif not isinstance(value, str) or not (value in ("gaussian", "olora", "loftq") or value.startswith("pissa")):
+        return [f"init_lora_weights={value!r} is not one rankdial knows; choose one of {choices}"]
+    elif value.startswith("pissa"):
+        try:
+            pissa_niter(value)
+        except ValueError:
+            return [f"init_lora_weights={value!r}: write 'pissa' or 'pissa_niter_K' with K a whole number (e.g. "
+                    f"'pissa_niter_4'); the choices are {choices}"]
+    if not isinstance(loftq, dict):
+        return [f"loftq_config must be a table like {{'loftq_bits': 4, 'loftq_iter': 1}}, got {loftq!r}"]
+    if value != "loftq":
+        return [f"loftq_config={loftq!r} is set but init_lora_weights={value!r}; set init_lora_weights='loftq' or "
+                "remove loftq_config"] if loftq else []
+    if not loftq:
+        return ["init_lora_weights='loftq' needs loftq_config={'loftq_bits': 4, 'loftq_iter': 1} (LoftQ quantizes "
+                "the base itself, to 4-bit NF4)"]
+    p = []
+    unknown = sorted(set(loftq) - {"loftq_bits", "loftq_iter"})
+    if unknown:
+        p.append(f"loftq_config has unknown keys {unknown}; its keys are loftq_bits and loftq_iter")
+    if loftq.get("loftq_bits") != 4:
+        p.append(f"loftq_config loftq_bits={loftq.get('loftq_bits')!r}: rankdial's LoftQ quantizes the base to 4-bit "
+                 "NF4 only; set loftq_bits = 4")
+    it = loftq.get("loftq_iter", 1)
+    if isinstance(it, bool) or not isinstance(it, int) or it < 1:
+        p.append(f"loftq_config loftq_iter={it!r} must be a positive integer (typical: 1-5)")
     return p
 
 

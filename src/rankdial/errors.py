@@ -69,6 +69,31 @@ class Unavailable(RankdialError, RuntimeError):
     or on another replica. A server answers it with 503."""
 
 
+# -- writing messages: one home for the helpers every error message uses (serve/ and the command line) --------
+
+NOT_UTF8 = "is not valid Unicode (it holds a lone surrogate such as \\ud800); send text that encodes as UTF-8"
+
+
+def one_line(text) -> str:
+    """An error (or any text) on one line: its lines stripped and joined by spaces; None gives ""."""
+    return " ".join(line.strip() for line in str("" if text is None else text).splitlines() if line.strip())
+
+
+def shorten(value, limit: int = 60) -> str:
+    """A value someone sent, as an error echoes it: quoted (repr), cut to about `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else repr(str(value)[:limit - 3]) + "..."
+
+
+def not_utf8(text: str) -> bool:
+    """Whether `text` cannot be encoded as UTF-8 (JSON lets a lone surrogate such as \\ud800 through)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 __all__ = ["RankdialError", "ConfigError", "TargetError", "AdapterError", "AdapterFileError", "MergeError",
            "ModelError", "DataError", "TrainingError", "TrainingInterrupted", "CheckpointError", "OutputError",
            "RequestError", "AdapterInUse", "Unavailable"]

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .adapters import load_adapter, read_adapter_config
-from .atomic import atomic_dir, check_target
+from .atomic import OwnFiles, atomic_dir, check_target
 from .errors import AdapterFileError, ModelError
 from .lora import merge_and_unload
 from .models import load_model, load_model_nf4, pick_device, resolve_model
@@ -53,16 +53,22 @@ def trained_on_nf4(adapter: str | Path) -> bool:
         return False
 
 
-def _merged_before(folder: Path) -> bool:
-    """A folder rankdial merged into before it wrote markers: it holds rankdial_merge.json."""
-    return (folder / MERGE_RECORD).is_file()
+# A folder rankdial merged into before it wrote markers: rankdial_merge.json and nothing but what
+# save_pretrained writes for a model and its tokenizer (any tokenizer's files; weights whole or in shards).
+MERGED_BEFORE_MARKERS = OwnFiles(
+    required=MERGE_RECORD,
+    names={"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+           "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+           "chat_template.jinja", "chat_template.json", "additional_chat_templates", "vocab.json", "vocab.txt",
+           "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model"},
+    patterns=(r"model-\d{5}-of-\d{5}\.safetensors",))
 
 
 def merge_to_folder(adapter: str | Path, out: str | Path, model: str | None = None,
                     dense_base: bool | None = None, device: str = "auto") -> Path:
     """Base + adapter -> a plain transformers model folder (config, safetensors weights, tokenizer).
 
-    `out` must be new, empty, or a folder rankdial merged into before; it may not be, hold or lie inside the
+    `out` must be new, empty, or a folder rankdial merged into before holding nothing else; it may not be, hold or lie inside the
     adapter or the base (checked before the model loads; OutputError otherwise). The folder is built beside
     `out` and swapped in whole. The merge runs on `device` (pick_device: CUDA when present).
 
@@ -71,10 +77,12 @@ def merge_to_folder(adapter: str | Path, out: str | Path, model: str | None = No
     original full-precision weights instead (what PEFT users usually do; it differs by the rounding error).
     """
     base_path = base_for_adapter(adapter, model)
-    target = dict(kind="merged-model", inputs=[adapter, base_path], legacy=_merged_before, what="--out folder")
+    target = dict(kind="merged-model", inputs=[adapter, base_path], legacy=MERGED_BEFORE_MARKERS, what="--out folder")
     out = check_target(out, **target)
     where = pick_device(device)
     nf4 = trained_on_nf4(adapter) if dense_base is None else not dense_base
+    if read_adapter_config(adapter).init_lora_weights == "loftq":
+        nf4 = False  # load_adapter rebuilds LoftQ's own NF4 base from the dense weights
     net, tok = (load_model_nf4 if nf4 else load_model)(base_path, where)
     load_adapter(net, adapter)
     merged = merge_and_unload(net)  # refuses NaN/Inf adapters (on load) and non-finite merged weights (MergeError)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .adapters.peft_format import WEIGHTS_NAME
+from .adapters.peft_format import KEY_PREFIX, WEIGHTS_NAME
 from .rank.factors import read_factors
 
 
@@ -23,9 +23,15 @@ def inspect_adapter(path: str | Path) -> dict:
     config = factors.config
     modules = [{"module": m, "r": f.rank, "d_in": f.A.shape[1], "d_out": f.B.shape[0], "delta_norm": f.delta().norm().item()}
                for m, f in sorted(factors.modules.items())]
+    for m in modules if config.use_dora else []:  # DoRA: the magnitude is a file tensor of its own (in "parameters")
+        magnitude = factors.other[f"{KEY_PREFIX}{m['module']}.lora_magnitude_vector"].float()
+        m["magnitude_norm"] = magnitude.norm().item()
     return {
         "base_model": config.base_model_name_or_path,
         "r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora, "init_lora_weights": config.init_lora_weights,
+        # for DoRA, delta_norm is ‖s·BA‖ (the direction's update); W' = m⊙(W₀+s·BA)/‖W₀+s·BA‖ needs the base
+        "delta_norm_of": "s*B*A (DoRA: direction update only; magnitude per row separate)" if config.use_dora else "s*B*A",
         "target_modules": config.target_modules, "modules_to_save": config.modules_to_save,
         "parameters": sum(f.A.numel() + f.B.numel() for f in factors.modules.values())
         + sum(t.numel() for t in factors.other.values()),

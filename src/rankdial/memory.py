@@ -23,7 +23,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import is_positive_int
 from .errors import ConfigError
+
+MIB = 2**20  # bytes in a MiB: the one home of this constant (rankdial reports memory and files in MiB)
 
 __all__ = ["estimate_memory", "MemoryPlan", "LlamaShape", "model_shape", "lora_params", "nf4_bytes",
            "layer_activation_bytes", "peak_memory_mb", "PRESETS"]
@@ -33,6 +36,7 @@ ACCELERATOR_GB = (16, 24, 40, 48, 80)
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw-8bit")
+SHARDINGS = ("ddp", "fsdp")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # QLoRA's blocks: 64 weights per absmax, 256 absmax per fp32 scale
@@ -104,7 +108,7 @@ def _divisor_near(n: int, k: int) -> int:
 
 def lora_params(d_in: int, d_out: int, r: int) -> int:
     """Trainable parameters LoRA adds to one (d_in -> d_out) linear: A is (r, d_in), B is (d_out, r)."""
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r > min(d_in, d_out):
+    if not is_positive_int(r) or r > min(d_in, d_out):
         raise ConfigError(f"rank r must be an integer in 1..min(d_in, d_out) = 1..{min(d_in, d_out)} for a "
                           f"{d_in}x{d_out} linear, got {r!r}; typical: 8-64")
     return r * (d_in + d_out)
@@ -191,6 +195,7 @@ class MemoryPlan:
     total_params: int
     total_bytes: int = 0
     fits: list[int] = field(default_factory=list)
+    gathered: int = 0  # FSDP: weights whole while in use (the root's, the running layer's); 0 unsharded
 
     @property
     def weights_bytes(self) -> int:
@@ -208,17 +213,19 @@ class MemoryPlan:
         """{term: bytes} in reading order (the peak is not their plain sum: see estimate_memory)."""
         return {"weights": self.weights, "quant constants": self.quant_constants, "adapters": self.adapters,
                 "gradients": self.gradients, "optimizer state": self.optimizer, "activations": self.activations,
-                "logits + loss": self.logits, "dequant workspace": self.workspace}
+                "logits + loss": self.logits, "dequant workspace": self.workspace, "gathered (fsdp)": self.gathered}
 
     def __str__(self) -> str:
         rows = list(self.terms().items())
+        per = self.settings.get("processes", 1)
         lines = [f"{self.method} on {self.model}  "
                  + " ".join(f"{k}={v}" for k, v in self.settings.items()),
                  f"trainable {self.trainable_params:,} of {self.total_params:,} ({100 * self.trainable_share:.2f}%)"]
         lines += [f"  {name:<18} {b / GB:10.3f} GB" for name, b in rows if b]
-        lines.append(f"  {'peak (planned)':<18} {self.total_bytes / GB:10.3f} GB")
+        lines.append(f"  {'peak (planned)':<18} {self.total_bytes / GB:10.3f} GB"
+                     + (f" per process, {per} processes" if per > 1 else ""))
         fits = ", ".join(f"{g} GB" for g in self.fits) or f"none of {', '.join(map(str, ACCELERATOR_GB))} GB"
-        lines.append(f"fits on: {fits}")
+        lines.append(f"fits on: {fits}" + (" (each process's card)" if per > 1 else ""))
         return "\n".join(lines)
 
 
@@ -243,7 +250,7 @@ def _targets(targets) -> tuple[str, ...]:
 
 
 def _positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_positive_int(value):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -290,7 +297,8 @@ def layer_activation_bytes(s: LlamaShape, method: str, targets: tuple[str, ...],
 
 def estimate_memory(model="default", method: str = "lora", rank: int = 16, targets="all-linear",
                     batch_size: int = 1, seq_len: int = 512, dtype: str | None = None, adapter_dtype: str = "fp32",
-                    gradient_checkpointing: bool | None = None, optimizer: str = "adamw") -> MemoryPlan:
+                    gradient_checkpointing: bool | None = None, optimizer: str = "adamw", processes: int = 1,
+                    sharding: str = "ddp", loss_chunk: int = 0) -> MemoryPlan:
     """Plan the memory of fine-tuning a Llama-shaped model; returns a MemoryPlan (bytes per term).
 
     model: a preset ("llama-7b", "llama-13b", "llama-70b": Llama-2's shapes), "default" (the embedded model),
@@ -298,19 +306,30 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     head_dim) or a LlamaShape. dtype: of the weights and activations (fp32/bf16/fp16; default: the config's,
     bf16 for presets and dims); QLoRA keeps every decoder linear in NF4 and computes in dtype.
     gradient_checkpointing: None follows the method's recipe: on for QLoRA (Dettmers et al. train with it),
-    off for full and LoRA.
+    off for full and LoRA. loss_chunk: rows of logits the loss computes at once (rankdial.train.loss, what
+    `rankdial train` does by default with 1024); 0 plans the plain loss over the whole logits tensor.
 
     total_bytes is the planned peak of the steady state (second step on): weights, constants, adapters and
     optimizer state stay; backward frees a layer's activations as it writes that layer's gradients, so the
     peak holds the larger of all gradients and (activations + logits + workspace + the output head's gradient,
     written first). What it does not count: the interpreter, imported libraries and their one-time buffers,
     the tokenizer and data (constant in the model's size), and allocator slack.
+
+    processes, sharding: the plan is per process. "ddp" (and any run on one process) holds the whole model in
+    each. "fsdp" with N processes (FSDP2, rankdial's sharding="fsdp") divides the weights, constants, adapters,
+    gradients and optimizer state by N and adds what is whole for a while (see _fsdp_terms): the root's
+    weights (embeddings, final norm, head) for the whole step, and the largest decoder layer gathered while it
+    runs. batch_size is per process.
     """
     shape = model_shape(model)
+    _choice("sharding", sharding, SHARDINGS)
+    _positive("processes", processes)
     _choice("method", method, METHODS)
     _choice("optimizer", optimizer, OPTIMIZERS)
     _positive("batch_size", batch_size)
     _positive("seq_len", seq_len)
+    if not isinstance(loss_chunk, int) or isinstance(loss_chunk, bool) or loss_chunk < 0:
+        raise ConfigError(f"loss_chunk must be 0 (the whole logits at once) or a positive number of rows, got {loss_chunk!r}")
     if gradient_checkpointing is None:
         gradient_checkpointing = method == "qlora"
     dtype = DTYPE_ALIASES.get(str(dtype), dtype) if dtype else shape.dtype
@@ -322,18 +341,78 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     p = e if method == "full" else a  # bytes of a trainable parameter (and of its gradient)
     gradients = trainable * p
     # torch's AdamW keeps two moments in the parameter's dtype; 8-bit: one byte each + an fp32 absmax per block
-    opt = 2 * trainable * p if optimizer == "adamw" else 2 * trainable + 8 * math.ceil(trainable / ADAM8_BLOCK)
+    # of each, and two shared 256-entry fp32 quantization maps
+    opt = 2 * trainable * p if optimizer == "adamw" else 2 * trainable + 8 * math.ceil(trainable / ADAM8_BLOCK) + 2048
     acts = batch_size * seq_len * _token_activation_bytes(shape, method, tgt, rank, e, a, gradient_checkpointing)
-    logits = batch_size * seq_len * shape.vocab * (e + 3 * 4)  # logits; fp32 log-softmax kept by the loss; 2 grads
+    logits = _logits_bytes(shape, batch_size * seq_len, e, loss_chunk)
     workspace = max(i * o for i, o in dims.values()) * e if method == "qlora" else 0  # one weight dequantized
     first_grad = shape.vocab * shape.hidden * p if method == "full" else 0  # the output head's, written first
-    total = weights + consts + adapter_params * a + opt + max(gradients, acts + logits + workspace + first_grad)
+    adapters, unsharded = adapter_params * a, 0
+    if sharding == "fsdp" and processes > 1:
+        weights, consts, adapters, gradients, opt, unsharded, first_grad = _fsdp_terms(
+            shape, method, tgt, rank, e, a, p, processes, weights, consts, adapters, gradients, opt)
+        # The sharded gradients do not take the freed activations' place (they are 1/N of a layer's, written
+        # into their own shards), and the peak comes at the end of backward with the root's whole weights and
+        # gradients live: every term adds up.
+        total = weights + consts + adapters + opt + gradients + acts + logits + workspace + first_grad + unsharded
+    else:
+        total = weights + consts + adapters + opt + max(gradients, acts + logits + workspace + first_grad)
     settings = dict(rank=None if method == "full" else rank, targets=None if method == "full" else targets,
                     batch_size=batch_size, seq_len=seq_len, dtype=dtype, adapter_dtype=adapter_dtype,
-                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer)
-    return MemoryPlan(shape.name, method, settings, weights, consts, adapter_params * a, gradients, opt, acts, logits,
+                    gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, processes=processes,
+                    sharding=sharding, loss_chunk=loss_chunk)
+    return MemoryPlan(shape.name, method, settings, weights, consts, adapters, gradients, opt, acts, logits,
                       workspace, trainable, shape.total_params + adapter_params, total,
-                      [g for g in ACCELERATOR_GB if total <= g * GB])
+                      [g for g in ACCELERATOR_GB if total <= g * GB], unsharded)
+
+
+def _fsdp_terms(shape: LlamaShape, method: str, tgt: tuple[str, ...], rank: int, e: int, a: int, p: int, n: int,
+                weights: int, consts: int, adapters: int, gradients: int, opt: int) -> tuple[int, ...]:
+    """The per-process terms under FSDP2 over n processes, as rankdial shards (each decoder layer, then the root):
+
+    - sharded (/n, rounded up per tensor; dim-0 padding is below a row per tensor): the weights, the NF4 codes and
+      per-block absmax (split on whole blocks), the adapters, the gradients and AdamW's moments. The
+      double-quantization constants (an fp32 scale per 256 blocks, the offset, the code book) stay whole.
+    - whole while in use ("gathered"): the root's parameters (embeddings, final norm, head; its forward spans
+      the whole model, so they stay gathered through the step), plus two of the largest decoder layer (the one
+      running, and the all-gather's flat buffer it is copied out of, or the next layer gathered ahead in
+      backward). For full fine-tuning a layer's whole gradient and the reduce-scatter's flat copy of it, and the
+      root's whole gradient (reduce-scattered only when backward ends), replace the head's gradient term.
+    Returns (weights, consts, adapters, gradients, optimizer, gathered, first_grad)."""
+    dims = shape.linears()
+    nested = 0
+    if method == "qlora":  # per linear: codes + absmax shard; 4 B per 256 blocks + offset + code book do not
+        for d_in, d_out in dims.values():
+            blocks = math.ceil(d_in * d_out / NF4_BLOCK)
+            nested += shape.layers * (4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 + 4 * 256)
+    root = (shape.vocab * shape.hidden * (1 if shape.tied else 2) + shape.hidden) * e
+    if method == "qlora":
+        layer = sum(sum(nf4_bytes(i * o)[:1]) + math.ceil(i * o / NF4_BLOCK) for i, o in dims.values())
+    else:
+        layer = sum(i * o for i, o in dims.values()) * e
+    layer += 2 * shape.hidden * e  # the two RMSNorm weights
+    layer_adapters = 0 if method == "full" else sum(lora_params(*dims[t], rank) for t in tgt) * a
+    gathered = root + 2 * (layer + layer_adapters)
+    first_grad = 0
+    if method == "full":
+        first_grad = root // e * p + 2 * layer // e * p
+    else:
+        first_grad = 2 * layer_adapters  # a layer's whole adapter gradients and their reduce-scatter copy
+
+    def shard(b: int) -> int:
+        return math.ceil(b / n)
+    return (shard(weights), shard(consts - nested) + nested, shard(adapters), shard(gradients), shard(opt), gathered,
+            first_grad)
+
+
+def _logits_bytes(shape: LlamaShape, rows: int, e: int, chunk: int) -> int:
+    """The loss's buffers. Plain: the logits (dtype e), the fp32 log-softmax kept for backward and two fp32
+    gradients of the logits' size. Chunked (rankdial.train.loss): one chunk's logits (e) and its fp32
+    log-softmax (turned in place into d loss/d logits once the logits are freed), plus the rows' hidden states
+    gathered, their gradient and the gather's backward: fp32 (rows, h) tensors."""
+    if not chunk:
+        return rows * shape.vocab * (e + 3 * 4)
+    return min(rows, chunk) * shape.vocab * (e + 4) + 3 * rows * shape.hidden * 4
 
 
 def _weight_bytes(shape: LlamaShape, method: str, e: int) -> tuple[int, int]:
@@ -366,6 +445,23 @@ def process_status_bytes(key: str) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) * 1024
 
 
+def reset_peak_memory(device="cpu") -> None:
+    """Start peak_memory_mb afresh, so it reports what happens from here on (one run of several in a process):
+    CUDA's peak statistics, else the resident peak (writing 5 to /proc/self/clear_refs; where that is not
+    possible the process's peak stays, and peak_memory_mb reports it as before)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device="cpu") -> float:
     """This process's peak memory in MiB: CUDA's max_memory_allocated on a GPU, else the resident peak (VmHWM)."""
     import resource
@@ -374,8 +470,8 @@ def peak_memory_mb(device="cpu") -> float:
 
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_allocated(device) / MIB
     try:
-        return process_status_bytes("VmHWM") / 2**20
+        return process_status_bytes("VmHWM") / MIB
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -59,28 +59,55 @@ def _build(shape: LlamaShape, method: str, rank: int, targets):
     return model.train()
 
 
-def _steps(model, batch_size: int, seq_len: int, steps: int, vocab: int) -> None:
+def _optimizer(params: list, optimizer: str):
+    """torch's AdamW, or the 8-bit AdamW `rankdial train` uses for optimizer="adamw-8bit"."""
     import torch
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if optimizer == "adamw-8bit":
+        from .train.pieces import adamw_8bit
+
+        return adamw_8bit([{"params": params}], 1e-4, params[0].device)
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def _steps(model, batch_size: int, seq_len: int, steps: int, vocab: int, optimizer: str = "adamw",
+           loss_chunk: int | None = 0) -> None:
+    import contextlib
+
+    import torch
+
+    from .train.loss import token_loss_sum
+
+    opt = _optimizer([p for p in model.parameters() if p.requires_grad], optimizer)
     ids = torch.randint(0, vocab, (batch_size, seq_len))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     for _ in range(steps):
-        out = model(input_ids=ids, labels=ids)  # kept during backward, as a caller of HF models usually does
-        out.loss.backward()
+        if loss_chunk is None:  # no output head at all: the floor the logits' share is measured from
+            out = model.model(input_ids=ids).last_hidden_state.float().square().mean()
+            out.backward()
+        elif loss_chunk:
+            out = token_loss_sum(model, batch, contextlib.nullcontext, loss_chunk)
+            out.backward()
+        else:
+            out = model(input_ids=ids, labels=ids)  # kept during backward, as a caller of HF models usually does
+            out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         del out
 
 
-def _warm_up(method: str, rank: int, targets) -> None:
+def _warm_up(method: str, rank: int, targets, optimizer: str = "adamw") -> None:
     """Two steps of `method` on a tiny model: lazy imports, kernel and autograd initialisation."""
     tiny = LlamaShape(hidden=64, layers=1, heads=2, kv_heads=2, ffn=128, vocab=128)
-    _steps(_build(tiny, method, min(rank, 32), targets), 2, 16, 2, tiny.vocab)
+    _steps(_build(tiny, method, min(rank, 32), targets), 2, 16, 2, tiny.vocab, optimizer)
 
 
 def measure_training_peak(model="default", method: str = "lora", rank: int = 16, targets="all-linear",
-                          batch_size: int = 1, seq_len: int = 512, steps: int = 2, allocator: str = "live") -> dict:
-    """Measure, in THIS process, the resident-memory peak of a few fp32 AdamW steps on CPU, in bytes.
+                          batch_size: int = 1, seq_len: int = 512, steps: int = 2, allocator: str = "live",
+                          optimizer: str = "adamw", loss_chunk: int | None = 0) -> dict:
+    """Measure, in THIS process, the resident-memory peak of a few fp32 AdamW steps on CPU, in bytes
+    (optimizer="adamw-8bit": the 8-bit AdamW `rankdial train` builds; loss_chunk: 0 is transformers' own loss
+    over the whole logits, N > 0 rankdial.train.loss's chunked one, None no output head at all).
 
     Run it in a fresh process (`python -m rankdial.memory_measure measure '{...}'`). The baseline is the resident
     memory after the interpreter, torch, transformers and rankdial are imported and one warm-up step of the
@@ -104,7 +131,7 @@ def measure_training_peak(model="default", method: str = "lora", rank: int = 16,
     torch.set_num_threads(1)
     torch.manual_seed(0)
     shape = model_shape(model)
-    _warm_up(method, rank, targets)
+    _warm_up(method, rank, targets, optimizer)
     _trim()
     baseline = process_status_bytes("VmRSS")
     net = _build(shape, method, rank, targets)
@@ -115,7 +142,7 @@ def measure_training_peak(model="default", method: str = "lora", rank: int = 16,
             f.write("5")  # resets VmHWM to the current resident size (Linux 4.0+)
     except OSError:
         pass
-    _steps(net, batch_size, seq_len, steps, shape.vocab)
+    _steps(net, batch_size, seq_len, steps, shape.vocab, optimizer, loss_chunk)
     return {"peak": process_status_bytes("VmHWM") - baseline, "model": built - baseline, "baseline": baseline,
             "seconds": {"warmup+build": round(t1 - t0, 1), "steps": round(time.perf_counter() - t1, 1)}}
 

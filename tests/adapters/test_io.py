@@ -179,7 +179,7 @@ def test_save_adapter_into_a_training_run_folder_keeps_the_run(tmp_path):
     (run / ".rankdial-output.json").unlink()
     for name in ("loss.png", "metrics.jsonl", "rankdial_train.json", "summary.json"):
         (run / name).write_text("{}")
-    with pytest.raises(rd.OutputError, match="rankdial replaces only a 'adapter' folder"):
+    with pytest.raises(rd.OutputError, match=r"holds \['loss.png', 'metrics.jsonl', .*which rankdial did not write"):
         rd.save_adapter(trained(r=2), run)
     assert sorted(p.name for p in run.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "loss.png",
                                                      "metrics.jsonl", "rankdial_train.json", "summary.json"]

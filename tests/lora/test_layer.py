@@ -183,34 +183,6 @@ def test_fused_path_on_an_nf4_base_equals_reference_forward_and_grads(bias, d_in
         torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
 
 
-def test_adopted_weights_are_the_parameters_and_modules_match_a_normal_add():
-    torch.manual_seed(3)
-    base = nn.Linear(12, 7)
-    made, adopted = LoraLayer(base), LoraLayer(base)
-    made.add_adapter("a", 3, 6.0)
-    A, B = torch.randn(3, 12), torch.randn(7, 3, dtype=torch.float64)  # B in another dtype: converted to the base's
-    adopted.add_adapter("a", 3, 6.0, weights=(A, B))
-    assert adopted.lora_A["a"].weight.data_ptr() == A.data_ptr()  # taken over, not copied
-    assert adopted.lora_B["a"].weight.dtype == torch.float32 and torch.equal(adopted.lora_B["a"].weight, B.float())
-    assert [(k, type(m)) for k, m in adopted.named_modules()] == [(k, type(m)) for k, m in made.named_modules()]
-    assert {k: v.shape for k, v in adopted.state_dict().items()} == {k: v.shape for k, v in made.state_dict().items()}
-    assert all(p.requires_grad for n, p in adopted.named_parameters() if "lora_" in n)
-    lin = adopted.lora_A["a"]
-    assert (lin.in_features, lin.out_features, lin.bias, lin.training) == (12, 3, None, True)
-    x = torch.randn(4, 12)
-    adopted.set_active(["a"])
-    assert torch.allclose(adopted(x), base(x) + 2.0 * (x @ A.T) @ B.float().T, atol=1e-5)
-
-
-def test_adopted_weights_of_the_wrong_shape_or_kind_are_refused_and_nothing_is_added():
-    layer = LoraLayer(nn.Linear(12, 7))
-    with pytest.raises(AdapterError, match=r"lora_B has shape \[7, 4\], this layer needs \[7, 3\]"):
-        layer.add_adapter("a", 3, 6.0, weights=(torch.randn(3, 12), torch.randn(7, 4)))
-    with pytest.raises(AdapterError, match="pair of floating-point tensors"):
-        layer.add_adapter("a", 3, 6.0, weights=(torch.ones(3, 12, dtype=torch.int64), torch.randn(7, 3)))
-    assert "a" not in layer.lora_A and "a" not in layer.lora_dropout and not layer.scaling
-
-
 def test_an_adapter_name_that_shadows_a_module_dict_attribute_gets_module_dicts_own_error():
     layer = LoraLayer(nn.Linear(4, 4))
     with pytest.raises(KeyError, match="already exists"):

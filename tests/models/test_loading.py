@@ -59,3 +59,34 @@ def test_quantize_on_load_takes_gpt2_conv1d_like_quantize_model(tmp_path):
     ids = torch.tensor([[1, 2, 3, 400, 5]])
     with torch.no_grad():
         assert torch.equal(reference(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_model_loads_in_threads_run_one_at_a_time(monkeypatch, tmp_path):
+    """transformers' loading is not thread-safe (it patches torch's module init while it builds): models.loading
+    holds its own lock, so callers in threads (the playground's jobs and panels) need none of their own."""
+    import threading
+    import time
+
+    import transformers
+
+    import rankdial.models.loading as loading
+    from conftest import make_model_dir
+
+    folder = make_model_dir(tmp_path / "m")
+    inside, most, real = [0], [0], transformers.AutoModelForCausalLM.from_pretrained
+
+    def slow_from_pretrained(*a, **k):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        try:
+            return real(*a, **k)
+        finally:
+            inside[0] -= 1
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", slow_from_pretrained)
+    threads = [threading.Thread(target=loading.load_model, args=(folder,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1

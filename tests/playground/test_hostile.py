@@ -130,3 +130,48 @@ def test_a_diverged_loss_streams_as_strict_json(client):
 
     line = event_json({"type": "step", "loss": float("nan"), "spectrum": [{"sv": [1.0, float("inf")]}]})
     assert json.loads(line, parse_constant=pytest.fail) == {"type": "step", "loss": None, "spectrum": [{"sv": [1.0, None]}]}
+
+
+def _app():
+    limits = Limits(grace_s=30, max_running=8)
+    return create_app(limits, JobManager(limits, runners={"text": slow_steps}, device="cpu"), device="cpu")
+
+
+def test_a_visitor_cookie_is_issued_by_the_server_never_taken_as_given():
+    """Before: the cookie's value was the visitor id as sent, so `rankdial_client=<a script's address>` read and
+    could cancel that script's job, and each new made-up value was a new visitor (one job each)."""
+    app = _app()
+    with TestClient(app, client=("10.0.0.1", 1)) as script, TestClient(app, client=("10.0.0.2", 1)) as other, \
+            TestClient(app, client=("10.0.0.3", 1)) as visitor:
+        job = script.post("/api/jobs", json={"steps": 5}).json()["id"]  # no cookie: counted by its address
+        other.cookies.set("rankdial_client", "10.0.0.1")  # the script's address as a cookie value
+        assert other.get(f"/api/jobs/{job}").status_code == 404 and other.delete(f"/api/jobs/{job}").status_code == 404
+        visitor.get("/")  # the page issues a visitor id the server signed
+        issued = visitor.cookies["rankdial_client"]
+        assert visitor.get(f"/api/jobs/{job}").status_code == 404
+        assert visitor.post("/api/jobs", json={"steps": 5}).status_code == 202
+        assert visitor.post("/api/jobs", json={"steps": 5}).status_code == 409  # one job per visitor
+        tampered = issued[:-1] + ("0" if issued[-1] != "0" else "1")
+        codes = []
+        for made_up in ("someone-else", tampered, "another-one"):  # not issued here: all count as the address
+            visitor.cookies.clear()
+            visitor.cookies.set("rankdial_client", made_up)
+            codes.append(visitor.post("/api/jobs", json={"steps": 5}).status_code)
+        assert codes == [202, 409, 409], codes
+        assert script.get(f"/api/jobs/{job}").status_code == 200
+
+
+def test_job_ids_are_random_not_sequential():
+    app = _app()
+    with TestClient(app) as one, TestClient(app) as two:
+        ids = []
+        for c in (one, two):
+            c.get("/")
+            ids.append(c.post("/api/jobs", json={"steps": 5}).json()["id"])
+            c.delete(f"/api/jobs/{ids[-1]}")
+    assert ids[0] != ids[1] and min(map(len, ids)) >= 16, ids  # before: "job1", "job2"
+
+
+def test_a_huge_layer_name_is_not_echoed_whole(client):
+    r = client.get("/api/nf4", params={"layer": "x" * 10_000})
+    assert r.status_code == 422 and r.json()["field"] == "layer" and len(r.text) < 400, len(r.text)

@@ -228,3 +228,60 @@ def test_a_crash_shows_an_error_and_the_server_keeps_serving(page, stub_server):
     assert "facts: LoRA/full eval loss r=2 2.50×" in text(page, "steer-status")
     assert httpx.get(stub_server + "/api/lora").status_code == 200
     assert page.errors == []
+
+
+def test_the_singular_value_axis_is_labelled_with_integers(page, server):
+    """Indices of singular values are integers: before, the axis read 1, 3.75, 6.5, 9.25 (charts.js writes the
+    labels it drew into the canvas's data-xticks / data-yticks)."""
+    open_page(page, server)
+    page.select_option("#train-task", "synthetic")
+    page.fill("#train-ranks", "10")
+    page.fill("#train-steps", "20")
+    page.click("#train-start")
+    page.wait_for_function("document.getElementById('train-status').dataset.state === 'done'", timeout=60_000)
+    page.wait_for_function("document.getElementById('spectrum-chart').dataset.xticks")
+    ticks = page.locator("#spectrum-chart").get_attribute("data-xticks").split(" ")
+    assert ticks[0] == "1" and all(t.isdigit() for t in ticks) and len(ticks) >= 3, ticks
+    assert [int(t) for t in ticks] == sorted({int(t) for t in ticks})
+    assert page.errors == []
+
+
+def test_the_fit_table_fits_a_phone_screen(browser, server, tmp_path):
+    """At 390 px the "Will it fit?" table scrolled sideways inside itself, its "fits on" column out of view, and
+    its rows grew tall: every cell must be in view, no row taller than a few lines, nothing overflowing."""
+    page = browser.new_page()
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        open_page(page, server)
+        page.select_option("#plan-model", "llama-70b")
+        page.wait_for_function("Number(document.getElementById('plan-total-full').dataset.bytes) > 3e11")  # 70B
+        page.locator("#p-plan").screenshot(path=str(tmp_path / "p-plan-390.png"))
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        table = page.locator("#plan-rows").locator("xpath=ancestor::table")
+        assert page.evaluate("(t) => t.scrollWidth <= t.clientWidth", table.element_handle())
+        rows = page.evaluate("""() => [...document.querySelectorAll('#plan-rows tr')].map((tr) => ({
+            height: tr.getBoundingClientRect().height,
+            cells: [...tr.children].map((c) => [c.textContent, c.getBoundingClientRect().left,
+                                                c.getBoundingClientRect().right])}))""")  # one snapshot
+        assert len(rows) == 3
+        for row in rows:
+            assert row["height"] <= 110, row
+            assert all(left >= 0 and right <= 390.5 for _, left, right in row["cells"]), row
+        label = page.evaluate("getComputedStyle(document.querySelector('#plan-rows td[data-label=\"fits on\"]'), "
+                              "'::before').content")
+        assert "fits on" in label  # each value says which column it is
+    finally:
+        page.close()
+
+
+def test_a_diverged_steering_run_is_drawn_as_diverged(page, server):
+    """A NaN/Inf figure reaches the page as null (the event stream's JSON has no NaN): the steering panel read it
+    with toFixed and threw; it shows "diverged" instead."""
+    open_page(page, server)
+    figures = {"steps": 5, "tasks": {"format": [
+        {"rank": 1, "eval_loss": 1.5, "loss_over_full": 0.9},
+        {"rank": 8, "eval_loss": None, "loss_over_full": None},
+        {"rank": None, "eval_loss": 1.6, "loss_over_full": 1.0}]}}
+    page.evaluate("(f) => drawSteering(f)", figures)
+    assert "r=8 diverged" in text(page, "steer-status") and "r=1 0.90×" in text(page, "steer-status")
+    assert page.errors == []

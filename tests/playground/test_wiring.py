@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from rankdial.errors import ConfigError
 from rankdial.playground import JobManager, Limits, create_app
-from rankdial.playground.jobs import MODEL_LOADING, Job
+from rankdial.playground.jobs import Job
 
 
 def idle(job, check) -> None:
@@ -58,28 +58,34 @@ def test_the_steering_job_is_the_claim_at_the_jobs_ranks_and_steps(monkeypatch):
 
     seen = {}
 
-    def fake(ranks, steps, n_facts, log=None, lr_grids=None, device="cpu", loading=None):
-        seen.update(ranks=ranks, steps=steps, device=device, loading=loading)
+    def fake(ranks, steps, n_facts, log=None, lr_grids=None, device="cpu"):
+        seen.update(ranks=ranks, steps=steps, device=device)
         return {"measured": True}
 
     monkeypatch.setattr(claims, "steers_not_reeducates", fake)
     job = Job("j", "c", {"task": "steering", "ranks": [1, 8], "steps": 7}, device="cpu")
     run_steering_job(job, lambda: None)
-    assert seen == {"ranks": [1, 8], "steps": 7, "device": "cpu", "loading": MODEL_LOADING}
+    assert seen == {"ranks": [1, 8], "steps": 7, "device": "cpu"}
     assert job.events[-1] == {"type": "steering", "figures": {"measured": True}}
 
 
-def test_the_steering_claim_loads_its_model_under_the_lock(monkeypatch):
-    import rankdial.rank.claims as claims
+def test_the_playground_modules_import_without_a_cycle():
+    """panels imported jobs for its lock and jobs imported panels' steering runner: the lock is models.loading's
+    now, so each module imports on its own, in either order, in a fresh interpreter."""
+    import subprocess
+    import sys
 
-    def load(path, device):
-        assert MODEL_LOADING.locked() and str(device) == "cpu"
-        raise RuntimeError("loaded under the lock")
+    for first, second in (("jobs", "panels"), ("panels", "jobs")):
+        code = f"import rankdial.playground.{first}, rankdial.playground.{second}"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    import ast
 
-    monkeypatch.setattr(claims, "load_model", load)
-    with pytest.raises(RuntimeError, match="under the lock"):
-        claims.steers_not_reeducates([1], 1, 8, device="cpu", loading=MODEL_LOADING)
-    assert not MODEL_LOADING.locked()
+    import rankdial.playground.panels as panels
+
+    tree = ast.parse(open(panels.__file__, encoding="utf-8").read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "jobs" not in imported and "rankdial.playground.jobs" not in imported  # one direction only: jobs -> panels
 
 
 def test_a_steering_request_runs_what_it_asks_and_refuses_what_it_would_ignore(client):
@@ -119,7 +125,7 @@ def test_jobs_and_the_serving_engine_take_the_library_device_choice(monkeypatch,
             got["starts"] += 1
 
     def build(cls, base, adapters, device=None, **kw):
-        got.update(device=device, locked=MODEL_LOADING.locked())
+        got.update(device=device)
         return FakeEngine()
 
     monkeypatch.setattr(Engine, "from_pretrained", classmethod(build))
@@ -127,7 +133,7 @@ def test_jobs_and_the_serving_engine_take_the_library_device_choice(monkeypatch,
     askers = [threading.Thread(target=shelf.get_engine) for _ in range(8)]  # requests that arrive together
     [t.start() for t in askers]
     [t.join(10) for t in askers]
-    assert got == {"device": "auto", "locked": True, "starts": 1} and isinstance(shelf.engine, FakeEngine)
+    assert got == {"device": "auto", "starts": 1} and isinstance(shelf.engine, FakeEngine)
 
 
 def test_serve_hands_uvicorn_the_socket_it_bound(monkeypatch):

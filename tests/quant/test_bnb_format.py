@@ -82,7 +82,7 @@ def test_save_replaces_only_its_own_folders_old_ones_included(tmp_path):
     assert (target / MARKER).is_file()
     (target / MARKER).unlink()
     (target / "notes.txt").write_text("mine")  # a user's file: not rankdial's folder any more
-    with pytest.raises(rd.OutputError, match="rankdial did not write it"):
+    with pytest.raises(rd.OutputError, match=r"holds \[.notes.txt.\], which rankdial did not write"):
         save_quantized(model, target)
     assert (target / "notes.txt").read_text() == "mine"
     theirs = tmp_path / "transformers"  # what transformers + BitsAndBytesConfig writes: more config keys

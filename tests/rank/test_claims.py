@@ -1,6 +1,7 @@
 """rankdial claims: LoRA's case measured on this run, its report, and its refusals (rank/claims*.py)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,59 @@ def test_the_steering_verdict_says_from_r_up_only_when_every_higher_rank_does_as
     assert _steering_verdict(runs(1.2, 0.9, 0.8), full).endswith("from r = 8 up")
     assert _steering_verdict(runs(0.9, 1.1, 0.8), full) == "LoRA matches or beats full fine-tuning only at r = 1, 64"
     assert _steering_verdict(runs(1.2, 1.1, 1.3), full) == "no LoRA rank reaches full fine-tuning"
+
+
+REPORT = Path(__file__).resolve().parents[2] / "docs" / "claims" / "claims.json"  # the committed full report
+
+
+def _diverged_figures() -> dict:
+    """The committed report's figures with a diverged run in every claim that trains or measures."""
+    nan, inf = float("nan"), float("inf")
+    f = json.loads(REPORT.read_text())
+    f["merge"]["max_abs_diff_merged_vs_unmerged"] = nan
+    f["memory"]["rows"][1]["measured_mb"] = inf
+    run = f["rank"]["runs"][2]  # r = 3, the rank just below the true rank 4: the verdict reads it
+    run["final_eval"], run["eval_loss"] = nan, [nan] * len(run["eval_loss"])
+    facts = f["steering"]["tasks"]["facts"]
+    lora = facts[1]  # LoRA r=8 diverged at every rate
+    for x in lora["lr_search"]:
+        x["val_loss"] = nan
+    lora.update(val_loss=nan, eval_loss=nan, loss_over_full=nan, diverged=True, lr_at_edge=False,
+                diverged_lrs=lora["lr_grid"])
+    full = f["steering"]["tasks"]["format"][-1]  # full fine-tuning diverged on the format task
+    full.update(val_loss=inf, eval_loss=inf, diverged=True, lr_at_edge=False)
+    for row in f["steering"]["tasks"]["format"]:
+        row["loss_over_full"] = nan
+    return f
+
+
+def test_a_diverged_figure_is_reported_as_diverged_never_a_crash(tmp_path):
+    out = write_report(tmp_path / "r", figures=_diverged_figures(), log=None) and tmp_path / "r"
+    report = (out / "report.md").read_text()
+    assert "nan" not in report.lower().replace("nanosecond", "") and "| inf" not in report
+    assert "Merged against unmerged logits: max |Δ| = diverged" in report
+    assert "| default | lora | 8×128 | 327,680 | 17 | 167 | diverged | diverged |" in report
+    assert "| 3 | 0.2494 | diverged | diverged |" in report and "r = 3 diverged, so these runs give no verdict" in report
+    assert "| facts | LoRA r=8 | 163,840 | diverged at every rate (" in report
+    assert "- format: full fine-tuning diverged at every rate: LoRA has nothing to be compared with." in report
+    assert "- facts: " in report and "r = 8 diverged" in report
+    for name in PLOTS:
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "claims.json").read_text())  # strict JSON: the diverged figures are null, and listed
+    assert saved["merge"]["max_abs_diff_merged_vs_unmerged"] is None
+    assert saved["not_finite"]["merge.max_abs_diff_merged_vs_unmerged"] == "nan"
+    assert saved["not_finite"]["steering.tasks.format.3.eval_loss"] == "inf"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_report_whose_every_figure_is_non_finite_is_still_written(tmp_path, value):
+    def every(x):
+        if isinstance(x, dict):
+            return {k: every(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [every(v) for v in x]
+        return value if isinstance(x, float) else x
+    f = json.loads(REPORT.read_text())
+    f = {**f, **{name: every(f[name]) for name in PLOTS}}
+    write_report(tmp_path / "r", figures=f, log=None)
+    assert "diverged" in (tmp_path / "r" / "report.md").read_text()

@@ -72,3 +72,34 @@ def test_selection_refuses_a_task_without_validation_or_an_empty_grid(default_mo
     for bad in ([], [0.0], [2.0]):
         with pytest.raises(ConfigError, match="learning-rate grid"):
             st.select_lr(model, task, 2, 1, bad)
+
+
+def _trainer_with_val(losses: dict):
+    """A stand-in fine_tune whose validation loss at each rate is losses[lr] (NaN/Inf: that rate diverged)."""
+    def fake(base_model, task, rank, steps, batch=32, lr=None, seed=0):
+        return {"method": "full" if rank is None else "lora", "rank": rank, "lr": lr, "steps": steps,
+                "trainable_params": 1, "eval_loss_before": 9.0, "eval_loss": losses[lr], "eval_accuracy": 0.5,
+                "val_loss": losses[lr], "val_accuracy": 0.5, "seconds": 0.5}
+    return fake
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_rate_is_never_picked(monkeypatch, default_model, bad):
+    """min() over [nan, 2.0, 1.0] returns nan: the diverged rate was picked silently."""
+    model, tok = default_model
+    task = st.format_task(tok, n_train=8, n_eval=4)
+    monkeypatch.setattr(st, "fine_tune", _trainer_with_val({1e-3: bad, 2e-3: 2.0, 3e-3: 1.0}))
+    row = st.select_lr(model, task, 2, 1, [1e-3, 2e-3, 3e-3])
+    assert row["lr"] == 3e-3 and row["val_loss"] == 1.0 and not row["diverged"]
+    assert row["diverged_lrs"] == [1e-3] and row["lr_at_edge"]  # 3e-3 is the top of the grid
+
+
+def test_a_method_that_diverges_at_every_rate_is_shown_as_diverged(monkeypatch, default_model):
+    model, tok = default_model
+    nan = float("nan")
+    monkeypatch.setattr(st, "fine_tune", _trainer_with_val({1e-3: nan, 2e-3: float("inf")}))
+    f = st.steering(model, tok, [1], steps=1, n_facts=16, lr_grids={"full": [1e-3, 2e-3], "lora": [1e-3, 2e-3]})
+    for runs in f["tasks"].values():
+        for row in runs:
+            assert row["diverged"] and row["diverged_lrs"] == [1e-3, 2e-3] and not row["lr_at_edge"]
+            assert row["loss_over_full"] != row["loss_over_full"]  # NaN: nothing to compare

@@ -32,3 +32,24 @@ def make_adapter(folder: Path, seed: int, r: int = 4, targets="all-linear", scal
 @functools.lru_cache(maxsize=2)
 def _base(base: str):
     return load_model(resolve_model(base))[0]
+
+
+def tensor_storages(obj, depth: int = 6) -> dict[int, int]:
+    """{storage address: bytes} of every tensor reachable from obj through attributes, lists, tuples and dicts
+    (modules excluded): what an object holds, whatever its own bookkeeping says."""
+    seen: dict[int, int] = {}
+
+    def walk(o, d):
+        if isinstance(o, torch.Tensor):
+            seen[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+        elif d and isinstance(o, (list, tuple)):
+            for item in o:
+                walk(item, d - 1)
+        elif d and isinstance(o, dict):
+            for item in o.values():
+                walk(item, d - 1)
+        elif d and hasattr(o, "__dict__") and not isinstance(o, (torch.nn.Module, type)):
+            walk(vars(o), d - 1)
+
+    walk(obj, depth)
+    return seen

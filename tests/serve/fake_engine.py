@@ -63,6 +63,9 @@ class FakeRegistry:
     def failure(self, name):
         return None
 
+    def listing(self):
+        return [(self.known[n], None) for n in sorted(self.known)]
+
     def unpin(self, name):
         self.calls.append(("unpin", name))
         self.known[name] = Info(name, self.known[name].path, 4, 1000, self.known[name].loaded, False)
@@ -108,12 +111,9 @@ class FakeEngine:
         self.stopped = True
         return 0
 
-    def prepare(self, adapter, timeout=10.0):
+    async def prepare_async(self, adapter, timeout=10.0):
         if adapter is not None and not self.registry.exists(adapter):
             raise AdapterError(f"unknown adapter {adapter!r}")
-
-    async def prepare_async(self, adapter, timeout=10.0):
-        self.prepare(adapter, timeout)
 
     def submit(self, prompt, adapter, params):
         return self.enqueue(self.check(prompt, adapter, params))
@@ -139,6 +139,9 @@ class FakeEngine:
 
     def chat_prompt(self, messages):
         return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
+
+    def lora_requests(self):
+        return {"max_lora": 8, "running": [], "waiting": []}
 
     def stats(self):
         return {"running": 0, "waiting": 0, "last_batch_size": 3, "steps": 7}

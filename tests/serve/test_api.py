@@ -148,10 +148,10 @@ def test_admin_key_for_load_by_path_and_unload():
     engine = FakeEngine()
     admin = {"Authorization": "Bearer boss"}
     with client(engine, admin_key="boss") as c:
-        by_name = c.post("/v1/adapters", json={"name": "alpha", "pin": True})
+        by_name = c.post("/v1/adapters", json={"name": "alpha"})
         by_path = c.post("/v1/adapters", json={"name": "new", "path": "/elsewhere/new"})
         unload = c.delete("/v1/adapters/beta")
-        assert by_name.status_code == 200 and by_name.json()["pinned"] is True
+        assert by_name.status_code == 200 and by_name.json()["loaded"] is True  # pinning: the admin's (below)
         assert "admin key" in error_of(by_path, 403) and "admin key" in error_of(unload, 403)
         assert c.post("/v1/adapters", json={"name": "new", "path": "/elsewhere/new"}, headers=admin).json()["loaded"]
         assert c.delete("/v1/adapters/new", headers=admin).json() | {} == {"id": "new", "object": "model",
@@ -368,3 +368,72 @@ def test_serve_flags_are_checked_before_anything_loads(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--max-tokens must be positive, got 0" in err
     assert "--budget-mb must be positive, got -1.0" in err and "--port must be in 0-65535" in err
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_request_cut_off_at_shutdown_ends_with_an_openai_finish_reason(chat):
+    """Issue 18: finish_reason "cancelled" (the drain timeout) is not one of OpenAI's values; it is "length"."""
+    from types import SimpleNamespace
+
+    from rankdial.serve.api import _Reply
+    from rankdial.serve.metrics import Metrics
+
+    reply = _Reply("alpha", chat, Metrics(FakeEngine()), "/v1/completions")
+    event = SimpleNamespace(finish_reason="cancelled", prompt_tokens=3, completion_tokens=2)
+    full, chunk = reply.full("cut", event), reply.chunk({} if chat else "", "cancelled")
+    assert full["choices"][0]["finish_reason"] == chunk["choices"][0]["finish_reason"] == "length"
+    openai_values = {"stop", "length", "content_filter", "tool_calls", "function_call"}
+    for reason in ("stop", "length", "cancelled"):
+        assert reply.full("x", SimpleNamespace(**vars(event) | {"finish_reason": reason}))["choices"][0][
+            "finish_reason"] in openai_values
+
+
+def test_pinning_and_unpinning_need_the_admin_key():
+    """Issue 19: any API-key holder could pin adapters until the budget was full; pin true/false needs the admin
+    key when one is configured (loading by name does not)."""
+    with client(api_keys=["user"], admin_key="boss") as c:
+        user, boss = {"Authorization": "Bearer user"}, {"Authorization": "Bearer boss"}
+        for pin in (True, False):
+            e = error_of(c.post("/v1/adapters", json={"name": "alpha", "pin": pin}, headers=user), 403)
+            assert "admin key" in e
+            assert c.post("/v1/adapters", json={"name": "alpha", "pin": pin}, headers=boss).status_code == 200
+        assert c.post("/v1/adapters", json={"name": "alpha"}, headers=user).status_code == 200
+    with client() as c:  # no admin key configured: pinning is open, as every route is
+        assert c.post("/v1/adapters", json={"name": "alpha", "pin": True}).status_code == 200
+
+
+def test_vllm_adapter_routes_are_aliases_under_the_same_admin_rules(real_registry):
+    """Issue 18 (router-ready): vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter load and unload as
+    rankdial's own routes do, answer as vLLM does, and need the admin key where rankdial's need it."""
+    registry, tmp = real_registry
+    root, secret = tmp / "adapters", str(tmp / "outside" / "secret")
+    with client(FakeEngine(registry=registry), api_keys=["user"], admin_key="boss") as c:
+        user, boss = {"Authorization": "Bearer user"}, {"Authorization": "Bearer boss"}
+        r = c.post("/v1/load_lora_adapter", json={"lora_name": "good", "lora_path": str(root / "good")}, headers=user)
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'good' added successfully."  # by name
+        assert registry.is_loaded("good")
+        body = {"lora_name": "sec", "lora_path": secret}
+        assert "admin key" in error_of(c.post("/v1/load_lora_adapter", json=body, headers=user), 403)
+        assert c.post("/v1/load_lora_adapter", json=body, headers=boss).status_code == 200
+        cards = {m["id"]: m for m in c.get("/v1/models", headers=user).json()["data"]}
+        assert cards["sec"]["parent"] == cards["good"]["parent"] == "tiny-base" and cards["sec"]["root"] == "sec"
+        assert cards["tiny-base"]["parent"] is None and secret not in json.dumps(cards)
+        assert error_of(c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "../outside/secret"},
+                               headers=user), 403)
+        assert error_of(c.post("/v1/unload_lora_adapter", json={"lora_name": "sec"}, headers=user), 403)
+        r = c.post("/v1/unload_lora_adapter", json={"lora_name": "sec"}, headers=boss)
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'sec' removed successfully."
+        assert error_of(c.post("/v1/unload_lora_adapter", json={"lora_name": "sec"}, headers=boss), 404)
+        e = c.post("/v1/load_lora_adapter", json={"lora_name": "../x", "lora_path": "p", "extra": 1}, headers=boss)
+        assert e.status_code == 422 and e.json()["error"]["param"] == "lora_name"
+
+
+def test_metrics_carry_vllms_lora_requests_info_gauge():
+    engine = FakeEngine()
+    engine.lora_requests = lambda: {"max_lora": 8, "running": ["alpha", "beta"], "waiting": ["beta"]}
+    with client(engine) as c:
+        text = c.get("/metrics").text
+    line = next(x for x in text.splitlines() if x.startswith("vllm:lora_requests_info{"))
+    assert line.startswith('vllm:lora_requests_info{max_lora="8",running_lora_adapters="alpha,beta",'
+                           'waiting_lora_adapters="beta"} ')
+    assert float(line.split()[-1]) > 1.7e9  # when it was read, as vLLM's

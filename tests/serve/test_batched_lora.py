@@ -68,7 +68,7 @@ def test_grouped_and_gather_paths_both_equal_the_reference(mix, tokens):
         ref = reference_rows(model[0], x, rows)
         route(model, rows)
         routing = model[0].routing
-        assert isinstance(model[0], LoraLayer) and routing._group_plan is not None
+        assert isinstance(model[0], LoraLayer) and routing.plans and all(p.groups for p in routing.plans)
         for grouped in (True, False):
             routing.grouped = grouped
             assert (model(x) - ref).abs().max().item() <= 1e-5, grouped
@@ -145,17 +145,17 @@ def test_training_mode_with_dropout_is_refused():
 def test_stack_is_reused_until_the_adapters_change():
     model = layer_model({"a": 4, "b": 2}, 10)
     route(model, ["a", "b"])
-    stack = model[0].routing.stack
+    stack = model[0].routing.stacks
     route(model, ["b", None, "a"])
-    assert model[0].routing.stack is stack  # same adapters: not rebuilt
+    assert model[0].routing.stacks is stack  # same adapters: not rebuilt
     with torch.no_grad():
         model[0].lora_B["b"].weight.mul_(3.0)  # an in-place update through autograd's version counter (copy_, mul_)
     route(model, ["b", "a"])
-    assert model[0].routing.stack is not stack
-    stack = model[0].routing.stack
+    assert model[0].routing.stacks is not stack
+    stack = model[0].routing.stacks
     model[0].scaling["a"] *= 0.5  # a scaling change alone
     route(model, ["b", "a"])
-    assert model[0].routing.stack is not stack
+    assert model[0].routing.stacks is not stack
     assert routed_vs_reference(model, ["b", "a", None], 31) <= 1e-5
     model[0].add_adapter("c", r=6, alpha=6, init_lora_weights=False)
     assert routed_vs_reference(model, ["c", "b", "a", None], 33) <= 1e-5
@@ -185,7 +185,7 @@ def test_a_fused_optimizer_step_needs_refresh_and_a_dtype_change_is_seen():
     model.double()
     with torch.no_grad():
         route(model, ["a", "b"])
-        assert layer.routing.stack.At.dtype == torch.float64
+        assert layer.routing.stacks.dtype == torch.float64
 
 
 def test_an_active_whole_module_copy_or_disabled_is_honoured():
@@ -263,3 +263,83 @@ def test_disabled_computes_the_base_for_every_routed_row():
         with rd.disabled(model):
             torch.testing.assert_close(model(x), model[0].base_layer(x))
         assert not torch.allclose(model(x), model[0].base_layer(x))
+
+
+def stacked_model(ranks: dict[str, int], seed: int) -> nn.Sequential:
+    """One LoraLayer whose adapters live only in its serving stacks (as the registry holds them)."""
+    from rankdial.serve import AdapterStacks
+
+    torch.manual_seed(seed)
+    layer = rd.LoraLayer(nn.Linear(D_IN, D_OUT))
+    layer.stacks = AdapterStacks.for_layer(layer)
+    for k, (name, r) in enumerate(ranks.items()):
+        layer.stacks.add(name, torch.randn(r, D_IN) * 0.3, torch.randn(D_OUT, r) * 0.3, (2.0 * r + k) / r)
+    return nn.Sequential(layer).eval()
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_stacks_by_rank_hold_each_adapter_once_and_route_like_the_reference(grouped):
+    model = stacked_model({"a": 2, "b": 16, "c": 2, "d": 5}, 40)
+    stacks = model[0].stacks
+    assert sorted(stacks.stacks) == [2, 5, 16] and len(stacks.stacks[2].names) == 2  # no rank pads another
+    assert stacks.nbytes == (2 + 2 + 16 + 5) * (D_IN + D_OUT) * 4
+    rows = ["b", "a", None, "c", "a", "d", "b", "b"]
+    x = torch.randn(len(rows), 3, D_IN, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        route(model, rows)
+        model[0].routing.grouped = grouped
+        assert (model(x) - reference_rows(model[0], x, rows)).abs().max() <= 1e-5
+    stacks.remove("a")
+    assert stacks.stacks[2].names == [None, "c"] and stacks.nbytes == (2 + 2 + 16 + 5) * (D_IN + D_OUT) * 4
+    stacks.add("e", torch.randn(2, D_IN), torch.randn(D_OUT, 2), 1.0)
+    assert stacks.where["e"] == (2, 0)  # the free slot is reused: nothing grows
+    stacks.remove("d")
+    assert 5 not in stacks.stacks  # a rank's last adapter gives its memory back
+    stacks.remove("e")
+    stacks.trim()
+    assert stacks.stacks[2].names == ["c"] and stacks.where["c"] == (2, 0)
+    assert stacks.nbytes == (2 + 16) * (D_IN + D_OUT) * 4
+    rows = ["c", "b", None]
+    with torch.no_grad():
+        route(model, rows)
+        assert (model(x[:3]) - reference_rows(model[0], x[:3], rows)).abs().max() <= 1e-5
+
+
+def test_route_keeps_the_routing_while_rows_and_stacks_are_unchanged(monkeypatch):
+    """route() at every step is cheap (issue 19 defect 6): same rows, untouched stacks: the same Routing, no key
+    computed; new rows or a changed stack: a new one."""
+    import importlib
+
+    bl = importlib.import_module("rankdial.serve.batched_lora")  # the package exports a function of that name
+
+    model = stacked_model({"a": 4, "b": 4}, 41)
+    monkeypatch.setattr(bl, "stack_key", lambda layer: pytest.fail("registry stacks are never re-keyed"))
+    route(model, ["a", "b", None])
+    first = model[0].routing
+    route(model, ["a", "b", None])
+    assert model[0].routing is first
+    route(model, ["b", "a"])
+    assert model[0].routing is not first and model[0].routing.slot(0) == (4, 1)
+    second = model[0].routing
+    model[0].stacks.add("c", torch.randn(4, D_IN), torch.randn(D_OUT, 4), 1.0)
+    route(model, ["b", "a"])
+    assert model[0].routing is not second
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_distinct_adapters_within_a_range_are_read_through_a_view_of_the_stack(tokens):
+    """Rows with distinct adapters whose slots lie in a short range (gaps included) run over a view of the stack
+    instead of copying each row's adapter; the same sums as the reference and as the plain gather."""
+    model = layer_model({n: 4 for n in NAMES}, 6)
+    rows = ["ad1", "ad4", None, "ad2", "ad6"]  # slots 1, 4, 2, 6 of ad0..ad8: a range of 6 for 4 adapters
+    x = torch.randn(len(rows), tokens, D_IN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = reference_rows(model[0], x, rows)
+        route(model, rows)
+        (plan,) = model[0].routing.plans
+        assert plan.by_view and not plan.grouped and isinstance(plan.group_tensors()[0], slice)
+        assert (model(x) - ref).abs().max().item() <= 1e-5
+        model[0].routing.grouped = False  # the plain gather
+        assert not plan.by_view and (model(x) - ref).abs().max().item() <= 1e-5
+        route(model, ["ad0", "ad8"])  # a range of 9 for 2 adapters: copied, not viewed
+        assert not model[0].routing.plans[0].by_view

@@ -18,12 +18,12 @@ from rankdial.serve.api import create_app
 from rankdial.serve.engine import Engine
 
 BROKEN = ["pickleonly", "corrupt", "notjson", "listcfg", "rzero", "othershape", "badtarget", "nan", "noweights",
-          "linkout"]
+          "wideshape", "linkout"]
 
 
 def _break(root, tmp_path):
     good = root / "good"
-    for name in BROKEN[:-1]:
+    for name in BROKEN[:-2]:
         shutil.copytree(good, root / name)
     cfg = json.loads((good / "adapter_config.json").read_text())
     (root / "pickleonly" / "adapter_model.safetensors").rename(root / "pickleonly" / "adapter_model.bin")
@@ -37,6 +37,9 @@ def _break(root, tmp_path):
     (root / "badtarget" / "adapter_config.json").write_text(json.dumps(cfg | {"target_modules": ["no_such_proj"]}))
     save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, root / "nan" / "adapter_model.safetensors")
     (root / "noweights" / "adapter_model.safetensors").unlink()
+    wide = root / "wideshape"  # all 28 modules' A and B do not multiply
+    save_file({k: torch.zeros(v.shape[0] + 3, v.shape[1] + 1).contiguous()
+               for k, v in load_file(wide / "adapter_model.safetensors").items()}, wide / "adapter_model.safetensors")
     outside = tmp_path / "outside"
     shutil.copytree(good, outside)
     (root / "linkout").symlink_to(outside)
@@ -47,6 +50,7 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("broken")
     root = tmp / "adapters"
     make_adapter(root / "good", seed=1, r=4, targets=["q_proj", "v_proj"])
+    make_adapter(root / "wideshape", seed=2, r=4)
     _break(root, tmp)
     engine = Engine.from_pretrained("default", str(root), device="cpu", max_new_tokens=64)
     with TestClient(create_app(engine), raise_server_exceptions=False) as c:
@@ -107,3 +111,24 @@ def test_a_lone_surrogate_is_a_422_naming_the_field(served):
     assert err["param"] == "messages" and "content is not valid Unicode" in err["message"]
     with pytest.raises(Exception, match="not valid Unicode"):  # the engine refuses it too, called directly
         engine.submit("\ud800", None)
+
+
+@pytest.mark.slow
+def test_no_client_sees_a_server_absolute_path_and_a_long_list_is_cut(served):
+    """Issue 18: a 422 for a corrupt adapter_config.json, /v1/models' "error" fields and a 400 for a path outside
+    the adapters folder named the server's absolute folder; an adapter whose 28 modules have wrong shapes listed
+    them all (5 KB). Clients see names relative to the adapters folder; long lists are cut to a few."""
+    c, engine, root = served
+    server_path = str(root.parent)
+    for name in [n for n in BROKEN if n != "noweights"]:  # a test above repairs noweights
+        r = c.post("/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2})
+        message = _error(r, 422)["message"]
+        assert server_path not in message and len(message) < 700, (name, message)
+    assert "notjson" in c.post("/v1/completions", json={"model": "notjson", "prompt": "x"}).json()["error"]["message"]
+    wide = c.post("/v1/completions", json={"model": "wideshape", "prompt": "x"}).json()["error"]["message"]
+    assert "and 25 more" in wide
+    listing = c.get("/v1/models").text
+    assert "notjson" in listing and server_path not in listing
+    for path in ("../outside", "good/../../outside", "linkout"):
+        message = _error(c.post("/v1/adapters", json={"name": "x1", "path": path}), 400)["message"]
+        assert "outside the adapters folder" in message and server_path not in message, message

@@ -135,7 +135,7 @@ def test_listen_socket_can_bind_without_listening():
 @pytest.mark.slow
 def test_sigterm_cancels_a_stream_still_running_after_the_drain_timeout(tmp_path):
     """Over HTTP: the first signal starts the engine's drain; a stream still running after --drain-timeout ends
-    with finish_reason 'cancelled' (and [DONE]), and the server stops soon after, reporting one cancelled."""
+    with finish_reason 'length', OpenAI's value for a cut-short completion (and [DONE]), and the server stops soon after, reporting one cancelled."""
     import json
     import threading
     import time
@@ -161,7 +161,7 @@ def test_sigterm_cancels_a_stream_still_running_after_the_drain_timeout(tmp_path
         time.sleep(0.05)
     chunks = []
     body = {"model": engine.base_name, "prompt": "In the beginning", "max_tokens": 500, "stream": True,
-            "temperature": 1.0, "seed": 3}
+            "temperature": 1.0, "seed": 5}  # seed 5: 500 tokens, no end token
     with httpx.stream("POST", url, json=body, timeout=60) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
@@ -174,5 +174,28 @@ def test_sigterm_cancels_a_stream_still_running_after_the_drain_timeout(tmp_path
     thread.join(30)
     assert not thread.is_alive() and time.monotonic() - start < 10
     finals = [json.loads(c[6:])["choices"][0]["finish_reason"] for c in chunks if c.startswith("data: {")]
-    assert finals[-1] == "cancelled" and chunks[-1] == "data: [DONE]"
+    assert finals[-1] == "length" and chunks[-1] == "data: [DONE]"
     assert app.state.cancelled_at_shutdown == 1
+
+
+def test_batch_and_tokens_in_flight_flags_size_the_kv_cache_and_a_cache_too_large_refuses_the_start(monkeypatch, capsys):
+    """Issue 19 defect 2: --max-batch and --max-tokens-in-flight reach the scheduler and size the preallocated KV
+    cache; a cache that cannot fit is refused at start-up in one line naming the flags to lower."""
+    import rankdial.serve.runner as runner_mod
+    from rankdial.cli import main
+
+    app, line = app_from_args(serve_args("--max-batch", "3", "--max-tokens-in-flight", "100"), freeze_gc=False)
+    engine = app.state.engine
+    try:
+        limits = engine.scheduler.limits
+        assert (limits.max_batch_size, limits.max_tokens_in_flight) == (3, 100)
+        assert engine.runner.cache.shape[0] == 3 and engine.runner.cache.shape[2] == 100  # slots x tokens per row
+        assert "batch <= 3" in line and "KV cache" in line
+    finally:
+        engine.shutdown(drain=False)
+    with pytest.raises(ConfigError, match="--max-batch must be positive.*--max-tokens-in-flight must be positive"):
+        check_serve_flags(serve_args("--max-batch", "0", "--max-tokens-in-flight", "-5"))
+    monkeypatch.setattr(runner_mod, "available_bytes", lambda device: 2**20)
+    assert main(["serve", "--port", "0", "--max-batch", "64"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (a progress bar beside)
+    assert len(errors) == 1 and "KV cache for 64 rows" in errors[0] and "lower --max-batch" in errors[0], errors

@@ -470,3 +470,104 @@ def test_a_refused_request_loads_no_adapter_and_holds_no_read(adapters_dir):
         assert eng.registry.misses == misses and not eng.registry._held_reads and eng.registry.loaded() == ["ad0"]
         r = c.post("/v1/completions", json={"model": "ad1", "prompt": "word", "max_tokens": 2})
         assert r.status_code == 503 and not eng.registry._held_reads
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300])
+def test_a_tiny_temperature_is_greedy_and_the_streams_beside_it_finish(engine, temperature):
+    """Issue 18: temperature 1e-45 overflowed sampling and the engine failed every running request. Sent while
+    other streams run, it samples greedily (temperatures below 1e-5 do), and the others end with their own text."""
+    rows = [("ad0", PROMPTS[0]), (None, PROMPTS[1]), ("ad1", PROMPTS[2])]
+    params = SamplingParams(max_tokens=20, temperature=0)
+    alone = [engine.generate(p, a, params).text for a, p in rows]
+    handles = [engine.submit(p, a, params) for a, p in rows]
+    streams = [h.events(timeout=60) for h in handles]
+    firsts = [next(s) for s in streams]  # every stream is running
+    tiny = engine.submit(PROMPTS[3], "ad2", SamplingParams(max_tokens=4, temperature=temperature)).result(timeout=60)
+    events = [[first, *s] for first, s in zip(firsts, streams)]
+    assert [e[-1].finish_reason for e in events] == ["length"] * 3
+    assert ["".join(x.text for x in e) for e in events] == alone
+    assert tiny.finish_reason == "length"
+    assert tiny.text == engine.generate(PROMPTS[3], "ad2", SamplingParams(max_tokens=4, temperature=0)).text
+
+
+def test_a_row_with_nan_logits_fails_alone(engine, monkeypatch):
+    """A diverged adapter's row (NaN logits) ends its own request with an error; the rows beside it go on."""
+    rows = [("ad0", PROMPTS[0]), (None, PROMPTS[1]), ("ad3", PROMPTS[2])]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    alone = [engine.generate(p, a, params).text for a, p in rows[:2]]
+    forward = engine.runner._forward
+
+    def nan_for_ad3(adapters, *args):
+        logits = forward(adapters, *args)
+        logits[[i for i, a in enumerate(adapters) if a == "ad3"]] = float("nan")
+        return logits
+
+    monkeypatch.setattr(engine.runner, "_forward", nan_for_ad3)
+    handles = [engine.submit(p, a, params) for a, p in rows]
+    finals = [list(h.events(timeout=60)) for h in handles]
+    assert [f[-1].finish_reason for f in finals] == ["length", "length", "error"]
+    assert ["".join(e.text for e in f) for f in finals[:2]] == alone
+    assert "non-finite" in finals[2][-1].error and "ad0" not in finals[2][-1].error
+
+
+@pytest.mark.slow
+def test_a_loaded_adapter_whose_files_change_is_read_again(tmp_path):
+    """Issue 18: a loaded adapter whose files changed kept serving the old weights while its folder held others.
+    The next request that finds it idle reads the new files; /v1/models' info shows what is loaded."""
+    import shutil
+
+    make_adapter(tmp_path / "a", seed=1, r=4)
+    make_adapter(tmp_path / "b", seed=2, r=8)
+    eng = Engine.from_pretrained("default", str(tmp_path), device="cpu")
+    try:
+        eng.registry.pin("a")
+        old, new = (eng.generate(PROMPTS[0], name, GREEDY).text for name in ("a", "b"))
+        assert old != new and eng.registry.info("a").rank == 4
+        for f in (tmp_path / "b").iterdir():
+            shutil.copy(f, tmp_path / "a" / f.name)
+        eng.registry.recheck_s = 0.0  # compare at every request (default: at most once a second)
+        assert eng.generate(PROMPTS[0], "a", GREEDY).text == new
+        info = eng.registry.info("a")
+        assert info.loaded and info.rank == 8 and info.pinned  # still pinned after the reload
+    finally:
+        eng.shutdown(drain=False)
+
+
+@pytest.mark.slow
+def test_lora_requests_name_the_running_and_waiting_adapters(adapters_dir):
+    """What /metrics' vllm:lora_requests_info reads: with one row per batch, ad0's request runs and ad1's waits."""
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", max_batch_size=1)
+    try:
+        for name in ("ad0", "ad1"):
+            eng.generate(PROMPTS[0], name, SamplingParams(max_tokens=1, temperature=0))  # loaded
+        long = SamplingParams(max_tokens=200, temperature=0)
+        running = eng.submit(PROMPTS[0], "ad0", long)
+        events = running.events(timeout=60)
+        next(events)
+        waiting = eng.submit(PROMPTS[1], "ad1", long)
+        deadline = time.monotonic() + 10
+        while eng.lora_requests()["waiting"] != ["ad1"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.lora_requests() == {"max_lora": 1, "running": ["ad0"], "waiting": ["ad1"]}
+        running.cancel()
+        waiting.cancel()
+    finally:
+        eng.shutdown(drain=False)
+
+
+def test_a_request_checks_its_adapter_exists_once(engine, monkeypatch):
+    """Issue 18: a request's adapter was looked up on disk three times (the API, check(), prepare); once now."""
+    from fastapi.testclient import TestClient
+
+    from rankdial.serve.api import create_app
+
+    engine.registry.unload("ad3")  # not loaded: existence is a look at its folder
+    calls, exists = [], engine.registry.exists
+    disk = lambda name: not engine.registry.is_loaded(name) and calls.append(name)  # a look at the folder
+    monkeypatch.setattr(engine.registry, "exists", lambda name: disk(name) or exists(name))
+    with TestClient(create_app(engine, shutdown_engine=False)) as c:
+        r = c.post("/v1/completions", json={"model": "ad3", "prompt": "In the", "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200 and calls == ["ad3"]
+        missing = c.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert missing.status_code == 404 and "does not exist" in missing.json()["error"]["message"]
+    assert missing.json()["error"]["param"] == "model"

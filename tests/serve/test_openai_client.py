@@ -119,3 +119,21 @@ def test_metrics_count_what_the_engine_did(client, server):
     assert values["rankdial_engine_steps_total"] > 0 and "rankdial_batch_size" in values
     # the latency histogram's _count: requests observed, not a time
     assert values['rankdial_request_latency_seconds_count{route="/v1/completions"}'] >= 1
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300])
+def test_a_tiny_temperature_leaves_the_streams_beside_it_whole(client, server, temperature):
+    """Issue 18, over HTTP with the openai client: temperature 1e-45 / 1e-300 on /v1/completions is answered
+    (greedily) while streams on other adapters run, and those streams end with their normal text."""
+    wanted = {m: client.completions.create(model=m, prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
+              for m in NAMES[:2]}
+    streams = {m: client.completions.create(model=m, prompt=PROMPT, max_tokens=24, temperature=0, stream=True)
+               for m in NAMES[:2]}
+    firsts = {m: next(iter(s)) for m, s in streams.items()}  # both streams are running
+    tiny = client.completions.create(model=NAMES[2], prompt=PROMPT, max_tokens=4, temperature=temperature)
+    greedy = client.completions.create(model=NAMES[2], prompt=PROMPT, max_tokens=4, temperature=0)
+    assert tiny.choices[0].text == greedy.choices[0].text
+    for m, s in streams.items():
+        chunks = [firsts[m], *s]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == wanted[m]
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")

@@ -217,15 +217,69 @@ def test_load_copies_the_file_exactly_and_draws_no_random_numbers(registry, root
 
     state = torch.random.get_rng_state()
     registry.load("a2")
-    assert torch.equal(torch.random.get_rng_state(), state)  # add_adapter(init=False): no initialisation work
+    assert torch.equal(torch.random.get_rng_state(), state)  # written straight into the stacks: no initialisation
     tensors = load_file(str(root / "a2" / "adapter_model.safetensors"))
-    layers = [(path, layer) for path, layer in lora_layers(registry.model) if "a2" in layer.lora_A]
+    layers = [(path, layer) for path, layer in lora_layers(registry.model) if "a2" in layer.stacks.where]
     assert len(layers) * 2 == len(tensors)
     for path, layer in layers:
-        A, B = layer.lora_A["a2"].weight, layer.lora_B["a2"].weight
-        assert type(layer.lora_A["a2"]) is torch.nn.Linear and layer.lora_A["a2"].bias is None
-        assert torch.equal(A, tensors[f"base_model.model.{path}.lora_A.weight"]) and not A.requires_grad
+        A, B, _ = layer.stacks.weights("a2")
+        assert not layer.lora_A and not A.requires_grad  # the stacks are the one copy: no modules per adapter
+        assert torch.equal(A, tensors[f"base_model.model.{path}.lora_A.weight"])
         assert torch.equal(B, tensors[f"base_model.model.{path}.lora_B.weight"])
+
+
+def held_bytes(model) -> int:
+    """Every byte of tensor storage the model's LoRA layers reach beyond their base: adapter parameters, routed
+    stacks, routing state (gather caches included), found by walking the objects, each storage counted once."""
+    from rankdial.lora import lora_layers
+
+    seen: dict[int, int] = {}
+
+    def walk(obj, depth):
+        if isinstance(obj, torch.Tensor):
+            seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        elif depth and isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item, depth - 1)
+        elif depth and isinstance(obj, dict):
+            for item in obj.values():
+                walk(item, depth - 1)
+        elif depth and hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+            walk(vars(obj), depth - 1)
+
+    for _, layer in lora_layers(model):
+        for name, t in layer.named_parameters():
+            if not name.startswith("base_layer."):
+                walk(t, 0)
+        walk(layer.routing, 5)
+        walk(getattr(layer, "stacks", None), 5)
+    return sum(seen.values())
+
+
+def test_resident_bytes_stay_under_the_budget_with_mixed_ranks(root, tmp_path):
+    """Many rank-4 adapters and one rank-64 (issue 19): what the layers hold, routed and run, stays within the
+    budget; a stack padded to the largest rank would hold 16x the rank-4 adapters' bytes."""
+    from rankdial.serve import route
+
+    make_adapter(tmp_path / "big", seed=9, r=64)
+    for k in range(4, 8):
+        make_adapter(tmp_path / f"a{k}", seed=k, r=4)
+    for k in range(4):
+        shutil.copytree(root / f"a{k}", tmp_path / f"a{k}")
+    model, _ = load_model(resolve_model("default"))
+    budget = 26 * SIZE_R4  # room for the eight rank-4 adapters and the rank-64 one (16 x SIZE_R4)
+    reg = AdapterRegistry(model, tmp_path, budget_bytes=budget)
+    ids = torch.tensor([[5, 6, 7]] * 9)
+    names = [f"a{k}" for k in range(8)] + ["big"]
+    for name in names:
+        reg.load(name)
+        with torch.no_grad():
+            route(model, reg.loaded() + [None] * (9 - len(reg.loaded())))
+            model(input_ids=ids)  # a forward: gather caches and the like are held now too
+        assert held_bytes(model) <= budget, (name, held_bytes(model), budget)
+        assert reg.loaded_bytes <= budget
+    assert sorted(reg.loaded()) == sorted(names) and reg.evictions == 0
+    reg.close()
 
 
 def test_a_transient_read_error_is_not_remembered(registry, monkeypatch):
@@ -304,3 +358,55 @@ def test_info_of_an_adapter_evicted_meanwhile_is_not_a_key_error(registry, monke
     assert info.loaded and info.rank == 4
     seen[0].join(5)
     assert not registry.is_loaded("a0")
+
+
+def test_a_failed_attach_leaves_nothing_of_the_adapter(registry):
+    """Issue 19: an attach that fails partway (here: copying the last module's weights) leaves no layer holding a
+    part of the adapter; the registry does not count it and the same adapter loads cleanly afterwards."""
+    from rankdial.lora import lora_layers
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        base = registry.model(input_ids=ids).logits
+    read = registry.read("a1")
+    last = sorted(read.tensors)[-1]
+    read.tensors[last] = torch.empty(read.tensors[last].shape, device="meta")  # right shape, cannot be copied
+    with pytest.raises(Exception):
+        registry.attach(read)
+    assert not [p for p, layer in lora_layers(registry.model) if "a1" in layer.lora_A]
+    assert not registry.is_loaded("a1") and registry.loaded_bytes == 0
+    with torch.no_grad():
+        assert torch.equal(registry.model(input_ids=ids).logits, base)
+    assert registry.load("a1").loaded
+
+
+def test_a_listing_takes_the_lock_once_not_per_adapter(registry):
+    """Issue 19: GET /v1/models took the engine's step lock once or twice per adapter; the listing reads one
+    snapshot (one acquisition) whatever the number of adapters."""
+    for name in ("a0", "a2"):
+        registry.load(name)
+    lock, taken = registry.lock, []
+
+    class Counting:
+        def __enter__(self):
+            taken.append(1)
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            return lock.__exit__(*exc)
+
+    from fastapi.testclient import TestClient
+
+    from fake_engine import FakeEngine
+    from rankdial.serve.api import create_app
+
+    with TestClient(create_app(FakeEngine(registry=registry))) as c:
+        registry.lock = Counting()
+        cards = c.get("/v1/models").json()["data"]
+        registry.lock = lock
+    assert len(taken) == 1 and len(cards) == 1 + len(registry.names())
+    listing = registry.listing()
+    by_name = {info.name: (info, failure) for info, failure in listing}
+    assert set(by_name) == set(registry.names())
+    assert by_name["a0"][0] == registry.info("a0") and by_name["a1"][0] == registry.info("a1")
+    assert by_name["a1"][0].loaded is False and by_name["a1"][0].rank == 4

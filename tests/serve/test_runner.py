@@ -9,8 +9,9 @@ from rankdial.errors import RequestError
 from rankdial.models import load_model, resolve_model
 from rankdial.quant import quantize_model
 from rankdial.serve import Engine, SamplingParams
-from rankdial.serve.runner import Runner, Sequence, make_generator, sample
-from engine_helpers import PROMPTS, make_adapter
+from rankdial.sampling import make_generator, sample
+from rankdial.serve.runner import Runner, Sequence
+from engine_helpers import PROMPTS, make_adapter, tensor_storages
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0)
 
@@ -44,9 +45,10 @@ def test_rows_join_and_leave_and_keep_their_tokens(model_tok):
             running = [s for s in running if s.id not in ("a1", "b0")]  # leave: rows selected, columns cut
         for s, t in zip(running, runner.step(running)):
             s.tokens.append(t)
-        assert runner.mask.shape == (len(running), runner.cache.layers[0].keys.shape[2])
-    assert runner.ids == [s.id for s in running]
-    assert int(runner.mask.sum(1).min()) > 0 and bool(runner.mask[:, 0].any())  # no column every row masks
+        held = {s.id: runner.lengths[runner.slot_of[s.id]] for s in running}
+        assert held == {s.id: len(s.prompt) + len(s.tokens) - 1 for s in running}  # each row's own columns
+    assert sorted(runner.ids) == sorted(s.id for s in running)  # a1 and b0 left slots 1 and 3: the two highest
+    assert runner.slot_ids[:4] == ["a0", "b2", "a2", "b1"] and runner.slot_ids[4:] == [None] * (runner.slots - 4)
     for s in first + second:
         assert s.tokens == run_alone(model, tok, tok.decode(s.prompt), len(s.tokens))
 
@@ -57,7 +59,52 @@ def test_all_rows_leaving_empties_the_cache(model_tok):
     s = seqs(tok, PROMPTS[:2])
     runner.step(s)
     runner.step([])
-    assert runner.cache is None and runner.ids == []
+    assert runner.ids == [] and runner.slot_of == {} and runner.lengths == [0] * runner.slots
+
+
+def test_the_kv_cache_is_preallocated_and_written_in_place_under_a_burst_of_long_prompts():
+    """Issue 19/17: a burst of long prompts through an engine with 3 slots: the runner's tensors are the same
+    storages at every step (rows join and leave without copying anyone's cache) and their bytes stay within the
+    slots x row_tokens the flags set; every request still gets the tokens it gets alone."""
+    eng = Engine.from_pretrained("default", device="cpu", max_batch_size=3, max_tokens_in_flight=160,
+                                 max_new_tokens=6)
+    try:
+        runner, seen = eng.runner, []
+        real_step = runner.step
+
+        def step(running):
+            out = real_step(running)
+            seen.append(tensor_storages(runner))
+            return out
+
+        runner.step = step
+        long = [" ".join([PROMPTS[k % len(PROMPTS)]] * (5 + k)) for k in range(8)]  # ~30-140 tokens each
+        params = SamplingParams(max_tokens=6, temperature=0)
+        handles = [eng.submit(p, None, params) for p in long]
+        results = [h.result(timeout=120).token_ids for h in handles]
+        c = eng.model.config
+        bound = 2 * c.num_hidden_layers * 3 * c.num_key_value_heads * 160 * c.head_dim * 4  # K and V, float32
+        kv = {ptr for ptr, n in seen[0].items() if n >= bound // (2 * c.num_hidden_layers)}
+        assert len(kv) == 2 * c.num_hidden_layers and sum(seen[0][p] for p in kv) == bound
+        for storages in seen:
+            assert kv <= set(storages)  # the same buffers, written in place
+            assert sum(storages.values()) <= bound + 64 * 1024  # + the small per-step tensors (ids, masks)
+        assert len(seen) > 8
+        assert results == [eng.generate(p, None, params).token_ids for p in long]
+    finally:
+        eng.shutdown(drain=False)
+
+
+def test_a_kv_cache_that_does_not_fit_refuses_the_start_naming_the_flags(monkeypatch):
+    import rankdial.serve.runner as runner_mod
+    from rankdial.errors import ConfigError
+
+    monkeypatch.setattr(runner_mod, "available_bytes", lambda device: 4 * 2**20)
+    with pytest.raises(ConfigError, match=r"KV cache for 32 rows x 512 tokens needs \d+ MiB.*--max-batch.*"
+                                          r"--max-tokens-in-flight"):
+        Engine.from_pretrained("default", device="cpu")
+    eng = Engine.from_pretrained("default", device="cpu", max_batch_size=2, max_tokens_in_flight=64)
+    eng.shutdown(drain=False)
 
 
 def test_sampling_top_p_near_zero_is_greedy_and_seeds_repeat():
@@ -104,9 +151,9 @@ def test_nf4_base_mixed_batch_equals_alone(tmp_path):
 
 
 @pytest.mark.slow
-def test_rows_leaving_reslot_the_routing_without_route_and_keep_their_tokens(tmp_path, monkeypatch):
-    """Rows that leave (or join) with adapters already routed re-slot the same stacks instead of calling
-    route() again; every layer's slots are those route() gives, and every row's tokens those it gets alone."""
+def test_rows_leaving_keep_the_stacks_and_their_tokens(tmp_path, monkeypatch):
+    """Rows that leave (or join) route the same stacks (the registry's storage, never rebuilt); every layer's
+    slots are where the stacks hold each row's adapter, and every row's tokens those it gets alone."""
     import rankdial.serve.runner as runner_mod
     from rankdial.lora import LoraLayer
     from rankdial.lora.inject import named_wrappers
@@ -125,6 +172,7 @@ def test_rows_leaving_reslot_the_routing_without_route_and_keep_their_tokens(tmp
         running = [Sequence(f"r{k}", a, tok.encode(PROMPTS[k]), GREEDY) for k, a in enumerate(adapters)]
         every = list(running)
         runner = Runner(model, 0)
+        stacks_before = {id(layer): layer.stacks for _, layer in named_wrappers(model) if isinstance(layer, LoraLayer)}
         for step in range(8):
             if step == 3:
                 running = [s for s in running if s.id not in ("r1", "r2")]  # a1 and the base still in use
@@ -132,12 +180,15 @@ def test_rows_leaving_reslot_the_routing_without_route_and_keep_their_tokens(tmp
                 running = [s for s in running if s.id != "r4"]  # a1 leaves: a subset of the routed adapters
             for s, t in zip(running, runner.step(running)):
                 s.tokens.append(t)
-            rows = [s.adapter for s in running]
+            adapter_of = {s.id: s.adapter for s in running}
+            rows = [adapter_of[i] if i is not None else None for i in runner.slot_ids[:1 + max(runner.slot_of.values())]]
             for _, layer in named_wrappers(model):
                 if isinstance(layer, LoraLayer) and layer.routing is not None:
-                    assert layer.routing.slots == tuple(layer.routing.stack.slot(a) for a in rows)
-                    assert layer.routing.index.tolist() == list(layer.routing.slots)
-        assert calls == [adapters]  # one route() for the first batch; the leaving rows only re-slotted
+                    stacks = layer.routing.stacks
+                    assert [layer.routing.slot(k) for k in range(len(rows))] == [
+                        stacks.where.get(a) if a is not None else None for a in rows]
+                    assert layer.routing.stacks is stacks_before[id(layer)]  # never rebuilt
+        assert all(rows and len(rows) >= len(running) for rows in calls)
         for s in every:
             runner_alone = Runner(model, 0)
             alone = Sequence("x", s.adapter, s.prompt, GREEDY)

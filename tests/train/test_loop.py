@@ -130,9 +130,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path,
     real = loop.token_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, batch, autocast):
+    def poisoned(*args):
         calls["n"] += 1
-        loss = real(model, batch, autocast)
+        loss = real(*args)
         return loss * float("nan") if calls["n"] > 5 else loss  # micro-batches 6+ (step 6) go NaN
 
     monkeypatch.setattr(loop, "token_loss_sum", poisoned)

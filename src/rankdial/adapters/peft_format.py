@@ -2,7 +2,8 @@
 
 A LoRA adapter folder holds `adapter_config.json` (PEFT's LoraConfig fields) and
 `adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` (r, d_in) and
-`.lora_B.weight` (d_out, r); modules_to_save are stored under their own key, `base_model.model.<path>.<param>`.
+`.lora_B.weight` (d_out, r); a DoRA adapter adds `.lora_magnitude_vector` (d_out,); modules_to_save are stored
+under their own key, `base_model.model.<path>.<param>`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import ALL_LINEAR, LoraConfig
+from ..config import ALL_LINEAR, LoraConfig, init_mutates_base
 from ..errors import AdapterFileError, ConfigError
 from ..lora.inject import plan_targets
 
@@ -22,14 +23,23 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
 # PEFT fields that change the math when set; rankdial refuses them rather than load them wrongly.
-_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
+_UNSUPPORTED = ("lora_bias", "layer_replication", "trainable_token_indices",
                 "use_qalora", "alora_invocation_tokens", "megatron_config")
 _TAKEN = [f.name for f in dataclasses.fields(LoraConfig)]
+
+
+# init_lora_weights values PEFT writes that only decide where training starts: the saved weights mean plain LoRA.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
 def lora_key(path: str, which: str) -> str:
     """The file key of one LoRA matrix: which is 'A' or 'B'."""
     return f"{KEY_PREFIX}{path}.lora_{which}.weight"
+
+
+def magnitude_key(path: str) -> str:
+    """The file key of a DoRA magnitude vector (PEFT drops the module's '.weight' from it)."""
+    return f"{KEY_PREFIX}{path}.lora_magnitude_vector"
 
 
 def saved_key(path: str, param: str) -> str:
@@ -71,16 +81,18 @@ def config_to_json(config: LoraConfig) -> dict[str, Any]:
         "lora_dropout": config.lora_dropout,
         "target_modules": config.target_modules,
         "exclude_modules": config.exclude_modules,
+        "target_parameters": config.target_parameters,
         "fan_in_fan_out": config.fan_in_fan_out,
         "bias": config.bias,
         "use_rslora": config.use_rslora,
         "modules_to_save": config.modules_to_save,
-        "init_lora_weights": True,
+        "init_lora_weights": config.init_lora_weights,
         "layers_to_transform": config.layers_to_transform,
         "layers_pattern": config.layers_pattern,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
-        "use_dora": False,
+        "use_dora": config.use_dora,
+        "loftq_config": dict(config.loftq_config),
     }
 
 
@@ -98,9 +110,13 @@ def config_from_peft(data: Any, source: str) -> LoraConfig:
     if data.get("target_modules") is None:
         raise AdapterFileError(f"{source} has no target_modules; add the module names the adapter wraps, "
                                "e.g. \"target_modules\": [\"q_proj\", \"v_proj\"]")
+    init = data.get("init_lora_weights", True)
+    if not (init in _PLAIN_INITS or init_mutates_base(init)) or str(init).lower().startswith(("corda", "lora_ga")):
+        raise AdapterFileError(f"{source} has init_lora_weights={init!r}, which rankdial does not implement (it may "
+                               "change the base or the forward); load this adapter with PEFT instead")
     fields = {k: data[k] for k in _TAKEN if k in data and data[k] is not None}
-    if not isinstance(fields.get("init_lora_weights", True), bool):
-        fields["init_lora_weights"] = True  # an init scheme name; irrelevant once weights are loaded
+    if init in ("eva", "orthogonal"):
+        fields["init_lora_weights"] = True  # init-only schemes: the saved weights are a plain LoRA
     if isinstance(fields.get("layers_pattern"), list) and not fields["layers_pattern"]:
         fields.pop("layers_pattern")
     try:

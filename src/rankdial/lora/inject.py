@@ -16,8 +16,11 @@ from torch import nn
 from ..config import ALL_LINEAR, LoraConfig, check_name
 from ..errors import AdapterError, ConfigError, TargetError
 from ..layers import SEQ_CLS_HEADS, linear_dims, named_unwrapped, output_heads, path_matches, unwrap
+from .dora import check_base as dora_check_base
+from .init import check_bases
 from .layer import BY_HAND, LoraLayer
 from .modules_to_save import ModulesToSave
+from .param import ExpertLora, inject_parameters, plan_parameters
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class Target:
     fan_in_fan_out: bool
     r: int
     alpha: float
+    dora: bool = False
 
 
 @dataclass
@@ -65,7 +69,7 @@ def named_wrappers(model: nn.Module):
     also visit each adapter's A, B and dropout modules, which can never hold another wrapper.
     """
     def walk(module: nn.Module, prefix: str):
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (LoraLayer, ModulesToSave, ExpertLora)):
             yield prefix, module
             return
         for name, child in module._modules.items():
@@ -186,7 +190,9 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> Plan:
             plan.targets.append(target)
     _raise_problems(problems)
     _check_saved_found(model, config, plan)
-    if not plan.targets:
+    if config.target_parameters:
+        plan_parameters(model, config)  # expert parameters (lora/param.py): checked before anything is touched
+    if not plan.targets and not config.target_parameters:
         raise TargetError(_nothing_matched(model, config))
     if problems["rank"]:
         raise ConfigError("rank does not fit the layer:\n  - " + "\n  - ".join(problems["rank"]))
@@ -209,7 +215,9 @@ def _target(config: LoraConfig, path: str, module: nn.Module, mha: set[int], pro
     if r > min(d_in, d_out):
         problems["rank"].append(f"r={r} for {path} exceeds min(d_in={d_in}, d_out={d_out}) = {min(d_in, d_out)}; "
                                 f"use r <= {min(d_in, d_out)} (set it for this module with rank_pattern)")
-    return Target(path, d_in, d_out, fan_in_fan_out, r, alpha)
+    if config.use_dora:
+        dora_check_base(module, path)
+    return Target(path, d_in, d_out, fan_in_fan_out, r, alpha, config.use_dora)
 
 
 def _raise_problems(problems: dict) -> None:
@@ -273,11 +281,15 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default", train
     unwrap_model(model)  # a clear error for a model that is not an nn.Module
     check_adapter_name(model, adapter)
     config = with_task_heads(model, config)
-    return apply_plan(model, config, plan_targets(model, config), adapter, trainable)
+    plan = plan_targets(model, config)
+    check_bases([unwrap(model.get_submodule(t.path)) for t in plan.targets], config.init_lora_weights)
+    return apply_plan(model, config, plan, adapter, trainable)
 
 
-def apply_plan(model: nn.Module, config: LoraConfig, plan: Plan, adapter: str, trainable: bool) -> dict[str, nn.Module]:
-    """Carry out a Plan from plan_targets(): wrap, add the adapter, freeze the base."""
+def apply_plan(model: nn.Module, config: LoraConfig, plan: Plan, adapter: str, trainable: bool,
+               init: bool = True) -> dict[str, nn.Module]:
+    """Carry out a Plan from plan_targets(): wrap, add the adapter, freeze the base. init=False leaves the
+    adapter's tensors empty for a caller that copies weights in at once (no init drawn, no base rewritten)."""
     replaced: dict[str, nn.Module] = {}
     first = not adapter_configs(model)
     recorded = replace(config, fan_in_fan_out=any(t.fan_in_fan_out for t in plan.targets))
@@ -288,7 +300,7 @@ def apply_plan(model: nn.Module, config: LoraConfig, plan: Plan, adapter: str, t
             layer = LoraLayer(layer)
             model.set_submodule(t.path, layer)
         layer.add_adapter(adapter, t.r, t.alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights,
-                          config=recorded)
+                          config=recorded, init=init, use_dora=config.use_dora, loftq_config=config.loftq_config)
     for path in plan.saved:
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
@@ -296,6 +308,8 @@ def apply_plan(model: nn.Module, config: LoraConfig, plan: Plan, adapter: str, t
             wrapper = ModulesToSave(wrapper)
             model.set_submodule(path, wrapper)
         wrapper.add_adapter(adapter, config=recorded)
+    if config.target_parameters:
+        replaced.update(inject_parameters(model, recorded, adapter, trainable=trainable))
     if first:
         for _, wrapper in named_wrappers(model):
             wrapper.set_active([adapter])
@@ -334,14 +348,21 @@ def adapter_parameters(model: nn.Module, adapter: str):
         if isinstance(wrapper, LoraLayer) and adapter in wrapper.lora_A:
             yield wrapper.lora_A[adapter].weight
             yield wrapper.lora_B[adapter].weight
+            if adapter in wrapper.lora_magnitude_vector:
+                yield wrapper.lora_magnitude_vector[adapter].weight
         elif isinstance(wrapper, ModulesToSave) and adapter in wrapper.modules_to_save:
             yield from wrapper.modules_to_save[adapter].parameters()
+        elif isinstance(wrapper, ExpertLora) and adapter in wrapper.lora_A:
+            yield from wrapper.lora_A[adapter].parameters()
+            yield from wrapper.lora_B[adapter].parameters()
 
 
 def freeze_base(model: nn.Module) -> None:
     """requires_grad=False on every parameter that belongs to no adapter."""
     owned = {id(p) for name in adapter_configs(model) for p in adapter_parameters(model, name)}
     owned |= {id(p) for _, w in named_wrappers(model) if isinstance(w, LoraLayer)
+              for table in (w.lora_A, w.lora_B, w.lora_magnitude_vector) for p in table.parameters()}
+    owned |= {id(p) for _, w in named_wrappers(model) if isinstance(w, ExpertLora)
               for table in (w.lora_A, w.lora_B) for p in table.parameters()}
     for p in model.parameters():
         if id(p) not in owned:

@@ -6,20 +6,24 @@ A_a: (r, d_in) starts Kaiming-uniform, B_a: (d_out, r) starts at zero, so a new 
 output exactly where the base put it. `LoraLayer.reference_forward` is the formula written plainly; `_FusedLora` is the fast
 path for the common training case (one active adapter, no dropout, a frozen dense or NF4 base), held equal to
 the reference by tests.
+
+A DoRA adapter (lora/dora.py) is the same term composed with a per-row rescale: without dropout its output is
+(m/n)⊙(W₀x + s·BAx) + b, i.e. the LoRA output above (fused or not) rescaled; the reference form is PEFT's.
+Other initialisations (gaussian, PiSSA, OLoRA, LoftQ) live in lora/init.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 from torch import nn
 
-from ..config import LoraConfig, adapter_value_problems, check_name, lora_scaling
+from ..config import LoraConfig, adapter_value_problems, check_name, init_mutates_base, lora_scaling
 from ..errors import AdapterError, ConfigError, MergeError, TargetError
 from ..layers import conv1d_class, dense_weight, linear_dims, quantized_kind
 from ..quant.linear import NF4Linear
+from . import dora
 
 _ORDER = itertools.count()  # injection order of adapters across layers (adapter_configs lists them in it)
 BY_HAND = r"(?!)"  # target_modules of an adapter added with add_adapter(): adapter_configs names its layers instead
@@ -95,6 +99,9 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: m, (d_out,), PEFT's name
+        self._dora_norms: dict[str, torch.Tensor] = {}  # n of each merged DoRA adapter, recorded at merge for unmerge
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA: (A₀, B₀), for conversion
         self.scaling: dict[str, float] = {}
         self.configs: dict[str, tuple[int, LoraConfig]] = {}  # adapter -> (injection order, its model-level config)
         self._active: list[str] = []
@@ -102,6 +109,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self._unmerged_active: tuple[str, ...] = ()
         self.routing = None  # serve.batched_lora.Routing, set by route(): each batch row adds its own adapter
+        self.stacks = None  # serve.batched_lora.AdapterStacks: adapters held for routing only (the serving registry's)
         self.generation = 0  # bumped whenever an adapter is added or deleted (caches such as routing's key on it)
 
     # -- the base, seen through the wrapper -------------------------------------------------------
@@ -135,16 +143,16 @@ class LoraLayer(nn.Module):
 
     # -- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    init_lora_weights: bool = True, config: LoraConfig | None = None, *, init: bool = True,
-                    weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Add adapter `name` (inactive); A Kaiming-uniform and B zero unless init_lora_weights is False.
+                    init_lora_weights: bool | str = True, config: LoraConfig | None = None, *, init: bool = True,
+                    use_dora: bool = False, loftq_config: dict | None = None) -> None:
+        """Add adapter `name` (inactive); A Kaiming-uniform and B zero unless init_lora_weights says otherwise
+        (False, "gaussian", "pissa", "pissa_niter_K", "olora", "loftq": lora/init.py; PiSSA, OLoRA and LoftQ
+        change the base weight too). use_dora adds DoRA's magnitude m = ‖W₀ + s·BA‖ per row (after the init).
 
         `config` is the model-level LoraConfig it was injected with (what save_adapter writes). init=False leaves
         A and B uninitialised (torch.empty, no random numbers drawn) for a caller that copies weights into them
-        straight away; the layer is wrong until it does. weights=(A, B) makes those tensors, (r, d_in) and
-        (d_out, r), the adapter's parameters themselves (moved to the adapters' device and dtype only where they
-        differ, so the caller hands them over and must not reuse them), as the serving registry's load does.
-        Raises AdapterError for a bad or taken name or bad weights, ConfigError for a bad r, alpha or dropout.
+        straight away; the layer is wrong until it does.
+        Raises AdapterError for a bad or taken name, ConfigError for a bad r, alpha or dropout.
         """
         check_name(name)
         tables = self._modules
@@ -153,42 +161,35 @@ class LoraLayer(nn.Module):
         problems = adapter_value_problems(r, alpha, dropout)
         if problems:
             raise ConfigError(f"adapter {name!r}: " + "; ".join(problems))
+        if use_dora:
+            dora.check_base(self.base_layer)
         device, dtype = self._base_device_dtype()
-        if weights is not None:
-            A, B = (_linear_around(w) for w in self._adopt(name, r, weights, device, dtype))
-        elif not init:
+        if not init:
             A = _linear_around(torch.empty(r, self.in_features, device=device, dtype=dtype))
             B = _linear_around(torch.empty(self.out_features, r, device=device, dtype=dtype))
         else:
             A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
             B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))  # the same init as nn.Linear and PEFT
-            if init_lora_weights:
-                nn.init.zeros_(B.weight)
-            else:
-                nn.init.normal_(B.weight, std=1.0 / math.sqrt(r))
+        scale = lora_scaling(r, alpha, use_rslora)
+        if init:
+            from .init import initialise  # (init.py uses quant/ and this layer's base; imported when used)
+
+            initialise(self, A.weight, B.weight, scale, init_lora_weights, loftq_config)
+            if init_mutates_base(init_lora_weights) and init_lora_weights != "loftq":
+                self.initial_factors[name] = (A.weight.detach().clone(), B.weight.detach().clone())
         _put(tables["lora_A"], name, A)
         _put(tables["lora_B"], name, B)
         _put(tables["lora_dropout"], name, nn.Dropout(dropout) if dropout > 0 else _bare_module(nn.Identity))
-        self.scaling[name] = lora_scaling(r, alpha, use_rslora)
+        if use_dora:
+            m = dora.row_norm(self.base_layer, A.weight, B.weight, scale) if init else torch.empty(self.out_features)
+            _put(tables["lora_magnitude_vector"], name, dora.Magnitude(m.to(device=device, dtype=dtype)))
+        self.scaling[name] = scale
         self.generation += 1
         if config is None:  # added by hand: recorded all the same, so the model-level verbs see it
             config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
-                                init_lora_weights=init_lora_weights, target_modules=BY_HAND)
+                                init_lora_weights=init_lora_weights, target_modules=BY_HAND, use_dora=use_dora,
+                                loftq_config=loftq_config or {})
         self.configs[name] = (next(_ORDER), config)
-
-    def _adopt(self, name: str, r: int, weights, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-        """weights=(A, B) checked against this layer and rank r, on the adapters' device and dtype."""
-        shapes = ((r, self.in_features), (self.out_features, r))
-        if (not isinstance(weights, (tuple, list)) or len(weights) != 2
-                or not all(isinstance(w, torch.Tensor) and w.is_floating_point() for w in weights)):
-            raise AdapterError(f"adapter {name!r}: weights must be a pair of floating-point tensors (A, B) of shapes "
-                               f"{list(shapes[0])} and {list(shapes[1])}, got {type(weights).__name__}")
-        for side, w, shape in zip("AB", weights, shapes):
-            if tuple(w.shape) != shape:
-                raise AdapterError(f"adapter {name!r}: lora_{side} has shape {list(w.shape)}, this layer needs "
-                                   f"{list(shape)} (r={r}, {self.in_features} -> {self.out_features})")
-        return [w.detach().to(device=device, dtype=dtype) for w in weights]
 
     def _base_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Where the adapters live, and in which dtype: fp32 unless the base computes in fp32/fp64 itself.
@@ -221,11 +222,26 @@ class LoraLayer(nn.Module):
             self.unmerge([name])
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self.restore_base([name])
         del self.scaling[name]
         self.generation += 1
         self.configs.pop(name, None)
         self._active = [a for a in self._active if a != name]
         self._refresh()
+
+    def restore_base(self, names: list[str] | None = None) -> None:
+        """Give the base back the principal part that PiSSA/OLoRA adapters `names` (default: all) moved into their
+        initial A₀, B₀: W₀ = W_res + s·B₀A₀. Those adapters then no longer start from the residual (delete them)."""
+        for name in list(self.initial_factors) if names is None else names:
+            if name not in self.initial_factors:
+                continue
+            A0, B0 = self.initial_factors.pop(name)
+            weight = self.base_layer.weight
+            delta = delta_weight(A0, B0, self.scaling[name], self.fan_in_fan_out).to(weight.device)
+            with torch.no_grad():
+                weight.copy_((weight.float() + delta).to(weight.dtype))
 
     def set_active(self, names: list[str]) -> None:
         """Make exactly these adapters (those this layer holds) add their term."""
@@ -234,6 +250,13 @@ class LoraLayer(nn.Module):
 
     def rank(self, name: str) -> int:
         return self.lora_A[name].weight.shape[0]
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """n = ‖W₀ + s·BA‖ per output row of DoRA adapter `name`, detached, (d_out,) fp32 (lora/dora.row_norm)."""
+        return dora.row_norm(self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 
     def _require(self, name: str) -> None:
         if name not in self.lora_A:
@@ -252,45 +275,94 @@ class LoraLayer(nn.Module):
     def merge(self, names: list[str] | None = None, module_path: str = "") -> None:
         """Add s·BA of each named (default: active) adapter into W₀ in place; merging twice is a no-op.
 
-        Checked before anything is written (merge_check): MergeError, W₀ untouched, if the merged weight would
-        hold NaN or Inf, or if the base is quantized (NF4 or bitsandbytes 4/8-bit), where adding in place would
-        round the update away.
+        Checked before anything is written: MergeError, W₀ untouched, if the merged weight would hold NaN or
+        Inf in W₀'s own dtype (an fp16 base overflows past 65504), or if the base is quantized (NF4 or
+        bitsandbytes 4/8-bit), where adding in place would round the update away. Each ΔW is computed once.
         """
-        todo = self.merge_check(names, module_path)
-        if not todo:
-            return
-        weight = self.base_layer.weight
-        merged = weight.float()
-        for name in todo:
-            merged = merged + self.delta_weight(name).to(weight.device)
-        with torch.no_grad():
-            weight.copy_(merged.to(weight.dtype))
-        self._merged += todo
-        self._refresh()
+        todo = self._merge_todo(names, module_path)
+        if todo:
+            merged = self._merged_in_place_dtype(todo, module_path, record=True)
+            with torch.no_grad():
+                self.base_layer.weight.copy_(merged)
+            self._merged += todo
+            self._refresh()
+
+    def _with_adapters(self, weight: torch.Tensor, names, record: bool = False) -> torch.Tensor:
+        """W₀ (fp32, the base's layout) with the terms of `names` added: + s·BA for LoRA, + (m/n)⊙(W₀+s·BA) − W₀
+        for DoRA (its forward term, written as a weight; n recorded for unmerge when `record`)."""
+        merged = weight
+        for name in names:
+            delta = self.delta_weight(name).to(weight.device)
+            if not self.is_dora(name):
+                merged = merged + delta
+                continue
+            w0 = weight.t() if self.fan_in_fan_out else weight  # (d_out, d_in)
+            d = delta.t() if self.fan_in_fan_out else delta
+            norm = torch.linalg.norm(w0 + d, dim=1)  # n, as forward computes it (dora.row_norm)
+            if record:
+                self._dora_norms[name] = norm
+            term = dora.merged(w0, d, self.lora_magnitude_vector[name].weight.detach().to(w0.device), norm) - w0
+            merged = merged + (term.t() if self.fan_in_fan_out else term)
+        return merged
 
     def merge_check(self, names: list[str] | None = None, module_path: str = "") -> list[str]:
         """The adapters merge(names) would add (each once, none already merged), after checking that it may:
-        raises MergeError naming the first adapter whose merge would give NaN/Inf, or a quantized base."""
+        raises MergeError naming the first adapter whose merge would give NaN/Inf, or a quantized base.
+
+        Cheap when the answer is plain: a bound on |W₀ + Σ s·BA| from the largest entries of W₀, A and B proves
+        the merge finite without forming ΔW; only a layer whose bound reaches its dtype's range is merged in
+        full to find out (so merge, which forms ΔW, usually does it once)."""
+        todo = self._merge_todo(names, module_path)
+        if todo and not self._surely_finite(todo):
+            self._merged_in_place_dtype(todo, module_path)
+        return todo
+
+    def _merge_todo(self, names: list[str] | None, module_path: str) -> list[str]:
         todo = list(dict.fromkeys(n for n in (self._active if names is None else names) if n not in self._merged))
         for name in todo:
             self._require(name)
-        if not todo:
-            return []
-        quantized = quantized_kind(self.base_layer)
+        dora_names = [n for n in todo + self._merged if self.is_dora(n)]
+        if todo and dora_names and len(todo) + len(self._merged) > 1:
+            raise MergeError(
+                f"DoRA adapter {dora_names[0]!r} in {module_path or 'this layer'} merges only alone: its row norm is "
+                f"taken against the unmerged base, so merge it with no other adapter merged (now merged: "
+                f"{self._merged or 'none'}, asked: {todo})")
+        quantized = quantized_kind(self.base_layer) if todo else None
         if quantized:
             raise MergeError(
                 f"the base of {module_path or 'this layer'} is {quantized}: merging in place would round the adapter "
                 "away. Use merge_and_unload(model) for a 16/32-bit merged model, or (for NF4) "
                 "merge_and_requantize(model) to go back to NF4 with the rounding error reported")
+        return todo
+
+    def _surely_finite(self, todo: list[str]) -> bool:
+        """True when |W₀ + Σ s·BA| provably stays inside W₀'s dtype: max|W₀| + Σ |s|·Σ_k max_i|B_ik|·max_j|A_kj|.
+        (A DoRA adapter's term rescales rows by m/n: no bound here, so its merge is checked in full.)"""
+        if any(self.is_dora(name) for name in todo):
+            return False
+        weight = self.base_layer.weight
+        bound = torch.linalg.vector_norm(weight, float("inf"), dtype=torch.float32)
+        for name in todo:
+            A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+            bound = bound + abs(self.scaling[name]) * (B.abs().amax(0) @ A.abs().amax(1))
+        return bool(bound < torch.finfo(weight.dtype).max * 0.99)  # NaN compares False; margin for fp32 rounding
+
+    def _merged_in_place_dtype(self, todo: list[str], module_path: str, record: bool = False) -> torch.Tensor:
+        """W₀ with the terms of `todo` added (_with_adapters), in W₀'s dtype; MergeError naming the adapter if any
+        entry is NaN/Inf. `record`: keep DoRA's row norms for unmerge."""
         weight = self.base_layer.weight
         merged = weight.float()
-        for name in todo:
-            merged = merged + self.delta_weight(name).to(weight.device)
+        for name in todo:  # (a DoRA adapter merges alone, so `merged` is still W₀ when it comes)
+            merged = self._with_adapters(merged, [name], record)
             if not torch.isfinite(merged).all():
-                raise MergeError(
-                    f"merging adapter {name!r} into {module_path or 'a layer'} would put NaN/Inf in the base weight; "
-                    "the adapter weights are corrupt or diverged: reload a good checkpoint (the base is unchanged)")
-        return todo
+                break
+        merged = merged.to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise MergeError(
+                f"merging adapter {name!r} into {module_path or 'a layer'} would put NaN/Inf in the base weight "
+                f"({str(weight.dtype).removeprefix('torch.')}); the adapter weights are corrupt or diverged: reload a "
+                "good checkpoint (the base is unchanged)")
+        return merged
 
     def merged_weight(self, module_path: str = "") -> torch.Tensor:
         """W₀ + Σ s·BA over the active unmerged adapters, in fp32 and the (d_out, d_in) layout; W₀ is not changed.
@@ -298,9 +370,10 @@ class LoraLayer(nn.Module):
         A quantized base (NF4, bitsandbytes 4/8-bit) is dequantized first.
         """
         weight = dense_weight(self.base_layer)
-        for name in self._unmerged_active:
-            delta = self.delta_weight(name)
-            weight = weight + (delta.t() if self.fan_in_fan_out else delta).to(weight.device)
+        if self.fan_in_fan_out:  # _with_adapters works in the base's layout
+            weight = self._with_adapters(weight.t(), self._unmerged_active).t()
+        else:
+            weight = self._with_adapters(weight, self._unmerged_active)
         if not torch.isfinite(weight).all():
             raise MergeError(f"merging adapters {list(self._unmerged_active)} into {module_path or 'a layer'} gives "
                              "NaN/Inf weights; the adapter weights are corrupt or diverged (the model is unchanged)")
@@ -312,8 +385,16 @@ class LoraLayer(nn.Module):
         for name in list(reversed(self._merged)) if names is None else names:
             if name not in self._merged:
                 continue
+            delta = self.delta_weight(name).to(weight.device)
+            if self.is_dora(name):
+                w, d = (weight.float().t(), delta.t()) if self.fan_in_fan_out else (weight.float(), delta)
+                m = self.lora_magnitude_vector[name].weight.detach().to(weight.device)
+                restored = dora.unmerged(w, d, m, self._dora_norms.pop(name))
+                restored = restored.t() if self.fan_in_fan_out else restored
+            else:
+                restored = weight.float() - delta
             with torch.no_grad():
-                weight.copy_((weight.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
+                weight.copy_(restored.to(weight.dtype))
             self._merged.remove(name)
         self._refresh()
 
@@ -328,18 +409,28 @@ class LoraLayer(nn.Module):
             name = adapters[0]
             base, A, B, scale = self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
             if isinstance(base, NF4Linear):
-                return _FusedLora.apply(x, None, None, A, B, scale, base)
-            weight = base.weight.t() if self.fan_in_fan_out else base.weight
-            return _FusedLora.apply(x, weight, base.bias, A, B, scale, None)
+                h = _FusedLora.apply(x, None, None, A, B, scale, base)
+            else:
+                weight = base.weight.t() if self.fan_in_fan_out else base.weight
+                h = _FusedLora.apply(x, weight, base.bias, A, B, scale, None)
+            if self.is_dora(name):  # DoRA without dropout: the LoRA output rescaled per row
+                h = dora.rescale(base, h, self.lora_magnitude_vector[name].weight, self.dora_norm(name))
+            return h
         return self.reference_forward(x, adapters)
 
     def reference_forward(self, x: torch.Tensor, adapters: tuple[str, ...]) -> torch.Tensor:
-        """The formula written plainly: base(x) + Σ s·B(A(dropout(x)))."""
-        h = self.base_layer(x)
+        """The formula written plainly: base(x) + Σ s·B(A(dropout(x))); a DoRA adapter's term is
+        (m/n − 1)⊙W₀·dropout(x) + (m/n)⊙s·BA·dropout(x) (lora/dora.py), its W₀x taken from the base output."""
+        h0 = h = self.base_layer(x)
         for name in adapters:
-            A, B = self.lora_A[name], self.lora_B[name]
-            z = B(A(self.lora_dropout[name](x.to(A.weight.dtype))))
-            h = h + (z * self.scaling[name]).to(h.dtype)
+            A, B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+            x_d = drop(x.to(A.weight.dtype))
+            z = B(A(x_d)) * self.scaling[name]
+            if self.is_dora(name):
+                same_x = isinstance(drop, nn.Identity) or not self.training
+                z = dora.dora_term(self.base_layer, x_d, h0 if same_x else None, z,
+                                   self.lora_magnitude_vector[name].weight, self.dora_norm(name))
+            h = h + z.to(h.dtype)
         return h
 
     def _fusable(self, x: torch.Tensor, name: str | None = None) -> bool:
@@ -365,7 +456,9 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.lora_A}
-        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self._active}, merged={self._merged}"
+        dora_names = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
+        return (f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self._active}, "
+                f"merged={self._merged}{dora_names}")
 
 
 class _FusedLora(torch.autograd.Function):

@@ -20,6 +20,7 @@ from ..quant.nf4 import quantize_nf4
 from .inject import adapter_configs, named_wrappers, unwrap_model
 from .layer import LoraLayer
 from .modules_to_save import ModulesToSave
+from .param import ExpertLora
 
 
 def lora_layers(model: nn.Module):
@@ -52,8 +53,9 @@ def _known(model: nn.Module, names: str | list[str], verb: str = "set_active") -
 def active_adapters(model: nn.Module) -> list[str]:
     """The adapters whose terms are added in the forward, in order."""
     active: list[str] = []
-    for _, layer in lora_layers(model):
-        active += [a for a in layer.active if a not in active]
+    for _, layer in named_wrappers(model):
+        if isinstance(layer, (LoraLayer, ExpertLora)):
+            active += [a for a in layer.active if a not in active]
     return active
 
 
@@ -99,6 +101,14 @@ def merge(model: nn.Module, adapters: str | list[str] | None = None) -> None:
     elif not _known(model, adapters, "merge"):
         raise MergeError("merge(model, []): no adapter named; give a name, or call merge(model) for the active ones")
     _merge_layers(list(lora_layers(model)), None if adapters is None else _known(model, adapters, "merge"))
+    _merge_experts(model, None if adapters is None else _known(model, adapters, "merge"))
+
+
+def _merge_experts(model: nn.Module, names: list[str] | None) -> None:
+    """Merge into each expert-parameter wrapper (lora/param.py); each checks its own merged weights first."""
+    for path, wrapper in named_wrappers(model):
+        if isinstance(wrapper, ExpertLora):
+            wrapper.merge(None if names is None else [n for n in names if n in wrapper.lora_A], module_path=path)
 
 
 def _merge_layers(layers: list[tuple[str, LoraLayer]], names: list[str] | None) -> None:
@@ -114,24 +124,37 @@ def _merge_layers(layers: list[tuple[str, LoraLayer]], names: list[str] | None) 
 def _merge_dense(model: nn.Module) -> None:
     """Merge the active adapters of every layer whose base is dense (4-bit bases are rebuilt, not merged)."""
     _merge_layers([(p, layer) for p, layer in lora_layers(model) if not _is_quantized(layer)], None)
+    _merge_experts(model, None)
 
 
 def unmerge(model: nn.Module) -> None:
     """Subtract every merged adapter from the base weights, restoring W₀ up to rounding."""
-    for _, layer in lora_layers(model):
-        layer.unmerge()
+    for _, layer in named_wrappers(model):
+        if isinstance(layer, (LoraLayer, ExpertLora)):
+            layer.unmerge()
 
 
-def _dense_linear(layer: LoraLayer, weight: torch.Tensor) -> nn.Linear:
-    """A plain nn.Linear holding `weight` (d_out, d_in) and the base's bias, in the dtype W₀ was stored in."""
+def _dense_linear(layer: LoraLayer, weight: torch.Tensor, path: str) -> nn.Linear:
+    """A plain nn.Linear holding `weight` (d_out, d_in) and the base's bias, in the dtype W₀ was stored in
+    (MergeError if that dtype cannot hold it: an fp16 base overflows past 65504)."""
     base = layer.base_layer
     dtype = _stored_dtype(base)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
-        linear.weight.copy_(weight)
+        linear.weight.copy_(_stored(layer, weight, dtype, path))
         if base.bias is not None:
             linear.bias.copy_(base.bias)
     return linear.requires_grad_(False)
+
+
+def _stored(layer: LoraLayer, weight: torch.Tensor, dtype: torch.dtype, path: str) -> torch.Tensor:
+    """`weight` (a merged fp32 weight) in `dtype`; MergeError if that dtype cannot hold it (fp16 past 65504)."""
+    stored = weight.to(dtype)
+    if not torch.isfinite(stored).all():
+        raise MergeError(f"merging adapters {layer.active} into {path} gives NaN/Inf weights in "
+                         f"{str(dtype).removeprefix('torch.')}; the adapter weights are corrupt or diverged "
+                         "(the model is unchanged)")
+    return stored
 
 
 def _stored_dtype(base: nn.Module) -> torch.dtype:
@@ -151,7 +174,7 @@ def _unload(model: nn.Module, replacements: dict[str, nn.Module], merged: bool =
     merged=False, the original module)."""
     model = unwrap_model(model)
     for path, wrapper in list(named_wrappers(model)):
-        if isinstance(wrapper, LoraLayer):
+        if isinstance(wrapper, (LoraLayer, ExpertLora)):
             plain = replacements.get(path, wrapper.base_layer)
         else:
             plain = wrapper.modules_to_save[wrapper.active] if wrapper.active and merged else wrapper.original_module
@@ -168,7 +191,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (16 or 32 bit); nothing is rounded back to 4 or 8 bits. NaN/Inf are checked first (see merge).
     """
     _something_to_merge(model, "merge_and_unload")
-    dense = {p: _dense_linear(layer, layer.merged_weight(p)) for p, layer in lora_layers(model) if _is_quantized(layer)}
+    dense = {p: _dense_linear(layer, layer.merged_weight(p), p) for p, layer in lora_layers(model) if _is_quantized(layer)}
     _merge_dense(model)
     return _unload(model, dense)
 
@@ -181,6 +204,8 @@ def unload(model: nn.Module) -> nn.Module:
     if not adapter_configs(model):
         raise AdapterError("unload(): this model has no LoRA adapters; there is nothing to remove")
     unmerge(model)
+    for _, layer in lora_layers(model):
+        layer.restore_base()  # PiSSA/OLoRA moved part of W₀ into their adapters: put it back
     return _unload(model, {}, merged=False)
 
 
@@ -189,7 +214,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _known(model, name, "delete_adapter")
     model = unwrap_model(model)
     for path, wrapper in list(named_wrappers(model)):
-        if isinstance(wrapper, LoraLayer) and name in wrapper.lora_A:
+        if isinstance(wrapper, (LoraLayer, ExpertLora)) and name in wrapper.lora_A:
             wrapper.delete_adapter(name)
             empty, plain = not wrapper.lora_A, wrapper.base_layer
         elif isinstance(wrapper, ModulesToSave) and name in wrapper.modules_to_save:
@@ -207,7 +232,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def disabled(model: nn.Module):
     """Within the block the model computes its base output: adapters are skipped (merged ones taken out)."""
     wrappers = [w for _, w in named_wrappers(model)]
-    merged = {id(w): list(w.merged) for w in wrappers if isinstance(w, LoraLayer) and w.merged}
+    merged = {id(w): list(w.merged) for w in wrappers if isinstance(w, (LoraLayer, ExpertLora)) and w.merged}
     for w in wrappers:
         if id(w) in merged:
             w.unmerge()
@@ -252,8 +277,16 @@ def trainable_parameters(model: nn.Module) -> ParameterReport:
     for path, wrapper in named_wrappers(model):
         if isinstance(wrapper, LoraLayer):
             for name in wrapper.lora_A:
-                n = sum(p.numel() for m in (wrapper.lora_A[name], wrapper.lora_B[name]) for p in m.parameters() if p.requires_grad)
-                rows.append((path, f"{name}: r={wrapper.rank(name)} ({wrapper.in_features}->{wrapper.out_features})", n))
+                parts = (wrapper.lora_A[name], wrapper.lora_B[name]) + ((wrapper.lora_magnitude_vector[name],)
+                                                                        if wrapper.is_dora(name) else ())
+                n = sum(p.numel() for m in parts for p in m.parameters() if p.requires_grad)
+                dora = ", DoRA" if wrapper.is_dora(name) else ""
+                rows.append((path, f"{name}: r={wrapper.rank(name)}{dora} ({wrapper.in_features}->{wrapper.out_features})", n))
+        elif isinstance(wrapper, ExpertLora):
+            for name in wrapper.lora_A:
+                n = sum(p.numel() for p in wrapper.lora_A[name].parameters() if p.requires_grad)
+                n += sum(p.numel() for p in wrapper.lora_B[name].parameters() if p.requires_grad)
+                rows.append((path, f"{name}: r={wrapper.rank(name)} per expert on {', '.join(wrapper.lora_A[name])}", n))
         else:
             for name, copy in wrapper.modules_to_save.items():
                 rows.append((path, f"{name}: full copy", sum(p.numel() for p in copy.parameters() if p.requires_grad)))
@@ -295,10 +328,10 @@ def merge_and_requantize(model: nn.Module) -> tuple[nn.Module, RequantizeReport]
     for path, layer in lora_layers(model):
         if not isinstance(layer.base_layer, NF4Linear):
             if _is_quantized(layer):
-                quantized[path] = _dense_linear(layer, layer.merged_weight(path))
+                quantized[path] = _dense_linear(layer, layer.merged_weight(path), path)
             continue
         base, weight = layer.base_layer, layer.merged_weight(path)
-        nf4 = quantize_nf4(weight.to(base.weight_dtype), base.blocksize, base.nested_absmax is not None)
+        nf4 = quantize_nf4(_stored(layer, weight, base.weight_dtype, path), base.blocksize, base.nested_absmax is not None)
         new = NF4Linear(nf4, base.bias, base.compute_dtype)
         error = new.dequantized_weight(torch.float32) - weight
         rows.append((path, error.abs().max().item(), (error.norm() / weight.norm().clamp(min=1e-30)).item()))

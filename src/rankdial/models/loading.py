@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
 
 import torch
@@ -53,6 +55,20 @@ def resolve_model(name: str | Path) -> Path:
     return path
 
 
+# transformers' model loading is not thread-safe (it patches torch's module init while it builds on the meta device:
+# two loads at once leave meta tensors), so every model load here holds this lock, and callers in threads (the
+# playground's jobs and panels) need none of their own. Re-entrant: load_model_nf4 may fall back to load_model.
+_LOADING = threading.RLock()
+
+
+def _one_load_at_a_time(load):
+    @functools.wraps(load)
+    def locked(*args, **kwargs):
+        with _LOADING:
+            return load(*args, **kwargs)
+    return locked
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
@@ -65,6 +81,7 @@ def load_tokenizer(path: Path):
     return tok
 
 
+@_one_load_at_a_time
 def load_model(path: Path, device: torch.device | str = "cpu"):
     """(model, tokenizer) from a checked folder: a causal LM in float32 on `device`, in eval mode."""
     from transformers import AutoModelForCausalLM
@@ -155,6 +172,7 @@ def _release_freed_memory() -> None:
         pass
 
 
+@_one_load_at_a_time
 def load_model_nf4(path: Path, device: torch.device | str = "cpu"):
     """(model, tokenizer) with every linear but the output head stored in NF4, quantized while loading.
 

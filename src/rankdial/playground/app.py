@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import math
 import secrets
@@ -73,6 +75,7 @@ def create_app(limits: Limits | None = None, jobs: JobManager | None = None, dev
 
     app = FastAPI(title="rankdial playground", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.jobs = manager
+    app.state.visitor_key = secrets.token_bytes(32)  # signs the visitor ids this server issues (see client_of)
     app.state.stopping = threading.Event()  # set by begin_shutdown: event streams end, jobs are cancelled
     _error_handlers(app)
     app.middleware("http")(_limit_body)
@@ -95,11 +98,11 @@ def _page_routes(app: FastAPI, limits: Limits) -> None:
     """The page, its static files, and the panels that are one library call each."""
     @app.get("/", include_in_schema=False)
     def index(request: Request):
-        """The page; it gives each visitor an id (a cookie) so that fair use counts visitors, not addresses.
-        Callers without it (scripts) are counted by their address."""
+        """The page; it gives each visitor an id (a cookie: a random id this server signed) so that fair use counts
+        visitors, not addresses. Callers without one it issued (scripts) are counted by their address."""
         response = FileResponse(STATIC / "index.html")
-        if COOKIE not in request.cookies:
-            response.set_cookie(COOKIE, secrets.token_hex(8), httponly=True, samesite="strict")
+        if _visitor(request) is None:
+            response.set_cookie(COOKIE, _issue_visitor(request.app), httponly=True, samesite="strict")
         return response
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -204,7 +207,7 @@ def nf4_report(layer: str) -> dict:
 
     names = default_weight_names()
     if layer not in names:
-        raise ApiError(422, f"layer {layer!r} is not a linear weight of the default model; give one of "
+        raise ApiError(422, f"layer {shown(layer)} is not a linear weight of the default model; give one of "
                             f"{', '.join(names[:3])}, ...", "layer")
     with safe_open(str(default_model_path() / "model.safetensors"), "pt") as f:
         w = f.get_tensor(layer).float()
@@ -266,15 +269,43 @@ def _check_ranks(ranks: list[int], limits: Limits) -> list[int]:
     return ranks
 
 
+def _signature(app, visitor: str) -> str:
+    return hmac.new(app.state.visitor_key, visitor.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _issue_visitor(app) -> str:
+    """A new visitor id: random, with this server's signature ("<id>.<signature>")."""
+    visitor = secrets.token_hex(16)
+    return f"{visitor}.{_signature(app, visitor)}"
+
+
+def _visitor(request: Request) -> str | None:
+    """The visitor id of the request's cookie when this server issued it (its signature checks), else None."""
+    visitor, _, signature = request.cookies.get(COOKIE, "").partition(".")
+    if visitor and hmac.compare_digest(signature, _signature(request.app, visitor)):
+        return visitor
+    return None
+
+
 def client_of(request: Request) -> str:
-    return request.cookies.get(COOKIE) or (request.client.host if request.client else "unknown")
+    """Who a request counts as: the visitor this server issued its cookie to, else its address (a cookie value
+    that this server did not issue is no one, so it can neither pose as another client nor make a new one)."""
+    visitor = _visitor(request)
+    if visitor is not None:
+        return "visitor " + visitor
+    return "address " + (request.client.host if request.client else "unknown")
+
+
+def shown(value: str, limit: int = 60) -> str:
+    """A value the client sent, as it is echoed in a message: quoted, at most ~`limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _job(manager: JobManager, job_id: str, request: Request):
     job = manager.get(job_id)
     if job is None or job.client != client_of(request):
-        shown = job_id if len(job_id) <= 40 else job_id[:40] + "..."
-        raise ApiError(404, f"no job {shown!r} of yours; start one with POST /api/jobs", "job_id")
+        raise ApiError(404, f"no job {shown(job_id)} of yours; start one with POST /api/jobs", "job_id")
     return job
 
 

@@ -9,7 +9,7 @@ The math is the library's: `rankdial.train.loop`'s stages, `rankdial.rank.spectr
 
 from __future__ import annotations
 
-import itertools
+import secrets
 import shutil
 import tempfile
 import threading
@@ -21,11 +21,9 @@ from typing import Any, Callable
 import torch
 
 from ..errors import RankdialError
+from .panels import run_steering_job
 
 TASKS = ("text", "synthetic", "steering")
-# transformers' model loading is not thread-safe (it patches torch's module init while it builds on the meta
-# device: two loads at once leave meta tensors), so every library call here that loads a model holds this lock.
-MODEL_LOADING = threading.Lock()
 KEEP_FINISHED = 100  # finished jobs kept for their pages to read (the oldest go first)
 EVAL_ROWS = 24  # held-out questions scored at each evaluation (of the 40 shipped): a live chart needs quick evals
 
@@ -109,7 +107,6 @@ class JobManager:
     def __init__(self, limits: Limits | None = None, runners: dict[str, Callable] | None = None,
                  keep_adapter: Callable[[str, Path], None] | None = None, device: str = "auto"):
         from ..models.loading import pick_device
-        from .panels import run_steering_job  # panels imports this module
 
         self.device = str(pick_device(device))  # a bad device fails here, when the playground starts
         self.limits = limits or Limits()
@@ -117,7 +114,6 @@ class JobManager:
         self.keep_adapter = keep_adapter
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
 
     def running(self) -> list[Job]:
         return [j for j in self.jobs.values() if not j.finished]
@@ -134,7 +130,7 @@ class JobManager:
             finished = [j for j in self.jobs.values() if j.finished]
             for old in [j for j in finished if j.client == client] + finished[:-KEEP_FINISHED]:
                 self.jobs.pop(old.id, None)  # a visitor's latest job only, and a bounded number in all
-            job = Job(f"job{next(self._ids)}", client, spec, keep_adapter=self.keep_adapter, device=self.device)
+            job = Job(f"job-{secrets.token_urlsafe(12)}", client, spec, keep_adapter=self.keep_adapter, device=self.device)
             self.jobs[job.id] = job
         threading.Thread(target=self._run, args=(job,), name=f"playground-{job.id}", daemon=True).start()
         return job
@@ -202,12 +198,12 @@ def _text_config(job: Job, r: int, data: Path, held_out: Path):
 
 
 def _text_run(job: Job, r: int, cfg, check: Callable[[], None]) -> None:
-    """One rank: set up under MODEL_LOADING, train streaming its losses, then its ΔW's spectrum."""
+    """One rank: set up (models.loading loads one model at a time), train streaming its losses, then its ΔW's
+    spectrum."""
     from ..rank.spectrum import spectrum
     from ..train.loop import finish, fit, output_folder, setup
 
-    with MODEL_LOADING:
-        run = setup(cfg, log=lambda *a, **k: None)
+    run = setup(cfg, log=lambda *a, **k: None)
     job.emit({"type": "run", "rank": r, "trainable": run.trainable, "total": run.total_params,
               "steps": run.total_steps})
     sent = [0]

@@ -18,7 +18,6 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
 from ..errors import AdapterError
-from .jobs import MODEL_LOADING
 
 MAX_ADAPTERS = 6  # adapters kept for the serving panel (the newest; each is a few hundred kB)
 ANSWER_TOKENS = 24
@@ -65,8 +64,7 @@ class AdapterShelf:
 
         with self._lock:
             if self.engine is None:
-                with MODEL_LOADING:
-                    engine = Engine.from_pretrained("default", str(self.root), device=self.device, max_new_tokens=64)
+                engine = Engine.from_pretrained("default", str(self.root), device=self.device, max_new_tokens=64)
                 # Its step thread starts here, once, under the shelf's lock: requests that arrive together would
                 # otherwise each start one from Engine.submit (two threads stepping one engine fail its steps).
                 engine.start()
@@ -89,8 +87,7 @@ def add_routes(app: FastAPI, shelf: AdapterShelf, errors) -> None:
         if not measuring.acquire(blocking=False):
             raise errors(429, "a latency measurement is already running; try again in a few seconds")
         try:
-            with MODEL_LOADING:
-                return merge_latency(repeats=10, seq_len=64)
+            return merge_latency(repeats=10, seq_len=64)
         finally:
             measuring.release()
 
@@ -134,8 +131,7 @@ def adapter_bytes() -> dict:
     """One base + N adapters against N copies, in bytes of files written now (claims.adapters_vs_copies)."""
     from ..rank.claims import adapters_vs_copies
 
-    with MODEL_LOADING:
-        return adapters_vs_copies([1, 2, 4, 8, 16, 32], rank=16)
+    return adapters_vs_copies([1, 2, 4, 8, 16, 32], rank=16)
 
 
 def run_steering_job(job, check) -> None:
@@ -150,5 +146,5 @@ def run_steering_job(job, check) -> None:
         check()
 
     figures = steers_not_reeducates(job.spec["ranks"], job.spec["steps"], quick["n_facts"], log=log,
-                                    lr_grids=quick["steer_lrs"], device=job.device, loading=MODEL_LOADING)
+                                    lr_grids=quick["steer_lrs"], device=job.device)
     job.emit({"type": "steering", "figures": figures})

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..atomic import atomic_dir
+from ..atomic import OwnFiles, atomic_dir
 from .linear import NF4Linear
 from .nf4 import NF4_CODE, NF4Tensor
 
@@ -102,16 +102,18 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def written_before_markers(folder: Path) -> bool:
-    """Whether `folder` is one save_quantized wrote before rankdial marked its folders: exactly config.json and
-    model.safetensors, with exactly the quantization_config keys it writes (a transformers folder has more)."""
-    if {p.name for p in folder.iterdir()} != {"config.json", WEIGHTS_NAME}:
-        return False
+def _rankdial_quant_config(folder: Path) -> bool:
+    """Whether folder's config.json holds exactly the quantization_config keys save_quantized writes."""
     try:
         quant = json.loads((folder / "config.json").read_text()).get("quantization_config")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
     return isinstance(quant, dict) and set(quant) == RANKDIAL_QUANT_KEYS
+
+
+# A folder save_quantized wrote before rankdial marked its folders: config.json and model.safetensors only, with
+# exactly the quantization_config keys it writes (a transformers folder has more). rankdial.atomic.OwnFiles.
+written_before_markers = OwnFiles(("config.json", WEIGHTS_NAME), (), check=_rankdial_quant_config)
 
 
 def save_quantized(model: nn.Module, folder: str | Path) -> Path:

@@ -20,7 +20,6 @@ when asked (see NF4Linear.fused_inference), and `kernel_info()`, which says what
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import sys
 import threading
@@ -59,20 +58,14 @@ def _bitsandbytes():
     if _kernel() == "torch":
         return None
     if "bitsandbytes" not in sys.modules:
-        # Its CPU backend warns at import that an optional hub-downloaded kernel package is missing; rankdial
-        # never downloads and does not use that kernel, so the warning is noise here.
-        quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
+        # (its CPU backend's import-time warning about a hub kernel is dropped by rankdial._quiet, which says why)
         try:
             import bitsandbytes  # noqa: F401  (registers the ops)
         except ImportError:
             if _kernel() == "bitsandbytes":
                 raise ConfigError("RANKDIAL_NF4_KERNEL=bitsandbytes but bitsandbytes is not installed; "
-                                  "pip install bitsandbytes, or use 'auto'") from None
+                                  "pip install 'rankdial[bnb]', or use 'auto'") from None
             return None
-        finally:
-            quiet.setLevel(level)
     return sys.modules["bitsandbytes"]
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TargetError
+from ..memory import MIB
 from ..layers import Wrapper, bnb_quant_kind, linear_dims, output_heads, path_matches
 from . import kernels
 from .nf4 import NF4Tensor, quantize_nf4
@@ -201,8 +202,8 @@ class QuantizeReport:
 
     def __str__(self) -> str:
         kept = "; ".join(f"{p} ({self.reasons.get(p, 'skipped')})" for p in self.skipped) or "none"
-        return (f"quantized {len(self.layers)} linear layers to NF4: {self.bytes_before / 2**20:.1f} MiB -> "
-                f"{self.bytes_after / 2**20:.1f} MiB ({self.bits_per_param:.3f} bits/param); "
+        return (f"quantized {len(self.layers)} linear layers to NF4: {self.bytes_before / MIB:.1f} MiB -> "
+                f"{self.bytes_after / MIB:.1f} MiB ({self.bits_per_param:.3f} bits/param); "
                 f"kept in full precision: {kept}")
 
 

@@ -8,7 +8,6 @@ Nothing here is typed in: counts come from the planner or the models, times and 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 import tempfile
@@ -19,7 +18,7 @@ import torch
 
 from ..config import LoraConfig
 from ..lora import inject, lora_layers, merge_and_unload
-from ..memory import estimate_memory, lora_params
+from ..memory import MIB, estimate_memory, lora_params
 from ..models.loading import default_model_path, load_model, pick_device, resolve_model
 from .steering import LR_GRIDS, steering
 from .synthetic import CLAIMS_TASK, rank_capacity, synthetic_task
@@ -107,10 +106,10 @@ def memory_bill(models: list[str], rank: int = 16) -> dict:
         plan = estimate_memory(**case, dtype="fp32", gradient_checkpointing=False)
         name = case["model"] if isinstance(case["model"], str) else "big"
         rows.append({"model": name, "method": case["method"], "batch_size": case["batch_size"],
-                     "seq_len": case["seq_len"], "planned_mb": plan.total_bytes / 2**20,
-                     "planned_weights_mb": plan.weights_bytes / 2**20, "trainable_params": plan.trainable_params,
-                     "measured_mb": got["peak"] / 2**20 if "peak" in got else None,
-                     "measured_model_mb": got["model"] / 2**20 if "model" in got else None,
+                     "seq_len": case["seq_len"], "planned_mb": plan.total_bytes / MIB,
+                     "planned_weights_mb": plan.weights_bytes / MIB, "trainable_params": plan.trainable_params,
+                     "measured_mb": got["peak"] / MIB if "peak" in got else None,
+                     "measured_model_mb": got["model"] / MIB if "model" in got else None,
                      "error": got.get("error")})
     return {"rank": rank, "rows": rows}
 
@@ -138,11 +137,10 @@ def rank_as_capacity(ranks: list[int], steps: int) -> dict:
 
 
 def steers_not_reeducates(ranks: list[int], steps: int, n_facts: int, log=None, lr_grids: dict | None = None,
-                          device: str = "cpu", loading=None) -> dict:
+                          device: str = "cpu") -> dict:
     """steering.steering on the default model (on `device`); each method's learning rate picked from lr_grids on
-    validation. `loading`, a lock, is held while the model loads (the playground's MODEL_LOADING)."""
-    with loading or contextlib.nullcontext():
-        model, tokenizer = load_model(resolve_model("default"), pick_device(device))
+    validation."""
+    model, tokenizer = load_model(resolve_model("default"), pick_device(device))
     return steering(model, tokenizer, ranks, steps, n_facts=n_facts, log=log, lr_grids=lr_grids)
 
 

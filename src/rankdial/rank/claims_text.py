@@ -5,7 +5,40 @@ Each verdict is computed from the figures (never written in advance), so the rep
 
 from __future__ import annotations
 
-MB = 2**20
+import math
+
+from ..memory import MIB
+
+
+class Diverged(float):
+    """A figure that came out NaN or ±Inf (a run that diverged). It prints as "diverged" whatever the format, any
+    arithmetic on it stays Diverged, and every comparison is False (it is a NaN), so no verdict counts it."""
+
+    def __new__(cls, value=math.nan):
+        return super().__new__(cls, math.nan)
+
+    def __format__(self, spec: str) -> str:
+        return "diverged"
+
+    __str__ = __repr__ = lambda self: "diverged"
+
+
+for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "radd", "rsub", "rmul", "rtruediv",
+            "rfloordiv", "rmod", "rpow", "neg", "pos", "abs"):
+    setattr(Diverged, f"__{_op}__", lambda self, *other: Diverged())
+
+
+def shown(x):
+    """`x` (figures: dicts, lists, numbers) with every NaN/Inf float as Diverged."""
+    if isinstance(x, dict):
+        return {k: shown(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [shown(v) for v in x]
+    return Diverged() if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def finite(*xs) -> bool:
+    return all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
 
 
 def _parameters(f: dict) -> list[str]:
@@ -37,7 +70,8 @@ def _memory(f: dict) -> list[str]:
     rows = []
     for r in f["rows"]:
         measured = f"{r['measured_mb']:.0f}" if r["measured_mb"] is not None else f"failed: {r['error']}"
-        err = f"{100 * (r['planned_mb'] - r['measured_mb']) / r['measured_mb']:+.0f}%" if r["measured_mb"] else "-"
+        err = ("-" if not r["measured_mb"] else "diverged" if not finite(r["planned_mb"], r["measured_mb"]) else
+               f"{100 * (r['planned_mb'] - r['measured_mb']) / r['measured_mb']:+.0f}%")
         rows.append(f"| {r['model']} | {r['method']} | {r['batch_size']}×{r['seq_len']} | {r['trainable_params']:,} | "
                     f"{r['planned_weights_mb']:.0f} | {r['planned_mb']:.0f} | {measured} | {err} |")
     return ["Training peak on this CPU (fp32, AdamW, LoRA r = 16 on every linear layer, QLoRA's base in NF4), "
@@ -65,6 +99,10 @@ def _rank(f: dict) -> list[str]:
 
 def _rank_verdict(below: dict, at: dict, top: dict, floor: float) -> str:
     """What the runs show about rank as capacity, each clause chosen by the figures it states."""
+    gone = [r["rank"] for r in (below, at, top) if not finite(r["final_train"], r["final_eval"])]
+    if gone:
+        return (f"r = {', '.join(map(str, dict.fromkeys(gone)))} diverged, so these runs give no verdict on rank "
+                "as capacity.")
     stays = "stays up" if below["final_eval"] > at["final_eval"] else "does not stay up"
     fits = "reaches" if at["final_eval"] < 1.5 * floor else "only gets to"
     parts = [f"Below k the eval loss {stays} (r = {below['rank']}: {below['final_eval']:.3f}, r = k: "
@@ -78,17 +116,20 @@ def _rank_verdict(below: dict, at: dict, top: dict, floor: float) -> str:
 
 
 def _steering_verdict(lora: list[dict], full: dict) -> str:
-    """Which LoRA ranks reach full fine-tuning's eval loss, said as exactly as the figures allow."""
-    better = [r["rank"] for r in lora if r["eval_loss"] <= full["eval_loss"]]
+    """Which LoRA ranks reach full fine-tuning's eval loss, said as exactly as the figures allow (a diverged rank
+    never reaches it, and is named)."""
+    better = [r["rank"] for r in lora if finite(r["eval_loss"]) and r["eval_loss"] <= full["eval_loss"]]
+    gone = [str(r["rank"]) for r in lora if not finite(r["eval_loss"])]
+    tail = f"; r = {', '.join(gone)} diverged" if gone else ""
     if not better:
-        return "no LoRA rank reaches full fine-tuning"
+        return "no LoRA rank reaches full fine-tuning" + tail
     if better == [r["rank"] for r in lora if r["rank"] >= min(better)]:
-        return f"LoRA matches or beats full fine-tuning from r = {min(better)} up"
-    return f"LoRA matches or beats full fine-tuning only at r = {', '.join(map(str, better))}"
+        return f"LoRA matches or beats full fine-tuning from r = {min(better)} up" + tail
+    return f"LoRA matches or beats full fine-tuning only at r = {', '.join(map(str, better))}" + tail
 
 
 def _adapters(f: dict) -> list[str]:
-    rows = [f"| {r['n']} | {r['base_plus_adapters'] / MB:.1f} | {r['full_copies'] / MB:.1f} | "
+    rows = [f"| {r['n']} | {r['base_plus_adapters'] / MIB:.1f} | {r['full_copies'] / MIB:.1f} | "
             f"{r['full_copies'] / r['base_plus_adapters']:.1f}× |" for r in f["rows"]]
     return [f"Default model: base file {f['base_bytes']:,} bytes; one adapter (r = {f['rank']}, every linear layer, "
             f"as saved) {f['adapter_bytes']:,} bytes ({f['adapter_share_percent']:.1f}% of the base).", "",
@@ -118,17 +159,23 @@ def _steering(f: dict) -> list[str]:
             who = "full" if r["method"] == "full" else f"LoRA r={r['rank']}"
             search = ", ".join(f"{x['lr']:g}: {x['val_loss']:.3f}" for x in r["lr_search"])
             edge = " (grid edge)" if r["lr_at_edge"] else ""
-            lines.append(f"| {name} | {who} | {r['trainable_params']:,} | **{r['lr']:g}**{edge} ({search}) | "
+            lr = "diverged at every rate" if r.get("diverged") else f"**{r['lr']:g}**{edge}"
+            lines.append(f"| {name} | {who} | {r['trainable_params']:,} | {lr} ({search}) | "
                          f"{r['val_loss']:.3f} | {r['eval_loss_before']:.3f} | {r['eval_loss']:.3f} | "
                          f"{r['eval_accuracy']:.2f} | {r['loss_over_full']:.2f} |")
     lines.append("")
     for name, runs in f["tasks"].items():
         lora, full = runs[:-1], runs[-1]
         low, high = lora[0], lora[-1]
-        verdict = _steering_verdict(lora, full)
-        lines.append(f"- {name}: at the lowest rank (r = {low['rank']}) LoRA's eval loss is "
-                     f"{low['loss_over_full']:.2f}× full fine-tuning's; at the highest (r = {high['rank']}) "
-                     f"{high['loss_over_full']:.2f}×; {verdict} (each at its validation-chosen rate).")
+        if not finite(full["eval_loss"]):
+            lines.append(f"- {name}: full fine-tuning diverged at every rate: LoRA has nothing to be compared with.")
+            continue
+        ratio = [f"{r['loss_over_full']:.2f}×" if finite(r["loss_over_full"]) else "LoRA diverged" for r in (low, high)]
+        if ratio[0] != "LoRA diverged":
+            ratio[0] = f"LoRA's eval loss is {ratio[0]} full fine-tuning's"
+        lines.append(f"- {name}: at the lowest rank (r = {low['rank']}) {ratio[0]}; at the highest "
+                     f"(r = {high['rank']}) {ratio[1]}; {_steering_verdict(lora, full)} (each at its "
+                     "validation-chosen rate).")
     edges = [f"{name} {'full' if r['rank'] is None else 'r=' + str(r['rank'])}"
              for name, runs in f["tasks"].items() for r in runs if r["lr_at_edge"]]
     if edges:
@@ -145,7 +192,9 @@ SECTIONS = [("parameters", "1. The parameter arithmetic", _parameters),
 
 
 def markdown(figures: dict, command: str, python: str) -> str:
-    """The report: a header naming the command, then one section and one PNG per claim."""
+    """The report: a header naming the command, then one section and one PNG per claim. A NaN/Inf figure is
+    written "diverged" and takes no part in a verdict."""
+    figures = shown(figures)
     seconds = figures["seconds"]
     lines = ["# LoRA's case, measured", "",
              f"Written by `{command}` (Python {python}, CPU, {sum(seconds.values()):.0f} s). Every figure below was "

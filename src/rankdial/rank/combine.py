@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import is_positive_int
 from ..errors import AdapterFileError, ConfigError
-from .factors import balanced, read_factors, uniform_config, write_factors
+from .factors import balanced, read_factors, refuse_non_lora, uniform_config, write_factors
 
 HOW = ("linear", "cat", "svd")
 
@@ -34,7 +35,7 @@ def _check(adapters, weights, how, rank):
         problems.append(f"{len(weights)} weights for {len(adapters)} adapters: give one weight per adapter")
     if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in weights):
         problems.append(f"weights must be finite numbers, got {weights}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    if rank is not None and not is_positive_int(rank):
         problems.append(f"rank must be a positive integer, got {rank!r}")
     if rank is not None and how != "svd":
         problems.append(f"rank applies to how='svd' only (how={how!r})")
@@ -93,6 +94,8 @@ def combine_adapters(adapters: list[str | Path], weights: list[float], out: str 
     adapters, weights = list(adapters), list(weights)
     _check(adapters, weights, how, rank)
     parts = [read_factors(a) for a in adapters]
+    for folder, part in zip(adapters, parts):
+        refuse_non_lora(part.config, folder, "combine")
     _compatible(parts, how)
     paths = sorted(set().union(*(p.modules for p in parts)))
     modules = {path: _combine_module(parts, path, weights, how, rank) for path in paths}

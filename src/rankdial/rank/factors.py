@@ -18,8 +18,8 @@ from ..adapters import read_adapter_config, read_adapter_weights
 from ..adapters.io import check_adapter_tensors, is_plain_adapter_folder
 from ..adapters.peft_format import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, config_to_json
 from ..atomic import atomic_dir
-from ..config import LoraConfig
-from ..errors import AdapterFileError
+from ..config import LoraConfig, init_mutates_base
+from ..errors import AdapterFileError, ConfigError
 from ..lora.inject import pattern_value
 from ..lora.layer import delta_weight
 
@@ -62,10 +62,26 @@ class AdapterFactors:
     source: str = ""
 
 
+def refuse_non_lora(config: LoraConfig, folder, verb: str) -> None:
+    """One-line ConfigError for what `verb` (truncate, combine) cannot do right: a DoRA adapter (its update is a
+    per-row rescale of W₀ plus a direction, not the low-rank s·BA these verbs work on) or an adapter that belongs
+    to a residual base (PiSSA/OLoRA saved unconverted, LoftQ)."""
+    if config.use_dora:
+        raise ConfigError(f"{verb} works on plain LoRA; {folder} is a DoRA adapter (use_dora), whose update is not the "
+                          f"low-rank s·B·A alone: merge it instead (rankdial merge), or train a LoRA adapter to {verb}")
+    if init_mutates_base(config.init_lora_weights):
+        raise ConfigError(f"{verb} works on adapters for the original base; {folder} has init_lora_weights="
+                          f"{config.init_lora_weights!r} and belongs to the base that init rewrote")
+
+
 def read_factors(folder: str | Path) -> AdapterFactors:
     """Read an adapter folder (rankdial's or PEFT's) into per-module factors, checked first
     (adapters.io.check_adapter_tensors: one AdapterFileError naming every problem)."""
     config = read_adapter_config(folder)
+    if config.target_parameters:  # (experts·r, d_in) A and rank-major B: not one (A, B) pair per module
+        raise AdapterFileError(f"adapter {folder} adapts MoE expert parameters (target_parameters="
+                               f"{config.target_parameters}); inspect, truncate and combine read one (A, B) per module "
+                               "and do not handle per-expert factors")
     tensors = read_adapter_weights(folder)
     check_adapter_tensors(config, tensors, str(folder))
     modules, other = {}, {}

@@ -22,6 +22,7 @@ grows. The report states what this run measured, whichever way it came out.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -164,9 +165,11 @@ def select_lr(base_model, task: TokenTask, rank: int | None, steps: int, lrs: li
               seed: int = 0) -> dict:
     """Train at each learning rate in `lrs` and keep the run with the lowest validation loss (first on ties).
 
-    The eval figures play no part in the choice. Returns the kept run's figures plus `lr_grid`, `lr_search`
-    (each rate's validation loss and accuracy), `lr_at_edge` (the kept rate is the grid's smallest or largest,
-    when the grid has more than one) and `search_seconds` (training time of the whole grid).
+    A rate whose validation loss is NaN or Inf diverged: it never competes. The eval figures play no part in the
+    choice. Returns the kept run's figures plus `lr_grid`, `lr_search` (each rate's validation loss and
+    accuracy), `diverged_lrs`, `diverged` (every rate diverged: the figures are the first rate's, shown as
+    diverged), `lr_at_edge` (the kept rate is the grid's smallest or largest, when the grid has more than one)
+    and `search_seconds` (training time of the whole grid).
     """
     if task.val_ids is None:
         raise DataError(f"task {task.name!r} has no validation split; learning-rate selection needs one "
@@ -175,12 +178,14 @@ def select_lr(base_model, task: TokenTask, rank: int | None, steps: int, lrs: li
         raise ConfigError(f"the learning-rate grid must be a non-empty list of rates in (0, 1), got {lrs!r} "
                           "(e.g. [6e-4, 2e-3, 6e-3])")
     runs = [fine_tune(base_model, task, rank, steps, batch=batch, lr=lr, seed=seed) for lr in lrs]
-    best = min(runs, key=lambda run: run["val_loss"])
+    finite = [run for run in runs if math.isfinite(run["val_loss"])]
+    best = min(finite, key=lambda run: run["val_loss"]) if finite else runs[0]  # min() over NaN picks at random
     lrs_sorted = sorted(lrs)
     return {**best, "lr_grid": list(lrs),
             "lr_search": [{"lr": run["lr"], "val_loss": run["val_loss"], "val_accuracy": run["val_accuracy"]}
                           for run in runs],
-            "lr_at_edge": len(lrs) > 1 and best["lr"] in (lrs_sorted[0], lrs_sorted[-1]),
+            "diverged_lrs": [run["lr"] for run in runs if run not in finite], "diverged": not finite,
+            "lr_at_edge": bool(finite) and len(lrs) > 1 and best["lr"] in (lrs_sorted[0], lrs_sorted[-1]),
             "search_seconds": round(sum(run["seconds"] for run in runs), 2)}
 
 
@@ -202,11 +207,16 @@ def steering(base_model, tokenizer, ranks: list[int], steps: int, n_facts: int =
             runs.append(select_lr(base_model, task, rank, steps, grid, batch=batch, seed=seed))
             if log:
                 row = runs[-1]
-                log(f"  {task.name}: {'full' if rank is None else f'LoRA r={rank}'} lr {row['lr']:g} (by val loss "
-                    f"{row['val_loss']:.3f}) eval loss {row['eval_loss']:.3f} accuracy {row['eval_accuracy']:.2f} "
-                    f"({row['search_seconds']} s for {len(grid)} rates)")
+                who = "full" if rank is None else f"LoRA r={rank}"
+                log(f"  {task.name}: {who} diverged at every rate ({row['search_seconds']} s for {len(grid)} rates)"
+                    if row["diverged"] else
+                    f"  {task.name}: {who} lr {row['lr']:g} (by val loss {row['val_loss']:.3f}) eval loss "
+                    f"{row['eval_loss']:.3f} accuracy {row['eval_accuracy']:.2f} ({row['search_seconds']} s for "
+                    f"{len(grid)} rates)")
         full = runs[-1]
-        for row in runs:
-            row["loss_over_full"] = row["eval_loss"] / full["eval_loss"] if full["eval_loss"] > 0 else float("inf")
+        for row in runs:  # NaN when either run diverged: there is nothing to compare
+            finite = math.isfinite(row["eval_loss"]) and math.isfinite(full["eval_loss"])
+            row["loss_over_full"] = (float("nan") if not finite else row["eval_loss"] / full["eval_loss"]
+                                     if full["eval_loss"] > 0 else float("inf"))
         figures["tasks"][task.name] = runs
     return figures

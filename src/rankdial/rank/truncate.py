@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import is_positive_int
 from ..errors import ConfigError
-from .factors import balanced, read_factors, uniform_config, write_factors
+from .factors import balanced, read_factors, refuse_non_lora, uniform_config, write_factors
 from .spectrum import check_energy, effective_rank
 
 
@@ -39,11 +40,12 @@ def truncate_adapter(folder: str | Path, out: str | Path, rank: int | None = Non
     keeps `energy` of its ‖ΔW‖², as a PEFT folder at `out`."""
     if (rank is None) == (energy is None):
         raise ConfigError("give exactly one of rank (e.g. --rank 8) or energy (e.g. --energy 0.9)")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    if rank is not None and not is_positive_int(rank):
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     if energy is not None:
         check_energy(energy)
     factors = read_factors(folder)
+    refuse_non_lora(factors.config, folder, "truncate")
     written, rows, ranks, kept_total, total = {}, [], {}, 0.0, 0.0
     for path, f in sorted(factors.modules.items()):
         u, s, vh = f.svd()

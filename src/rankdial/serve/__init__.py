@@ -2,15 +2,19 @@
 
     batched_lora.py  heterogeneous batching: one forward of the base, row i adds s_i·B_i·A_i·x_i (or nothing);
                      route(model, rows) / clear_route(model), with the per-request reference loop beside it.
+    stacks.py        the routed adapters' storage: per layer one stack per rank (AdapterStacks, RankStack).
     scheduler.py     continuous-batching bookkeeping in plain Python (no torch): admission under batch-size
                      and tokens-in-flight limits, round-robin across adapters, FIFO within one, cancellation.
-    registry.py      AdapterRegistry: adapter folders loaded on first use (read off the engine thread), an LRU
-                     bounded by a budget in bytes with pinning, safe paths, refusal of adapters that do not fit.
-    runner.py        the tensors: one left-padded batch KV cache rebuilt only when requests join or leave;
-                     SamplingParams and sampling (greedy, temperature, top_p, per-request seeded generators).
+    registry.py      AdapterRegistry: adapter folders loaded on first use (read off the engine thread) straight
+                     into the layers' routed stacks (their one copy), an LRU bounded by a budget on every byte the
+                     stacks hold, with pinning, safe paths, refusal of adapters that do not fit.
+    runner.py        the tensors: one KV cache preallocated as slots x row tokens, written in place (rows join and
+                     leave without copying anyone's cache);
+                     sampling is rankdial.sampling's (SamplingParams, sample()), shared with `rankdial generate`.
     engine.py        Engine: the step (schedule -> routed forward -> one token each -> finished leave) on a
                      background thread; submit() -> Handle (events() / aevents() / cancel()); generate().
-    handle.py        Handle, TokenEvent, Completion and the incremental Detokenizer (what a client holds).
+    handle.py        Handle, TokenEvent, Completion (what a client holds).
+    detokenizer.py   a request's text: the incremental Detokenizer, and TextStream (stop sequences held back).
 
     api.py           create_app(engine): the OpenAI-compatible HTTP API (models, completions, chat, SSE
                      streaming, adapter load/unload, health, Prometheus metrics) that `rankdial serve` runs;
@@ -19,13 +23,15 @@
                      a ConfigError naming --port / --host if it cannot be (for the playground too).
 """
 
-from .batched_lora import AdapterStack, Routing, batched_lora, clear_route, reference_rows, route
+from .batched_lora import Routing, batched_lora, clear_route, reference_rows, route
+from .stacks import AdapterStacks
 from .engine import Engine
 from .handle import Completion, Handle, TokenEvent
 from .registry import AdapterInfo, AdapterRegistry
-from .runner import Runner, SamplingParams
+from ..sampling import SamplingParams
+from .runner import Runner
 from .scheduler import Scheduler, SchedulerLimits
 
 __all__ = ["Engine", "Handle", "TokenEvent", "Completion", "SamplingParams", "AdapterRegistry", "AdapterInfo",
            "Scheduler", "SchedulerLimits", "Runner", "route", "clear_route", "batched_lora", "reference_rows",
-           "AdapterStack", "Routing"]
+           "AdapterStacks", "Routing"]

@@ -9,6 +9,8 @@ the base itself. Routes, with OpenAI's shapes so the official `openai` client wo
     POST /v1/adapters            load an adapter by name, or by path (admin key when one is configured)
     DELETE /v1/adapters/{name}   unload it (admin key when one is configured): {"deleted": true} if it was loaded,
                                  {"deleted": false} if it was known but not loaded; 409 while requests use it
+    POST /v1/load_lora_adapter   vLLM's names for the two above ({"lora_name", "lora_path"}, {"lora_name"}), same rules
+    POST /v1/unload_lora_adapter
     GET  /health, GET /metrics   liveness and Prometheus metrics (a registry per app)
 
 Every error reaches the client as {"error": {"message", "type", "param", "code"}} with one line naming the
@@ -30,16 +32,17 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..errors import AdapterError, AdapterFileError, AdapterInUse, ConfigError, RankdialError, Unavailable
-from .engine import SamplingParams
+from ..errors import AdapterError, AdapterFileError, AdapterInUse, ConfigError, RankdialError, Unavailable, \
+    one_line, shorten
+from ..sampling import SamplingParams
 from .guard import ApiError, Guard, bearer_matches, error_body
 from .metrics import Metrics
 from .registry import check_adapter_folder_name
-from .schemas import FIELD_HELP, AdapterLoad, ChatRequest, CompletionRequest
+from .schemas import FIELD_HELP, AdapterLoad, ChatRequest, CompletionRequest, LoraLoad, LoraUnload
 
 log = logging.getLogger("rankdial.serve")
 
@@ -121,7 +124,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             return error_body(400, f"request body is not valid JSON ({where}); send one JSON object")
         if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "string_unicode" for e in errors):
             bad = next(e.get("input") for e in errors if e.get("type") == "string_unicode")
-            return error_body(422, f"the body holds a field name that is not valid Unicode ({_name(bad)}, a lone "
+            return error_body(422, f"the body holds a field name that is not valid Unicode ({shorten(bad)}, a lone "
                                    "surrogate): unknown field; remove it", param="body")
         if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # no body, or not a JSON object
             return error_body(422, "the body must be one JSON object (Content-Type: application/json) with the "
@@ -136,7 +139,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             what = "no route" if exc.status_code == 404 else "method not allowed:"
             return error_body(exc.status_code, f"{what} {request.method} {request.url.path}; the routes are "
                                                "/v1/models, /v1/completions, /v1/chat/completions, /v1/adapters, "
-                                               "/health and /metrics")
+                                               "/v1/load_lora_adapter, /v1/unload_lora_adapter, /health and /metrics")
         return error_body(exc.status_code, str(exc.detail), getattr(exc, "kind", None), getattr(exc, "param", None))
 
     @app.exception_handler(RankdialError)
@@ -145,7 +148,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         param = getattr(exc, "param", None)  # the engine's RequestErrors name their field
         if param == "prompt" and request.url.path.endswith("/chat/completions"):
             param = "messages"
-        return error_body(status, _one_line(exc), kind, param)
+        return error_body(status, one_line(exc), kind, param)
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
@@ -172,7 +175,7 @@ def validation_error(errors: list[dict]):
         kind = e.get("type")
         if kind in ("extra_forbidden", "string_unicode") and len(loc) > 1 or kind == "extra_forbidden":
             # an unknown key (a lone surrogate in a nested key reads as string_unicode): its name, shortened
-            shown = path if len(path) <= 60 and path.isprintable() else _name(path)
+            shown = path if len(path) <= 60 and path.isprintable() else shorten(path)
             parts.append(f"{shown}: unknown field; remove it")
         elif kind == "missing":
             parts.append(f"{path} is required; {FIELD_HELP.get(field, '')}".rstrip("; "))
@@ -218,20 +221,6 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _name(value) -> str:
-    """A name the client sent, as it is echoed in errors: quoted, at most ~60 characters."""
-    text = repr(value)
-    return text if len(text) <= 60 else repr(str(value)[:57]) + "..."
-
-
-def _one_line(err: BaseException) -> str:
-    return _flat(str(err))
-
-
-def _flat(text: str | None) -> str:
-    return " ".join(line.strip() for line in str(text or "").splitlines() if line.strip())
-
-
 # ---- models and adapters ----
 
 def model_names(engine) -> list[str]:
@@ -244,21 +233,33 @@ def adapter_for(engine, model: str) -> str | None:
         return None
     if engine.registry.exists(model):
         return model
-    raise ApiError(404, f"model {_name(model)} does not exist; available: {', '.join(model_names(engine))}",
-                   kind="not_found_error", param="model")
+    raise _no_such_model(engine, model)
+
+
+def _no_such_model(engine, model: str) -> ApiError:
+    return ApiError(404, f"model {shorten(model)} does not exist; available: {', '.join(model_names(engine))}",
+                    kind="not_found_error", param="model")
 
 
 def _model_card(engine, name: str) -> dict:
-    card = {"id": name, "object": "model", "created": 0, "owned_by": "rankdial"}
     if name == engine.base_name:
-        return card | {"root": name, "parent": None}
+        return _card(engine, name)
     try:
         info = engine.registry.info(name)
     except AdapterError:  # unloaded meanwhile
-        return card | {"root": name, "parent": engine.base_name}
-    card |= {"root": name, "parent": engine.base_name, "rank": info.rank, "bytes": info.bytes,
-             "loaded": info.loaded, "pinned": info.pinned}
-    failure = engine.registry.failure(name)  # a folder that failed to load: listed, with why, until its files change
+        return _card(engine, name)
+    return _card(engine, name, info, engine.registry.failure(name))
+
+
+def _card(engine, name: str, info=None, failure: str | None = None) -> dict:
+    """One /v1/models entry: OpenAI's fields; for an adapter also `parent` (the base), `root`, and what it holds.
+    A folder that failed to load is listed with why (`error`) until its files change."""
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "rankdial"}
+    if name == engine.base_name:
+        return card | {"root": name, "parent": None}
+    card |= {"root": name, "parent": engine.base_name}
+    if info is not None:
+        card |= {"rank": info.rank, "bytes": info.bytes, "loaded": info.loaded, "pinned": info.pinned}
     return card | ({"error": failure} if failure else {})
 
 
@@ -266,18 +267,21 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
     # plain `def` for the routes that read the adapters folder: FastAPI runs them in its thread pool, so listing
     # hundreds of folders never stalls the event loop that carries the streams
     @app.get("/v1/models")
-    def list_models():
-        return {"object": "list", "data": [_model_card(engine, n) for n in model_names(engine)]}
+    def list_models():  # one snapshot of the registry: the engine's step lock is taken once, not per adapter
+        cards = [_card(engine, info.name, info, failure) for info, failure in engine.registry.listing()]
+        return {"object": "list", "data": [_card(engine, engine.base_name)] + cards}
 
     @app.get("/v1/models/{name}")
     def get_model(name: str):
         adapter_for(engine, name)
         return _model_card(engine, name)
 
-    @app.post("/v1/adapters")
-    async def load_adapter(body: AdapterLoad, request: Request):
+    async def load(body: AdapterLoad, request: Request):
+        """POST /v1/adapters (and vLLM's /v1/load_lora_adapter): the AdapterInfo of the adapter loaded."""
         if body.path is not None:
             _require_admin(request, admin_key, "loading an adapter by path")
+        if body.pin is not None:  # a pin holds budget room for good: the admin's call, like unloading
+            _require_admin(request, admin_key, "pinning or unpinning an adapter")
         if body.name == engine.base_name:
             raise ApiError(400, f"name {body.name!r} is the base model's; choose another name", param="name")
         if body.path is None and not engine.registry.exists(body.name):
@@ -288,24 +292,45 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
             raise ApiError(409, f"{body.name} exists; unload it or choose another name", kind="conflict_error",
                            param="name")
         try:
-            info = await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
+            return await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
         except (AdapterError, AdapterFileError) as err:  # the name was checked above: a refusal or a full budget
             status = 503 if isinstance(err, Unavailable) else 400
-            raise ApiError(status, _one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
+            raise ApiError(status, one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
                            param="path" if body.path else "name") from None
-        return _model_card(engine, info.name)
 
-    @app.delete("/v1/adapters/{name}")
-    async def unload_adapter(name: str, request: Request):
+    async def unload(name: str, request: Request) -> bool:
+        """DELETE /v1/adapters/{name} (and vLLM's /v1/unload_lora_adapter): whether it was loaded."""
         _require_admin(request, admin_key, "unloading an adapter")
         try:
             check_adapter_folder_name(name)
         except AdapterError as err:
-            raise ApiError(400, _one_line(err), param="name") from None
+            raise ApiError(400, one_line(err), param="name") from None
         adapter_for(engine, name)
-        was_loaded = await run_in_threadpool(engine.registry.unload, name)
+        return await run_in_threadpool(engine.registry.unload, name)
+
+    @app.post("/v1/adapters")
+    async def load_adapter(body: AdapterLoad, request: Request):
+        return _model_card(engine, (await load(body, request)).name)
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str, request: Request):
+        was_loaded = await unload(name, request)
         # deleted: whether it was loaded and is now unloaded; a known adapter that was not loaded stays servable
         return {"id": name, "object": "model", "deleted": bool(was_loaded), "loaded": False}
+
+    # vLLM's runtime adapter routes, so a router written for vLLM can manage rankdial replicas: the same loads and
+    # unloads under the same admin rules, answered as vLLM answers (plain text on success, the error object else)
+    @app.post("/v1/load_lora_adapter")
+    async def vllm_load(body: LoraLoad, request: Request):
+        by_name = engine.registry.root is not None and _same_folder(engine.registry.root, body.lora_name,
+                                                                     body.lora_path)
+        await load(AdapterLoad(name=body.lora_name, path=None if by_name else body.lora_path), request)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def vllm_unload(body: LoraUnload, request: Request):
+        await unload(body.lora_name, request)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/health")
     def health():
@@ -316,6 +341,15 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
     @app.get("/metrics")
     def prometheus():
         return Response(app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _same_folder(root, name: str, path: str) -> bool:
+    """Whether `path` (absolute, or relative to the adapters folder) is the adapters folder's own folder `name`:
+    vLLM's load names every adapter by path; one in the adapters folder under its own name is a load by name."""
+    from pathlib import Path
+
+    folder = Path(path).expanduser()
+    return (folder if folder.is_absolute() else root / folder).resolve() == (root / name).resolve()
 
 
 def _load(registry, body: AdapterLoad, admin_checked: bool):
@@ -355,14 +389,19 @@ _PREPARE_WAIT_S = 10.0  # how long a request waits for its adapter's load before
 
 
 async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bool):
-    adapter = adapter_for(engine, body.model)
-    # the engine checks the request first (token limits, tokenizing once, off the event loop): RequestError -> 400,
-    # and nothing is loaded for a request that is refused
-    checked = await run_in_threadpool(engine.check, prompt, adapter, _params(engine, body))
+    adapter = None if body.model == engine.base_name else body.model
+    # the engine checks the request first (its adapter exists: the one look at the disk; token limits; tokenizing
+    # once), off the event loop: RequestError -> 400, and nothing is loaded for a request that is refused
+    try:
+        checked = await run_in_threadpool(engine.check, prompt, adapter, _params(engine, body))
+    except AdapterFileError:
+        raise
+    except AdapterError:  # unknown: 404 listing what exists
+        raise _no_such_model(engine, body.model) from None
     try:  # then its adapter: a folder that cannot load is a 422 with its reason, even before a stream starts
         await engine.prepare_async(adapter, _PREPARE_WAIT_S)  # waits on the event loop, not on a pool thread
     except AdapterFileError as err:
-        raise ApiError(422, f"model {body.model!r} cannot be served: {_one_line(err)}", param="model") from None
+        raise ApiError(422, f"model {body.model!r} cannot be served: {one_line(err)}", param="model") from None
     handle = engine.enqueue(checked)
     reply = _Reply(body.model, chat, metrics, request.url.path)
     if body.stream:
@@ -381,10 +420,10 @@ async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bo
         if last is None or last.finish_reason is None:  # this handler was cancelled: so is its request
             handle.cancel()
     if last is not None and last.finish_reason == "error" and last.refused:  # the adapter's load failed after all
-        raise ApiError(422, f"model {body.model!r} cannot be served: {_flat(last.error)}", param="model")
+        raise ApiError(422, f"model {body.model!r} cannot be served: {one_line(last.error)}", param="model")
     if last is None or last.finish_reason == "error":
         status = 503 if last is not None and last.unavailable else 500  # 503: busy now, a retry may succeed
-        raise ApiError(status, f"generation failed: {_flat(last.error) if last else 'no result'}", kind="server_error")
+        raise ApiError(status, f"generation failed: {one_line(last.error) if last else 'no result'}", kind="server_error")
     reply.finished(last)
     return reply.full("".join(text), last)
 
@@ -405,7 +444,7 @@ async def _stream(handle, reply: "_Reply", include_usage: bool):
             reply.first_token()
             if event.finish_reason == "error":
                 code = 422 if event.refused else 503 if event.unavailable else 500
-                yield reply.sse({"error": {"message": f"generation failed: {_flat(event.error)}",
+                yield reply.sse({"error": {"message": f"generation failed: {one_line(event.error)}",
                                            "type": "invalid_request_error" if code == 422 else "server_error",
                                            "param": "model" if code == 422 else None, "code": code}})
                 break
@@ -425,6 +464,15 @@ async def _stream(handle, reply: "_Reply", include_usage: bool):
     finally:
         if not done:
             handle.cancel()  # the client went away (or the stream failed): free the slot
+
+
+# The engine's finish reasons as OpenAI's: a request the drain timeout cut off ("cancelled" inside the engine) is
+# "length", OpenAI's value for a completion cut short (clients that switch on finish_reason know it).
+_OPENAI_FINISH = {"stop": "stop", "length": "length", "cancelled": "length"}
+
+
+def openai_finish(reason: str | None) -> str | None:
+    return None if reason is None else _OPENAI_FINISH.get(reason, "stop")
 
 
 class _Reply:
@@ -455,16 +503,16 @@ class _Reply:
     def full(self, text: str, event) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": event.finish_reason}
+                      "finish_reason": openai_finish(event.finish_reason)}
             return self._head("chat.completion") | {"choices": [choice], "usage": self._usage(event)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": openai_finish(event.finish_reason)}
         return self._head("text_completion") | {"choices": [choice], "usage": self._usage(event)}
 
     def chunk(self, content, finish_reason) -> dict:
         if self.chat:
-            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": openai_finish(finish_reason)}
             return self._head("chat.completion.chunk") | {"choices": [choice]}
-        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": openai_finish(finish_reason)}
         return self._head("text_completion") | {"choices": [choice]}
 
     def usage_chunk(self, event) -> dict:

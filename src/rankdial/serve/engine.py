@@ -20,25 +20,25 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import TimeoutError as FutureTimeout
 
-from ..errors import AdapterError, AdapterFileError, ConfigError, RankdialError, RequestError, Unavailable
-from .handle import Completion, Detokenizer, Handle, TokenEvent
+from ..errors import NOT_UTF8, AdapterError, AdapterFileError, ConfigError, RankdialError, RequestError, \
+    Unavailable, not_utf8
+from .detokenizer import Detokenizer, TextStream  # noqa: F401 - Detokenizer: exported
+from .handle import Completion, Handle, TokenEvent
 from .registry import AdapterRegistry, BudgetFull
-from .runner import Runner, SamplingParams, Sequence, make_generator
+from ..sampling import SamplingParams, end_ids, make_generator
+from .runner import Runner, Sequence
 from .scheduler import Scheduler, SchedulerLimits
 
 log = logging.getLogger("rankdial.serve")
 
 
 class _Live:
-    """A request the engine holds: its sequence, its handle, and what of its text has been sent."""
+    """A request the engine holds: its sequence, its handle, and its text (what of it has been sent)."""
 
     def __init__(self, seq: Sequence, handle: Handle):
         self.seq, self.handle = seq, handle
-        self.sent = 0  # characters of the decoded text already sent
-        self.text = ""  # the completion decoded so far (Detokenizer: window by window)
-        self.detok = Detokenizer()
+        self.text = TextStream(seq.params.stop)  # its completion as text, stop sequences held back
         self.queued = False  # in the scheduler, holding its adapter (registry.acquire)
         self.done = False
 
@@ -71,11 +71,11 @@ class Engine:
         self.max_prompt_tokens = max_prompt_tokens or max(1, self.context - 1)
         self.budget_wait_s = budget_wait_s  # how long a request waits for room in a full adapter budget
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.runner = Runner(model, pad if pad is not None else 0)
         self.scheduler = Scheduler(limits)
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = eos if isinstance(eos, (list, tuple)) else [eos]
-        self.eos_ids = {int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None}
+        sched = self.scheduler.limits  # the KV cache holds max_batch_size rows of at most this many tokens:
+        row_tokens = min(self.context, sched.max_tokens_in_flight, self.max_prompt_tokens + max_new_tokens)
+        self.runner = Runner(model, pad if pad is not None else 0, slots=sched.max_batch_size, row_tokens=row_tokens)
+        self.eos_ids = end_ids(model, tokenizer)
         self._ids = itertools.count()
         self._inbox: deque[_Live] = deque()
         self._cancels: deque[str] = deque()
@@ -134,7 +134,7 @@ class Engine:
     def check(self, prompt: str | list[int], adapter: str | None = None,
               params: SamplingParams = SamplingParams()) -> Checked:
         """Everything submit() checks (RequestError / AdapterError / Unavailable), without queueing: a server checks a
-        request before it loads the request's adapter (prepare), then enqueue()s it."""
+        request before it loads the request's adapter (prepare_async), then enqueue()s it."""
         if self._stopping:
             raise Unavailable("the engine is shutting down and takes no new requests; retry on another replica")
         if not isinstance(params, SamplingParams):
@@ -165,28 +165,14 @@ class Engine:
         self._wake.set()
         return handle
 
-    def prepare(self, adapter: str | None, timeout: float = 10.0) -> None:
-        """Load `adapter` (if it is not loaded) before a request for it is answered, waiting up to `timeout` s, so
-        that an adapter that cannot load is refused before a stream has started: AdapterFileError with the
-        folder's one-line reason, AdapterError if it is unknown. Returns quietly when it loaded, when the load
-        takes longer than `timeout` (the request then waits in the engine) or when the budget is full (the
-        engine waits for room, budget_wait_s)."""
-        if adapter is None or adapter == self.base_name or self.registry.is_loaded(adapter):
-            return
-        self.registry.check_known(adapter)
-        future = self.registry.load_async(adapter)
-        try:
-            future.result(timeout)
-        except FutureTimeout:
-            return
-        except BaseException as err:  # noqa: BLE001
-            self._prepare_failed(adapter, err)
-
     async def prepare_async(self, adapter: str | None, timeout: float = 10.0) -> None:
-        """prepare() for a server: the wait is on the event loop, not on a worker thread of the pool."""
+        """Load a request's adapter (if it is not loaded) before the request is answered, waiting up to `timeout` s
+        on the event loop, so that an adapter that cannot load is refused before a stream has started:
+        AdapterFileError with the folder's one-line reason. For a request check() accepted (its adapter is known:
+        not looked up again). Returns quietly when it loaded, when the load takes longer than `timeout` (the
+        request then waits in the engine) or when the budget is full (the engine waits for room, budget_wait_s)."""
         if adapter is None or adapter == self.base_name or self.registry.is_loaded(adapter):
             return
-        self.registry.check_known(adapter)
         future = await asyncio.to_thread(self.registry.load_async, adapter)  # brief: it may wait for the step's lock
         try:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
@@ -269,10 +255,23 @@ class Engine:
             live = self._drop_rows_without_adapter(live)
             tokens = self.runner.step([x.seq for x in live]) if live else []
         for x, token in zip(live, tokens):
-            self._record(x, token)
+            self._record_row(x, token)
         self.steps, self.last_batch_size = self.steps + 1, len(live)
         self.largest_batch = max(self.largest_batch, len(live))
         return True
+
+    def _record_row(self, x: _Live, token: int) -> None:
+        """Hand out one row's token; a row that failed (its sampling, its detokenizing) ends alone, with its reason."""
+        if x.seq.failure is not None:
+            log.error("request %s (adapter %r): %s", x.seq.id, x.seq.adapter, x.seq.failure)
+            self._finish(x, "error", x.seq.failure + "; retry the request, or report it if it fails again")
+            return
+        try:
+            self._record(x, token)
+        except Exception as err:  # noqa: BLE001 - one request's failure never reaches the batch
+            log.error("request %s: handing out token %d failed", x.seq.id, token, exc_info=err)
+            self._finish(x, "error", f"internal error while handing out this request's text ({type(err).__name__}); "
+                                     "retry the request")
 
     def _drop_rows_without_adapter(self, live: list[_Live]) -> list[_Live]:
         """Fail the rows whose adapter is not in the model (held by the registry lock, so it cannot go meanwhile),
@@ -362,36 +361,13 @@ class Engine:
         seq.tokens.append(token)
         self.tokens_generated += 1
         eos = token in self.eos_ids
-        text, stopped = self._new_text(x, final=eos or len(seq.tokens) >= seq.params.max_tokens)
+        text, stopped = x.text.push(self.tokenizer, None if eos else token,
+                                    final=eos or len(seq.tokens) >= seq.params.max_tokens)
         reason = "stop" if eos or stopped else ("length" if len(seq.tokens) >= seq.params.max_tokens else None)
         self.scheduler.record(seq.id, finished=reason is not None)
         x.handle._push(TokenEvent(text, None, len(seq.prompt), len(seq.tokens), token_id=token))
         if reason is not None:
             self._finish(x, reason)
-
-    def _new_text(self, x: _Live, final: bool) -> tuple[str, bool]:
-        """The text to send after this token, and whether a stop sequence ended the request.
-
-        The completion is decoded incrementally (Detokenizer: a window of the last tokens, not the whole text at
-        every step) and text is held back while it could still be the start of a stop sequence."""
-        seq, stops = x.seq, x.seq.params.stop
-        if seq.tokens[-1] not in self.eos_ids:
-            x.detok.ids.append(seq.tokens[-1])
-        x.text += x.detok.step(self.tokenizer, final)
-        text = x.text
-        for stop in stops:
-            at = text.find(stop, max(0, x.sent - len(stop) + 1))
-            if at >= 0:
-                out, x.sent = text[x.sent:at], at
-                return out, True
-        if final:
-            end = len(text)
-        else:
-            end = len(text) - max((len(s) - 1 for s in stops), default=0)
-            end = end - 1 if text[end - 1:end] == "\ufffd" else end
-        out = text[x.sent:max(end, x.sent)]
-        x.sent += len(out)
-        return out, False
 
     def _finish(self, x: _Live, reason: str, error: str | None = None, unavailable: bool = False,
                 refused: bool = False) -> None:
@@ -480,6 +456,16 @@ class Engine:
                 "loaded_bytes": self.registry.loaded_bytes, "budget_bytes": self.registry.budget_bytes,
                 "hits": self.registry.hits, "misses": self.registry.misses, "evictions": self.registry.evictions}
 
+    def lora_requests(self) -> dict:
+        """What vLLM's lora_requests_info gauge says, for routers: max_lora (the most adapters one batch can run:
+        one per row), and the adapters of running and of waiting requests (distinct, sorted). Read from other
+        threads: each container is copied by one C-level call (list of a dict's values, a dict's keys), as stats()."""
+        running = {r.adapter for r in self.scheduler.running}
+        waiting = {r.adapter for r in self.scheduler.waiting} | set(self._parked) | {
+            x.seq.adapter for x in list(self._inbox)}
+        return {"max_lora": self.scheduler.limits.max_batch_size, "running": sorted(running - {None}),
+                "waiting": sorted(waiting - {None})}
+
 
 def _bad(param: str, message: str) -> RequestError:
     """A RequestError naming the request field at fault (the API answers it as the error's param)."""
@@ -489,12 +475,8 @@ def _bad(param: str, message: str) -> RequestError:
 
 
 def _check_unicode(text: str, field: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _bad("prompt" if field == "prompt" else "messages",
-                   f"{field} is not valid Unicode (it holds a lone surrogate such as \\ud800); send text that "
-                   "encodes as UTF-8") from None
+    if not_utf8(text):
+        raise _bad("prompt" if field == "prompt" else "messages", f"{field} {NOT_UTF8}")
 
 
 __all__ = ["Engine", "Handle", "TokenEvent", "Completion", "Detokenizer", "SamplingParams", "SchedulerLimits", "AdapterError"]

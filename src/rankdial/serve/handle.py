@@ -1,5 +1,5 @@
 """What a client of the engine holds: a Handle per submitted request (its TokenEvents, blocking or asyncio, and
-cancel()), the Completion it adds up to, and the Detokenizer that turns each new token into text incrementally."""
+cancel()) and the Completion it adds up to."""
 
 from __future__ import annotations
 
@@ -120,26 +120,4 @@ class Handle:
         return Completion("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens, tuple(ids))
 
 
-class Detokenizer:
-    """Incremental detokenization, as vLLM's detokenize_incrementally: each step decodes only the tokens since
-    `prefix` (a few), twice: up to `read` (the text already given out) and up to the newest token; the new text is
-    the difference. A window that ends in half a UTF-8 character ("\ufffd") waits for the next token (except the
-    final step). The pieces add up to tokenizer.decode(ids, skip_special_tokens=True) of the whole list (tested),
-    at a cost per token that does not grow with the completion."""
-
-    def __init__(self):
-        self.ids: list[int] = []
-        self.prefix = self.read = 0  # token offsets: the window starts at prefix; text up to read was given out
-
-    def step(self, tokenizer, final: bool = False) -> str:
-        if self.read == len(self.ids):
-            return ""
-        before = tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        after = tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
-            return ""  # nothing printable yet (a special token, or half a character)
-        self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):]
-
-
-__all__ = ["Handle", "TokenEvent", "Completion", "Detokenizer"]
+__all__ = ["Handle", "TokenEvent", "Completion"]

@@ -17,7 +17,8 @@ def check_serve_flags(args: argparse.Namespace) -> None:
     """ConfigError listing every bad flag at once."""
     bad = [f"{flag} must be positive, got {value}" for flag, value in (
         ("--max-tokens", args.max_tokens), ("--max-prompt-tokens", args.max_prompt_tokens),
-        ("--max-body-kb", args.max_body_kb), ("--budget-mb", args.budget_mb),
+        ("--max-body-kb", args.max_body_kb), ("--budget-mb", args.budget_mb), ("--max-batch", args.max_batch),
+        ("--max-tokens-in-flight", args.max_tokens_in_flight),
         ("--drain-timeout", args.drain_timeout)) if value is not None and not value > 0]  # not >: NaN too
     bad += [f"{flag} must be a finite number, got {value}" for flag, value in (
         ("--budget-mb", args.budget_mb), ("--drain-timeout", args.drain_timeout))
@@ -43,13 +44,16 @@ def app_from_args(args: argparse.Namespace, *, freeze_gc: bool = True):
     budget = int(args.budget_mb * 2**20) if args.budget_mb is not None else None
     engine = Engine.from_pretrained(args.base, args.adapters, qlora=args.qlora, device=args.device, budget_bytes=budget,
                                     freeze_gc=freeze_gc, max_new_tokens=args.max_tokens,
-                                    max_prompt_tokens=args.max_prompt_tokens)
+                                    max_prompt_tokens=args.max_prompt_tokens, **{k: v for k, v in (
+                                        ("max_batch_size", args.max_batch),
+                                        ("max_tokens_in_flight", args.max_tokens_in_flight)) if v is not None})
     app = create_app(engine, api_keys=keys, admin_key=admin, limits=ApiLimits(max_body_bytes=args.max_body_kb * 1024),
                      drain_timeout=args.drain_timeout)
     names = sorted(engine.registry.names())
     line = (f"rankdial serve: {engine.base_name} with {len(names)} adapter(s) ({', '.join(names) or 'none'}) on "
             f"{{url}}  (API keys: {'on' if keys else 'off'}, admin key: {'on' if admin else 'off'}, max_tokens "
-            f"<= {engine.max_new_tokens}, prompt <= {engine.max_prompt_tokens} tokens)")
+            f"<= {engine.max_new_tokens}, prompt <= {engine.max_prompt_tokens} tokens, batch <= "
+            f"{engine.scheduler.limits.max_batch_size}, KV cache {engine.runner.cache.nbytes / 2**20:.0f} MiB)")
     app.state.startup_warnings = serve_warnings(args, engine, bool(keys))
     return app, line
 

@@ -7,6 +7,8 @@ its registry at scrape time, so they are never stale and never double-counted.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -42,6 +44,14 @@ class EngineCollector:
                                 value=stats.get("waiting", 0))
         yield CounterMetricFamily("rankdial_engine_steps", "decode steps the engine has run",
                                   value=stats.get("steps", 0))
+        # vLLM's gauge under vLLM's name, which LoRA-aware routers (the Gateway API inference extension's endpoint
+        # picker, vLLM production-stack) read: labels max_lora and the comma-separated adapters of running and
+        # waiting requests; the value is when it was read (vLLM: the time of its last update)
+        lora = self.engine.lora_requests()
+        info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests (vLLM's gauge).",
+                                 labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+        info.add_metric([str(lora["max_lora"]), ",".join(lora["running"]), ",".join(lora["waiting"])], time.time())
+        yield info
 
 
 class Metrics:

@@ -6,32 +6,40 @@ halves so that a load never stalls requests for other adapters:
     read    (any thread, no lock): resolve the path safely, read adapter_config.json and the safetensors file,
             check the file on its own (check_adapter_tensors). Pickle files are never read.
     attach  (under `lock`, which the engine holds while it runs a step): check the targets and shapes against
-            the base, evict least-recently-used adapters until the new one fits the budget, inject and copy.
+            the base, evict least-recently-used adapters until the new one fits the budget, and copy each
+            layer's A and B straight into that layer's routed stacks (serve.batched_lora.AdapterStacks, one
+            stack per rank): the stacks are the adapters' one copy, no module is built per adapter.
 
-The cache is an LRU bounded by a budget in BYTES (adapters of different ranks differ in size), with pinning;
+The cache is an LRU bounded by a budget in BYTES on everything the stacks hold (free slots of a stack grown ahead
+included; under pressure free slots are given back before anything is evicted), with pinning;
 an adapter in use by a running request (acquire/release) is never evicted. Counters: hits, misses, evictions.
 An adapter that does not fit the base is refused with the reason and the others keep serving.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..adapters import read_adapter_config, read_adapter_weights
-from ..adapters.io import check_tensor_shapes, check_adapter_tensors, expected_shapes
+from ..adapters.io import check_tensor_shapes, check_adapter_tensors, check_servable, expected_shapes
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
-from ..config import LoraConfig
-from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable
-from ..lora import LoraLayer, delete_adapter
+from ..config import LoraConfig, lora_scaling
+from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable, one_line, shorten
+from ..lora import LoraLayer
 from ..lora.inject import Plan, plan_targets, with_task_heads
+from .stacks import AdapterStacks
+
+log = logging.getLogger("rankdial.serve")
 
 DEFAULT_BUDGET_BYTES = 1 << 30  # 1 GiB of adapter weights: hundreds of rank-16 adapters on a 7B model
 # A plain folder name, the one rule for an adapter's name (the API's schemas use it too): no '.', '/', '\\', spaces
@@ -74,8 +82,15 @@ def check_adapter_folder_name(name) -> str:
     return name
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+def _on_disk(name: str, path: Path, pinned: bool) -> AdapterInfo:
+    """The AdapterInfo of an adapter that is not loaded: its config's rank and its weights file's size."""
+    rank = 0
+    try:
+        rank = read_adapter_config(path).r
+    except Exception:  # noqa: BLE001 - a broken config: rank unknown (failure() says why)
+        pass
+    size = (path / WEIGHTS_NAME).stat().st_size if (path / WEIGHTS_NAME).is_file() else 0
+    return AdapterInfo(name, str(path), rank, size, False, pinned)
 
 
 def _content_error(err: BaseException) -> bool:
@@ -100,7 +115,7 @@ class AdapterRegistry:
     Args:
         model: the base model (with or without LoRA layers yet); adapters are injected into it.
         root: the folder whose sub-folders are the adapters (None: only adapters loaded by path).
-        budget_bytes: the most bytes of adapter weights held in the model at once (default 1 GiB).
+        budget_bytes: the most bytes the adapters' stacks hold in the model at once (default 1 GiB).
     """
 
     def __init__(self, model: nn.Module, root: str | Path | None = None, *, budget_bytes: int | None = None):
@@ -124,13 +139,22 @@ class AdapterRegistry:
         self._held_reads: dict[str, _Read] = {}  # reads whose attach found the budget full, kept for the retry
         self._plans: dict[str, Plan] = {}
         self._ranks: dict[str, int] = {}  # loaded adapter -> its largest rank (info() without walking the model)
+        self._stacks: dict[str, AdapterStacks] = {}  # layer path -> its routed stacks: the adapters' one storage
+        self._where: dict[str, list[str]] = {}  # loaded adapter -> the layer paths holding it
+        self._parents: dict[str, tuple[nn.Module, str]] = {}  # layer path -> (its parent, its attribute there)
+        self._spare: dict[str, LoraLayer] = {}  # path -> the bare wrapper taken out when its last adapter left
         self._failed: dict[str, tuple[tuple, str]] = {}  # folder under root -> (its files' signature, why it failed)
+        self._loaded_from: dict[str, tuple] = {}  # loaded folder under root -> its files' signature when read
+        self._checked: dict[str, float] = {}  # loaded folder under root -> when its files were last compared
+        self._repin: set[str] = set()  # pinned adapters dropped because their files changed: pinned when reloaded
+        self.recheck_s = 1.0  # how often a loaded folder's files are compared with those it was loaded from
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
 
     # -- what is known -------------------------------------------------------------------------------
     @property
     def loaded_bytes(self) -> int:
-        return sum(self._loaded.values())
+        """Every byte the adapters' stacks hold (free slots included): what the budget bounds."""
+        return sum(stacks.nbytes for stacks in self._stacks.values())
 
     def loaded(self) -> list[str]:
         """The adapters held in the model, least recently used first."""
@@ -160,23 +184,41 @@ class AdapterRegistry:
     def info(self, name: str) -> AdapterInfo:
         self.check_known(name)
         with self.lock:  # an eviction on the reader thread must not fall between these reads
-            path = self._paths.get(name) or (self.root / name if self.root is not None else Path(name))
+            path = self._path_of(name, self._paths)
             loaded = name in self._loaded
             if loaded:
                 return AdapterInfo(name, str(path), self._ranks[name], self._loaded[name], True, name in self._pinned)
             pinned = name in self._pinned
-        rank = 0
-        try:
-            rank = read_adapter_config(path).r
-        except Exception:  # noqa: BLE001 - a broken config: rank unknown (failure() says why)
-            pass
-        size = (path / WEIGHTS_NAME).stat().st_size if (path / WEIGHTS_NAME).is_file() else 0
-        return AdapterInfo(name, str(path), rank, size, False, pinned)
+        return _on_disk(name, path, pinned)
+
+    def listing(self) -> list[tuple[AdapterInfo, str | None]]:
+        """(AdapterInfo, remembered failure or None) of every adapter, sorted by name, from one snapshot taken under
+        `lock` once (the engine holds it during a step, so a listing waits for one step at most, however many
+        adapters there are); what an adapter that is not loaded holds is read from its folder outside the lock."""
+        names = self.names()
+        with self.lock:
+            loaded = {n: (self._ranks[n], size) for n, size in self._loaded.items()}
+            pinned, paths, failed = set(self._pinned), dict(self._paths), dict(self._failed)
+        out = []
+        for name in names:
+            path = self._path_of(name, paths)
+            if name in loaded:
+                info = AdapterInfo(name, str(path), *loaded[name], True, name in pinned)
+            else:
+                info = _on_disk(name, path, name in pinned)
+            seen = failed.get(name)
+            changed = seen is None or self.root is None or _signature(self.root / name) != seen[0]
+            out.append((info, None if changed else seen[1]))
+        return out
+
+    def _path_of(self, name: str, paths: dict) -> Path:
+        return paths.get(name) or (self.root / name if self.root is not None else Path(name))
 
     # -- loading ---------------------------------------------------------------------------------------
     def resolve(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> Path:
         """The folder to load `name` from, refusing anything that resolves outside root unless allowed."""
         check_adapter_folder_name(name)
+        given = path if path is not None else name  # what the client named, as its errors echo it
         if path is None:
             if name in self._paths:
                 return self._paths[name]
@@ -190,14 +232,27 @@ class AdapterRegistry:
                                    "loading by path needs the admin permission)")
             target = (folder if folder.is_absolute() else self.root / folder).resolve()
             if not target.is_relative_to(self.root):
-                raise AdapterFileError(f"adapter path {str(path)!r} resolves outside the adapters folder {self.root} "
-                                       "(../, an absolute path or a symlink out); only folders inside it may be loaded")
+                log.warning("adapter path %r resolves to %s, outside the adapters folder %s", str(path), target,
+                            self.root)
+                raise AdapterFileError(f"adapter path {shorten(given)} resolves outside the adapters folder (../, an "
+                                       "absolute path or a symlink out); only folders inside it may be loaded")
             folder = target
         folder = folder.resolve()
         if not folder.is_dir():
-            raise AdapterFileError(f"adapter {name!r}: {folder} is not a folder; "
+            raise AdapterFileError(f"adapter {name!r}: {self.public(str(folder), path)} is not a folder; "
                                    f"the adapters are {self.names() or 'none'}")
         return folder
+
+    def public(self, text: str, given: str | Path | None = None) -> str:
+        """`text` as a client may read it: the adapters folder's absolute path written `<adapters>` (so a folder
+        in it reads `<adapters>/name`), and a folder loaded by path as the path the client gave. The server's log
+        keeps the absolute paths."""
+        if given is not None:
+            folder = Path(given).expanduser()
+            folder = (folder if folder.is_absolute() or self.root is None else self.root / folder).resolve()
+            if self.root is None or not folder.is_relative_to(self.root):
+                text = text.replace(str(folder), str(given))
+        return text.replace(str(self.root), "<adapters>") if self.root is not None else text
 
     def read(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> _Read:
         """The first half of a load (no lock, any thread): files read and checked on their own.
@@ -215,8 +270,10 @@ class AdapterRegistry:
         try:
             read = self._read_folder(name, folder)
         except (AdapterFileError, Exception) as err:  # noqa: BLE001 - every failure of a file becomes its reason
-            message = _one_line(err) if isinstance(err, RankdialError) else (
-                f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {_one_line(err)[:300]}")
+            message = one_line(err) if isinstance(err, RankdialError) else (
+                f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {one_line(err)[:300]}")
+            log.warning("adapter %r: %s", name, message)
+            message = self.public(message, path or self._paths.get(name))
             if path is None and name not in self._paths and _content_error(err):
                 self._remember_failure(name, folder, message, signature)
             raise AdapterFileError(message) from None
@@ -237,6 +294,7 @@ class AdapterRegistry:
         config = read_adapter_config(folder)
         tensors = read_adapter_weights(folder, allow_pickle=False)
         check_adapter_tensors(config, tensors, f"{name!r} ({folder})")
+        check_servable(config, name)
         if config.modules_to_save:
             raise AdapterFileError(f"adapter {name!r} replaces whole modules ({config.modules_to_save}, "
                                    "modules_to_save), which cannot differ per request in a shared batch; merge it "
@@ -271,20 +329,27 @@ class AdapterRegistry:
                 return self.info(name)
             try:
                 config = with_task_heads(self.model, read.config)
+                if config.target_parameters:  # lora/param.py's expert updates have no batched serving path
+                    raise AdapterFileError(f"it adapts MoE expert parameters (target_parameters="
+                                           f"{config.target_parameters}), which the engine does not serve; merge it "
+                                           "into the base (rankdial merge) and serve the merged model")
                 plan = self._plan(config)
                 check_tensor_shapes(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
             except RankdialError as err:
-                message = f"adapter {name!r} refused: {_one_line(err)}"
+                log.warning("adapter %r refused: %s", name, one_line(err))
+                message = self.public(f"adapter {name!r} refused: {one_line(err)}", read.path if by_path else None)
                 if not by_path:
                     self._remember_failure(name, read.path, message, read.signature)
                 raise AdapterFileError(message) from None
-            size = sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4  # float32 A and B, as the layers hold them
-            self._make_room(name, size)
-            self._loaded[name] = self._attach(name, config, plan, read.tensors)
+            minimal = self._make_room(name, plan)
+            self._loaded[name] = self._store(name, config, plan, read.tensors, minimal)
             self._ranks[name] = max((t.r for t in plan.targets), default=0)
+            if read.signature:
+                self._loaded_from[name], self._checked[name] = read.signature, time.monotonic()
             if by_path:
                 self._paths[name] = read.path
-            if pin:
+            if pin or name in self._repin:
+                self._repin.discard(name)
                 self._pinned.add(name)
             return self.info(name)
 
@@ -298,7 +363,7 @@ class AdapterRegistry:
         """
         check_adapter_folder_name(name)
         with self.lock:
-            if name in self._loaded and path is None:
+            if name in self._loaded and path is None and not self._drop_if_changed(name):
                 self.hits += 1
                 self._loaded.move_to_end(name)
                 if pin:
@@ -368,6 +433,7 @@ class AdapterRegistry:
                                    "unload it when they finish")
             self._evict(name)
             self._paths.pop(name, None)
+            self._repin.discard(name)
             return True
 
     # -- pinning and use -------------------------------------------------------------------------------
@@ -378,6 +444,7 @@ class AdapterRegistry:
     def unpin(self, name: str) -> None:
         self.check_known(name)
         self._pinned.discard(name)
+        self._repin.discard(name)
 
     def acquire(self, name: str | None) -> None:
         """A running request uses `name`: never evicted until release()."""
@@ -391,7 +458,7 @@ class AdapterRegistry:
         """acquire(name) if it is loaded, in one step under the lock (so no load on the reader thread can evict it
         in between); False if it is not loaded. `hit`: count a cache hit (a request found its adapter loaded)."""
         with self.lock:
-            if name not in self._loaded:
+            if name not in self._loaded or (hit and self._drop_if_changed(name)):
                 return False
             self._in_use[name] = self._in_use.get(name, 0) + 1
             self._loaded.move_to_end(name)
@@ -412,12 +479,35 @@ class AdapterRegistry:
         self._reader.shutdown(wait=False, cancel_futures=True)
 
     # -- internals -------------------------------------------------------------------------------------
-    def _make_room(self, name: str, size: int) -> None:
+    def _own_bytes(self, plan: Plan) -> int:
+        """The bytes of an adapter's own slots (its A and B, float32 as the stacks hold them)."""
+        return sum(t.r * (t.d_in + t.d_out) for t in plan.targets) * 4
+
+    def _need(self, plan: Plan, minimal: bool = False) -> int:
+        """The bytes storing this plan's adapter would allocate (stack growth; 0 where free slots take it)."""
+        need = 0
+        for t in plan.targets:
+            stacks = self._stacks.get(t.path)
+            need += (t.r * (t.d_in + t.d_out) * 4 if stacks is None else stacks.growth_bytes(t.r, minimal))
+        return need
+
+    def _make_room(self, name: str, plan: Plan) -> bool:
+        """Evict least-recently-used adapters (and give back free slots) until storing the adapter keeps every byte
+        the stacks hold within the budget; whether it must grow stacks by one slot only (the budget's edge)."""
+        size = self._own_bytes(plan)
         if size > self.budget_bytes:
             raise AdapterFileError(f"adapter {name!r} needs {size} bytes, more than the whole adapter budget "
                                    f"({self.budget_bytes} bytes); raise the budget (rankdial serve --budget-mb, "
                                    "or budget_bytes)")
-        while self.loaded_bytes + size > self.budget_bytes:
+        while True:
+            if self.loaded_bytes + self._need(plan) <= self.budget_bytes:
+                return False
+            if self.loaded_bytes + self._need(plan, minimal=True) <= self.budget_bytes:
+                return True
+            if any(st.slack for st in self._stacks.values()):
+                for stacks in self._stacks.values():
+                    stacks.trim()
+                continue
             victim = next((n for n in self._loaded if n not in self._pinned and not self._in_use.get(n)), None)
             if victim is None:
                 raise BudgetFull(f"adapter {name!r} ({size} bytes) does not fit the adapter budget "
@@ -427,10 +517,55 @@ class AdapterRegistry:
             self.evictions += 1
 
     def _evict(self, name: str) -> None:
-        delete_adapter(self.model, name)
+        for path in self._where.pop(name, ()):
+            stacks = self._stacks[path]
+            stacks.remove(name)
+            if not stacks.where:
+                self._unwrap(path)
         del self._loaded[name]
         self._ranks.pop(name, None)
         self._pinned.discard(name)
+        self._loaded_from.pop(name, None)
+        self._checked.pop(name, None)
+
+    def _drop_if_changed(self, name: str) -> bool:
+        """Unload adapter `name` (under `lock`) if its folder's files changed since it was loaded and no running
+        request uses it, so that the next load reads the new files; True if it did. Compared at most every
+        recheck_s seconds (a few stat calls); while requests use it, they finish on the weights they started with."""
+        seen = self._loaded_from.get(name)
+        now = time.monotonic()
+        if seen is None or self._in_use.get(name) or now - self._checked.get(name, 0.0) < self.recheck_s:
+            return False
+        self._checked[name] = now
+        if _signature(self.root / name) == seen:
+            return False
+        log.info("adapter %r: its files changed since it was loaded; reading them again", name)
+        if name in self._pinned:
+            self._repin.add(name)
+        self._evict(name)
+        return True
+
+    def _unwrap(self, path: str) -> None:
+        """A layer whose stacks are empty: give the stacks' memory back, and the base its place if nothing else
+        wraps it (adapters the layer holds itself keep the wrapper). The bare wrapper is kept aside for the next
+        adapter there (building one costs more than the copy of a small adapter's tensors)."""
+        layer = self._layer(path)
+        layer.routing = None
+        del self._stacks[path]
+        if layer.lora_A:
+            layer.stacks = None
+        else:
+            parent, attr = self._parents[path]
+            parent._modules[attr] = layer.base_layer  # what setattr does for a child module, without its checks
+            self._spare[path] = layer  # its empty stacks hold no tensor (a rank's last adapter frees its stack)
+
+    def _layer(self, path: str) -> nn.Module:
+        """The module at `path`, its parent found once (get_submodule walks the path at every call)."""
+        if path not in self._parents:
+            parent, _, attr = path.rpartition(".")
+            self._parents[path] = (self.model.get_submodule(parent), attr)
+        parent, attr = self._parents[path]
+        return parent._modules[attr]
 
     def _plan(self, config: LoraConfig) -> Plan:
         """plan_targets, cached by config: the plan depends only on the base's structure (wrappers are seen
@@ -442,27 +577,40 @@ class AdapterRegistry:
             self._plans[key] = plan_targets(self.model, config)
         return self._plans[key]
 
-    def _attach(self, name: str, config: LoraConfig, plan: Plan, tensors: dict[str, torch.Tensor]) -> int:
-        """apply_plan for serving, touching only the plan's layers (apply_plan's freeze_base walks every parameter
-        of the model, so its cost would grow with the adapters loaded): wrap, add (inactive, frozen), copy in.
-        Returns the bytes the adapter holds."""
-        recorded = replace(config, fan_in_fan_out=any(t.fan_in_fan_out for t in plan.targets))
-        held = 0
-        with torch.no_grad():
+    def _store(self, name: str, config: LoraConfig, plan: Plan, tensors: dict[str, torch.Tensor], minimal: bool) -> int:
+        """Write the adapter's tensors straight into the target layers' routed stacks (wrapping a layer on its
+        first adapter); nothing else is built or kept. All or nothing: a failure takes out what was written.
+        minimal: grow a full stack by one slot only (the budget's edge, _make_room). Returns the adapter's own bytes."""
+        self._where[name] = paths = []
+        try:
             for t in plan.targets:
-                layer = self.model.get_submodule(t.path)
-                if not isinstance(layer, LoraLayer):
-                    layer.requires_grad_(False)
-                    layer = LoraLayer(layer)
-                    self.model.set_submodule(t.path, layer)
-                # init=False: overwritten just below, no random initialisation. Copied, not adopted (add_adapter's
-                # weights=): safetensors maps the file, and a file rewritten in place under a server would change
-                # (or, truncated, SIGBUS) weights that alias the mapping.
-                layer.add_adapter(name, t.r, t.alpha, config.lora_dropout, config.use_rslora, False, config=recorded,
-                                  init=False)
-                for side in ("A", "B"):
-                    weight = getattr(layer, f"lora_{side}")[name].weight
-                    weight.requires_grad_(False)
-                    weight.copy_(tensors[lora_key(t.path, side)])
-                    held += weight.numel() * weight.element_size()
-        return held
+                stacks = self._stacks.get(t.path) or self._wrap(t.path)
+                paths.append(t.path)
+                stacks.add(name, tensors[lora_key(t.path, "A")], tensors[lora_key(t.path, "B")],
+                           lora_scaling(t.r, t.alpha, config.use_rslora), minimal)
+        except BaseException:
+            for path in paths:
+                if name in self._stacks[path].where:
+                    self._stacks[path].remove(name)
+                if not self._stacks[path].where:
+                    self._unwrap(path)
+            del self._where[name]
+            raise
+        return self._own_bytes(plan)
+
+    def _wrap(self, path: str) -> AdapterStacks:
+        """The layer at `path` as a LoraLayer (wrapped, base frozen, if it is not one) with empty serving stacks."""
+        layer = self._layer(path)
+        if not isinstance(layer, LoraLayer):
+            spare = self._spare.pop(path, None)
+            if spare is None or spare.base_layer is not layer:
+                layer.requires_grad_(False)
+                spare = LoraLayer(layer)
+                spare.stacks = AdapterStacks.for_layer(spare)
+            parent, attr = self._parents[path]
+            parent._modules[attr] = spare
+            layer = spare
+        elif layer.stacks is None:
+            layer.stacks = AdapterStacks.for_layer(layer)
+        self._stacks[path] = layer.stacks
+        return layer.stacks

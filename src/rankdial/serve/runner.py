@@ -1,69 +1,35 @@
-"""The runner: every tensor of the serving engine (the batch's KV cache, its masks and positions) and sampling.
+"""The runner: every tensor of the serving engine (the batch's KV cache, its masks and positions).
 
-One batch KV cache holds every running request, left-padded to a common length T:
+One KV cache, preallocated at start-up (SlotCache), holds every running request:
 
-    keys/values (N, heads, T, head_dim) per layer   mask (N, T): 1 where a row has a real token
-    position of row i's next token = its own count of real tokens (so padding never shifts RoPE positions)
+    keys/values (slots, kv_heads, row_tokens, head_dim) per layer    slots = max_batch_size
+    slot s: one request's tokens at columns 0..n_s-1, position of its next token = n_s
 
-A decode step feeds each row its last token (N, 1) and grows the cache by one column. The cache is rebuilt only
-when requests join (their prompts are prefilled together, left-padded, then padded on the left to the common
-length and concatenated along the batch) or leave (rows selected, then the columns that every remaining row
-masks are cut). Each forward is routed (serve.batched_lora.route) so row i adds only its own adapter's term.
-A padded position gets an attention weight of exactly zero, so a row's tokens are those it would get alone,
-up to float rounding in the batched matmuls.
+A request joins by taking a free slot: its prompt is prefilled (new rows together, left-padded) and its keys and
+values are written into its slot; it leaves by freeing the slot. The others' cache stays where it is, and the
+cache never grows: its bytes are slots x row_tokens, fixed by the flags (`rankdial serve --max-batch`,
+`--max-tokens-in-flight`), and a start-up whose cache does not fit the device is refused. A decode step feeds
+slots 0..n-1 their last token, writes each new key at its own column and attends over the columns a mask allows;
+so that it computes no empty slot, a hole that joining rows do not fill takes the highest row (that one row's
+columns copied). Each forward is routed (serve.batched_lora.route) so row i adds
+only its own adapter's term. A masked column gets an attention weight of exactly zero, so a row's tokens are
+those it would get alone, up to float rounding in the batched matmuls.
 
-Sampling: temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), cut to the smallest set of
-tokens whose probability reaches top_p, drawn with the request's own torch.Generator (same seed, same tokens).
+Sampling is rankdial.sampling's (the one sampler of the server and `rankdial generate`): a row it cannot sample
+is marked on its Sequence (failure) and the engine ends that request alone.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
-import secrets
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, RequestError
-from ..lora import LoraLayer
-from ..lora.inject import named_wrappers
-from .batched_lora import Routing, route
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request is sampled; every field is checked at construction (RequestError names the field)."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        problems = []
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            problems.append(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
-            problems.append(f"top_p must be in (0, 1], got {p!r}")
-        stop = self.stop
-        if isinstance(stop, str):
-            object.__setattr__(self, "stop", (stop,))
-        elif isinstance(stop, list):
-            object.__setattr__(self, "stop", tuple(stop))
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 8:
-            problems.append(f"stop must be at most 8 non-empty strings, got {stop!r}")
-        s = self.seed
-        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 63):
-            problems.append(f"seed must be an integer in [0, 2**63) or None, got {s!r}")
-        if problems:
-            raise RequestError("; ".join(problems))
+from ..sampling import SamplingParams, sample
+from .batched_lora import route
 
 
 @dataclass
@@ -76,12 +42,105 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)  # generated so far
+    failure: str | None = None  # set by sample() when this row's last token could not be sampled
+
+
+class SlotCache:
+    """The batch KV cache, preallocated: per layer keys and values (slots, kv_heads, row_tokens, head_dim).
+
+    Slot s holds one request's tokens at columns 0..n_s-1, written in place: a prefill writes the prompt's keys and
+    values into its rows' slots (and its attention reads only the prompt's own), a decode step writes each row's
+    new token at its column n_s and attends over columns 0..max(n)+1 with a mask. Passed to the model as its cache
+    (transformers calls update(keys, values, layer_idx) in every attention layer); the runner sets what the next
+    forward writes (prefill / decode) before it runs."""
+
+    def __init__(self, model: nn.Module, slots: int, row_tokens: int, device: torch.device):
+        config = model.config
+        self.layers = int(config.num_hidden_layers)
+        heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        dtype = model.get_input_embeddings().weight.dtype
+        self.shape = (slots, heads, row_tokens, head_dim)
+        self._alloc(dtype, device)
+        self._plan = None  # ("prefill", [(row, slot, length)], L) or ("decode", rows index, columns index, span)
+
+    @staticmethod
+    def bytes_needed(model: nn.Module, slots: int, row_tokens: int) -> int:
+        config = model.config
+        heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        size = model.get_input_embeddings().weight.element_size()
+        return 2 * int(config.num_hidden_layers) * slots * heads * row_tokens * head_dim * size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def _alloc(self, dtype: torch.dtype, device: torch.device) -> None:
+        # zeros, not empty: a masked column still enters softmax(QKᵀ)V with weight 0, and 0 x NaN would be NaN
+        self.keys = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(self.layers)]
+        self.values = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(self.layers)]
+
+    def prefill(self, rows: list[tuple[int, int, int]], length: int) -> None:
+        """The next forward prefills `length` left-padded tokens; (row, slot, prompt length) per new row."""
+        self._plan = ("prefill", rows, length)
+
+    def decode(self, lengths: torch.Tensor, span: int) -> None:
+        """The next forward decodes one token for slots 0..n-1, written at column lengths[s]; attends 0..span-1."""
+        n = lengths.shape[0]
+        self._plan = ("decode", torch.arange(n, device=lengths.device), lengths, span)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if keys.dtype != key_states.dtype:  # a base whose attention computes in another dtype than its embeddings
+            self._alloc(key_states.dtype, keys.device)
+            keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self._plan[0] == "prefill":
+            _, rows, length = self._plan
+            for row, slot, n in rows:  # (n_new, H, L, D): a row's prompt is its last n columns
+                keys[slot, :, :n] = key_states[row, :, length - n:]
+                values[slot, :, :n] = value_states[row, :, length - n:]
+            return key_states, value_states  # a prompt attends only to itself
+        _, rows, columns, span = self._plan
+        keys[rows, :, columns] = key_states[:, :, 0]  # (n, H, D) each at its own column
+        values[rows, :, columns] = value_states[:, :, 0]
+        n = rows.shape[0]
+        return keys[:n, :, :span], values[:n, :, :span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly (position_ids)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on `device` (CUDA: the driver's free bytes; CPU: MemAvailable), None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
 
 
 class Runner:
-    """Owns the batch KV cache; step() gives every running sequence its next token (see the module docstring)."""
+    """Owns the batch KV cache (a SlotCache); step() gives every running sequence its next token.
 
-    def __init__(self, model: nn.Module, pad_id: int):
+    Args:
+        model: the served model (Llama-shaped, full attention).
+        pad_id: the token fed to padding.
+        slots: the most rows at once (the engine's max_batch_size, `rankdial serve --max-batch`).
+        row_tokens: the most tokens one row holds, prompt and completion (default: the model's context).
+
+    Raises:
+        ConfigError: a model with sliding-window attention, or a KV cache of slots x row_tokens that does not fit
+            the device's free memory (naming the flags to lower).
+    """
+
+    def __init__(self, model: nn.Module, pad_id: int, *, slots: int = 32, row_tokens: int | None = None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.pad_id = int(pad_id)
@@ -89,95 +148,108 @@ class Runner:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers 5.x renamed it
         self._keep_kw = "logits_to_keep" in params
         self._check_full_attention()
-        self.ids: list[str] = []  # row i of every tensor belongs to request ids[i]
-        self.cache = None  # transformers DynamicCache, (N, heads, T, head_dim) per layer
-        self.mask = None  # (N, T) long
-        self.next_pos = None  # (N,) long: each row's next position
-        self.last = None  # (N,) long: each row's last token, the next decode input
-        self._routed = None  # (rows, [(layer, its Routing, its generation)]) of the last route(): see _route
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.slots, self.row_tokens = slots, int(row_tokens or context or 2048)
+        self._check_fits()
+        self.cache = SlotCache(model, slots, self.row_tokens, self.device)
+        self.slot_ids: list[str | None] = [None] * slots  # slot -> the request it holds
+        self.slot_of: dict[str, int] = {}
+        self.lengths = [0] * slots  # tokens held per slot
+        self.last = torch.full((slots,), self.pad_id, dtype=torch.long, device=self.device)  # next decode input
+
+    @property
+    def ids(self) -> list[str]:
+        """The requests held, in slot order."""
+        return [i for i in self.slot_ids if i is not None]
+
+    def _check_fits(self) -> None:
+        need = SlotCache.bytes_needed(self.model, self.slots, self.row_tokens)
+        free = available_bytes(self.device)
+        if free is not None and need > 0.9 * free:  # the rest of a step (activations, logits) needs room too
+            raise ConfigError(f"the KV cache for {self.slots} rows x {self.row_tokens} tokens needs {need / 2**20:.0f} "
+                              f"MiB, more than the {free / 2**20:.0f} MiB free on {self.device}; lower --max-batch "
+                              f"(max_batch_size) or --max-tokens-in-flight (max_tokens_in_flight)")
 
     # -- the step ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, running: list[Sequence]) -> list[int]:
-        """One token for every sequence in `running`: rows that left are dropped, those already in the cache
-        decode one step, new ones are prefilled and join. Returns the tokens in `running`'s order."""
-        present = {s.id for s in running}
-        if [i for i in self.ids if i in present] != self.ids:
-            self._select([k for k, i in enumerate(self.ids) if i in present])
+        """One token for every sequence in `running`: rows that left free their slots, those already held decode
+        one step, new ones are prefilled into free slots. Returns the tokens in `running`'s order."""
+        by_id = {s.id: s for s in running}
+        for rid in [i for i in self.slot_of if i not in by_id]:
+            self._leave(rid)
         if not running:
             return []
-        by_id = {s.id: s for s in running}
-        old = [by_id[i] for i in self.ids]
-        known = set(self.ids)
-        new = [s for s in running if s.id not in known]
-        logits = []
-        if old:
-            logits.append(self._decode(old))
+        new = [s for s in running if s.id not in self.slot_of]
+        if len(self.slot_of) + len(new) > self.slots:
+            raise RequestError(f"{len(self.slot_of) + len(new)} rows at once, more than the runner's {self.slots} "
+                               "slots (max_batch_size); schedule at most that many")
+        self._compact(len(new))
+        out: dict[str, int] = {}
+        if self.slot_of:
+            old = sorted(self.slot_of.items(), key=lambda kv: kv[1])
+            logits = self._decode(by_id)
+            out.update(zip((i for i, _ in old), self._sample(logits[[s for _, s in old]], [by_id[i] for i, _ in old])))
         if new:
-            logits.append(self._prefill(new))
-        tokens = sample(torch.cat(logits), old + new)
-        self.last = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        out = dict(zip(self.ids, tokens))
+            out.update(zip((s.id for s in new), self._sample(self._prefill(new), new)))
         return [out[s.id] for s in running]
 
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        tokens = sample(logits, seqs)
+        slots = [self.slot_of[s.id] for s in seqs]
+        self.last[slots] = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        return tokens
+
     def release_all(self) -> None:
-        self.ids, self.cache, self.mask, self.next_pos, self.last = [], None, None, None, None
+        for rid in list(self.slot_of):
+            self._leave(rid)
 
-    def _route(self, rows: list[str | None]) -> None:
-        """route() the model for these rows, unless it is still routed for exactly them: same rows, every LoRA
-        layer still holding the Routing we set and the adapters it had (generation). route() walks every layer
-        and every adapter, so calling it at each decode step would cost more than the step's LoRA terms.
-        Weights changed in place while serving are not seen: call invalidate_route() after such a change."""
-        key = tuple(rows)
-        unchanged = self._routed is not None and all(layer.routing is routing and layer.generation == generation
-                                                     for layer, routing, generation in self._routed[1])
-        if unchanged and self._routed[0] == key:
-            return
-        if unchanged and set(key) <= set(self._routed[0]):
-            self._reslot(key)  # rows left or were reordered, no new adapter: the same stacks, new slots
-            return
-        route(self.model, rows)
-        self._routed = (key, [(layer, layer.routing, layer.generation) for _, layer in named_wrappers(self.model)
-                              if isinstance(layer, LoraLayer)])
+    def _compact(self, joining: int) -> None:
+        """Keep the rows in slots 0..n-1 (a decode step computes every slot below the highest held one): the
+        holes that the joining rows will not fill take the highest rows, one row's columns copied each."""
+        held = len(self.slot_of) + joining
+        holes = [k for k in range(held) if self.slot_ids[k] is None][joining:]  # the lowest ones go to new rows
+        high = sorted((s for s in self.slot_of.values() if s >= held), reverse=True)
+        for src, dst in zip(high, holes):
+            n = self.lengths[src]
+            for keys, values in zip(self.cache.keys, self.cache.values):
+                keys[dst, :, :n] = keys[src, :, :n]
+                values[dst, :, :n] = values[src, :, :n]
+            rid = self.slot_ids[src]
+            self.slot_ids[dst], self.slot_of[rid], self.lengths[dst] = rid, dst, n
+            self.slot_ids[src], self.lengths[src] = None, 0
+            self.last[dst] = self.last[src]
 
-    def _reslot(self, key: tuple) -> None:
-        """What route() would set when every layer keeps its adapters and the rows use only adapters it already
-        checked: a Routing per layer on the same stack, with the new rows' slots (route() also re-keys every
-        stack, ~50 ms with 128 adapters, which it would find fresh). Layers with the same adapters share one index."""
-        slot_maps, indices, routed = {}, {}, []
-        for layer, routing, _ in self._routed[1]:
-            if routing is None:  # a wrapper without adapters (route() left it unrouted)
-                routed.append((layer, None, layer.generation))
-                continue
-            stack = routing.stack
-            slot_of = slot_maps.get(stack.names)
-            if slot_of is None:
-                slot_of = slot_maps[stack.names] = {name: k for k, name in enumerate(stack.names, start=1)}
-            slots = tuple(slot_of.get(name, 0) for name in key)
-            device = stack.At.device
-            if (slots, device) not in indices:
-                indices[slots, device] = torch.tensor(slots, dtype=torch.long, device=device)
-            layer.routing = Routing(stack, indices[slots, device], slots)
-            routed.append((layer, layer.routing, layer.generation))
-        self._routed = (key, routed)
+    def _leave(self, rid: str) -> None:
+        """Free the row's slot: nothing is copied (its columns are overwritten by the next request there)."""
+        slot = self.slot_of.pop(rid)
+        self.slot_ids[slot], self.lengths[slot] = None, 0
 
-    def invalidate_route(self) -> None:
-        """Make the next forward call route() again (after adapter weights were changed in place)."""
-        self._routed = None
-
-    def _forward(self, rows: list[str | None], ids, mask, positions, cache) -> torch.Tensor:
-        self._route(rows)
-        kwargs = {self._cache_kw: cache, "use_cache": True}
+    def _forward(self, rows: list[str | None], ids, mask, positions) -> torch.Tensor:
+        route(self.model, rows)  # cheap when the rows and adapters are those of the last step
+        kwargs = {self._cache_kw: self.cache, "use_cache": True}
         if self._keep_kw:
             kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         return out.logits[:, -1].float()  # (n, vocab)
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(seqs), 1)], 1)  # (N, T+1)
-        logits = self._forward([s.adapter for s in seqs], self.last[:, None], self.mask, self.next_pos[:, None],
-                               self.cache)
-        self.next_pos = self.next_pos + 1
+    def _decode(self, by_id: dict[str, Sequence]) -> torch.Tensor:
+        """One token for slots 0..n-1 (n past the last held slot; a free slot among them computes a throwaway row
+        at column 0). The logits, one row per slot."""
+        n = 1 + max(self.slot_of.values())
+        lengths = torch.tensor(self.lengths[:n], dtype=torch.long, device=self.device)  # (n,) the write columns
+        span = 1 + max(self.lengths[:n])
+        if span > self.row_tokens:
+            raise RequestError(f"a row would hold {span} tokens, more than the runner's {self.row_tokens} per row "
+                               "(max_tokens_in_flight / the context)")
+        self.cache.decode(lengths, span)
+        columns = torch.arange(span, device=self.device)
+        mask = _additive(columns[None, :] <= lengths[:, None], self.cache.keys[0].dtype)[:, None, None, :]  # (n,1,1,T)
+        rows = [by_id[i].adapter if i is not None else None for i in self.slot_ids[:n]]
+        logits = self._forward(rows, self.last[:n, None], mask, lengths[:, None])
+        for s in range(n):
+            if self.slot_ids[s] is not None:
+                self.lengths[s] += 1
         return logits
 
     def _check_full_attention(self) -> None:
@@ -189,79 +261,26 @@ class Runner:
                               "does not support; serve a model with full attention (Llama-shaped)")
 
     def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        from transformers import DynamicCache
-
+        """The new rows' prompts, left-padded to a common length, in one forward; each row's keys and values go
+        into a free slot. The logits of each row's last prompt token."""
         length = max(len(s.prompt) for s in seqs)
+        if length + 1 > self.row_tokens:
+            raise RequestError(f"a prompt of {length} tokens leaves no room in the runner's {self.row_tokens} tokens "
+                               "per row (max_tokens_in_flight / the context)")
+        free = [k for k, i in enumerate(self.slot_ids) if i is None]
+        plan = []
+        for row, (s, slot) in enumerate(zip(seqs, free)):
+            self.slot_ids[slot], self.slot_of[s.id], self.lengths[slot] = s.id, slot, len(s.prompt)
+            plan.append((row, slot, len(s.prompt)))
         ids = torch.tensor([[self.pad_id] * (length - len(s.prompt)) + s.prompt for s in seqs], device=self.device)
-        mask = torch.tensor([[0] * (length - len(s.prompt)) + [1] * len(s.prompt) for s in seqs], device=self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)  # (n, L): a row's first real token is position 0
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward([s.adapter for s in seqs], ids, mask, positions, cache)
-        self._join(cache, mask, torch.tensor([len(s.prompt) for s in seqs], device=self.device), [s.id for s in seqs])
-        return logits
-
-    # -- rebuilding the batch cache -------------------------------------------------------------------
-    def _join(self, cache, mask: torch.Tensor, next_pos: torch.Tensor, ids: list[str]) -> None:
-        """Append the prefilled rows: both caches padded on the left to the longer length, then concatenated."""
-        if self.cache is None:
-            self.cache, self.mask, self.next_pos, self.ids = cache, mask, next_pos, list(ids)
-            return
-        length = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
-            mine.values = torch.cat([_pad_left(mine.values, length), _pad_left(theirs.values, length)])
-        self.mask = torch.cat([_pad_left(self.mask, length), _pad_left(mask, length)])
-        self.next_pos = torch.cat([self.next_pos, next_pos])
-        self.ids += ids
-
-    def _select(self, rows: list[int]) -> None:
-        """Keep only these rows, and cut the leading columns that every kept row masks."""
-        if not rows:
-            self.release_all()
-            return
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        mask = self.mask.index_select(0, index)
-        start = int(mask.any(0).nonzero()[0, 0])  # (T,) -> the first column some kept row uses
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
-        self.mask = mask[:, start:]
-        self.next_pos = self.next_pos.index_select(0, index)
-        self.last = self.last.index_select(0, index)
-        self.ids = [self.ids[k] for k in rows]
+        real = torch.tensor([[0] * (length - len(s.prompt)) + [1] * len(s.prompt) for s in seqs], device=self.device)
+        positions = (real.cumsum(1) - 1).clamp(min=0)  # (n, L): a row's first real token is position 0
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+        mask = _additive(causal[None] & real[:, None, :].bool(), self.cache.keys[0].dtype)[:, None]  # (n, 1, L, L)
+        self.cache.prefill(plan, length)
+        return self._forward([s.adapter for s in seqs], ids, mask, positions)
 
 
-def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Zeros on the left of the sequence dimension (-2 for (N, H, T, D) caches, -1 for (N, T) masks)."""
-    dim = -2 if t.dim() == 4 else -1
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim)
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A request's own generator: seeded as asked, or from the OS when no seed is given."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else secrets.randbits(63))
-    return g
-
-
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """The next token of each row: argmax for temperature 0, else top-p sampling with the row's generator."""
-    greedy = logits.argmax(-1).tolist()  # (n,)
-    out = []
-    for i, s in enumerate(seqs):
-        p = s.params
-        if p.temperature == 0:
-            out.append(greedy[i])
-            continue
-        probs = torch.softmax(logits[i] / p.temperature, -1)
-        if p.top_p < 1:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # the smallest prefix whose mass reaches top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        out.append(int(torch.multinomial(probs, 1, generator=s.generator)))
-    return out
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one every attention implementation takes: 0 or dtype's min."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)

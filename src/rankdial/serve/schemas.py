@@ -16,7 +16,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator, \
     model_validator
 
-from ..errors import AdapterError
+from ..errors import NOT_UTF8, AdapterError, not_utf8, shorten
 from .registry import check_adapter_folder_name
 
 Number = Union[StrictInt, StrictFloat]
@@ -47,6 +47,9 @@ FIELD_HELP = {
             "letter or digit), e.g. 'sql-v2'",
     "path": "path must be a non-empty string: the adapter's folder",
     "pin": "pin must be true or false",
+    "lora_name": "lora_name must be a plain folder name (letters, digits, '_' and '-', at most 128, starting with a "
+                 "letter or digit), e.g. 'sql-v2'",
+    "lora_path": "lora_path must be a non-empty string: the adapter's folder",
 }
 
 
@@ -57,12 +60,8 @@ class _Strict(BaseModel):
 def _unicode(value, field: str):
     """value, if every string in it can be encoded as UTF-8 (JSON lets a lone surrogate such as \\ud800 through)."""
     texts = [value] if isinstance(value, str) else [v for v in (value or ()) if isinstance(v, str)]
-    for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{field} is not valid Unicode (it holds a lone surrogate such as \\ud800); "
-                             "send text that encodes as UTF-8") from None
+    if any(not_utf8(text) for text in texts):
+        raise ValueError(f"{field} {NOT_UTF8}")
     return value
 
 
@@ -188,7 +187,7 @@ class AdapterLoad(_Strict):
         try:
             return check_adapter_folder_name(value)
         except AdapterError:  # pydantic reports a ValueError as a 422 naming the field
-            raise ValueError(FIELD_HELP["name"] + f", got {_short_str(value)}") from None
+            raise ValueError(FIELD_HELP["name"] + f", got {shorten(value)}") from None
 
     @field_validator("path")
     @classmethod
@@ -196,6 +195,24 @@ class AdapterLoad(_Strict):
         return _unicode(value, "path")
 
 
-def _short_str(value: str) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+class LoraUnload(_Strict):
+    """vLLM's POST /v1/unload_lora_adapter body."""
+    lora_name: StrictStr
+
+    @field_validator("lora_name")
+    @classmethod
+    def _plain_folder_name(cls, value):
+        try:
+            return check_adapter_folder_name(value)
+        except AdapterError:
+            raise ValueError(FIELD_HELP["lora_name"] + f", got {shorten(value)}") from None
+
+
+class LoraLoad(LoraUnload):
+    """vLLM's POST /v1/load_lora_adapter body (load_inplace, vLLM's reload under a name in use, is not offered)."""
+    lora_path: StrictStr = Field(min_length=1)
+
+    @field_validator("lora_path")
+    @classmethod
+    def _path(cls, value):
+        return _unicode(value, "lora_path")

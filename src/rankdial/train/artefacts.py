@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..adapters.io import ADAPTER_FILES
-from ..atomic import MARKER, atomic_dir, atomic_file, write_text
+from ..atomic import MARKER, OwnFiles, atomic_dir, write_text
 from ..errors import TrainingError
 
 RUN_KIND = "train-run"  # the marker kind of a run folder
@@ -26,11 +26,9 @@ PLOT_NAME = "loss.png"
 LEGACY_RUN_NAMES = {CONFIG_NAME, METRICS_NAME, PLOT_NAME, DONE_MARKER, "checkpoints"} | ADAPTER_FILES
 
 
-def is_legacy_run(folder: Path) -> bool:
-    """A run folder written before rankdial's marker: it holds rankdial_train.json and nothing but a run's own
-    files (one common file name alone does not make a folder rankdial's to replace)."""
-    names = {p.name for p in folder.iterdir()}
-    return CONFIG_NAME in names and names <= LEGACY_RUN_NAMES
+# A run folder written before rankdial's marker: it holds rankdial_train.json and nothing but a run's own
+# files (rankdial.atomic.OwnFiles, the rule every kind uses).
+is_legacy_run = OwnFiles(CONFIG_NAME, LEGACY_RUN_NAMES)
 
 
 def append_metrics(path: Path, record: dict) -> None:
@@ -59,11 +57,12 @@ def read_history(path: Path, upto: int) -> tuple[list[float], list[tuple[int, fl
     return losses, evals
 
 
-def save_final_model(model, tokenizer, work: Path, is_lora: bool) -> None:
+def save_final_model(model, tokenizer, work: Path, is_lora: bool, state_dict: dict | None = None) -> None:
     """The PEFT adapter files (LoRA, QLoRA) or the full model and tokenizer, at the top of the run folder.
 
     They are written into a new subfolder (atomically), then each file is renamed up into place: weights
-    first, then configs, so a folder with a config always holds its matching weights.
+    first, then configs, so a folder with a config always holds its matching weights. `state_dict` (a full
+    model only) gives the tensors to write instead of the model's own (an FSDP run gathers them).
     """
     staging = work / ".final"
     if is_lora:
@@ -73,7 +72,7 @@ def save_final_model(model, tokenizer, work: Path, is_lora: bool) -> None:
     else:
         with atomic_dir(staging, kind="train-final-model") as tmp:
             model.config.use_cache = True
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
     files = sorted((p for p in staging.iterdir() if p.name != MARKER), key=lambda p: not p.name.endswith(".safetensors"))
     for p in files:
@@ -83,10 +82,7 @@ def save_final_model(model, tokenizer, work: Path, is_lora: bool) -> None:
 
 def plot_losses(metrics: Path, png: Path, title: str = "") -> None:
     """Train (and eval) loss against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plotting import figure, save
 
     train_pts, eval_pts = [], []
     for line in metrics.read_text().splitlines():
@@ -95,7 +91,7 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> None:
             train_pts.append((rec["step"], rec["loss"]))
         if "eval_loss" in rec:
             eval_pts.append((rec["step"], rec["eval_loss"]))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig, ax = figure(width=6.4, height=4.0)
     if train_pts:
         ax.plot(*zip(*train_pts), label="train", linewidth=1.2)
     if eval_pts:
@@ -105,7 +101,4 @@ def plot_losses(metrics: Path, png: Path, title: str = "") -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save(fig, png)

@@ -21,6 +21,8 @@ from ..config import LoraConfig
 from ..errors import ConfigError
 
 METHODS = ("lora", "qlora", "full")
+SHARDINGS = ("ddp", "fsdp")  # how torchrun's processes share the model: whole copies, or FSDP2 shards
+OPTIMIZERS = ("adamw", "adamw-8bit")
 # What a run's adapter starts from (LoraConfig's own defaults are PEFT's: r=8, lora_alpha=8).
 LORA_DEFAULTS = {"r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_modules": "all-linear"}
 # Set by the loop (task_type) or taken from the model (base_model_name_or_path), never by the user.
@@ -52,7 +54,14 @@ class TrainConfig:
     Loop:
         steps (optimizer steps; 0 = derived from epochs), epochs, batch_size (per process), grad_accum,
         lr, weight_decay, warmup_ratio, min_lr_ratio (cosine floor as a share of lr), max_grad_norm,
+        optimizer ("adamw", or "adamw-8bit": blockwise 8-bit moments from bitsandbytes or torchao),
+        loss_chunk (rows of logits computed at once by the loss, where exact for the model; 0: all at once),
         gradient_checkpointing, bf16 (autocast), seed, device ("auto", "cpu", "cuda").
+    Processes (torchrun):
+        sharding: "ddp" (each process holds the whole model; the default) or "fsdp" (PyTorch's FSDP2
+            fully_shard on each decoder layer and the root: weights, gradients and optimizer state sharded).
+        fsdp_reshard_after_forward: free a layer's gathered weights after its forward (gather again for backward).
+        fsdp_cpu_offload: keep the sharded parameters in CPU memory between uses (CUDA only).
     Output:
         output_dir, eval_every, save_every (checkpoint period; 0 = none), keep_checkpoints, log_every,
         progress (a progress bar on stderr).
@@ -77,10 +86,15 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"
+    loss_chunk: int = 1024
     gradient_checkpointing: bool = False
     bf16: bool = False
     seed: int = 0
     device: str = "auto"
+    sharding: str = "ddp"
+    fsdp_reshard_after_forward: bool = True
+    fsdp_cpu_offload: bool = False
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -106,12 +120,16 @@ class TrainConfig:
             raise ConfigError("invalid training config: " + "; ".join(problems + wrong))
         if self.method not in METHODS:
             problems.append(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.sharding not in SHARDINGS:
+            problems.append(f"sharding={self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if not self.data:
             problems.append("data is empty: give a JSONL file (data = \"train.jsonl\" or --data train.jsonl)")
         for name in ("max_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r}: must be at least 1")
-        for name in ("steps", "eval_every", "save_every"):
+        for name in ("steps", "eval_every", "save_every", "loss_chunk"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)!r}: must be 0 or more")
         for f in dataclasses.fields(self):  # inf and nan compare oddly and are not JSON: refuse them first
@@ -119,8 +137,21 @@ class TrainConfig:
             if f.type == "float" and isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"{f.name}={value!r}: must be a finite number")
         problems += self._range_problems()
+        problems += self._init_problems()
         if problems:
             raise ConfigError("invalid training config: " + "; ".join(problems))
+
+    def _init_problems(self) -> list[str]:
+        """init_lora_weights that the method cannot honour: LoftQ makes the 4-bit base itself (method qlora);
+        PiSSA/OLoRA rewrite the full-precision weight (PEFT requires it too), so not on an NF4 base."""
+        init = getattr(self.lora, "init_lora_weights", True)
+        if init == "loftq" and self.method != "qlora":
+            return [f"init_lora_weights='loftq' with method={self.method!r}: LoftQ initialises against a 4-bit NF4 "
+                    "base that it quantizes itself; use method = \"qlora\""]
+        if isinstance(init, str) and init.startswith(("pissa", "olora")) and self.method == "qlora":
+            return [f"init_lora_weights={init!r} with method='qlora': {init} needs the full-precision weight (PEFT "
+                    "requires it too); use method = \"lora\", or init_lora_weights = \"loftq\" for a 4-bit base"]
+        return []
 
     def _type_problems(self) -> list[str]:
         """Values of the wrong type (TrainConfig(...) built directly skips make_config's conversion)."""
@@ -292,6 +323,8 @@ FLAG_SYNTAX = {
     "layers_pattern": "the name(s) before the layer index: layers, or a comma list / JSON list",
     "rank_pattern": "JSON object {regex: rank}, e.g. '{\"q_proj\": 4}'",
     "alpha_pattern": "JSON object {regex: alpha}, e.g. '{\"q_proj\": 8}'",
+    "init_lora_weights": "true, false, gaussian, pissa, pissa_niter_K, olora or loftq",
+    "loftq_config": "JSON object, e.g. '{\"loftq_bits\": 4, \"loftq_iter\": 1}'",
 }
 
 
@@ -321,8 +354,10 @@ def _names(text: str) -> list[str]:
 
 
 def _lora_flag(key: str, flag: str, text: str) -> Any:
-    if key in ("rank_pattern", "alpha_pattern"):
+    if key in ("rank_pattern", "alpha_pattern", "loftq_config"):
         return _json(flag, text, dict)
+    if key in ("init_lora_weights", "use_dora") and text.lower() in ("true", "false"):
+        return text.lower() == "true"
     if text.lstrip().startswith("["):
         return _json(flag, text, list)
     if key in ("target_modules", "exclude_modules"):

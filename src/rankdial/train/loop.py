@@ -13,11 +13,18 @@ Exactness rules that the resume and DDP tests rely on:
   batch), whatever the split into processes and micro-batches; so a 2-process run follows a 1-process run with
   the same global batch.
 - A checkpoint holds everything else that changes: trainable tensors, optimizer, scheduler, RNG states.
+
+Under torchrun, sharding="ddp" (the default) keeps a whole model in each process (DistributedDataParallel);
+sharding="fsdp" builds the model on the meta device and loads it straight into FSDP2 shards, one decoder layer
+at a time (distributed.load_into_shards): parameters, gradients and AdamW's moments are DTensor shards, the
+gradient norm is the global one, checkpoints are torch.distributed.checkpoint's (every process writes its
+shards), and the finished adapter (or model) is gathered to the main process, which writes the run folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -29,16 +36,16 @@ import torch
 
 from ..atomic import MARKER, atomic_dir, check_target, note_written, write_json
 from ..errors import RankdialError, TrainingError, TrainingInterrupted
-from ..memory import estimate_memory, peak_memory_mb
+from ..memory import MIB, estimate_memory, peak_memory_mb, reset_peak_memory
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, make_config
 from .artefacts import (CONFIG_NAME, DONE_MARKER, LEGACY_RUN_NAMES, METRICS_NAME, PLOT_NAME, RUN_KIND, append_metrics,
                         is_legacy_run, plot_losses, read_history, save_final_model)
 from .data import Dataset, check_data_file, collate
-from .distributed import Dist, all_sum, barrier, init_distributed, pick_run_device
+from .distributed import (Dist, all_sum, barrier, full_value, init_distributed, load_into_shards, meta_model,
+                          pick_run_device, shard_model, whole_parameters)
 from .pieces import Sampler, evaluate, load_data, make_optimizer, prepare_model, token_loss_sum
 
-MIB = 1 << 20
 
 __all__ = ["train", "setup", "output_folder", "fit", "step", "evaluate_now", "save", "finish", "result", "Run", "TrainResult",
            "TrainingError", "token_loss_sum", "prepare_model", "plot_losses", "summary_text", "peak_memory_mb"]
@@ -89,6 +96,7 @@ class Run:
     total_params: int
     say: Callable
     data_report: list[str] = field(default_factory=list)
+    fsdp: bool = False  # the model is sharded with FSDP2 (sharding="fsdp" and two or more processes)
     work: Path | None = None
     start_step: int = 0
     done: int = 0  # optimizer steps finished
@@ -97,8 +105,10 @@ class Run:
     losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     tokens_done: int = 0
-    t_start: float = field(default_factory=time.perf_counter)
+    t_start: float = 0.0  # when fit() began: seconds count the loop (steps, evaluations, checkpoints), not loading
     t_loop: float = 0.0
+    seconds_before: float = 0.0  # a resumed run's seconds and peak up to its checkpoint
+    peak_before: float = 0.0
 
     @property
     def global_batch(self) -> int:
@@ -143,23 +153,44 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     """Everything before the first step; nothing is written. `model` = (model, tokenizer) skips loading it and
     `prepare(model, cfg, base_path)` replaces prepare_model (the seams the benchmark uses)."""
     from ..models import load_model, load_model_nf4, resolve_model
+    from ..models.loading import load_tokenizer
 
     dist_info = init_distributed(cfg.device)
     device = pick_run_device(cfg.device, dist_info)
+    reset_peak_memory(device)  # the run's own peak, not the process's so far (a sweep trains several runs)
     say = (log or print) if dist_info.main else (lambda *a, **k: None)
     base_path = resolve_model(cfg.model)
     check_data_files(cfg)
     mode = plan_output(cfg, resume, overwrite, inputs=[cfg.data, cfg.eval_data or None, base_path])
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if model is None:  # QLoRA quantizes while loading, so the full-precision model is never in memory at once
-        model = (load_model_nf4 if cfg.method == "qlora" else load_model)(base_path, device)
+    fsdp = _fsdp(cfg, dist_info, say)
+    # FSDP builds the model on the meta device and loads it straight into shards (load_into_shards), so no
+    # process ever holds the whole model; a model passed in, a custom `prepare`, modules_to_save (full copies
+    # made from the base's values) or weights not in safetensors take the ordinary load, then shard_model.
+    skeleton = (meta_model(base_path) if fsdp and model is None and prepare is None
+                and not cfg.lora.modules_to_save
+                and cfg.lora.init_lora_weights != "loftq" else None)
+    if skeleton is not None:
+        model = (skeleton, load_tokenizer(base_path))
+    elif model is None:  # QLoRA quantizes while loading, so the full-precision model is never in memory at once
+        nf4 = cfg.method == "qlora" and cfg.lora.init_lora_weights != "loftq"  # LoftQ needs the dense weights
+        model = (load_model_nf4 if nf4 else load_model)(base_path, device)
     net, tokenizer = model
     train_data, eval_data, data_report = load_data(cfg, tokenizer)
     for line in data_report:
         say(f"data  {line}")
-    lora = (prepare or prepare_model)(net, cfg, base_path)
-    named, trainable, total = _trainable(net, cfg, base_path, say)
+    # On the meta device QLoRA's quantization waits for the weights (load_into_shards); the adapters are the same.
+    lora = (prepare or prepare_model)(net, cfg if skeleton is None or cfg.method != "qlora"
+                                      else dataclasses.replace(cfg, method="lora"), base_path)
+    trainable, total = _trainable(net, cfg, base_path, say, dist_info.world if fsdp else 1)
+    fsdp_options = dict(bf16=cfg.bf16, reshard_after_forward=cfg.fsdp_reshard_after_forward,
+                        cpu_offload=cfg.fsdp_cpu_offload, say=say)
+    if skeleton is not None:
+        load_into_shards(net, base_path, dist_info, device, qlora=cfg.method == "qlora", **fsdp_options)
+    elif fsdp:
+        shard_model(net, dist_info, device, **fsdp_options)
+    named = {n: p for n, p in net.named_parameters() if p.requires_grad}
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_data.examples)
                                                 / (cfg.batch_size * cfg.grad_accum * dist_info.world)))
     optimizer, scheduler = make_optimizer(named, cfg, total_steps)
@@ -167,7 +198,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
               model=net, tokenizer=tokenizer, is_lora=lora is not None, named=named, train_data=train_data,
               eval_data=eval_data, sampler=Sampler(len(train_data.examples), cfg.seed), optimizer=optimizer,
               scheduler=scheduler, total_steps=total_steps, trainable=trainable, total_params=total, say=say,
-              data_report=data_report)
+              data_report=data_report, fsdp=fsdp)
     if resume:
         resume_from_checkpoint(run)
     return run
@@ -206,7 +237,21 @@ def plan_output(cfg: TrainConfig, resume: bool, overwrite: bool, inputs: list) -
     return "restart"
 
 
-def _trainable(model, cfg: TrainConfig, base_path: Path, say) -> tuple[dict, int, int]:
+def _fsdp(cfg: TrainConfig, dist_info: Dist, say) -> bool:
+    """Whether this run shards with FSDP: sharding="fsdp" under torchrun with two or more processes."""
+    if cfg.sharding != "fsdp":
+        return False
+    if cfg.fsdp_cpu_offload and not torch.cuda.is_available():
+        raise TrainingError("fsdp_cpu_offload=true keeps FSDP's shards in CPU memory between uses on a GPU run; "
+                            "this machine has no CUDA device, so there is nothing to offload: drop the option")
+    if dist_info.world == 1:
+        say("sharding=fsdp with one process: nothing to shard, training as a single process (launch with "
+            "torchrun --nproc_per_node N to shard over N processes)")
+        return False
+    return True
+
+
+def _trainable(model, cfg: TrainConfig, base_path: Path, say, processes: int = 1) -> tuple[int, int]:
     from ..lora import trainable_parameters
 
     if cfg.gradient_checkpointing:
@@ -215,9 +260,8 @@ def _trainable(model, cfg: TrainConfig, base_path: Path, say) -> tuple[dict, int
         model.config.use_cache = False
     report = trainable_parameters(model)
     say(report.summary())
-    say(_memory_plan_line(cfg, base_path))
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return named, report.trainable, report.total
+    say(_memory_plan_line(cfg, base_path, processes))
+    return report.trainable, report.total
 
 
 def _apply_lr(run: Run, step: int) -> None:
@@ -239,17 +283,31 @@ def _adapter_writer(model):
     return lambda folder: save_adapter(model, folder)
 
 
-def _memory_plan_line(cfg: TrainConfig, base_path: Path) -> str:
+def _sharded_adapter_writer(run: Run):
+    """save_adapter for every process of an FSDP run: all gather the adapter, the main process writes it."""
+    from ..adapters import save_adapter
+
+    def write(folder: Path) -> None:
+        with whole_parameters(run.model, run.dist, trainable_only=True) if run.fsdp else contextlib.nullcontext():
+            if run.dist.main:
+                save_adapter(run.model, folder)
+    return write
+
+
+def _memory_plan_line(cfg: TrainConfig, base_path: Path, processes: int = 1) -> str:
     """One line of rankdial.memory's plan for this run (Llama-shaped models; others get a short note)."""
     targets = cfg.lora.target_modules if cfg.method != "full" else "all-linear"
     try:
         plan = estimate_memory(base_path, method=cfg.method, rank=cfg.lora.r, targets=targets,  # weights load fp32
                                batch_size=cfg.batch_size, seq_len=cfg.max_length, dtype="fp32",
-                               gradient_checkpointing=cfg.gradient_checkpointing)
+                               gradient_checkpointing=cfg.gradient_checkpointing, processes=processes,
+                               sharding="fsdp" if processes > 1 else "ddp", optimizer=cfg.optimizer,
+                               loss_chunk=cfg.loss_chunk)
     except RankdialError as err:  # a model that is not Llama-shaped, or targets given as a pattern
         return f"memory plan: not available for this model/targets ({_first_line(err)})"
     terms = ", ".join(f"{k} {v / MIB:.0f}" for k, v in plan.terms().items() if v)
-    return f"memory plan (rankdial.memory): peak ~{plan.total_bytes / MIB:.0f} MiB ({terms} MiB)"
+    per = f" per process ({processes}, fsdp)" if processes > 1 else ""
+    return f"memory plan (rankdial.memory): peak ~{plan.total_bytes / MIB:.0f} MiB{per} ({terms} MiB)"
 
 
 def _first_line(err: BaseException) -> str:
@@ -263,19 +321,41 @@ def resume_from_checkpoint(run: Run) -> None:
         run.say(f"--resume: no usable checkpoint in {run.out}; starting from step 0")
         return
     saved = found.state
+    _check_sharding(run, found)
     if saved.get("global_batch") != run.global_batch or saved.get("total_steps") != run.total_steps:
         raise TrainingError(f"checkpoint {found.path} was written with global batch {saved.get('global_batch')} "
                             f"and {saved.get('total_steps')} steps; this run has {run.global_batch} and "
                             f"{run.total_steps}. Resume with the same config and number of processes")
+    if saved.get("optimizer", "adamw") != run.cfg.optimizer:  # the states of one do not fit the other
+        raise TrainingError(f"checkpoint {found.path} was written with optimizer={saved.get('optimizer', 'adamw')!r}; "
+                            f"this run has {run.cfg.optimizer!r}. Resume with the optimizer it was written with")
     try:
-        ckpt_io.load_into(found, run.named, run.optimizer, run.scheduler)
+        if run.cfg.sharding == "fsdp":
+            ckpt_io.load_sharded_into(found, run.named, run.optimizer, run.scheduler, run.dist.rank)
+        else:
+            ckpt_io.load_into(found, run.named, run.optimizer, run.scheduler)
     except (ValueError, RuntimeError) as err:  # RuntimeError: a tensor of another shape (another r)
         raise TrainingError(f"checkpoint {found.path} does not fit this run ({_first_line(err)}); resume with the "
                             "config it was written with") from None
     _apply_lr(run, found.step)
     run.start_step = run.done = run.resumed_from = found.step
+    run.seconds_before, run.peak_before = saved.get("seconds", 0.0), saved.get("peak_memory_mb", 0.0)
     run.last_checkpoint = found
     run.say(f"resumed from {found.path} (step {found.step})")
+
+
+def _check_sharding(run: Run, found: ckpt_io.Checkpoint) -> None:
+    """A checkpoint resumes under the sharding that wrote it; an FSDP one on any number of processes (DCP
+    reshards it), said in one line when the number changed."""
+    saved = found.state.get("sharding", "ddp")  # checkpoints from before sharding existed are DDP's
+    world = found.state.get("world_size")
+    if saved != run.cfg.sharding:
+        raise TrainingError(f"checkpoint {found.path} was written with sharding={saved} on {world} process(es); "
+                            f"this run has sharding={run.cfg.sharding} on {run.dist.world}. Resume with "
+                            f"--sharding {saved} (the two store their tensors differently)")
+    if saved == "fsdp" and world != run.dist.world:
+        run.say(f"--resume: checkpoint {found.path} was written by {world} process(es); resharding it to "
+                f"{run.dist.world}")
 
 
 @contextlib.contextmanager
@@ -307,6 +387,7 @@ def fit(run: Run, on_step: Callable[[Run], None] | None = None) -> None:
     on_step(run), if given, is called after each step and its evaluation (the playground streams from it; an
     exception it raises stops the run there)."""
     cfg = run.cfg
+    run.t_start = time.perf_counter()
     if run.dist.main:
         write_json(run.work / CONFIG_NAME, {**cfg.to_dict(), "base_model": str(run.base_path),
                                             "world_size": run.dist.world})
@@ -343,9 +424,11 @@ def step(run: Run, model, s: int) -> tuple[float, float]:
     for m, batch in enumerate(micro):
         batch = {k: v.to(run.device) for k, v in batch.items()}
         last = m == len(micro) - 1
-        with model.no_sync() if (run.dist.world > 1 and not last) else contextlib.nullcontext():
-            loss_sum = token_loss_sum(model, batch, run.autocast)
-            # DDP averages gradients over processes; scale so the result is d(sum / targets).
+        # DDP: one all-reduce per step, at the last micro-batch. FSDP reduce-scatters each micro-batch's
+        # gradient into the shards (skipping it would hold every layer's whole gradient until the last one).
+        with model.no_sync() if (run.dist.world > 1 and not last and not run.fsdp) else contextlib.nullcontext():
+            loss_sum = token_loss_sum(model, batch, run.autocast, run.cfg.loss_chunk)
+            # DDP and FSDP average gradients over processes; scale so the result is d(sum / targets).
             (loss_sum * (run.dist.world / targets)).backward()
         loss += loss_sum.item()
         run.tokens_done += int(batch["attention_mask"].sum())
@@ -357,7 +440,8 @@ def step(run: Run, model, s: int) -> tuple[float, float]:
     # The norm is computed even without clipping (inf leaves the gradients as they are): a finite loss can still
     # give non-finite gradients, and one optimizer step with them would poison every weight and checkpoint.
     max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
-    norm = float(torch.nn.utils.clip_grad_norm_(list(run.named.values()), max_norm))
+    # Under FSDP the gradients are DTensor shards: clip_grad_norm_ gives the global norm across them.
+    norm = float(full_value(torch.nn.utils.clip_grad_norm_(list(run.named.values()), max_norm)))
     if not math.isfinite(norm):
         run.optimizer.zero_grad(set_to_none=True)
         raise TrainingError(f"the gradient norm became {norm} at step {s + 1} (the loss was {loss:.4g}); training "
@@ -384,7 +468,8 @@ def _micro_batches(run: Run, s: int) -> tuple[list[dict], int]:
 
 def evaluate_now(run: Run, at_step: int, bar=None) -> float:
     """The mean token loss over the evaluation set, recorded for step `at_step`."""
-    e = evaluate(run.model, run.eval_data, run.cfg.batch_size, run.tokenizer.pad_token_id, run.device, run.autocast)
+    e = evaluate(run.model, run.eval_data, run.cfg.batch_size, run.tokenizer.pad_token_id, run.device, run.autocast,
+                 run.cfg.loss_chunk)
     run.eval_losses.append((at_step, e))
     if run.dist.main:
         append_metrics(run.work / METRICS_NAME, {"step": at_step, "eval_loss": e})
@@ -394,11 +479,24 @@ def evaluate_now(run: Run, at_step: int, bar=None) -> float:
 
 
 def save(run: Run) -> None:
-    """A checkpoint of the state after run.done steps (the main process writes it), then prune old ones."""
+    """A checkpoint of the state after run.done steps (the main process writes it; under sharding="fsdp" every
+    process writes its shards), then prune old ones."""
+    state = {"global_batch": run.global_batch, "total_steps": run.total_steps,
+             "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed,
+             "sharding": run.cfg.sharding, "optimizer": run.cfg.optimizer,
+             "seconds": _seconds(run), "peak_memory_mb": max(run.peak_before, peak_memory_mb(run.device))}
+    if run.cfg.sharding == "fsdp":
+        adapter_fn = _sharded_adapter_writer(run) if run.is_lora else None
+        path = ckpt_io.write_sharded_checkpoint(run.work, run.done, run.named, run.optimizer, run.scheduler, state,
+                                                run.dist, adapter_fn)
+        if run.dist.main:
+            note_written(run.work, ["checkpoints"])
+            ckpt_io.prune(run.work, run.cfg.keep_checkpoints)
+        barrier(run.dist)
+        run.last_checkpoint = ckpt_io.Checkpoint(path, run.done, state)
+        return
     if not run.dist.main:
         return
-    state = {"global_batch": run.global_batch, "total_steps": run.total_steps,
-             "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed}
     adapter_fn = _adapter_writer(run.model) if run.is_lora else None
     path = ckpt_io.write_checkpoint(run.work, run.done, run.named, run.optimizer, run.scheduler, state, adapter_fn)
     note_written(run.work, ["checkpoints"])
@@ -417,7 +515,7 @@ def _progress_bar(run: Run):
 
 
 def _wrap_ddp(run: Run):
-    if run.dist.world == 1:
+    if run.dist.world == 1 or run.fsdp:  # FSDP: setup() sharded the model itself
         return run.model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -436,10 +534,15 @@ def _report_step(run: Run, bar, loss: float, lr: float) -> None:
 
 # ---------------------------------------------------------------------------------------------- the end
 
+def _seconds(run: Run) -> float:
+    """The run's training seconds so far: this session's loop plus, after --resume, the sessions before."""
+    return run.seconds_before + time.perf_counter() - run.t_start
+
+
 def result(run: Run) -> TrainResult:
     tps = run.tokens_done * run.dist.world / max(time.perf_counter() - run.t_loop, 1e-9)
     return TrainResult(run.out, run.cfg.method, run.total_steps, run.losses, run.eval_losses, run.trainable,
-                       run.total_params, time.perf_counter() - run.t_start, tps, peak_memory_mb(run.device),
+                       run.total_params, _seconds(run), tps, max(run.peak_before, peak_memory_mb(run.device)),
                        run.resumed_from, run.data_report)
 
 
@@ -448,10 +551,12 @@ def finish(run: Run) -> TrainResult:
     from ..models import default_model_path
 
     res = result(run)
-    if not run.dist.main:
-        return res
-    before = {p.name for p in run.work.iterdir()}
-    save_final_model(run.model, run.tokenizer, run.work, run.is_lora)
+    with whole_parameters(run.model, run.dist, trainable_only=run.is_lora) if run.fsdp else contextlib.nullcontext() as values:
+        if not run.dist.main:
+            return res
+        before = {p.name for p in run.work.iterdir()}
+        # FSDP: the main process holds the gathered model; a full model is saved from the gathered tensors.
+        save_final_model(run.model, run.tokenizer, run.work, run.is_lora, state_dict=None if run.is_lora else values)
     default = run.base_path == default_model_path()
     name = "kjv-llama-tiny (default)" if default else run.base_path.name
     plot_losses(run.work / METRICS_NAME, run.work / PLOT_NAME, title=f"full fine-tuning of {name}"

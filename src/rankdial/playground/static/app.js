@@ -86,9 +86,10 @@ async function updatePlan() {
     $("plan-rows").innerHTML = "";
     methods.forEach((m) => {
       const p = d.plans[m], tr = document.createElement("tr");
-      tr.innerHTML = `<th scope="row">${m}</th><td id="plan-total-${m}" data-bytes="${p.total_bytes}">${gb(p.total_bytes)}</td>` +
-        `<td>${gb(p.weights_bytes)}</td><td>${fmt(p.trainable_params)} (${pct(p.trainable_params / p.total_params)})</td>` +
-        `<td>${p.fits.length ? p.fits.map((g) => g + " GB").join(", ") : "none of " + d.accelerators_gb.join("/") + " GB"}</td>`;
+      // data-label: the column's name, shown beside each value where the table stacks (phone widths, style.css)
+      tr.innerHTML = `<th scope="row">${m}</th><td id="plan-total-${m}" data-label="planned peak" data-bytes="${p.total_bytes}">${gb(p.total_bytes)}</td>` +
+        `<td data-label="weights">${gb(p.weights_bytes)}</td><td data-label="trainable" data-wide>${fmt(p.trainable_params)} (${pct(p.trainable_params / p.total_params)})</td>` +
+        `<td data-label="fits on" data-wide>${p.fits.length ? p.fits.map((g) => g + " GB").join(", ") : "none of " + d.accelerators_gb.join("/") + " GB"}</td>`;
       $("plan-rows").appendChild(tr);
     });
     const legend = Object.entries(TERM_COLORS).map(([k, c]) => `<span><i style="background:${c}"></i>${k}</span>`).join(" ");
@@ -229,7 +230,8 @@ function drawSpectrum() {
   const row = rows[Number($("spectrum-module").value) || 0];
   const { ctx, w, h } = setupCanvas($("spectrum-chart"));
   const box = { l: 52, r: w - 10, t: 10, b: h - 38 }, sv = row.singular_values, max = Math.max(1e-12, ...sv);
-  axes(ctx, box, [1, sv.length], [0, max], "singular value index", "σ");
+  // index k (1-based) labels the middle of its bar: the axis runs from 0.5 to n + 0.5
+  axes(ctx, box, [0.5, sv.length + 0.5], [0, max], "singular value index", "σ", false, integerTicks(1, sv.length));
   const bw = (box.r - box.l) / sv.length;
   sv.forEach((s, i) => { ctx.fillStyle = i < row.rank_90 ? COLORS[0] : "#93c5fd"; ctx.fillRect(box.l + i * bw + 1, box.b - (box.b - box.t) * s / max, Math.max(1, bw - 2), (box.b - box.t) * s / max); });
   const all = rows.map((x) => x.rank_90).sort((a, b) => a - b);
@@ -322,12 +324,15 @@ function drawSteering(f) {
   const bars = [];
   Object.entries(f.tasks).forEach(([task, runs]) => runs.forEach((run) => {
     const label = task + " " + (run.rank == null ? "full" : "r=" + run.rank);
-    bars.push({ label, parts: [{ value: run.eval_loss, color: run.rank == null ? "#64748b" : COLORS[task === Object.keys(f.tasks)[0] ? 0 : 1] }] });
+    const color = run.rank == null ? "#64748b" : COLORS[task === Object.keys(f.tasks)[0] ? 0 : 1];
+    // a diverged run's figures arrive as null (NaN/Inf are not JSON): an empty bar that says so
+    bars.push(run.eval_loss == null ? { label, parts: [], text: "diverged" } : { label, parts: [{ value: run.eval_loss, color }] });
   }));
   $("steer-chart").style.height = Math.max(150, 36 * bars.length + 40) + "px";
   barChart($("steer-chart"), bars, (v) => "eval loss " + v.toFixed(3));
   const gaps = Object.entries(f.tasks).map(([task, runs]) => task + ": LoRA/full eval loss " +
-    runs.filter((r) => r.rank != null).map((r) => "r=" + r.rank + " " + r.loss_over_full.toFixed(2) + "×").join(", "));
+    runs.filter((r) => r.rank != null).map((r) => "r=" + r.rank + " " +
+      (r.loss_over_full == null ? "diverged" : r.loss_over_full.toFixed(2) + "×")).join(", "));
   $("steer-status").textContent = `${f.steps} steps each. ` + gaps.join("; ");
 }
 

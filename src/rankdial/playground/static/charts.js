@@ -22,21 +22,34 @@ function niceRange(lo, hi) {
   return [lo >= 0 ? Math.max(0, lo - pad) : lo - pad, hi + pad];  // losses and bytes never dip below zero
 }
 
-function axes(ctx, box, xr, yr, xlabel, ylabel, ylog) {
+// xticks: the x values to label (default: five evenly spaced); the labels drawn are kept in the canvas's
+// data-xticks and data-yticks (space-separated), so tests can read what a chart says.
+function axes(ctx, box, xr, yr, xlabel, ylabel, ylog, xticks) {
   ctx.strokeStyle = "#888"; ctx.fillStyle = "#444"; ctx.lineWidth = 1;
   ctx.beginPath(); ctx.moveTo(box.l, box.t); ctx.lineTo(box.l, box.b); ctx.lineTo(box.r, box.b); ctx.stroke();
   ctx.textAlign = "right"; ctx.textBaseline = "middle";
+  const ylabels = [], xlabels = [];
   for (let i = 0; i <= 4; i++) {
     const v = yr[0] + (yr[1] - yr[0]) * i / 4, y = box.b - (box.b - box.t) * i / 4;
-    ctx.fillText(ylog ? Math.pow(10, v).toPrecision(2) : Number(v.toPrecision(3)).toString(), box.l - 4, y);
+    ylabels.push(ylog ? Math.pow(10, v).toPrecision(2) : Number(v.toPrecision(3)).toString());
+    ctx.fillText(ylabels[i], box.l - 4, y);
   }
   ctx.textAlign = "center"; ctx.textBaseline = "top";
-  for (let i = 0; i <= 4; i++) {
-    const v = xr[0] + (xr[1] - xr[0]) * i / 4, x = box.l + (box.r - box.l) * i / 4;
-    ctx.fillText(Number(v.toPrecision(3)).toString(), x, box.b + 4);
-  }
+  (xticks || [0, 1, 2, 3, 4].map((i) => xr[0] + (xr[1] - xr[0]) * i / 4)).forEach((v) => {
+    xlabels.push(Number(v.toPrecision(3)).toString());
+    ctx.fillText(xlabels[xlabels.length - 1], box.l + (box.r - box.l) * (v - xr[0]) / (xr[1] - xr[0]), box.b + 4);
+  });
+  ctx.canvas.dataset.xticks = xlabels.join(" ");
+  ctx.canvas.dataset.yticks = ylabels.join(" ");
   ctx.fillText(xlabel, (box.l + box.r) / 2, box.b + 18);
   ctx.save(); ctx.translate(12, (box.t + box.b) / 2); ctx.rotate(-Math.PI / 2); ctx.fillText(ylabel, 0, -6); ctx.restore();
+}
+
+// Integer ticks from lo to hi (indices, counts): at most `most` of them, evenly stepped, starting at lo.
+function integerTicks(lo, hi, most = 6) {
+  const step = Math.max(1, Math.ceil((hi - lo) / (most - 1))), ticks = [];
+  for (let v = lo; v <= hi; v += step) ticks.push(v);
+  return ticks;
 }
 
 // series: [{label, color, dashed, points: [[x, y], ...]}]
@@ -82,7 +95,7 @@ function barChart(canvas, bars, unit, markers) {
     ctx.fillStyle = "#222"; ctx.textAlign = "right"; ctx.textBaseline = "middle";
     ctx.fillText(bar.label, box.l - 6, y + bh / 2);
     ctx.textAlign = "left";
-    const txt = unit(x0);
+    const txt = bar.text ?? unit(x0);  // a bar may say what it is instead ("diverged")
     ctx.fillText(txt, Math.min(X(x0) + 4, box.r - ctx.measureText(txt).width), y + bh / 2);
   });
   (markers || []).forEach((m) => {

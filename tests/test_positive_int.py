@@ -1,0 +1,26 @@
+"""One "positive integer" test (config.is_positive_int) for every rank, count and token budget the library checks."""
+
+import pytest
+
+from rankdial import ConfigError
+from rankdial.config import is_positive_int
+
+
+@pytest.mark.parametrize("value, ok", [(1, True), (64, True), (0, False), (-3, False), (True, False), (1.0, False),
+                                       ("4", False), (None, False)])
+def test_the_predicate(value, ok):
+    assert is_positive_int(value) is ok
+
+
+@pytest.mark.parametrize("bad", [0, True, 2.0])
+def test_every_site_that_uses_it_refuses_the_same_values(bad):
+    from rankdial.memory import lora_params
+    from rankdial.rank.sweep import check_ranks
+
+    with pytest.raises(ConfigError, match="rank r must be an integer"):
+        lora_params(64, 64, bad)
+    with pytest.raises(ConfigError, match="positive integers"):
+        check_ranks([1, bad])
+    with pytest.raises(ConfigError):
+        from rankdial.config import LoraConfig
+        LoraConfig(r=bad)
