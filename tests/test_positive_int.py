@@ -24,3 +24,19 @@ def test_every_site_that_uses_it_refuses_the_same_values(bad):
     with pytest.raises(ConfigError):
         from rankdial.config import LoraConfig
         LoraConfig(r=bad)
+
+
+def test_no_site_writes_the_check_by_hand():
+    """The positive-integer test is config.is_positive_int everywhere: no module spells out its own
+    bool/int/< 1 combination (they drifted: some let True through, some 1.0)."""
+    import re
+    from pathlib import Path
+
+    import rankdial
+
+    by_hand = re.compile(r"isinstance\((\w+(?:\.\w+)?), bool\)[^\n]*isinstance\(\1, int\)[^\n]*\1 < 1"
+                         r"|isinstance\((\w+(?:\.\w+)?), int\)[^\n]*isinstance\(\2, bool\)[^\n]*\2 < 1")
+    root = Path(rankdial.__file__).parent
+    found = [f"{p.relative_to(root)}:{n}" for p in sorted(root.rglob("*.py"))
+             for n, line in enumerate(p.read_text().splitlines(), 1) if by_hand.search(line)]
+    assert found == [], f"use rankdial.config.is_positive_int at {found}"

@@ -232,7 +232,7 @@ def init_problems(value: Any, loftq: Any) -> list[str]:
         p.append(f"loftq_config loftq_bits={loftq.get('loftq_bits')!r}: rankdial's LoftQ quantizes the base to 4-bit "
                  "NF4 only; set loftq_bits = 4")
     it = loftq.get("loftq_iter", 1)
-    if isinstance(it, bool) or not isinstance(it, int) or it < 1:
+    if not is_positive_int(it):
         p.append(f"loftq_config loftq_iter={it!r} must be a positive integer (typical: 1-5)")
     return p
 

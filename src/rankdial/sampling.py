@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import is_positive_int
 from .errors import RequestError
 
 log = logging.getLogger("rankdial.sampling")
@@ -42,7 +43,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         problems = []
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not is_positive_int(self.max_tokens):
             problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:

@@ -43,6 +43,7 @@ from .guard import ApiError, Guard, bearer_matches, error_body
 from .metrics import Metrics
 from .registry import check_adapter_folder_name
 from .schemas import FIELD_HELP, AdapterLoad, ChatRequest, CompletionRequest, LoraLoad, LoraUnload
+from ..config import is_positive_int
 
 log = logging.getLogger("rankdial.serve")
 
@@ -55,7 +56,7 @@ class ApiLimits:
 
     def __post_init__(self):
         problems = [f"{k} must be a positive integer, got {v!r}" for k, v in vars(self).items()
-                    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1)]
+                    if v is not None and not is_positive_int(v)]
         if problems:
             raise ConfigError("; ".join(problems))
 

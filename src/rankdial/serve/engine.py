@@ -29,6 +29,7 @@ from .registry import AdapterRegistry, BudgetFull
 from ..sampling import SamplingParams, end_ids, make_generator
 from .runner import Runner, Sequence
 from .scheduler import Scheduler, SchedulerLimits
+from ..config import is_positive_int
 
 log = logging.getLogger("rankdial.serve")
 
@@ -63,8 +64,7 @@ class Engine:
         self.model = model
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         bad = [f"{k} must be a positive integer, got {v!r}" for k, v in (("max_new_tokens", max_new_tokens),
-               ("max_prompt_tokens", max_prompt_tokens)) if v is not None and (isinstance(v, bool) or
-                                                                               not isinstance(v, int) or v < 1)]
+               ("max_prompt_tokens", max_prompt_tokens)) if v is not None and not is_positive_int(v)]
         if bad:
             raise ConfigError("; ".join(bad))
         self.max_new_tokens = max_new_tokens

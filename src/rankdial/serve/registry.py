@@ -33,7 +33,7 @@ from torch import nn
 from ..adapters import read_adapter_config, read_adapter_weights
 from ..adapters.io import check_tensor_shapes, check_adapter_tensors, check_servable, expected_shapes
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
-from ..config import LoraConfig, lora_scaling
+from ..config import LoraConfig, is_positive_int, lora_scaling
 from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable, one_line, shorten
 from ..lora import LoraLayer
 from ..lora.inject import Plan, plan_targets, with_task_heads
@@ -119,8 +119,7 @@ class AdapterRegistry:
     """
 
     def __init__(self, model: nn.Module, root: str | Path | None = None, *, budget_bytes: int | None = None):
-        if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
-                                         or budget_bytes < 1):
+        if budget_bytes is not None and not is_positive_int(budget_bytes):
             raise AdapterError(f"budget_bytes must be a positive integer (bytes), got {budget_bytes!r}; e.g. {1 << 28}")
         if root is not None and not Path(root).is_dir():
             raise AdapterFileError(f"adapters folder {root} does not exist or is not a folder; create it or pass "

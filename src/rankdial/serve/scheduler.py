@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..config import is_positive_int
 from ..errors import ConfigError, RequestError
 
 WAITING, RUNNING, FINISHED, CANCELLED = "waiting", "running", "finished", "cancelled"
@@ -36,7 +37,7 @@ class SchedulerLimits:
         problems = [f"{name} must be a positive integer, got {value!r}"
                     for name, value in (("max_batch_size", self.max_batch_size),
                                         ("max_tokens_in_flight", self.max_tokens_in_flight))
-                    if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+                    if not is_positive_int(value)]
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -111,7 +112,7 @@ class Scheduler:
         if adapter is not None and not isinstance(adapter, str):
             raise RequestError(f"request {request_id!r}: adapter is a name or None (the base), got {adapter!r}")
         for name, value in (("prompt_tokens", prompt_tokens), ("max_tokens", max_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 raise RequestError(f"request {request_id!r}: {name} must be a positive integer, got {value!r}")
         if prompt_tokens + max_tokens > self.limits.max_tokens_in_flight:
             raise RequestError(
