@@ -14,11 +14,19 @@ Models:
     default   the embedded kjv-llama-tiny (4.5M params), the bundled pydoc_qa sample data, batch 16
     large     a Llama shape with hidden 1024, MLP 2816, 12 layers, 16 heads (random weights, 150M params,
               600 MB in fp32), same data, batch 4: weights, not activations, dominate memory
+    0.5b      the ~0.5B Llama shape of model_shapes.py (hidden 1024, 30 layers, 16 heads, MLP 4096, vocab 4096,
+              508M params, 2 GB in fp32; random weights), batch 2, rankdial-lora and peft-lora only (a step
+              takes seconds on one core); run alone with --model 0.5b
 
     .venv/bin/python benchmarks/bench_train.py           # ~6 minutes on 2 CPU cores
     .venv/bin/python benchmarks/bench_train.py --quick   # a smoke run
+    .venv/bin/python benchmarks/bench_train.py --quick --model 0.5b   # the realistic size alone, a few minutes
 
 Ends with one JSON line of figures.
+
+Figures, `BENCH_THREADS=1 heavy .venv/bin/python benchmarks/bench_train.py --quick --model 0.5b` (h-S; one core of
+the shared 2-core machine, ~4 minutes; 5 steps, 2 timed, 1 round): rankdial-lora 38.0 tokens/s, peft-lora 36.9:
+lora_speedup_vs_peft_0_5b 1.03; peak RSS 2,953 vs 3,185 MB; the same losses (8.628 -> 7.381) in both.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ MODES = ("rankdial-lora", "peft-lora", "rankdial-qlora", "peft-qlora", "rankdial
 MODELS = {
     "default": dict(batch=16, steps=40, skip=5),
     "large": dict(batch=4, steps=12, skip=3),
+    "0.5b": dict(batch=2, steps=8, skip=2, modes=("rankdial-lora", "peft-lora")),
 }
 R = 16
 
@@ -120,7 +129,7 @@ def child(mode: str, model_dir: str, batch: int, steps: int, skip: int) -> None:
 
 
 def run_child(mode: str, model_dir: str, spec: dict) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--model", model_dir, "--batch", str(spec["batch"]),
+    cmd = [sys.executable, __file__, "--child", mode, "--model-dir", model_dir, "--batch", str(spec["batch"]),
            "--steps", str(spec["steps"]), "--skip", str(spec["skip"])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
@@ -132,16 +141,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--only", choices=list(MODELS), help="run one model only")
+    p.add_argument("--model", "--only", dest="only", choices=list(MODELS),
+                   help="run this model only (default: default and large; 0.5b runs only when named)")
     p.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", dest="model_dir", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--skip", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", min(2, os.cpu_count() or 1))))
     if args.child:
-        child(args.child, args.model, args.batch, args.steps, args.skip)
+        child(args.child, args.model_dir, args.batch, args.steps, args.skip)
         return
     import bitsandbytes
     import peft
@@ -156,29 +166,38 @@ def main() -> None:
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {"default": str(default_model_path())}
-        if args.only != "default":
+        if args.only in (None, "large"):
             dirs["large"] = str(make_large(Path(tmp) / "large"))
+        if args.only == "0.5b":
+            from model_shapes import make_500m
+
+            dirs["0.5b"] = str(make_500m(Path(tmp) / "0.5b"))
         for name, spec in MODELS.items():
-            if args.only and name != args.only:
+            if name not in dirs or (args.only and name != args.only):
                 continue
             spec = dict(spec)
+            modes = spec.pop("modes", MODES)
             if args.quick:
                 spec.update(steps=spec["skip"] + 3)
-            runs = {m: [] for m in MODES}
+            runs = {m: [] for m in modes}
             for _ in range(rounds):
-                for m in MODES:
+                for m in modes:
                     runs[m].append(run_child(m, dirs[name], spec))
-            tps = {m: statistics.median(r["tokens_per_s"] for r in runs[m]) for m in MODES}
-            rss = {m: statistics.median(r["peak_rss_mb"] for r in runs[m]) for m in MODES}
+            tps = {m: statistics.median(r["tokens_per_s"] for r in runs[m]) for m in modes}
+            rss = {m: statistics.median(r["peak_rss_mb"] for r in runs[m]) for m in modes}
             ratio = lambda a, b: statistics.median(x["tokens_per_s"] / y["tokens_per_s"]  # noqa: E731
                                                    for x, y in zip(runs[a], runs[b]))
             print(f"\n{name}: batch {spec['batch']}, {spec['steps']} steps (first {spec['skip']} not timed)")
             print(f"  {'mode':<15} {'tokens/s':>9} {'peak RSS MB':>12} {'loss first -> last':>20}")
-            for m in MODES:
+            for m in modes:
                 r = runs[m][0]
                 print(f"  {m:<15} {tps[m]:>9.0f} {rss[m]:>12.1f} {r['loss_first']:>10.3f} -> {r['loss_last']:.3f}")
-            suffix = "" if name == "default" else "_large"
+            suffix = {"default": "", "large": "_large", "0.5b": "_0_5b"}[name]
             out[f"lora_speedup_vs_peft{suffix}"] = round(ratio("rankdial-lora", "peft-lora"), 3)
+            if name == "0.5b":
+                out.update({f"{m.replace('-', '_')}_tokens_per_s{suffix}": round(tps[m], 1) for m in modes})
+                out.update({f"{m.replace('-', '_')}_peak_rss_mb{suffix}": round(rss[m], 1) for m in modes})
+                continue
             out[f"qlora_speedup_vs_peft_bnb{suffix}"] = round(ratio("rankdial-qlora", "peft-qlora"), 3)
             out[f"lora_speedup_vs_full{suffix}"] = round(ratio("rankdial-lora", "rankdial-full"), 3)
             out[f"lora_ratio_vs_floor{suffix}"] = round(ratio("floor", "rankdial-lora"), 3)  # time / floor time
