@@ -64,9 +64,8 @@ Figures (2-core machine shared by 5 people; rounds of the same configuration dif
   run: 128 adapters of this shape hold 2.7 GB), base_speedup_vs_transformers 1.18 (static generate 28.0 tok/s;
   generate_batch skipped in this quick mode), speedup_vs_swap 5.0 (4.4 tok/s), speedup_vs_peft_mixed 1.49 (14.7),
   load_ratio_vs_raw_read 3.8 (30.0 ms vs 7.9 ms), p50/p99 ms base 14,146/19,479, 32 adapters 20,328/29,207,
-  memory merged/adapters 23.6x. One adapter already costs 25% at this size, where arithmetic, not Python, dominates:
-  the LoRA terms are ~1% of the flops, so the routed path's per-row copies of A and B (the gather path copies each
-  row's adapter, 5.6M parameters per row per step here) are the next thing to profile.
+  memory merged/adapters 23.6x. One adapter already costs 25% at this size, where the LoRA terms are ~1% of the
+  flops: not profiled yet (one round on a shared machine; the next thing to look at).
 """
 
 from __future__ import annotations
