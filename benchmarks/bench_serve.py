@@ -210,6 +210,8 @@ def main() -> None:
     parser.add_argument("--model", choices=("default", "0.5b"), default="default",
                         help="default: the embedded kjv-llama-tiny; 0.5b: the ~0.5B Llama shape of model_shapes.py "
                              "(random weights; 32 requests (64 full), 32 adapters, 1 round, no generate_batch in quick)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the engine's decode step through torch.compile (Engine(compile=True), warmed up first)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from rankdial.models import load_model, resolve_model
@@ -230,10 +232,12 @@ def main() -> None:
         model_path = str(make_500m(root / "model-0.5b"))
     names = make_adapters(root / "adapters", n_adapters, model_path)
     root = root / "adapters"
-    engine = Engine.from_pretrained(model_path, str(root), device="cpu", max_batch_size=64, freeze_gc=True)
+    engine = Engine.from_pretrained(model_path, str(root), device="cpu", max_batch_size=64, freeze_gc=True,
+                                    compile=args.compile)
     print(json.dumps({"config": {"requests": n_req, "rank": RANK, "threads": args.threads, "max_batch_size": 64,
                                  "device": "cpu", "model": "0.5b (model_shapes.SHAPE_500M)" if big else "kjv-llama-tiny",
-                                 "adapters": n_adapters, "rounds": ROUNDS, "quick": args.quick}}))
+                                 "adapters": n_adapters, "rounds": ROUNDS, "quick": args.quick,
+                                 "compile": engine.runner.compile_status, "compile_warmup_s": engine.compile_seconds}}))
     for name in names:
         engine.registry.load(name)  # all resident, as a warm server holds them
     base, tok = load_model(resolve_model(model_path))  # transformers' own copy of the base, for hf_generate
