@@ -66,6 +66,14 @@ Figures (2-core machine shared by 5 people; rounds of the same configuration dif
   load_ratio_vs_raw_read 3.8 (30.0 ms vs 7.9 ms), p50/p99 ms base 14,146/19,479, 32 adapters 20,328/29,207,
   memory merged/adapters 23.6x. One adapter already costs 25% at this size, where the LoRA terms are ~1% of the
   flops: not profiled yet (one round on a shared machine; the next thing to look at).
+  `OMP_NUM_THREADS=1 heavy .venv/bin/python benchmarks/bench_serve.py --quick --compile` against the same without
+  --compile (h-S; the two ran at the same time, one core each, so compare each run's ratios, not its tok/s):
+  compiled: warm-up 34.8 s at start-up, base 2,184 tok/s (its first round 45.7: compiling), 32 adapters 1,559,
+  128 adapters 1,139, ratio_32_vs_base 0.71, ratio_128_vs_base 0.52, base_speedup_vs_transformers 1.31, load 2.7;
+  torch._dynamo hit its recompile limit (8) in the first round (each new adapter mix recompiles the routed LoRA),
+  past which the decode step ran eagerly. Eager: base 2,897, 32 adapters 1,979, 128 adapters 1,622,
+  ratio_32_vs_base 0.68, ratio_128_vs_base 0.56, base_speedup_vs_transformers 1.21, load 2.9.
+  No win from compile on this CPU: `rankdial serve` keeps it off by default (serve.runner.COMPILE_OFF_REASON).
 """
 
 from __future__ import annotations

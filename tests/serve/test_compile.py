@@ -103,3 +103,20 @@ def test_inductor_compiled_greedy_equals_eager(adapters_dir, eager):
     out, eng = texts(adapters_dir, compile=True, max_batch_size=8)
     assert eng.runner.compile_status == "on", eng.runner.compile_status
     assert out == eager
+
+
+def test_the_start_up_line_reports_compile_off_its_time_or_its_failure():
+    from types import SimpleNamespace
+
+    import torch
+
+    from rankdial.serve.launch import _compile_words
+
+    def engine(seconds, status, device="cpu"):
+        runner = SimpleNamespace(compile_status=status, device=torch.device(device))
+        return SimpleNamespace(compile_seconds=seconds, runner=runner)
+
+    assert _compile_words(engine(None, "off")) == "compile off: measured ~2x slower than eager on a CPU"
+    assert _compile_words(engine(None, "off", "meta")) == "compile off"
+    assert _compile_words(engine(41.23, "on")) == "compiled decode step warmed up in 41.2 s"
+    assert _compile_words(engine(2.0, "failed: RuntimeError: x")) == "compile failed after 2.0 s, decoding eagerly"
