@@ -25,7 +25,8 @@ overwrites what the failed one wrote). The routed LoRA runs inside the graph; it
 graph guards on, so a new mix of adapters in the batch recompiles (up to torch._dynamo's recompile limit, past
 which that code runs eagerly). Measured on this CPU (2 cores, the embedded 4.5M model, 18 requests of 24
 tokens, 4 adapter mixes): compiled 0.49 s per run against eager 0.23-0.26 s, after ~190 s of compiling five
-variants: so it is off by default (COMPILE_OFF_REASON).
+variants: so it is off by default (COMPILE_OFF_REASON). The CUDA path (reduce-overhead, the cache written in
+place inside the graph) has not been run on a GPU yet.
 
 Sampling is rankdial.sampling's (the one sampler of the server and `rankdial generate`): a row it cannot sample
 is marked on its Sequence (failure) and the engine ends that request alone.
