@@ -35,6 +35,13 @@ rankdial-lora 2,396 tokens/s, peft-lora 2,215, rankdial-lora-compile 2,659, peft
 lora_speedup_vs_peft 1.08, lora_compile_speedup_vs_peft 1.20 (target 1.3: missed in this run),
 lora_compile_speedup_vs_peft_compile 1.22, lora_compile_speedup_vs_lora 1.11, peft_compile_speedup_vs_peft 0.98;
 all four the same losses (8.408 -> 7.678). Three timed steps of one round: too few to switch compile on by default.
+The same four modes full (`... --rounds 2 --model default --modes ...`, 40 steps, 35 timed, 2 rounds, ~5 minutes):
+rankdial-lora 2,295, peft-lora 2,566, rankdial-lora-compile 3,052, peft-lora-compile 3,077 tokens/s:
+lora_compile_speedup_vs_lora 1.42, peft_compile_speedup_vs_peft 1.20, lora_compile_speedup_vs_peft 1.19 (target
+1.3: missed), lora_compile_speedup_vs_peft_compile 0.99, lora_speedup_vs_peft 0.89 (1.08 in the quick run above:
+eager against eager is within this machine's noise); the same losses (8.408 -> 5.795) in all four. compile stays
+off by default: it wins ~1.4x on steady steps here but costs ~20 s of compiling at the first step (a short run
+loses) and every other training path (QLoRA, DoRA, FSDP, gradient checkpointing) is untested with it.
 """
 
 from __future__ import annotations
