@@ -16,6 +16,10 @@ times and reports its best round (the machine is shared: the slow round is noise
 hf_generate interleave within a round.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve.py --quick     # ~2 minutes on one core
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serve.py --quick --model 0.5b   # ~7 minutes on one core
+--model 0.5b: the ~0.5B Llama shape of model_shapes.py (hidden 1024, 30 layers, 16 heads, MLP 4096, vocab 4096,
+508M parameters, random weights from seed 0, built into a temporary folder; no download): 32 requests (64 full),
+32 adapters (no 128 mix), swap on 4 (8 full); in quick mode 1 round and no generate_batch.
 
 Ends with one JSON line of figures and ratios.
 
@@ -54,6 +58,22 @@ Figures (2-core machine shared by 5 people; rounds of the same configuration dif
   the base rose most. Three other after-runs that session: ratio_32 0.72/0.67/0.82, ratio_128 0.67/0.62/0.79,
   load 2.9/2.9/2.9, base_speedup 0.97/1.27/1.01 (one earlier before-run: 0.65, 0.65, 3.7, 1.09): rounds differ more
   than the change.
+  `OMP_NUM_THREADS=1 heavy .venv/bin/python benchmarks/bench_serve.py --quick --model 0.5b` (h-S; the ~0.5B shape of
+  model_shapes.py, 32 requests, 32 adapters, 1 round, ~7 minutes on one core of the shared machine):
+  base 32.9 tok/s, 1 adapter 24.7, 8 adapters 24.9, 32 adapters 21.9: ratio_32_vs_base 0.67 (ratio_128_vs_base not
+  run: 128 adapters of this shape hold 2.7 GB), base_speedup_vs_transformers 1.18 (static generate 28.0 tok/s;
+  generate_batch skipped in this quick mode), speedup_vs_swap 5.0 (4.4 tok/s), speedup_vs_peft_mixed 1.49 (14.7),
+  load_ratio_vs_raw_read 3.8 (30.0 ms vs 7.9 ms), p50/p99 ms base 14,146/19,479, 32 adapters 20,328/29,207,
+  memory merged/adapters 23.6x. One adapter already costs 25% at this size, where the LoRA terms are ~1% of the
+  flops: not profiled yet (one round on a shared machine; the next thing to look at).
+  `OMP_NUM_THREADS=1 heavy .venv/bin/python benchmarks/bench_serve.py --quick --compile` against the same without
+  --compile (h-S; the two ran at the same time, one core each, so compare each run's ratios, not its tok/s):
+  compiled: warm-up 34.8 s at start-up, base 2,184 tok/s (its first round 45.7: compiling), 32 adapters 1,559,
+  128 adapters 1,139, ratio_32_vs_base 0.71, ratio_128_vs_base 0.52, base_speedup_vs_transformers 1.31, load 2.7;
+  torch._dynamo hit its recompile limit (8) in the first round (each new adapter mix recompiles the routed LoRA),
+  past which the decode step ran eagerly. Eager: base 2,897, 32 adapters 1,979, 128 adapters 1,622,
+  ratio_32_vs_base 0.68, ratio_128_vs_base 0.56, base_speedup_vs_transformers 1.21, load 2.9.
+  No win from compile on this CPU: `rankdial serve` keeps it off by default (serve.runner.COMPILE_OFF_REASON).
 """
 
 from __future__ import annotations
@@ -80,12 +100,12 @@ def requests(n: int) -> list[tuple[str, int]]:
     return [(PROMPTS[k % len(PROMPTS)], (8, 16, 24, 32)[(k * 3) % 4]) for k in range(n)]
 
 
-def make_adapters(root: Path, n: int) -> list[str]:
+def make_adapters(root: Path, n: int, model_path: str = "default") -> list[str]:
     import rankdial as rd
     from rankdial.lora import lora_layers
     from rankdial.models import load_model, resolve_model
 
-    model, _ = load_model(resolve_model("default"))
+    model, _ = load_model(resolve_model(model_path))
     rd.inject(model, rd.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear"), adapter="default")
     names = []
     for k in range(n):
@@ -195,24 +215,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 requests, swap on 16 (default: 128 and 32)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", choices=("default", "0.5b"), default="default",
+                        help="default: the embedded kjv-llama-tiny; 0.5b: the ~0.5B Llama shape of model_shapes.py "
+                             "(random weights; 32 requests (64 full), 32 adapters, 1 round, no generate_batch in quick)")
+    parser.add_argument("--compile", action="store_true",
+                        help="the engine's decode step through torch.compile (Engine(compile=True), warmed up first)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from rankdial.models import load_model, resolve_model
     from rankdial.serve import Engine
 
-    n_req = 64 if args.quick else 128
+    global ROUNDS
+    big = args.model == "0.5b"
+    n_req = (32 if args.quick else 64) if big else (64 if args.quick else 128)
+    n_adapters = 32 if big else 128  # 128 adapters of the 0.5B shape hold 2.7 GB: the 0.5B run stops at 32
+    if big and args.quick:
+        ROUNDS = 1
     reqs = requests(n_req)
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    names = make_adapters(root, 128)
-    engine = Engine.from_pretrained("default", str(root), device="cpu", max_batch_size=64, freeze_gc=True)
+    model_path = "default"
+    if big:
+        from model_shapes import make_500m
+
+        model_path = str(make_500m(root / "model-0.5b"))
+    names = make_adapters(root / "adapters", n_adapters, model_path)
+    root = root / "adapters"
+    engine = Engine.from_pretrained(model_path, str(root), device="cpu", max_batch_size=64, freeze_gc=True,
+                                    compile=args.compile)
     print(json.dumps({"config": {"requests": n_req, "rank": RANK, "threads": args.threads, "max_batch_size": 64,
-                                 "device": "cpu", "model": "kjv-llama-tiny", "quick": args.quick}}))
+                                 "device": "cpu", "model": "0.5b (model_shapes.SHAPE_500M)" if big else "kjv-llama-tiny",
+                                 "adapters": n_adapters, "rounds": ROUNDS, "quick": args.quick,
+                                 "compile": engine.runner.compile_status, "compile_warmup_s": engine.compile_seconds}}))
     for name in names:
         engine.registry.load(name)  # all resident, as a warm server holds them
-    base, tok = load_model(resolve_model("default"))  # transformers' own copy of the base, for hf_generate
+    base, tok = load_model(resolve_model(model_path))  # transformers' own copy of the base, for hf_generate
     run_engine(engine, reqs[:8], [None] * 8)  # warm-up
     run_hf_generate(base, tok, reqs[:8])
-    mixes = {"base": [None] * n_req, **{f"engine_{k}": [names[i % k] for i in range(n_req)] for k in (1, 8, 32, 128)}}
+    mixes = {"base": [None] * n_req, **{f"engine_{k}": [names[i % k] for i in range(n_req)] for k in (1, 8, 32, 128) if k <= n_adapters}}
     rounds = {key: [] for key in [*mixes, "hf_generate"]}
     for _ in range(ROUNDS):  # interleaved rounds; the best of each (the machine is shared: the slow round is noise)
         for key, rows in mixes.items():
@@ -221,19 +260,26 @@ def main() -> None:
     res = {key: max(runs, key=lambda r: r["tps"]) for key, runs in rounds.items()}
     res["base_again"] = min(rounds["base"], key=lambda r: r["tps"])
     print(json.dumps({key: [round(r["tps"], 1) for r in runs] for key, runs in rounds.items()}))
-    n_swap = 16 if args.quick else 32
+    n_swap = (4 if args.quick else 8) if big else (16 if args.quick else 32)
     for name in names:  # the classic swap holds one adapter at a time
         engine.registry.unload(name)
     rounds["swap"] = [run_swap(engine, reqs[:n_swap], [names[i % 32] for i in range(n_swap)]) for _ in range(ROUNDS)]
     res["swap"] = max(rounds["swap"], key=lambda r: r["tps"])
     res["load"] = load_figures(engine, root, names, 16)
     engine.shutdown(drain=False)
+    adapter_bytes = engine.registry.info(names[0]).bytes
+    del engine  # the 0.5B run cannot hold a third copy of the base
     print(json.dumps({k: res[k] for k in ("base", "base_again", "swap", "load")}))
 
     import peft
-    rounds["hf_generate_batch"] = [run_hf_generate_batch(base, tok, reqs, limit_s=300) for _ in range(ROUNDS)]
+    if big and args.quick:
+        rounds["hf_generate_batch"] = [{"tps": None, "error": "skipped in the 0.5b quick run (minutes per round)"}]
+    else:
+        rounds["hf_generate_batch"] = [run_hf_generate_batch(base, tok, reqs, limit_s=300) for _ in range(ROUNDS)]
     res["hf_generate_batch"] = max(rounds["hf_generate_batch"], key=lambda r: r.get("tps") or 0)
-    pm = peft.PeftModel.from_pretrained(load_model(resolve_model("default"))[0], str(root / names[0]), adapter_name=names[0])
+    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())  # the base's tensors, in bytes
+    # PEFT wraps transformers' copy of the base in place: it is not used again
+    pm = peft.PeftModel.from_pretrained(base, str(root / names[0]), adapter_name=names[0])
     for name in names[1:32]:
         pm.load_adapter(str(root / name), adapter_name=name)
     rounds["peft_mixed"] = [run_hf_generate(pm.eval(), tok, reqs, [names[i % 32] for i in range(n_req)])
@@ -241,14 +287,14 @@ def main() -> None:
     res["peft_mixed"] = max(rounds["peft_mixed"], key=lambda r: r["tps"])
     print(json.dumps({k: res[k] for k in ("hf_generate", "hf_generate_batch", "peft_mixed")}))
 
-    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())  # the base's tensors, in bytes
-    adapter_bytes = engine.registry.info(names[0]).bytes
     tps_base = res["base"]["tps"]
     hf = max(x["tps"] for x in (res["hf_generate"], res["hf_generate_batch"]) if x.get("tps"))
     final = {
         "tps_base": tps_base, "tps_1_adapter": res["engine_1"]["tps"], "tps_8_adapters": res["engine_8"]["tps"],
-        "tps_32_adapters": res["engine_32"]["tps"], "tps_128_adapters": res["engine_128"]["tps"],
+        "tps_32_adapters": res["engine_32"]["tps"],
+        "tps_128_adapters": res["engine_128"]["tps"] if "engine_128" in res else None,
         "ratio_32_vs_base": res["engine_32"]["tps"] / tps_base,
+        "ratio_128_vs_base": res["engine_128"]["tps"] / tps_base if "engine_128" in res else None,
         "tps_swap": res["swap"]["tps"], "speedup_vs_swap": res["engine_32"]["tps"] / res["swap"]["tps"],
         "tps_peft_mixed": res["peft_mixed"]["tps"], "speedup_vs_peft_mixed": res["engine_32"]["tps"] / res["peft_mixed"]["tps"],
         "tps_hf_generate": res["hf_generate"]["tps"], "tps_hf_generate_batch": res["hf_generate_batch"].get("tps"),
@@ -257,7 +303,7 @@ def main() -> None:
         "p50_ms_base": res["base"]["p50_ms"], "p99_ms_base": res["base"]["p99_ms"],
         "p50_ms_32_adapters": res["engine_32"]["p50_ms"], "p99_ms_32_adapters": res["engine_32"]["p99_ms"],
         "p99_ms_1_adapter": res["engine_1"]["p99_ms"], "p99_ms_8_adapters": res["engine_8"]["p99_ms"],
-        "p99_ms_128_adapters": res["engine_128"]["p99_ms"],
+        "p99_ms_128_adapters": res["engine_128"]["p99_ms"] if "engine_128" in res else None,
         **res["load"],
         "memory_basis": "computed from tensor bytes (numel x element size, float32), not measured",
         "tps_basis": f"every configuration: best of {ROUNDS} rounds (engine mixes and hf_generate interleaved)",

@@ -283,6 +283,9 @@ def add_serve_parser(verbs, fmt) -> None:
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default: 1024)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM / Ctrl-C, seconds to let requests in flight finish before cancelling them (default: 30)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile (inductor; CUDA graphs on a GPU), compiled before "
+                        "the address is printed (default: off; measured slower on a CPU)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(run=cmd_serve)
 

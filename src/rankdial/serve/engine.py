@@ -59,7 +59,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, registry: AdapterRegistry, *, base_name: str = "base",
                  limits: SchedulerLimits | None = None, max_prompt_tokens: int | None = None,
-                 max_new_tokens: int = 512, budget_wait_s: float = 30.0):
+                 max_new_tokens: int = 512, budget_wait_s: float = 30.0, compile: bool = False, log=None):
         self.tokenizer, self.registry, self.base_name = tokenizer, registry, base_name
         self.model = model
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
@@ -75,6 +75,9 @@ class Engine:
         sched = self.scheduler.limits  # the KV cache holds max_batch_size rows of at most this many tokens:
         row_tokens = min(self.context, sched.max_tokens_in_flight, self.max_prompt_tokens + max_new_tokens)
         self.runner = Runner(model, pad if pad is not None else 0, slots=sched.max_batch_size, row_tokens=row_tokens)
+        # compile: the runner's decode step through torch.compile, compiled and warmed up here, before any request
+        # (a failure: one line through log, then eager); compile_seconds is what the warm-up took
+        self.compile_seconds = self.runner.enable_compile(log) if compile else None
         self.eos_ids = end_ids(model, tokenizer)
         self._ids = itertools.count()
         self._inbox: deque[_Live] = deque()
@@ -96,7 +99,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, base: str = "default", adapters_dir: str | None = None, *, qlora: bool = False,
                         device: str | None = None, budget_bytes: int | None = None, freeze_gc: bool = False,
-                        **limits) -> "Engine":
+                        compile: bool = False, log=None, **limits) -> "Engine":
         """Load the base once (NF4 with qlora) and serve the adapter folders under adapters_dir.
 
         limits: max_batch_size, max_tokens_in_flight (SchedulerLimits), max_prompt_tokens, max_new_tokens,
@@ -106,6 +109,8 @@ class Engine:
         adapter loads and decode steps trigger, no longer walk them (a full pass over ~430k objects took ~0.5 s;
         amortised, ~4.6 -> ~0.4 ms per adapter load). Process-wide: cycles among the frozen objects are never
         collected, so leave it off in a process that builds and drops many engines (tests).
+        compile: the decode step through torch.compile (Runner.enable_compile), warmed up before this returns;
+        a failure is one line through log (default: stderr) and the engine decodes eagerly.
         """
         from ..models import load_model, load_model_nf4, pick_device, resolve_model
         from ..models.loading import DEFAULT_MODEL_NAME
@@ -123,7 +128,8 @@ class Engine:
             gc.collect()
             gc.freeze()
         name = DEFAULT_MODEL_NAME if str(base) == "default" else path.name
-        return cls(model, tokenizer, registry, base_name=name, limits=SchedulerLimits(**sched), **limits)
+        return cls(model, tokenizer, registry, base_name=name, limits=SchedulerLimits(**sched), compile=compile,
+                   log=log, **limits)
 
     # -- requests in --------------------------------------------------------------------------------------
     def submit(self, prompt: str | list[int], adapter: str | None = None,

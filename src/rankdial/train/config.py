@@ -57,6 +57,8 @@ class TrainConfig:
         optimizer ("adamw", or "adamw-8bit": blockwise 8-bit moments from bitsandbytes or torchao),
         loss_chunk (rows of logits computed at once by the loss, where exact for the model; 0: all at once),
         gradient_checkpointing, bf16 (autocast), seed, device ("auto", "cpu", "cuda").
+        compile: each decoder layer through torch.compile (inductor), compiled during the first step; off by
+            default (benchmarks/bench_train.py measures it against eager and PEFT with and without compile).
     Processes (torchrun):
         sharding: "ddp" (each process holds the whole model; the default) or "fsdp" (PyTorch's FSDP2
             fully_shard on each decoder layer and the root: weights, gradients and optimizer state sharded).
@@ -89,6 +91,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     loss_chunk: int = 1024
     gradient_checkpointing: bool = False
+    compile: bool = False
     bf16: bool = False
     seed: int = 0
     device: str = "auto"

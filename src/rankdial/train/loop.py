@@ -190,6 +190,8 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         load_into_shards(net, base_path, dist_info, device, qlora=cfg.method == "qlora", **fsdp_options)
     elif fsdp:
         shard_model(net, dist_info, device, **fsdp_options)
+    if cfg.compile:
+        compile_layers(net, say, fsdp)
     named = {n: p for n, p in net.named_parameters() if p.requires_grad}
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_data.examples)
                                                 / (cfg.batch_size * cfg.grad_accum * dist_info.world)))
@@ -258,6 +260,26 @@ def _fsdp(cfg: TrainConfig, dist_info: Dist, say) -> bool:
             "torchrun --nproc_per_node N to shard over N processes)")
         return False
     return True
+
+
+def compile_layers(model, say=print, fsdp: bool = False) -> int:
+    """compile = true: each decoder layer's forward through torch.compile (inductor), in place (nn.Module.compile),
+    so the loss (the head's hook, the chunked cross-entropy) stays eager; the layers compile during the first step.
+    Returns how many layers. A model without decoder layers (model.model.layers), or an FSDP run, is refused."""
+    from ..errors import ConfigError
+
+    if fsdp:
+        raise ConfigError("compile = true is not supported with sharding = \"fsdp\" yet; set compile = false or "
+                          "sharding = \"ddp\"")
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ConfigError(f"compile = true needs a model with decoder layers (model.model.layers); "
+                          f"{type(model).__name__} has none; set compile = false")
+    for layer in layers:
+        layer.compile()
+    say(f"compile  {len(layers)} decoder layers through torch.compile (inductor); the first step compiles them")
+    return len(layers)
 
 
 def _trainable(model, cfg: TrainConfig, base_path: Path, say, processes: int = 1) -> tuple[int, int]:
