@@ -178,3 +178,11 @@ def test_yaml_exponents_without_a_dot_and_binary_config_files(tmp_path):
 def test_a_trainconfig_built_directly_names_values_of_the_wrong_type():
     with pytest.raises(ConfigError, match="batch_size='8' \\(str\\): must be of type int"):
         TrainConfig(data="x", batch_size="8")
+
+
+def test_adamw_8bit_with_fsdp_is_refused_in_one_line():
+    """bitsandbytes' 8-bit step takes plain tensors, FSDP's parameters are DTensors: the run crashed with a stack
+    trace at its first optimizer step, after writing rankdial_train.json and metrics.jsonl."""
+    with pytest.raises(ConfigError, match=r"optimizer='adamw-8bit' with sharding='fsdp'.*optimizer = \"adamw\"") as err:
+        make_config(data="d.jsonl", sharding="fsdp", optimizer="adamw-8bit")
+    assert "\n" not in str(err.value)

@@ -124,6 +124,10 @@ class TrainConfig:
             problems.append(f"sharding={self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "adamw-8bit" and self.sharding == "fsdp":
+            problems.append("optimizer='adamw-8bit' with sharding='fsdp': the 8-bit step (bitsandbytes, torchao) "
+                            "takes whole tensors and FSDP's parameters are shards (DTensors); use optimizer = "
+                            "\"adamw\" under FSDP, or sharding = \"ddp\" for 8-bit states")
         if not self.data:
             problems.append("data is empty: give a JSONL file (data = \"train.jsonl\" or --data train.jsonl)")
         for name in ("max_length", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
