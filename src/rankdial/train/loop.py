@@ -165,9 +165,10 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     fsdp = _fsdp(cfg, dist_info, say)
     # FSDP builds the model on the meta device and loads it straight into shards (load_into_shards), so no
     # process ever holds the whole model; a model passed in, a custom `prepare`, modules_to_save (full copies
-    # made from the base's values) or weights not in safetensors take the ordinary load, then shard_model.
+    # made from the base's values), DoRA (its magnitudes are the base's row norms), LoftQ or weights not in
+    # safetensors take the ordinary load, then shard_model.
     skeleton = (meta_model(base_path) if fsdp and model is None and prepare is None
-                and not cfg.lora.modules_to_save
+                and not cfg.lora.modules_to_save and not cfg.lora.use_dora
                 and cfg.lora.init_lora_weights != "loftq" else None)
     if skeleton is not None:
         model = (skeleton, load_tokenizer(base_path))
