@@ -165,20 +165,27 @@ def test_shard_model_keeps_the_outputs_and_wraps_the_root_of_a_model_without_lay
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_two_process_fsdp_dora_matches_one_process(tmp_path, method):
-    """DoRA's magnitudes are the base's row norms, which the meta-device skeleton does not have: the run stopped
-    with 'could not load [...lora_magnitude_vector...] into the sharded model'. It now loads whole, then shards."""
+@pytest.mark.parametrize("method, option", [("lora", ["--use-dora"]), ("qlora", ["--use-dora"]),
+                                            ("lora", ["--init-lora-weights", "olora"]),
+                                            ("lora", ["--init-lora-weights", "pissa_niter_2"]),
+                                            ("lora", ["--init-lora-weights", "gaussian"])])
+def test_two_process_fsdp_dora_and_inits_match_one_process(tmp_path, method, option):
+    """DoRA's magnitudes are the base's row norms and PiSSA/OLoRA decompose the base's weights, none of which the
+    meta-device skeleton has: DoRA stopped with 'could not load [...lora_magnitude_vector...] into the sharded
+    model', OLoRA trained from kaiming/zero factors on the untouched base (loss 11.59 vs 8.00 at step 2) and
+    died saving ('Cannot copy out of meta tensor'), gaussian started from kaiming. They load whole, then shard."""
     from rankdial import load_adapter
     from rankdial.models import default_model_path, load_model
 
     data = write_jsonl(tmp_path / "d.jsonl", qa_rows(16))
-    single = train(method=method, use_dora=True, data=str(data), output_dir=str(tmp_path / "one"), steps=2,
-                   max_length=32, batch_size=4, **QUIET)
-    proc = torchrun(["--method", method, "--use-dora", "--data", str(data), "--steps", "2", "--max-length", "32",
-                     "--batch-size", "2", "--no-progress", "--sharding", "fsdp", "--output-dir", str(tmp_path / "two")])
+    single = train(method=method, data=str(data), output_dir=str(tmp_path / "one"), steps=2, lr=5e-3,
+                   max_length=32, batch_size=4, **QUIET,
+                   **({"use_dora": True} if option == ["--use-dora"] else {"init_lora_weights": option[1]}))
+    proc = torchrun(["--method", method, *option, "--data", str(data), "--steps", "2", "--max-length", "32",
+                     "--lr", "5e-3", "--batch-size", "2", "--no-progress", "--sharding", "fsdp",
+                     "--output-dir", str(tmp_path / "two")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert losses(tmp_path / "two") == pytest.approx(single.losses, abs=1e-5)
+    assert losses(tmp_path / "two") == pytest.approx(single.losses, rel=1e-5, abs=1e-5)
     ids = torch.tensor([[5, 17, 300, 41, 9, 12]])
     logits = []
     for run in ("one", "two"):
@@ -186,4 +193,5 @@ def test_two_process_fsdp_dora_matches_one_process(tmp_path, method):
         load_adapter(model, tmp_path / run)
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
-    assert (logits[0] - logits[1]).abs().max().item() < 1e-4
+    # 1e-3 on logits of ~10: PiSSA/OLoRA's converted folder holds B·A − B₀·A₀ of large principal parts
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-3

@@ -165,11 +165,12 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
     fsdp = _fsdp(cfg, dist_info, say)
     # FSDP builds the model on the meta device and loads it straight into shards (load_into_shards), so no
     # process ever holds the whole model; a model passed in, a custom `prepare`, modules_to_save (full copies
-    # made from the base's values), DoRA (its magnitudes are the base's row norms), LoftQ or weights not in
+    # made from the base's values), DoRA (its magnitudes are the base's row norms), an init other than
+    # True/False (gaussian draws A otherwise; PiSSA/OLoRA/LoftQ decompose the base's weights) or weights not in
     # safetensors take the ordinary load, then shard_model.
     skeleton = (meta_model(base_path) if fsdp and model is None and prepare is None
                 and not cfg.lora.modules_to_save and not cfg.lora.use_dora
-                and cfg.lora.init_lora_weights != "loftq" else None)
+                and isinstance(cfg.lora.init_lora_weights, bool) else None)
     if skeleton is not None:
         model = (skeleton, load_tokenizer(base_path))
     elif model is None:  # QLoRA quantizes while loading, so the full-precision model is never in memory at once
