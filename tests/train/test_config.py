@@ -186,3 +186,13 @@ def test_adamw_8bit_with_fsdp_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"optimizer='adamw-8bit' with sharding='fsdp'.*optimizer = \"adamw\"") as err:
         make_config(data="d.jsonl", sharding="fsdp", optimizer="adamw-8bit")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key, value", [("use_dora", True), ("init_lora_weights", "pissa"),
+                                        ("init_lora_weights", "gaussian"),
+                                        ("target_parameters", ["mlp.experts.gate_up_proj"])])
+def test_adapter_only_options_with_method_full_are_refused_in_one_line(key, value):
+    """method='full' trains every weight and has no adapter: DoRA, an init or expert targets were dropped silently."""
+    with pytest.raises(ConfigError, match=rf"{key}=.* with method='full'.*method = \"lora\"") as err:
+        make_config(data="d.jsonl", method="full", **{key: value})
+    assert "\n" not in str(err.value)
