@@ -196,3 +196,12 @@ def test_adapter_only_options_with_method_full_are_refused_in_one_line(key, valu
     with pytest.raises(ConfigError, match=rf"{key}=.* with method='full'.*method = \"lora\"") as err:
         make_config(data="d.jsonl", method="full", **{key: value})
     assert "\n" not in str(err.value)
+
+
+def test_a_value_after_a_switch_flag_says_switches_take_none(tmp_path, capsys, monkeypatch):
+    """`--use-dora true` left 'true' as the config file: 'config file true does not exist; pass a .toml'."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "x.jsonl", "--use-dora", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "switches such as --use-dora take no value: write --use-dora or --no-use-dora" in err, err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
