@@ -205,3 +205,11 @@ def test_a_value_after_a_switch_flag_says_switches_take_none(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "switches such as --use-dora take no value: write --use-dora or --no-use-dora" in err, err
     assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_bad_loftq_config_json_shows_a_loftq_example():
+    """The example was rank_pattern's ('{"q_proj": 4}'), which loftq_config then refuses."""
+    from rankdial.train.config import parse_flag_value
+
+    with pytest.raises(ConfigError, match=r"not valid JSON.*e\.g\. --loftq-config '\{\"loftq_bits\": 4, \"loftq_iter\": 1\}'$"):
+        parse_flag_value("loftq_config", '{"loftq_bits":4')

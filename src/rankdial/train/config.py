@@ -354,8 +354,9 @@ def _json(flag: str, text: str, kind: type) -> Any:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{flag} {text!r} is not valid JSON ({err.msg}); e.g. {flag} "
-                          + ("'{\"q_proj\": 4}'" if kind is dict else "'[\"q_proj\", \"v_proj\"]'")) from None
+        example = ("'{\"loftq_bits\": 4, \"loftq_iter\": 1}'" if flag == "--loftq-config" else
+                   "'{\"q_proj\": 4}'" if kind is dict else "'[\"q_proj\", \"v_proj\"]'")
+        raise ConfigError(f"{flag} {text!r} is not valid JSON ({err.msg}); e.g. {flag} {example}") from None
     if not isinstance(value, kind):
         raise ConfigError(f"{flag} {text!r} must be a JSON {'object' if kind is dict else 'list'}")
     return value
