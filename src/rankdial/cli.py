@@ -495,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_missing_line(args.verb, err.name, extra), file=sys.stderr)
         return 2
     except TrainingInterrupted as err:  # says where it stopped, the last checkpoint and --resume
-        print(f"rankdial {args.verb}: {_one_line(err)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process has the same line: the main one says it
+            print(f"rankdial {args.verb}: {_one_line(err)}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # anywhere else, the slow imports included
         print(f"rankdial {args.verb}: interrupted", file=sys.stderr)
