@@ -211,5 +211,6 @@ def test_bad_loftq_config_json_shows_a_loftq_example():
     """The example was rank_pattern's ('{"q_proj": 4}'), which loftq_config then refuses."""
     from rankdial.train.config import parse_flag_value
 
-    with pytest.raises(ConfigError, match=r"not valid JSON.*e\.g\. --loftq-config '\{\"loftq_bits\": 4, \"loftq_iter\": 1\}'$"):
+    example = r"e\.g\. --loftq-config '\{\"loftq_bits\": 4, \"loftq_iter\": 1\}'$"
+    with pytest.raises(ConfigError, match=r"not valid JSON.*" + example):
         parse_flag_value("loftq_config", '{"loftq_bits":4')
