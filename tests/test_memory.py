@@ -184,3 +184,10 @@ def test_estimate_command_passes_loss_chunk_and_optimizer(capsys):
     got = json.loads(capsys.readouterr().out)
     want = estimate_memory("llama-7b", batch_size=8, seq_len=512, loss_chunk=1024, optimizer="adamw-8bit")
     assert got["logits"] == want.logits and got["optimizer"] == want.optimizer and got["settings"]["loss_chunk"] == 1024
+
+
+def test_adamw_8bit_with_fsdp_is_refused_as_train_refuses_it():
+    """train refuses optimizer='adamw-8bit' with sharding='fsdp'; the planner planned it."""
+    with pytest.raises(ConfigError, match=r"optimizer='adamw-8bit' with sharding='fsdp'"):
+        estimate_memory("llama-7b", processes=2, sharding="fsdp", optimizer="adamw-8bit")
+    assert estimate_memory("llama-7b", processes=1, sharding="fsdp", optimizer="adamw").total_bytes > 0

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from .errors import RankdialError, TrainingInterrupted
+from .errors import ConfigError, RankdialError, TrainingInterrupted
 
 EPILOG = {
     "demo": "example: rankdial demo --out out/demo          (or: rankdial demo --tiny --method qlora)",
@@ -138,6 +139,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.config import FIELDS
 
     overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    switches = [k for k, v in overrides.items() if isinstance(v, bool)]
+    if (isinstance(args.config, str) and switches and not os.path.exists(args.config)
+            and args.config.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0")):
+        flag = "--" + switches[0].replace("_", "-")  # argparse took the switch's "value" as the config file
+        raise ConfigError(f"config file {args.config!r} does not exist: switches such as {flag} take no value: "
+                          f"write {flag} or {flag.replace('--', '--no-', 1)}")
     train(args.config, resume=args.resume, overwrite=args.overwrite, **overrides)
     return 0
 
@@ -496,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_missing_line(args.verb, err.name, extra), file=sys.stderr)
         return 2
     except TrainingInterrupted as err:  # says where it stopped, the last checkpoint and --resume
-        print(f"rankdial {args.verb}: {_one_line(err)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process has the same line: the main one says it
+            print(f"rankdial {args.verb}: {_one_line(err)}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # anywhere else, the slow imports included
         print(f"rankdial {args.verb}: interrupted", file=sys.stderr)

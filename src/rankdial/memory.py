@@ -327,6 +327,9 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     _positive("processes", processes)
     _choice("method", method, METHODS)
     _choice("optimizer", optimizer, OPTIMIZERS)
+    if optimizer == "adamw-8bit" and sharding == "fsdp":  # as rankdial.train.TrainConfig refuses it
+        raise ConfigError("optimizer='adamw-8bit' with sharding='fsdp': the 8-bit step takes whole tensors and "
+                          "FSDP's are shards; plan optimizer='adamw' under FSDP, or sharding='ddp' for 8-bit states")
     _positive("batch_size", batch_size)
     _positive("seq_len", seq_len)
     if not isinstance(loss_chunk, int) or isinstance(loss_chunk, bool) or loss_chunk < 0:

@@ -178,3 +178,39 @@ def test_yaml_exponents_without_a_dot_and_binary_config_files(tmp_path):
 def test_a_trainconfig_built_directly_names_values_of_the_wrong_type():
     with pytest.raises(ConfigError, match="batch_size='8' \\(str\\): must be of type int"):
         TrainConfig(data="x", batch_size="8")
+
+
+def test_adamw_8bit_with_fsdp_is_refused_in_one_line():
+    """bitsandbytes' 8-bit step takes plain tensors, FSDP's parameters are DTensors: the run crashed with a stack
+    trace at its first optimizer step, after writing rankdial_train.json and metrics.jsonl."""
+    with pytest.raises(ConfigError, match=r"optimizer='adamw-8bit' with sharding='fsdp'.*optimizer = \"adamw\"") as err:
+        make_config(data="d.jsonl", sharding="fsdp", optimizer="adamw-8bit")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key, value", [("use_dora", True), ("init_lora_weights", "pissa"),
+                                        ("init_lora_weights", "gaussian"),
+                                        ("target_parameters", ["mlp.experts.gate_up_proj"])])
+def test_adapter_only_options_with_method_full_are_refused_in_one_line(key, value):
+    """method='full' trains every weight and has no adapter: DoRA, an init or expert targets were dropped silently."""
+    with pytest.raises(ConfigError, match=rf"{key}=.* with method='full'.*method = \"lora\"") as err:
+        make_config(data="d.jsonl", method="full", **{key: value})
+    assert "\n" not in str(err.value)
+
+
+def test_a_value_after_a_switch_flag_says_switches_take_none(tmp_path, capsys, monkeypatch):
+    """`--use-dora true` left 'true' as the config file: 'config file true does not exist; pass a .toml'."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", "x.jsonl", "--use-dora", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "switches such as --use-dora take no value: write --use-dora or --no-use-dora" in err, err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_bad_loftq_config_json_shows_a_loftq_example():
+    """The example was rank_pattern's ('{"q_proj": 4}'), which loftq_config then refuses."""
+    from rankdial.train.config import parse_flag_value
+
+    example = r"e\.g\. --loftq-config '\{\"loftq_bits\": 4, \"loftq_iter\": 1\}'$"
+    with pytest.raises(ConfigError, match=r"not valid JSON.*" + example):
+        parse_flag_value("loftq_config", '{"loftq_bits":4')

@@ -58,3 +58,18 @@ def test_sigint_to_the_cli_prints_one_line_and_no_traceback(tiny_model_dir, tmp_
     assert "after step" in lines[0] and "checkpoints/step-" in lines[0] and "--resume" in lines[0]
     assert proc.returncode == 130  # the shell's code for Ctrl-C
     assert not (out / "summary.json").exists()
+
+
+def test_under_torchrun_only_the_main_process_prints_the_interruption(monkeypatch, capsys):
+    """Ctrl-C under torchrun reaches every process; each printed the same 'interrupted ... --resume' line."""
+    import rankdial.train as train_pkg
+    from rankdial.cli import main
+
+    def interrupted(*a, **k):
+        raise TrainingInterrupted("training was interrupted (Ctrl-C) after step 3")
+
+    monkeypatch.setattr(train_pkg, "train", interrupted)
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "--data", "x.jsonl"]) == 130
+        assert ("interrupted (Ctrl-C) after step 3" in capsys.readouterr().err) is printed

@@ -99,3 +99,31 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny_model_dir
     assert any("step-000006 is incomplete or corrupt" in m and "SHA-256" in m for m in messages)
     a, b = load_file(ref.output_dir / "adapter_model.safetensors"), load_file(out.output_dir / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("first, then, name", [
+    (dict(init_lora_weights="pissa"), dict(), "init_lora_weights"),      # the base holds W - AB, then W again
+    (dict(), dict(init_lora_weights="olora"), "init_lora_weights"),
+    (dict(), dict(method="qlora"), "method"),                           # same adapter keys on an NF4 base
+])
+def test_resuming_with_another_base_changing_setting_is_refused_in_one_line(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           first, then, name):
+    """The checkpoint's A and B only mean something on the base they trained against: PiSSA/OLoRA leave the
+    residual in the base and qlora quantizes it, with the same adapter keys and shapes, so a resume that
+    changes either would load silently and train a different model."""
+    import rankdial.train.loop as loop
+    from conftest import fail_on_call
+    from rankdial.train import TrainingError
+
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(16))
+    common = dict(model=str(tiny_model_dir), data=str(data), steps=4, batch_size=4, max_length=32, save_every=2,
+                  output_dir=str(tmp_path / "run"), progress=False, log=lambda *a: None)
+    fail_on_call(monkeypatch, loop, "token_loss_sum", 3, KeyboardInterrupt())
+    with pytest.raises(TrainingInterrupted):
+        train(**common, **first)
+    monkeypatch.undo()
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(TrainingError, match=rf"was written with {name}=.*this run has {name}=") as err:
+        train(resume=True, **common, **then)
+    assert "\n" not in str(err.value)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before

@@ -152,6 +152,14 @@ class TrainConfig:
         """init_lora_weights that the method cannot honour: LoftQ makes the 4-bit base itself (method qlora);
         PiSSA/OLoRA rewrite the full-precision weight (PEFT requires it too), so not on an NF4 base."""
         init = getattr(self.lora, "init_lora_weights", True)
+        if self.method == "full":  # no adapter to shape: these would be dropped silently
+            asked = {"use_dora": self.lora.use_dora, "init_lora_weights": init,
+                     "target_parameters": self.lora.target_parameters}
+            default = {"use_dora": False, "init_lora_weights": True, "target_parameters": None}
+            given = [f"{k}={v!r}" for k, v in asked.items() if v != default[k] and v != []]
+            if given:
+                return [f"{', '.join(given)} with method='full': full fine-tuning trains every weight and has no "
+                        "adapter for them to shape; use method = \"lora\" (or \"qlora\"), or drop them"]
         if init == "loftq" and self.method != "qlora":
             return [f"init_lora_weights='loftq' with method={self.method!r}: LoftQ initialises against a 4-bit NF4 "
                     "base that it quantizes itself; use method = \"qlora\""]
@@ -349,8 +357,9 @@ def _json(flag: str, text: str, kind: type) -> Any:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{flag} {text!r} is not valid JSON ({err.msg}); e.g. {flag} "
-                          + ("'{\"q_proj\": 4}'" if kind is dict else "'[\"q_proj\", \"v_proj\"]'")) from None
+        example = ("'{\"loftq_bits\": 4, \"loftq_iter\": 1}'" if flag == "--loftq-config" else
+                   "'{\"q_proj\": 4}'" if kind is dict else "'[\"q_proj\", \"v_proj\"]'")
+        raise ConfigError(f"{flag} {text!r} is not valid JSON ({err.msg}); e.g. {flag} {example}") from None
     if not isinstance(value, kind):
         raise ConfigError(f"{flag} {text!r} must be a JSON {'object' if kind is dict else 'list'}")
     return value

@@ -176,16 +176,21 @@ def whole_parameters(model: torch.nn.Module, dist_info: Dist, trainable_only: bo
 
 def meta_model(path):
     """The model of folder `path` built on the meta device (no memory), or None when its weights are not in
-    safetensors files (then the ordinary loader is used)."""
+    safetensors files under the model's own parameter names (then the ordinary loader is used: it also converts
+    checkpoint layouts, such as Mixtral's per-expert w1/w2/w3 files for its stacked experts)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models.loading import _weight_files, dtype_kwarg
+    from ..models.loading import _safetensors_index, _weight_files, dtype_kwarg
 
-    if _weight_files(path) is None:
+    files = _weight_files(path)
+    if files is None:
         return None
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(torch.float32))
+    stored = {key for f in files for key in _safetensors_index(f)}
+    if any(name not in stored for name, _ in model.named_parameters()):  # tied weights are named once
+        return None
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

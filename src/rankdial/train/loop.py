@@ -360,6 +360,11 @@ def resume_from_checkpoint(run: Run) -> None:
     if saved.get("optimizer", "adamw") != run.cfg.optimizer:  # the states of one do not fit the other
         raise TrainingError(f"checkpoint {found.path} was written with optimizer={saved.get('optimizer', 'adamw')!r}; "
                             f"this run has {run.cfg.optimizer!r}. Resume with the optimizer it was written with")
+    for key, value in _base_settings(run.cfg).items():  # checkpoints from before these were recorded pass
+        if key in saved and saved[key] != value:
+            raise TrainingError(f"checkpoint {found.path} was written with {key}={saved[key]!r}; this run has "
+                                f"{key}={value!r}. Resume with the {key} it was written with (the adapter's A "
+                                "and B only fit the base they trained against)")
     try:
         if run.cfg.sharding == "fsdp":
             ckpt_io.load_sharded_into(found, run.named, run.optimizer, run.scheduler, run.dist.rank)
@@ -373,6 +378,14 @@ def resume_from_checkpoint(run: Run) -> None:
     run.seconds_before, run.peak_before = saved.get("seconds", 0.0), saved.get("peak_memory_mb", 0.0)
     run.last_checkpoint = found
     run.say(f"resumed from {found.path} (step {found.step})")
+
+
+def _base_settings(cfg: TrainConfig) -> dict:
+    """The settings that change what the checkpoint's tensors apply to while keeping their names and shapes:
+    qlora quantizes the base, PiSSA/OLoRA/LoftQ leave a residual in it (so a resume changing one would load
+    silently and train another model); use_dora adds magnitudes."""
+    return {"method": cfg.method, "init_lora_weights": cfg.lora.init_lora_weights, "use_dora": cfg.lora.use_dora,
+            "loftq_config": dict(cfg.lora.loftq_config or {})}
 
 
 def _check_sharding(run: Run, found: ckpt_io.Checkpoint) -> None:
@@ -515,7 +528,8 @@ def save(run: Run) -> None:
     state = {"global_batch": run.global_batch, "total_steps": run.total_steps,
              "samples_seen": run.done * run.global_batch, "world_size": run.dist.world, "seed": run.cfg.seed,
              "sharding": run.cfg.sharding, "optimizer": run.cfg.optimizer,
-             "seconds": _seconds(run), "peak_memory_mb": max(run.peak_before, peak_memory_mb(run.device))}
+             "seconds": _seconds(run), "peak_memory_mb": max(run.peak_before, peak_memory_mb(run.device)),
+             **_base_settings(run.cfg)}
     if run.cfg.sharding == "fsdp":
         adapter_fn = _sharded_adapter_writer(run) if run.is_lora else None
         path = ckpt_io.write_sharded_checkpoint(run.work, run.done, run.named, run.optimizer, run.scheduler, state,
