@@ -226,11 +226,13 @@ class AdapterRegistry:
                 raise AdapterError(f"unknown adapter {name!r}: this server has no adapters folder; load it by path")
             path = self.root / name
         folder = Path(path).expanduser()
+        if not folder.is_absolute() and self.root is not None:  # relative to the adapters folder, with or without
+            folder = self.root / folder                          # the admin's permission (never the server's cwd)
         if not allow_any_path:
             if self.root is None:
                 raise AdapterError(f"loading adapter {name!r} by path is not allowed here (no adapters folder, and "
                                    "loading by path needs the admin permission)")
-            target = (folder if folder.is_absolute() else self.root / folder).resolve()
+            target = folder.resolve()
             if not target.is_relative_to(self.root):
                 log.warning("adapter path %r resolves to %s, outside the adapters folder %s", str(path), target,
                             self.root)
