@@ -437,3 +437,16 @@ def test_metrics_carry_vllms_lora_requests_info_gauge():
     assert line.startswith('vllm:lora_requests_info{max_lora="8",running_lora_adapters="alpha,beta",'
                            'waiting_lora_adapters="beta"} ')
     assert float(line.split()[-1]) > 1.7e9  # when it was read, as vLLM's
+
+
+def test_unloading_an_unknown_name_or_the_base_names_the_field_sent(real_registry):
+    """An unload's 404 named `model` (a field no unload sends) and offered the base model among what exists."""
+    registry, _ = real_registry
+    with client(FakeEngine(registry=registry)) as c:
+        for name in ("nope", "tiny-base"):
+            vllm = c.post("/v1/unload_lora_adapter", json={"lora_name": name})
+            own = c.delete(f"/v1/adapters/{name}")
+            for r, param in ((vllm, "lora_name"), (own, "name")):
+                assert r.status_code in (400, 404), r.text
+                e = r.json()["error"]
+                assert e["param"] == param and name in e["message"] and "tiny-base," not in e["message"], e

@@ -298,14 +298,20 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
             raise ApiError(status, one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
                            param="path" if body.path else "name") from None
 
-    async def unload(name: str, request: Request) -> bool:
-        """DELETE /v1/adapters/{name} (and vLLM's /v1/unload_lora_adapter): whether it was loaded."""
+    async def unload(name: str, request: Request, param: str) -> bool:
+        """DELETE /v1/adapters/{name} (and vLLM's /v1/unload_lora_adapter, whose field is `param`): whether it was
+        loaded."""
         _require_admin(request, admin_key, "unloading an adapter")
         try:
             check_adapter_folder_name(name)
         except AdapterError as err:
-            raise ApiError(400, one_line(err), param="name") from None
-        adapter_for(engine, name)
+            raise ApiError(400, one_line(err), param=param) from None
+        if name == engine.base_name:
+            raise ApiError(400, f"{name!r} is the base model, which is never unloaded; name an adapter", param=param)
+        if not engine.registry.exists(name):
+            raise ApiError(404, f"no adapter {shorten(name)}; the adapters are "
+                                f"{', '.join(sorted(engine.registry.names())) or 'none'}",
+                           kind="not_found_error", param=param)
         return await run_in_threadpool(engine.registry.unload, name)
 
     @app.post("/v1/adapters")
@@ -314,7 +320,7 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str, request: Request):
-        was_loaded = await unload(name, request)
+        was_loaded = await unload(name, request, "name")
         # deleted: whether it was loaded and is now unloaded; a known adapter that was not loaded stays servable
         return {"id": name, "object": "model", "deleted": bool(was_loaded), "loaded": False}
 
@@ -329,7 +335,7 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
 
     @app.post("/v1/unload_lora_adapter")
     async def vllm_unload(body: LoraUnload, request: Request):
-        await unload(body.lora_name, request)
+        await unload(body.lora_name, request, "lora_name")
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/health")
