@@ -186,3 +186,15 @@ def test_unknown_field_names_are_shortened_and_a_surrogate_key_is_an_unknown_fie
             route = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
             r = c.post(route, content=body, headers={"content-type": "application/json"})
             assert r.status_code == 422 and "unknown field" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("path", ["\u0000", "a\u0000b"])
+def test_a_path_with_a_nul_byte_is_a_422_naming_the_field(path):
+    # a NUL reached os.path.realpath: a 500 on vLLM's route and a dropped connection on rankdial's own
+    with client(admin_key="boss") as c:
+        boss = {"Authorization": "Bearer boss"}
+        own = c.post("/v1/adapters", json={"name": "p2", "path": path}, headers=boss)
+        vllm = c.post("/v1/load_lora_adapter", json={"lora_name": "p1", "lora_path": path}, headers=boss)
+    for r, param in ((own, "path"), (vllm, "lora_path")):
+        e = err(r, 422)
+        assert e["param"] == param and "NUL" in e["message"], e
