@@ -330,7 +330,11 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
     async def vllm_load(body: LoraLoad, request: Request):
         by_name = engine.registry.root is not None and _same_folder(engine.registry.root, body.lora_name,
                                                                      body.lora_path)
-        await load(AdapterLoad(name=body.lora_name, path=None if by_name else body.lora_path), request)
+        try:
+            await load(AdapterLoad(name=body.lora_name, path=None if by_name else body.lora_path), request)
+        except ApiError as err:  # errors name this route's fields
+            err.param = {"name": "lora_name", "path": "lora_path"}.get(err.param, err.param)
+            raise
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -354,8 +358,11 @@ def _same_folder(root, name: str, path: str) -> bool:
     vLLM's load names every adapter by path; one in the adapters folder under its own name is a load by name."""
     from pathlib import Path
 
-    folder = Path(path).expanduser()
-    return (folder if folder.is_absolute() else root / folder).resolve() == (root / name).resolve()
+    try:
+        folder = Path(path).expanduser()
+        return (folder if folder.is_absolute() else root / folder).resolve() == (root / name).resolve()
+    except (OSError, ValueError):  # a path the file system refuses: the registry's load says why
+        return False
 
 
 def _load(registry, body: AdapterLoad, admin_checked: bool):

@@ -218,6 +218,17 @@ class AdapterRegistry:
     def resolve(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> Path:
         """The folder to load `name` from, refusing anything that resolves outside root unless allowed."""
         check_adapter_folder_name(name)
+        try:
+            return self._resolve(name, path, allow_any_path)
+        except RankdialError:  # its own refusals (AdapterFileError is a ValueError too)
+            raise
+        except (OSError, ValueError) as err:  # a path the file system refuses (too long, a NUL byte)
+            log.warning("adapter path %r for %r cannot be resolved: %s", str(path), name, err)
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else "not a valid path"
+            raise AdapterFileError(f"adapter path {shorten(str(path if path is not None else name))} cannot be "
+                                   f"read ({reason}); give the adapter's folder") from None
+
+    def _resolve(self, name: str, path: str | Path | None, allow_any_path: bool) -> Path:
         given = path if path is not None else name  # what the client named, as its errors echo it
         if path is None:
             if name in self._paths:
