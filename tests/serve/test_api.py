@@ -452,7 +452,7 @@ def test_unloading_an_unknown_name_or_the_base_names_the_field_sent(real_registr
                 assert e["param"] == param and name in e["message"] and "tiny-base," not in e["message"], e
 
 
-@pytest.mark.parametrize("path", ["x" * 5000, "/" + "y/" * 3000])
+@pytest.mark.parametrize("path", ["x" * 5000, "/" + "y/" * 3000, "~no-such-user-h2/x"])
 def test_a_path_the_file_system_refuses_is_a_4xx_naming_the_field(real_registry, path):
     """A path too long for the file system raised OSError out of the routes: a 500 on /v1/load_lora_adapter, a
     dropped connection on /v1/adapters."""

@@ -361,7 +361,7 @@ def _same_folder(root, name: str, path: str) -> bool:
     try:
         folder = Path(path).expanduser()
         return (folder if folder.is_absolute() else root / folder).resolve() == (root / name).resolve()
-    except (OSError, ValueError):  # a path the file system refuses: the registry's load says why
+    except (OSError, ValueError, RuntimeError):  # a path the file system refuses, ~user of no user: the load says why
         return False
 
 

@@ -222,7 +222,8 @@ class AdapterRegistry:
             return self._resolve(name, path, allow_any_path)
         except RankdialError:  # its own refusals (AdapterFileError is a ValueError too)
             raise
-        except (OSError, ValueError) as err:  # a path the file system refuses (too long, a NUL byte)
+        except (OSError, ValueError, RuntimeError) as err:  # a path the file system refuses (too long, a NUL
+            # byte) or ~user/ of no user (expanduser's RuntimeError)
             log.warning("adapter path %r for %r cannot be resolved: %s", str(path), name, err)
             reason = err.strerror if isinstance(err, OSError) and err.strerror else "not a valid path"
             raise AdapterFileError(f"adapter path {shorten(str(path if path is not None else name))} cannot be "
