@@ -198,3 +198,19 @@ def test_a_path_with_a_nul_byte_is_a_422_naming_the_field(path):
     for r, param in ((own, "path"), (vllm, "lora_path")):
         e = err(r, 422)
         assert e["param"] == param and "NUL" in e["message"], e
+
+
+@pytest.mark.slow
+def test_after_an_unexpected_500_the_clients_connection_keeps_working(tmp_path, monkeypatch):
+    # uvicorn closes the connection after an exception the app re-raises; without `Connection: close` on the 500,
+    # a keep-alive client sent its next request down the closed connection and got 'connection reset'
+    import httpx
+    from live_server import live_server
+
+    with live_server(tmp_path) as (url, engine), httpx.Client(base_url=url, timeout=30) as c:
+        monkeypatch.setattr(engine, "stats", lambda: 1 / 0)
+        first = c.get("/health")
+        second = c.get("/v1/models")
+    e = err(first, 500)
+    assert "internal server error" in e["message"] and "ZeroDivision" not in first.text
+    assert second.status_code == 200, second.text

@@ -154,7 +154,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected(request, exc: Exception):
         ref = uuid.uuid4().hex[:12]
         log.error("request %s %s failed (ref %s)", request.method, request.url.path, ref, exc_info=exc)
-        return error_body(500, f"internal server error (ref {ref}); the server log has the details")
+        response = error_body(500, f"internal server error (ref {ref}); the server log has the details")
+        # Starlette re-raises after this answer and uvicorn then closes the connection: say so, or a keep-alive
+        # client sends its next request down the closed socket and gets 'connection reset'
+        response.headers["connection"] = "close"
+        return response
 
 
 _TAGS_OK = {"role", "content", "name", "type", "text", "include_usage", "include_obfuscation"}
