@@ -214,3 +214,25 @@ def test_after_an_unexpected_500_the_clients_connection_keeps_working(tmp_path, 
     e = err(first, 500)
     assert "internal server error" in e["message"] and "ZeroDivision" not in first.text
     assert second.status_code == 200, second.text
+
+
+@pytest.mark.slow
+def test_an_adapter_whose_folder_was_deleted_while_loaded_is_a_404(tmp_path):
+    # the first request after the deletion got a 422 "cannot be served: <adapters>/gone is not a folder", the next a
+    # 404: a folder that is gone is a model that does not exist, from the first request on
+    import shutil
+
+    import httpx
+    from engine_helpers import make_adapter
+    from live_server import live_server
+
+    make_adapter(tmp_path / "gone", seed=5, r=2, targets=["q_proj"])
+    body = {"model": "gone", "prompt": "In the beginning", "max_tokens": 2}
+    with live_server(tmp_path) as (url, engine), httpx.Client(base_url=url, timeout=60) as c:
+        engine.registry.recheck_s = 0.0  # compare the folder's files on every request
+        assert c.post("/v1/completions", json=body).status_code == 200
+        shutil.rmtree(tmp_path / "gone")
+        answers = [c.post("/v1/completions", json=body) for _ in range(2)]
+    for r in answers:
+        e = err(r, 404)
+        assert e["param"] == "model" and "does not exist" in e["message"], e

@@ -418,6 +418,8 @@ async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bo
     try:  # then its adapter: a folder that cannot load is a 422 with its reason, even before a stream starts
         await engine.prepare_async(adapter, _PREPARE_WAIT_S)  # waits on the event loop, not on a pool thread
     except AdapterFileError as err:
+        if adapter is not None and not engine.registry.exists(adapter):  # its folder went away (deleted while loaded)
+            raise _no_such_model(engine, body.model) from None
         raise ApiError(422, f"model {body.model!r} cannot be served: {one_line(err)}", param="model") from None
     handle = engine.enqueue(checked)
     reply = _Reply(body.model, chat, metrics, request.url.path)
@@ -437,6 +439,8 @@ async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bo
         if last is None or last.finish_reason is None:  # this handler was cancelled: so is its request
             handle.cancel()
     if last is not None and last.finish_reason == "error" and last.refused:  # the adapter's load failed after all
+        if adapter is not None and not engine.registry.exists(adapter):  # its folder went away (deleted while loaded)
+            raise _no_such_model(engine, body.model)
         raise ApiError(422, f"model {body.model!r} cannot be served: {one_line(last.error)}", param="model")
     if last is None or last.finish_reason == "error":
         status = 503 if last is not None and last.unavailable else 500  # 503: busy now, a retry may succeed
