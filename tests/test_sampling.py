@@ -58,3 +58,14 @@ def test_params_are_checked():
         SamplingParams(temperature=-1)
     with pytest.raises(RequestError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-46, 1e-6])
+def test_a_tiny_top_p_keeps_the_top_token(top_p):
+    # an accepted top_p below float32's smallest number rounds to 0 in the comparison with the scores; the top
+    # token must still be kept (it was not: every probability cut, multinomial failed, the request got a 500)
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(2))
+    r = rows(*[SamplingParams(temperature=1.0, top_p=top_p)] * 2)
+    got = sample(logits, r)
+    assert [x.failure for x in r] == [None, None]
+    assert got == logits.argmax(-1).tolist()

@@ -125,6 +125,7 @@ def _draw(scores: torch.Tensor, params: SamplingParams, generator: torch.Generat
     if params.top_p < 1:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < params.top_p  # the smallest prefix whose mass reaches top_p
+        keep[0] = True  # the top token always: a top_p under float32's smallest number compares as 0 (< nothing)
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -437,3 +437,32 @@ def test_metrics_carry_vllms_lora_requests_info_gauge():
     assert line.startswith('vllm:lora_requests_info{max_lora="8",running_lora_adapters="alpha,beta",'
                            'waiting_lora_adapters="beta"} ')
     assert float(line.split()[-1]) > 1.7e9  # when it was read, as vLLM's
+
+
+def test_unloading_an_unknown_name_or_the_base_names_the_field_sent(real_registry):
+    """An unload's 404 named `model` (a field no unload sends) and offered the base model among what exists."""
+    registry, _ = real_registry
+    with client(FakeEngine(registry=registry)) as c:
+        for name in ("nope", "tiny-base"):
+            vllm = c.post("/v1/unload_lora_adapter", json={"lora_name": name})
+            own = c.delete(f"/v1/adapters/{name}")
+            for r, param in ((vllm, "lora_name"), (own, "name")):
+                assert r.status_code in (400, 404), r.text
+                e = r.json()["error"]
+                assert e["param"] == param and name in e["message"] and "tiny-base," not in e["message"], e
+
+
+@pytest.mark.parametrize("path", ["x" * 5000, "/" + "y/" * 3000, "~no-such-user-h2/x"])
+def test_a_path_the_file_system_refuses_is_a_4xx_naming_the_field(real_registry, path):
+    """A path too long for the file system raised OSError out of the routes: a 500 on /v1/load_lora_adapter, a
+    dropped connection on /v1/adapters."""
+    registry, tmp = real_registry
+    with client(FakeEngine(registry=registry), admin_key="boss") as c:
+        boss = {"Authorization": "Bearer boss"}
+        own = c.post("/v1/adapters", json={"name": "p2", "path": path}, headers=boss)
+        vllm = c.post("/v1/load_lora_adapter", json={"lora_name": "p1", "lora_path": path}, headers=boss)
+        assert c.post("/v1/adapters", json={"name": "good"}, headers=boss).status_code == 200
+    for r, param in ((own, "path"), (vllm, "lora_path")):
+        assert r.status_code == 400, r.text
+        e = r.json()["error"]
+        assert e["param"] == param and len(e["message"]) < 400 and str(tmp) not in e["message"], e

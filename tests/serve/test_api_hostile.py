@@ -186,3 +186,53 @@ def test_unknown_field_names_are_shortened_and_a_surrogate_key_is_an_unknown_fie
             route = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
             r = c.post(route, content=body, headers={"content-type": "application/json"})
             assert r.status_code == 422 and "unknown field" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("path", ["\u0000", "a\u0000b"])
+def test_a_path_with_a_nul_byte_is_a_422_naming_the_field(path):
+    # a NUL reached os.path.realpath: a 500 on vLLM's route and a dropped connection on rankdial's own
+    with client(admin_key="boss") as c:
+        boss = {"Authorization": "Bearer boss"}
+        own = c.post("/v1/adapters", json={"name": "p2", "path": path}, headers=boss)
+        vllm = c.post("/v1/load_lora_adapter", json={"lora_name": "p1", "lora_path": path}, headers=boss)
+    for r, param in ((own, "path"), (vllm, "lora_path")):
+        e = err(r, 422)
+        assert e["param"] == param and "NUL" in e["message"], e
+
+
+@pytest.mark.slow
+def test_after_an_unexpected_500_the_clients_connection_keeps_working(tmp_path, monkeypatch):
+    # uvicorn closes the connection after an exception the app re-raises; without `Connection: close` on the 500,
+    # a keep-alive client sent its next request down the closed connection and got 'connection reset'
+    import httpx
+    from live_server import live_server
+
+    with live_server(tmp_path) as (url, engine), httpx.Client(base_url=url, timeout=30) as c:
+        monkeypatch.setattr(engine, "stats", lambda: 1 / 0)
+        first = c.get("/health")
+        second = c.get("/v1/models")
+    e = err(first, 500)
+    assert "internal server error" in e["message"] and "ZeroDivision" not in first.text
+    assert second.status_code == 200, second.text
+
+
+@pytest.mark.slow
+def test_an_adapter_whose_folder_was_deleted_while_loaded_is_a_404(tmp_path):
+    # the first request after the deletion got a 422 "cannot be served: <adapters>/gone is not a folder", the next a
+    # 404: a folder that is gone is a model that does not exist, from the first request on
+    import shutil
+
+    import httpx
+    from engine_helpers import make_adapter
+    from live_server import live_server
+
+    make_adapter(tmp_path / "gone", seed=5, r=2, targets=["q_proj"])
+    body = {"model": "gone", "prompt": "In the beginning", "max_tokens": 2}
+    with live_server(tmp_path) as (url, engine), httpx.Client(base_url=url, timeout=60) as c:
+        engine.registry.recheck_s = 0.0  # compare the folder's files on every request
+        assert c.post("/v1/completions", json=body).status_code == 200
+        shutil.rmtree(tmp_path / "gone")
+        answers = [c.post("/v1/completions", json=body) for _ in range(2)]
+    for r in answers:
+        e = err(r, 404)
+        assert e["param"] == "model" and "does not exist" in e["message"], e

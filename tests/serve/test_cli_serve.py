@@ -199,3 +199,11 @@ def test_batch_and_tokens_in_flight_flags_size_the_kv_cache_and_a_cache_too_larg
     assert main(["serve", "--port", "0", "--max-batch", "64"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (a progress bar beside)
     assert len(errors) == 1 and "KV cache for 64 rows" in errors[0] and "lower --max-batch" in errors[0], errors
+
+
+def test_tokens_in_flight_too_few_for_any_request_is_refused_at_start():
+    # --max-tokens-in-flight 1 started a server that refused every request (one prompt token and one new token
+    # need 2): a start-up that can serve nothing is refused naming the flag
+    with pytest.raises(ConfigError, match="--max-tokens-in-flight 1 leaves no room"):
+        check_serve_flags(serve_args("--max-tokens-in-flight", "1"))
+    check_serve_flags(serve_args("--max-tokens-in-flight", "2"))

@@ -571,3 +571,17 @@ def test_a_request_checks_its_adapter_exists_once(engine, monkeypatch):
         missing = c.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     assert missing.status_code == 404 and "does not exist" in missing.json()["error"]["message"]
     assert missing.json()["error"]["param"] == "model"
+
+
+def test_a_prompt_longer_than_the_tokens_in_flight_is_blamed_on_the_prompt(adapters_dir):
+    """With --max-tokens-in-flight below the prompt limit, a prompt over it alone was a 400 naming max_tokens
+    (which no max_tokens could fix): the prompt limit is what the tokens in flight leave room for."""
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", max_tokens_in_flight=40)
+    try:
+        assert eng.max_prompt_tokens == 39
+        with pytest.raises(RequestError, match="more than this server's limit of 39") as caught:
+            eng.check(list(range(5, 50)), None, SamplingParams(max_tokens=1))
+        assert caught.value.param == "prompt"
+        eng.check(list(range(5, 44)), None, SamplingParams(max_tokens=1))  # 39 + 1 fills the 40 exactly
+    finally:
+        eng.shutdown(drain=False)

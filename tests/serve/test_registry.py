@@ -78,6 +78,22 @@ def test_paths_outside_root_are_refused_unless_allowed(registry, root, tmp_path)
     assert "x" in registry.names()
 
 
+
+def test_an_admin_relative_path_is_read_from_the_adapters_folder_and_echoed_as_given(registry, root, tmp_path,
+                                                                                    monkeypatch):
+    # a relative path meant the adapters folder without the admin permission and the server's working folder with
+    # it; and a missing one was echoed to the client as the server's absolute path
+    cwd = tmp_path / "server" / "cwd"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    outside = make_adapter(tmp_path / "there", seed=3, r=2, targets=["q_proj"])
+    assert registry.load("rel", os.path.relpath(outside, root), allow_any_path=True).loaded
+    with pytest.raises(AdapterFileError) as caught:
+        registry.load("gone", "../nowhere", allow_any_path=True)
+    message = str(caught.value)
+    assert "../nowhere is not a folder" in message and "/" + tmp_path.parts[1] not in message, message
+    registry.unload("rel")
+
 def test_pickle_only_adapter_is_never_loaded(registry, root, tmp_path):
     folder = root / "pickled"
     shutil.copytree(root / "a0", folder)

@@ -155,7 +155,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected(request, exc: Exception):
         ref = uuid.uuid4().hex[:12]
         log.error("request %s %s failed (ref %s)", request.method, request.url.path, ref, exc_info=exc)
-        return error_body(500, f"internal server error (ref {ref}); the server log has the details")
+        response = error_body(500, f"internal server error (ref {ref}); the server log has the details")
+        # Starlette re-raises after this answer and uvicorn then closes the connection: say so, or a keep-alive
+        # client sends its next request down the closed socket and gets 'connection reset'
+        response.headers["connection"] = "close"
+        return response
 
 
 _TAGS_OK = {"role", "content", "name", "type", "text", "include_usage", "include_obfuscation"}
@@ -299,14 +303,20 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
             raise ApiError(status, one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
                            param="path" if body.path else "name") from None
 
-    async def unload(name: str, request: Request) -> bool:
-        """DELETE /v1/adapters/{name} (and vLLM's /v1/unload_lora_adapter): whether it was loaded."""
+    async def unload(name: str, request: Request, param: str) -> bool:
+        """DELETE /v1/adapters/{name} (and vLLM's /v1/unload_lora_adapter, whose field is `param`): whether it was
+        loaded."""
         _require_admin(request, admin_key, "unloading an adapter")
         try:
             check_adapter_folder_name(name)
         except AdapterError as err:
-            raise ApiError(400, one_line(err), param="name") from None
-        adapter_for(engine, name)
+            raise ApiError(400, one_line(err), param=param) from None
+        if name == engine.base_name:
+            raise ApiError(400, f"{name!r} is the base model, which is never unloaded; name an adapter", param=param)
+        if not engine.registry.exists(name):
+            raise ApiError(404, f"no adapter {shorten(name)}; the adapters are "
+                                f"{', '.join(sorted(engine.registry.names())) or 'none'}",
+                           kind="not_found_error", param=param)
         return await run_in_threadpool(engine.registry.unload, name)
 
     @app.post("/v1/adapters")
@@ -315,7 +325,7 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str, request: Request):
-        was_loaded = await unload(name, request)
+        was_loaded = await unload(name, request, "name")
         # deleted: whether it was loaded and is now unloaded; a known adapter that was not loaded stays servable
         return {"id": name, "object": "model", "deleted": bool(was_loaded), "loaded": False}
 
@@ -325,12 +335,16 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
     async def vllm_load(body: LoraLoad, request: Request):
         by_name = engine.registry.root is not None and _same_folder(engine.registry.root, body.lora_name,
                                                                      body.lora_path)
-        await load(AdapterLoad(name=body.lora_name, path=None if by_name else body.lora_path), request)
+        try:
+            await load(AdapterLoad(name=body.lora_name, path=None if by_name else body.lora_path), request)
+        except ApiError as err:  # errors name this route's fields
+            err.param = {"name": "lora_name", "path": "lora_path"}.get(err.param, err.param)
+            raise
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def vllm_unload(body: LoraUnload, request: Request):
-        await unload(body.lora_name, request)
+        await unload(body.lora_name, request, "lora_name")
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.get("/health")
@@ -349,8 +363,11 @@ def _same_folder(root, name: str, path: str) -> bool:
     vLLM's load names every adapter by path; one in the adapters folder under its own name is a load by name."""
     from pathlib import Path
 
-    folder = Path(path).expanduser()
-    return (folder if folder.is_absolute() else root / folder).resolve() == (root / name).resolve()
+    try:
+        folder = Path(path).expanduser()
+        return (folder if folder.is_absolute() else root / folder).resolve() == (root / name).resolve()
+    except (OSError, ValueError, RuntimeError):  # a path the file system refuses, ~user of no user: the load says why
+        return False
 
 
 def _load(registry, body: AdapterLoad, admin_checked: bool):
@@ -402,6 +419,8 @@ async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bo
     try:  # then its adapter: a folder that cannot load is a 422 with its reason, even before a stream starts
         await engine.prepare_async(adapter, _PREPARE_WAIT_S)  # waits on the event loop, not on a pool thread
     except AdapterFileError as err:
+        if adapter is not None and not engine.registry.exists(adapter):  # its folder went away (deleted while loaded)
+            raise _no_such_model(engine, body.model) from None
         raise ApiError(422, f"model {body.model!r} cannot be served: {one_line(err)}", param="model") from None
     handle = engine.enqueue(checked)
     reply = _Reply(body.model, chat, metrics, request.url.path)
@@ -421,6 +440,8 @@ async def _generate(engine, metrics, request: Request, body, prompt, *, chat: bo
         if last is None or last.finish_reason is None:  # this handler was cancelled: so is its request
             handle.cancel()
     if last is not None and last.finish_reason == "error" and last.refused:  # the adapter's load failed after all
+        if adapter is not None and not engine.registry.exists(adapter):  # its folder went away (deleted while loaded)
+            raise _no_such_model(engine, body.model)
         raise ApiError(422, f"model {body.model!r} cannot be served: {one_line(last.error)}", param="model")
     if last is None or last.finish_reason == "error":
         status = 503 if last is not None and last.unavailable else 500  # 503: busy now, a retry may succeed

@@ -68,11 +68,12 @@ class Engine:
         if bad:
             raise ConfigError("; ".join(bad))
         self.max_new_tokens = max_new_tokens
-        self.max_prompt_tokens = max_prompt_tokens or max(1, self.context - 1)
         self.budget_wait_s = budget_wait_s  # how long a request waits for room in a full adapter budget
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.scheduler = Scheduler(limits)
         sched = self.scheduler.limits  # the KV cache holds max_batch_size rows of at most this many tokens:
+        # a prompt leaves room for one new token within the context and the tokens in flight
+        self.max_prompt_tokens = max(1, min(max_prompt_tokens or self.context - 1, sched.max_tokens_in_flight - 1))
         row_tokens = min(self.context, sched.max_tokens_in_flight, self.max_prompt_tokens + max_new_tokens)
         self.runner = Runner(model, pad if pad is not None else 0, slots=sched.max_batch_size, row_tokens=row_tokens)
         # compile: the runner's decode step through torch.compile, compiled and warmed up here, before any request

@@ -25,6 +25,9 @@ def check_serve_flags(args: argparse.Namespace) -> None:
         if value is not None and value > 0 and not math.isfinite(value)]
     if args.budget_mb is not None and 0 < args.budget_mb < 2**-20:
         bad.append(f"--budget-mb {args.budget_mb:g} is less than one byte; give MiB of adapter weights, e.g. 256")
+    if args.max_tokens_in_flight == 1:  # every request holds one prompt token and one new token at least
+        bad.append("--max-tokens-in-flight 1 leaves no room for any request (a prompt token and a new token need 2); "
+                   "give at least 2, e.g. 16384 (the default)")
     if not 0 <= args.port <= 65535:
         bad.append(f"--port must be in 0-65535 (0 picks a free one), got {args.port}")
     if bad:

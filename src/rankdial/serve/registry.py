@@ -217,6 +217,18 @@ class AdapterRegistry:
     def resolve(self, name: str, path: str | Path | None = None, allow_any_path: bool = False) -> Path:
         """The folder to load `name` from, refusing anything that resolves outside root unless allowed."""
         check_adapter_folder_name(name)
+        try:
+            return self._resolve(name, path, allow_any_path)
+        except RankdialError:  # its own refusals (AdapterFileError is a ValueError too)
+            raise
+        except (OSError, ValueError, RuntimeError) as err:  # a path the file system refuses (too long, a NUL
+            # byte) or ~user/ of no user (expanduser's RuntimeError)
+            log.warning("adapter path %r for %r cannot be resolved: %s", str(path), name, err)
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else "not a valid path"
+            raise AdapterFileError(f"adapter path {shorten(str(path if path is not None else name))} cannot be "
+                                   f"read ({reason}); give the adapter's folder") from None
+
+    def _resolve(self, name: str, path: str | Path | None, allow_any_path: bool) -> Path:
         given = path if path is not None else name  # what the client named, as its errors echo it
         if path is None:
             if name in self._paths:
@@ -225,11 +237,13 @@ class AdapterRegistry:
                 raise AdapterError(f"unknown adapter {name!r}: this server has no adapters folder; load it by path")
             path = self.root / name
         folder = Path(path).expanduser()
+        if not folder.is_absolute() and self.root is not None:  # relative to the adapters folder, with or without
+            folder = self.root / folder                          # the admin's permission (never the server's cwd)
         if not allow_any_path:
             if self.root is None:
                 raise AdapterError(f"loading adapter {name!r} by path is not allowed here (no adapters folder, and "
                                    "loading by path needs the admin permission)")
-            target = (folder if folder.is_absolute() else self.root / folder).resolve()
+            target = folder.resolve()
             if not target.is_relative_to(self.root):
                 log.warning("adapter path %r resolves to %s, outside the adapters folder %s", str(path), target,
                             self.root)

@@ -65,6 +65,13 @@ def _unicode(value, field: str):
     return value
 
 
+def _folder_path(value, field: str):
+    """value, a path the file system can be asked about (no NUL byte, which no path holds, and UTF-8)."""
+    if value is not None and "\x00" in value:
+        raise ValueError(f"{field} holds a NUL byte (\\u0000), which no folder's path holds; send the folder's path")
+    return _unicode(value, field)
+
+
 class StreamOptions(_Strict):
     include_usage: StrictBool = False
     include_obfuscation: StrictBool | None = None  # the openai client's option; nothing to obfuscate here
@@ -192,7 +199,7 @@ class AdapterLoad(_Strict):
     @field_validator("path")
     @classmethod
     def _path(cls, value):
-        return _unicode(value, "path")
+        return _folder_path(value, "path")
 
 
 class LoraUnload(_Strict):
@@ -215,4 +222,4 @@ class LoraLoad(LoraUnload):
     @field_validator("lora_path")
     @classmethod
     def _path(cls, value):
-        return _unicode(value, "lora_path")
+        return _folder_path(value, "lora_path")
