@@ -55,3 +55,20 @@ def test_make_shardable_swaps_nf4_layers_inside_lora_wrappers(llama):
     assert n == 14 and not any(type(m) is NF4Linear for m in llama.modules())
     with torch.no_grad():
         assert torch.equal(llama(input_ids=ids).logits, before)
+
+
+def test_an_older_torch_whose_fsdp_cannot_shard_the_codes_is_refused_in_one_line(monkeypatch):
+    """torch 2.11's fully_shard made every shard requires_grad=True and failed on the uint8 codes with a stack
+    trace (seen on a CUDA machine); such a torch gets a one-line ConfigError naming the version and the fix."""
+    import rankdial as rd
+    from rankdial.errors import ConfigError
+    from rankdial.quant import nf4_tensor
+
+    assert nf4_tensor.fsdp_keeps_frozen_integers("2.13.0+cpu") and nf4_tensor.fsdp_keeps_frozen_integers("3.0.1")
+    assert not nf4_tensor.fsdp_keeps_frozen_integers("2.11.0+cu130")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    rd.quantize_model(model, skip=[])
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    with pytest.raises(ConfigError, match=r"needs torch >= 2.13 \(this is 2.11.0\+cu130") as err:
+        nf4_tensor.make_shardable(model)
+    assert "\n" not in str(err.value)

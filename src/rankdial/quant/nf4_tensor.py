@@ -63,10 +63,25 @@ class ShardableNF4Linear(NF4Linear):
         return super().extra_repr() + ", shardable=True"
 
 
+def fsdp_keeps_frozen_integers(version: str | None = None) -> bool:
+    """Whether this torch's FSDP2 can shard the uint8 codes: from torch 2.13 fully_shard rebuilds each shard as a
+    Parameter with the original's requires_grad; torch 2.11 (seen on a CUDA machine) makes every shard a
+    trainable Parameter, which an integer tensor cannot be ("only Tensors of floating point dtype can require
+    gradients"). 2.12 is untested, so it is refused too."""
+    major, minor = (int(x) for x in (version or torch.__version__).split("+")[0].split(".")[:2])
+    return (major, minor) >= (2, 13)
+
+
 def make_shardable(model: nn.Module) -> int:
-    """Replace every NF4Linear of `model` (inside LoRA wrappers too) by a ShardableNF4Linear; returns how many."""
+    """Replace every NF4Linear of `model` (inside LoRA wrappers too) by a ShardableNF4Linear; returns how many.
+    ConfigError, before anything is replaced, on a torch whose FSDP2 cannot shard integer parameters."""
+    from ..errors import ConfigError
     from ..layers import Wrapper
 
+    if not fsdp_keeps_frozen_integers() and any(type(m) is NF4Linear for m in model.modules()):
+        raise ConfigError(f"QLoRA with sharding='fsdp' needs torch >= 2.13 (this is {torch.__version__}, whose FSDP2 "
+                          "makes the NF4 codes' shards trainable, which integers cannot be); upgrade torch, or use "
+                          "sharding = \"ddp\"")
     count = 0
     for path, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
