@@ -107,6 +107,20 @@ def test_a_kv_cache_that_does_not_fit_refuses_the_start_naming_the_flags(monkeyp
     eng.shutdown(drain=False)
 
 
+def test_slots_never_exceed_the_rows_tokens_in_flight_can_run():
+    """--max-batch 100000 with --max-tokens-in-flight 1000 sized 100,000 cache rows although at most 500 requests
+    (2 tokens each at the least) can ever run at once; the cache is sized to what can run, and a burst wider than
+    it still gets every answer."""
+    eng = Engine.from_pretrained("default", device="cpu", max_batch_size=100_000, max_tokens_in_flight=40,
+                                 max_new_tokens=4)
+    try:
+        assert eng.runner.slots == 20 and eng.runner.cache.shape[0] == 20
+        params = SamplingParams(max_tokens=2, temperature=0)
+        assert all(h.result(timeout=60).token_ids for h in [eng.submit([5, 6], None, params) for _ in range(25)])
+    finally:
+        eng.shutdown(drain=False)
+
+
 def test_sampling_top_p_near_zero_is_greedy_and_seeds_repeat():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
     tight = [Sequence(str(k), None, [1], SamplingParams(temperature=1.0, top_p=1e-6), make_generator(k, "cpu"))

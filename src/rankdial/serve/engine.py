@@ -75,7 +75,10 @@ class Engine:
         # a prompt leaves room for one new token within the context and the tokens in flight
         self.max_prompt_tokens = max(1, min(max_prompt_tokens or self.context - 1, sched.max_tokens_in_flight - 1))
         row_tokens = min(self.context, sched.max_tokens_in_flight, self.max_prompt_tokens + max_new_tokens)
-        self.runner = Runner(model, pad if pad is not None else 0, slots=sched.max_batch_size, row_tokens=row_tokens)
+        # every request holds at least 2 tokens (a prompt token and one to generate), so no more than
+        # tokens_in_flight // 2 rows ever run at once: slots past that would be cache that is never used
+        slots = min(sched.max_batch_size, max(1, sched.max_tokens_in_flight // 2))
+        self.runner = Runner(model, pad if pad is not None else 0, slots=slots, row_tokens=row_tokens)
         # compile: the runner's decode step through torch.compile, compiled and warmed up here, before any request
         # (a failure: one line through log, then eager); compile_seconds is what the warm-up took
         self.compile_seconds = self.runner.enable_compile(log) if compile else None
