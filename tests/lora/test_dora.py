@@ -291,3 +291,13 @@ def test_the_cached_base_norm_follows_a_weight_written_in_place():
     with torch.no_grad():
         base.weight.mul_(2.0)
     torch.testing.assert_close(dora.row_norm(base, A, B, 0.5), dora.row_norm_reference(base, A, B, 0.5), **TOL)
+
+
+def test_the_base_norm_follows_a_weight_written_through_data():
+    """`weight.data.copy_(...)` (a common way user code loads weights) bumps neither the storage nor the version
+    counter; the row norm must still be the new weight's (a cache keyed on those served the old one)."""
+    base = nn.Linear(16, 12).requires_grad_(False)
+    A, B = torch.randn(3, 16), torch.randn(12, 3)
+    dora.row_norm(base, A, B, 0.5)
+    base.weight.data.copy_(torch.randn(12, 16))
+    torch.testing.assert_close(dora.row_norm(base, A, B, 0.5), dora.row_norm_reference(base, A, B, 0.5), **TOL)

@@ -19,8 +19,6 @@ adapter merges alone (LoraLayer.merge_check), since n is taken against the unmer
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -68,42 +66,20 @@ def row_norm(base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float) ->
     An NF4 base is dequantized a chunk of rows at a time (NF4Linear.row_chunks), so no full W₀ exists either.
     """
     A, B = A.float(), B.float()  # (r, d_in), (d_out, r)
-    w_sq = _cached_base_sq(base)
+    # ‖W₀‖² per row is computed from the same read of W₀ as W₀Aᵀ (no cache: a cache keyed on the weight's storage
+    # and version missed writes through `weight.data`, which bump neither, and served a stale norm)
     if isinstance(base, NF4Linear):
         absmax = base.quantized.absmax_fp32()
-        chunks = [(start, stop, base.dequantize_rows(start, stop, absmax, torch.float32)) for start, stop in base.row_chunks()]
-        w_at = torch.cat([w @ A.t() for _, _, w in chunks])  # (d_out, r)
-        if w_sq is None:
-            w_sq = _store_base_sq(base, torch.cat([w.square().sum(1) for _, _, w in chunks]))
+        chunks = [base.dequantize_rows(start, stop, absmax, torch.float32) for start, stop in base.row_chunks()]
+        w_at = torch.cat([w @ A.t() for w in chunks])  # (d_out, r)
+        w_sq = torch.cat([w.square().sum(1) for w in chunks])
     else:
         w = _dense_fp32(base).to(A.device)
         w_at = w @ A.t()  # (d_out, r)
-        if w_sq is None:
-            w_sq = _store_base_sq(base, torch.linalg.vector_norm(w, dim=1).square())
+        w_sq = w.square().sum(1)
     ba_sq = ((B @ (A @ A.t())) * B).sum(1)  # ‖(BA)_row‖², (d_out,)
     total = w_sq + 2 * scale * (w_at * B).sum(1) + scale * scale * ba_sq
     return total.clamp_min(0).sqrt()
-
-
-# ‖W₀‖² per row of each frozen base, (d_out,) fp32: W₀ does not train, so it is read once, not at every step. The
-# key is the weight's storage and version (merge/unmerge write W₀ in place and bump the version), so a changed
-# or replaced weight is never served from the cache.
-_BASE_SQ: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
-
-
-def _weight_key(base: nn.Module) -> tuple:
-    tensor = base.packed if isinstance(base, NF4Linear) else base.weight
-    return tensor.data_ptr(), tensor._version, tensor.device, tuple(tensor.shape)
-
-
-def _cached_base_sq(base: nn.Module) -> torch.Tensor | None:
-    hit = _BASE_SQ.get(base)
-    return hit[1] if hit is not None and hit[0] == _weight_key(base) else None
-
-
-def _store_base_sq(base: nn.Module, value: torch.Tensor) -> torch.Tensor:
-    _BASE_SQ[base] = (_weight_key(base), value)
-    return value
 
 
 def base_out_without_bias(base: nn.Module, h: torch.Tensor) -> torch.Tensor:
