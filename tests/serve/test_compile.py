@@ -23,10 +23,20 @@ def adapters_dir(tmp_path_factory):
     return root
 
 
-def texts(adapters_dir, n=len(PROMPTS), **kw):
+def texts(adapters_dir, n=len(PROMPTS), together=False, **kw):
+    """Each request's text, and the engine. together: the adapters are loaded and every request is queued before the
+    engine's thread starts, so they decode as one batch (otherwise the first may run alone while the others are
+    still being submitted or their adapters read)."""
     eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu", **kw)
     try:
+        if together:  # adapters loaded first (a request whose adapter is loading waits, the others go on)
+            for name in sorted({a for a in MIX[:n] if a}):
+                eng.registry.load(name)
+            eng.start = lambda: None  # enqueue() starts the thread; hold it until all are queued
         handles = [eng.submit(p, a, GREEDY) for p, a in zip(PROMPTS[:n], MIX[:n])]
+        if together:
+            del eng.start
+            eng.start()
         return [h.result(timeout=600).text for h in handles], eng
     finally:
         eng.shutdown(drain=False)
@@ -57,7 +67,7 @@ def recorder(sizes):
 def test_decode_pads_to_buckets_and_sizes_outside_them_run(adapters_dir, eager, monkeypatch, slots, expect):
     sizes = []
     monkeypatch.setattr(runner_mod, "compile_model", recorder(sizes))
-    out, eng = texts(adapters_dir, compile=True, max_batch_size=slots)
+    out, eng = texts(adapters_dir, together=True, compile=True, max_batch_size=slots)
     assert out == eager
     assert eng.runner.compile_status == "on"
     assert set(sizes) <= expect and max(sizes) == max(expect)  # 6 rows: 8 with 64 slots, 6 (no bucket) with 6
