@@ -426,8 +426,8 @@ def test_a_submit_racing_shutdown_is_refused_or_ended_never_left_hanging(adapter
     eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu")
     eng.generate(PROMPTS[0], None, SamplingParams(max_tokens=1, temperature=0), timeout=60)  # the thread runs
     tokenizing, go = threading.Event(), threading.Event()
-    tokens = eng._tokens
-    eng._tokens = lambda prompt: (tokenizing.set(), go.wait(10), tokens(prompt))[2]
+    tokens = eng.checks.tokens
+    eng.checks.tokens = lambda prompt: (tokenizing.set(), go.wait(10), tokens(prompt))[2]
     end_all = eng._end_all_if_no_thread
     outcome = []
 
@@ -583,5 +583,26 @@ def test_a_prompt_longer_than_the_tokens_in_flight_is_blamed_on_the_prompt(adapt
             eng.check(list(range(5, 50)), None, SamplingParams(max_tokens=1))
         assert caught.value.param == "prompt"
         eng.check(list(range(5, 44)), None, SamplingParams(max_tokens=1))  # 39 + 1 fills the 40 exactly
+    finally:
+        eng.shutdown(drain=False)
+
+
+def test_one_record_per_request_from_check_to_the_runner(adapters_dir):
+    """The request check() makes is the object the registry parks, the scheduler admits and the runner samples:
+    one record (serve.request.Request), its tokens appended in one place, its adapter released when it ends."""
+    from rankdial.serve.request import Request
+
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu")
+    try:
+        seen = []
+        real_step = eng.runner.step
+        eng.runner.step = lambda running: (seen.extend(running), real_step(running))[1]
+        request = eng.check(PROMPTS[0], "ad0", SamplingParams(max_tokens=3, temperature=0))
+        assert isinstance(request, Request) and request.id == ""  # no id until it is queued
+        handle = eng.enqueue(request)
+        completion = handle.result(timeout=60)
+        assert request.id == handle.id and all(r is request for r in seen) and len(seen) == 3
+        assert request.tokens == list(completion.token_ids) and request.ended and not request.holds_adapter
+        assert eng.registry._in_use == {}  # released
     finally:
         eng.shutdown(drain=False)

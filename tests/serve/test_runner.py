@@ -10,7 +10,8 @@ from rankdial.models import load_model, resolve_model
 from rankdial.quant import quantize_model
 from rankdial.serve import Engine, SamplingParams
 from rankdial.sampling import make_generator, sample
-from rankdial.serve.runner import Runner, Sequence
+from rankdial.serve.request import Request
+from rankdial.serve.runner import Runner
 from engine_helpers import PROMPTS, make_adapter, tensor_storages
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0)
@@ -22,7 +23,7 @@ def model_tok():
 
 
 def seqs(tok, prompts, tag=""):
-    return [Sequence(f"{tag}{k}", None, tok.encode(p), GREEDY) for k, p in enumerate(prompts)]
+    return [Request(f"{tag}{k}", None, tok.encode(p), GREEDY) for k, p in enumerate(prompts)]
 
 
 def run_alone(model, tok, prompt, n):
@@ -123,12 +124,12 @@ def test_slots_never_exceed_the_rows_tokens_in_flight_can_run():
 
 def test_sampling_top_p_near_zero_is_greedy_and_seeds_repeat():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
-    tight = [Sequence(str(k), None, [1], SamplingParams(temperature=1.0, top_p=1e-6), make_generator(k, "cpu"))
+    tight = [Request(str(k), None, [1], SamplingParams(temperature=1.0, top_p=1e-6), make_generator(k, "cpu"))
              for k in range(3)]
     assert sample(logits, tight) == logits.argmax(-1).tolist()
 
     def draw(seed):
-        s = Sequence("x", None, [1], SamplingParams(temperature=2.0, seed=seed), make_generator(seed, "cpu"))
+        s = Request("x", None, [1], SamplingParams(temperature=2.0, seed=seed), make_generator(seed, "cpu"))
         return [sample(logits[:1], [s])[0] for _ in range(20)]
 
     assert draw(5) == draw(5) and draw(5) != draw(6)
@@ -136,7 +137,7 @@ def test_sampling_top_p_near_zero_is_greedy_and_seeds_repeat():
 
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    s = Sequence("x", None, [1], SamplingParams(temperature=1.0, top_p=0.75), make_generator(0, "cpu"))
+    s = Request("x", None, [1], SamplingParams(temperature=1.0, top_p=0.75), make_generator(0, "cpu"))
     assert {sample(logits, [s])[0] for _ in range(300)} == {0, 1}
 
 
@@ -183,7 +184,7 @@ def test_rows_leaving_keep_the_stacks_and_their_tokens(tmp_path, monkeypatch):
         real_route = runner_mod.route
         monkeypatch.setattr(runner_mod, "route", lambda m, rows: (calls.append(list(rows)), real_route(m, rows)))
         adapters = ["a0", "a1", None, "a0", "a1"]
-        running = [Sequence(f"r{k}", a, tok.encode(PROMPTS[k]), GREEDY) for k, a in enumerate(adapters)]
+        running = [Request(f"r{k}", a, tok.encode(PROMPTS[k]), GREEDY) for k, a in enumerate(adapters)]
         every = list(running)
         runner = Runner(model, 0)
         stacks_before = {id(layer): layer.stacks for _, layer in named_wrappers(model) if isinstance(layer, LoraLayer)}
@@ -205,7 +206,7 @@ def test_rows_leaving_keep_the_stacks_and_their_tokens(tmp_path, monkeypatch):
         assert all(rows and len(rows) >= len(running) for rows in calls)
         for s in every:
             runner_alone = Runner(model, 0)
-            alone = Sequence("x", s.adapter, s.prompt, GREEDY)
+            alone = Request("x", s.adapter, s.prompt, GREEDY)
             for _ in range(len(s.tokens)):
                 alone.tokens.append(runner_alone.step([alone])[0])
             assert s.tokens == alone.tokens, s.id

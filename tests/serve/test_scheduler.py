@@ -11,9 +11,23 @@ from pathlib import Path
 import pytest
 
 from rankdial.errors import ConfigError, RequestError
+from rankdial.serve.request import Request
 from rankdial.serve.scheduler import CANCELLED, FINISHED, RUNNING, Scheduler, SchedulerLimits
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "rankdial"
+
+
+class _Params:
+    """What the scheduler reads of a request's sampling settings (max_tokens), unchecked: the scheduler's own
+    checks are what these tests hold to."""
+
+    def __init__(self, max_tokens):
+        self.max_tokens = max_tokens
+
+
+def req(request_id, adapter, prompt_tokens: int, max_tokens) -> Request:
+    """The engine's request record with `prompt_tokens` prompt tokens."""
+    return Request(request_id, adapter, [0] * prompt_tokens, _Params(max_tokens))
 
 
 def run_until_empty(s: Scheduler, max_steps: int = 10_000) -> list[str]:
@@ -25,7 +39,7 @@ def run_until_empty(s: Scheduler, max_steps: int = 10_000) -> list[str]:
         batch = s.schedule()
         admitted += [r.id for r in batch.new]
         for r in batch.requests:
-            s.record(r.id)
+            s.record(r.id, 0)
     raise AssertionError("requests never finished")
 
 
@@ -37,12 +51,12 @@ def random_trace(seed: int, limits: SchedulerLimits) -> list[tuple]:
         op = rng.random()
         if op < 0.35:
             n += 1
-            s.submit(f"q{n}", rng.choice(adapters), rng.randint(1, 40), rng.randint(1, 30))
+            s.submit(req(f"q{n}", rng.choice(adapters), rng.randint(1, 40), rng.randint(1, 30)))
         elif op < 0.85:
             batch = s.schedule()
             trace.append(("step", tuple(r.id for r in batch.requests), tuple(r.id for r in batch.new)))
             for r in batch.requests:
-                s.record(r.id, finished=rng.random() < 0.05)
+                s.record(r.id, 0, finished=rng.random() < 0.05)
         elif s.running or s.waiting:
             victim = rng.choice(s.running + s.waiting).id
             trace.append(("cancel", victim, s.cancel(victim)))
@@ -67,7 +81,7 @@ def test_fifo_within_one_adapter():
     order = {"a": [], "b": []}
     for i in range(12):
         adapter = "ab"[i % 3 == 0]
-        s.submit(f"{adapter}{i}", adapter, 3 + i % 4, 2 + i % 3)
+        s.submit(req(f"{adapter}{i}", adapter, 3 + i % 4, 2 + i % 3))
         order[adapter].append(f"{adapter}{i}")
     admitted = run_until_empty(s)
     for adapter, ids in order.items():
@@ -77,13 +91,13 @@ def test_fifo_within_one_adapter():
 def test_a_flood_for_one_adapter_delays_another_by_at_most_one_round():
     s = Scheduler(SchedulerLimits(max_batch_size=1, max_tokens_in_flight=1000))
     for i in range(50):
-        s.submit(f"a{i}", "a", 5, 1)
+        s.submit(req(f"a{i}", "a", 5, 1))
     first = s.schedule().new
-    s.submit("b0", "b", 5, 1)
+    s.submit(req("b0", "b", 5, 1))
     for c in range(3):  # a third and fourth adapter join after b: they queue behind it
-        s.submit(f"c{c}", "c", 5, 1)
-    s.submit("base0", None, 5, 1)
-    s.record(first[0].id)
+        s.submit(req(f"c{c}", "c", 5, 1))
+    s.submit(req("base0", None, 5, 1))
+    s.record(first[0].id, 0)
     admitted = [first[0].id] + run_until_empty(s)
     assert admitted.index("b0") <= 2  # a0 (already running), at most one more a, then b0
     assert admitted.index("base0") <= 4  # one round: a, b, c, then the base
@@ -92,42 +106,42 @@ def test_a_flood_for_one_adapter_delays_another_by_at_most_one_round():
 
 def test_a_large_request_is_not_overtaken_by_smaller_ones_behind_it():
     s = Scheduler(SchedulerLimits(max_batch_size=8, max_tokens_in_flight=100))
-    s.submit("small0", "a", 30, 30)
+    s.submit(req("small0", "a", 30, 30))
     s.schedule()
-    s.submit("big", "b", 50, 40)  # 90 tokens: waits for small0 to leave
-    s.submit("small1", "a", 5, 5)  # would fit now, but it is behind big in the turn
+    s.submit(req("big", "b", 50, 40))  # 90 tokens: waits for small0 to leave
+    s.submit(req("small1", "a", 5, 5))  # would fit now, but it is behind big in the turn
     assert s.schedule().new == []
     while s.running:
-        s.record("small0")
+        s.record("small0", 0)
     assert [r.id for r in s.schedule().new] == ["big", "small1"]  # big first, then small1 in the room left
 
 
 def test_cancellation_frees_the_slot_at_once():
     s = Scheduler(SchedulerLimits(max_batch_size=2, max_tokens_in_flight=1000))
     for i in range(4):
-        s.submit(f"r{i}", None, 4, 10)
+        s.submit(req(f"r{i}", None, 4, 10))
     assert [r.id for r in s.schedule().new] == ["r0", "r1"]
     assert s.cancel("r0") is True  # a client disconnect
     assert s.running[0].id == "r1" and s.tokens_in_flight == 4
     assert [r.id for r in s.schedule().new] == ["r2"]
     assert s.cancel("r3") is True  # still waiting: removed from its queue
     assert s.waiting == [] and s.cancel("r3") is False and s.cancel("never") is False
-    s.record("r1")
+    s.record("r1", 0)
     assert s.tokens_in_flight == (4 + 1) + 4  # r1's prompt and one generated token, r2's prompt
 
 
 def test_requests_leave_when_finished_or_at_max_tokens():
     s = Scheduler(SchedulerLimits(max_batch_size=4, max_tokens_in_flight=100))
-    a, b = s.submit("a", "x", 3, 2), s.submit("b", "y", 3, 9)
+    a, b = s.submit(req("a", "x", 3, 2)), s.submit(req("b", "y", 3, 9))
     s.schedule()
     assert a.state == b.state == RUNNING
-    s.record("a"), s.record("b")
-    s.record("a")
-    s.record("b", finished=True)  # a stop sequence
+    s.record("a", 0), s.record("b", 0)
+    s.record("a", 0)
+    s.record("b", 0, finished=True)  # a stop sequence
     assert a.state == b.state == FINISHED and a.generated == 2 and b.generated == 2 and not s.has_work()
     with pytest.raises(RequestError, match="no running request"):
-        s.record("a")
-    c = s.submit("a", "x", 1, 1)  # a finished id may be used again
+        s.record("a", 0)
+    c = s.submit(req("a", "x", 1, 1))  # a finished id may be used again
     s.cancel("a")
     assert c.state == CANCELLED
 
@@ -135,23 +149,23 @@ def test_requests_leave_when_finished_or_at_max_tokens():
 def test_a_request_larger_than_the_token_limit_is_refused_at_submission():
     s = Scheduler(SchedulerLimits(max_batch_size=4, max_tokens_in_flight=64))
     with pytest.raises(RequestError, match=r"40 \+ 30 = 70 tokens.*max_tokens_in_flight=64.*lower max_tokens"):
-        s.submit("huge", "a", 40, 30)
+        s.submit(req("huge", "a", 40, 30))
     assert not s.has_work()
-    s.submit("fits", "a", 40, 24)  # exactly the limit
+    s.submit(req("fits", "a", 40, 24))  # exactly the limit
 
 
 @pytest.mark.parametrize("args, field", [(("", "a", 1, 1), "request id"), (("r", 3, 1, 1), "adapter"),
                                          (("r", "a", 0, 1), "prompt_tokens"), (("r", "a", 1, True), "max_tokens")])
 def test_bad_requests_name_the_field(args, field):
     with pytest.raises(RequestError, match=field):
-        Scheduler().submit(*args)
+        Scheduler().submit(req(*args))
 
 
 def test_a_reused_live_id_is_refused():
     s = Scheduler()
-    s.submit("r", "a", 1, 1)
+    s.submit(req("r", "a", 1, 1))
     with pytest.raises(RequestError, match="already waiting or running"):
-        s.submit("r", "b", 1, 1)
+        s.submit(req("r", "b", 1, 1))
 
 
 def test_limits_are_validated():
@@ -169,6 +183,7 @@ def test_the_scheduler_does_not_import_torch():
             f"for name, path in (('rankdial', {str(SRC)!r}), ('rankdial.serve', {str(SRC / 'serve')!r})):\n"
             "    m = types.ModuleType(name); m.__path__ = [path]; sys.modules[name] = m\n"
             "import rankdial.serve.scheduler as s\n"
-            "s.Scheduler().submit('x', None, 1, 1)\n"
+            "from rankdial.serve.request import Request\n"
+            "s.Scheduler().submit(Request('x', None, [0], types.SimpleNamespace(max_tokens=1)))\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)

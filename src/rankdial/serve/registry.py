@@ -34,9 +34,10 @@ from ..adapters import read_adapter_config, read_adapter_weights
 from ..adapters.io import check_tensor_shapes, check_adapter_tensors, check_servable, expected_shapes
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
 from ..config import LoraConfig, is_positive_int, lora_scaling
-from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, Unavailable, one_line, shorten
+from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, one_line, shorten
 from ..lora import LoraLayer
 from ..lora.inject import Plan, plan_targets, with_task_heads
+from .admission import AdapterWaits, BudgetFull
 from .stacks import AdapterStacks
 
 log = logging.getLogger("rankdial.serve")
@@ -67,10 +68,6 @@ class _Read:
     config: LoraConfig
     tensors: dict[str, torch.Tensor]
     signature: tuple = ()  # the folder's files before they were read (a failure is remembered against it)
-
-
-class BudgetFull(AdapterError, Unavailable):
-    """The budget is held by pinned adapters and adapters in use: the load may succeed once requests finish."""
 
 
 def check_adapter_folder_name(name) -> str:
@@ -148,6 +145,7 @@ class AdapterRegistry:
         self._repin: set[str] = set()  # pinned adapters dropped because their files changed: pinned when reloaded
         self.recheck_s = 1.0  # how often a loaded folder's files are compared with those it was loaded from
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
+        self.waits = AdapterWaits(self)  # requests parked while their adapter loads (admit)
 
     # -- what is known -------------------------------------------------------------------------------
     @property
@@ -387,6 +385,11 @@ class AdapterRegistry:
                                    "under this name")
             self.misses += 1
         return self.attach(self.read(name, path, allow_any_path), pin=pin, by_path=path is not None)
+
+    def admit(self, arrivals, *, running: bool) -> tuple[list, list]:
+        """The engine's one call per step: acquire the arrivals' adapters (loading on the reader thread those that
+        are not loaded, their requests parked meanwhile), and hand back (ready, failed) - see serve.admission."""
+        return self.waits.admit(arrivals, running)
 
     def load_async(self, name: str) -> Future:
         """Start loading `name` on the reader thread (the engine's first use); the Future gives its AdapterInfo.

@@ -29,7 +29,7 @@ variants: so it is off by default (COMPILE_OFF_REASON). The CUDA path (reduce-ov
 place inside the graph) has not been run on a GPU yet.
 
 Sampling is rankdial.sampling's (the one sampler of the server and `rankdial generate`): a row it cannot sample
-is marked on its Sequence (failure) and the engine ends that request alone.
+is marked on its Request (failure) and the engine ends that request alone.
 """
 
 from __future__ import annotations
@@ -37,27 +37,14 @@ from __future__ import annotations
 import inspect
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, RequestError
-from ..sampling import SamplingParams, sample
+from ..sampling import sample
 from .batched_lora import route
-
-
-@dataclass
-class Sequence:
-    """One request as the runner sees it: its tokens, its adapter, how to sample it."""
-
-    id: str
-    adapter: str | None
-    prompt: list[int]
-    params: SamplingParams
-    generator: torch.Generator | None = None
-    tokens: list[int] = field(default_factory=list)  # generated so far
-    failure: str | None = None  # set by sample() when this row's last token could not be sampled
+from .request import Request
 
 
 class SlotCache:
@@ -237,7 +224,7 @@ class Runner:
 
     # -- the step ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, running: list[Sequence]) -> list[int]:
+    def step(self, running: list[Request]) -> list[int]:
         """One token for every sequence in `running`: rows that left free their slots, those already held decode
         one step, new ones are prefilled into free slots. Returns the tokens in `running`'s order."""
         by_id = {s.id: s for s in running}
@@ -259,7 +246,7 @@ class Runner:
             out.update(zip((s.id for s in new), self._sample(self._prefill(new), new)))
         return [out[s.id] for s in running]
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Request]) -> list[int]:
         tokens = sample(logits, seqs)
         slots = [self.slot_of[s.id] for s in seqs]
         self.last[slots] = torch.tensor(tokens, dtype=torch.long, device=self.device)
@@ -306,7 +293,7 @@ class Runner:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         return out.logits[:, -1].float()  # (n, vocab)
 
-    def _decode(self, by_id: dict[str, Sequence]) -> torch.Tensor:
+    def _decode(self, by_id: dict[str, Request]) -> torch.Tensor:
         """One token for slots 0..n-1 (n past the last held slot; a free slot among them computes a throwaway row
         at column 0). The logits, one row per slot."""
         n = 1 + max(self.slot_of.values())
@@ -335,7 +322,7 @@ class Runner:
             raise ConfigError("this model uses sliding-window attention, which the serving runner's batch cache "
                               "does not support; serve a model with full attention (Llama-shaped)")
 
-    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _prefill(self, seqs: list[Request]) -> torch.Tensor:
         """The new rows' prompts, left-padded to a common length, in one forward; each row's keys and values go
         into a free slot. The logits of each row's last prompt token."""
         length = max(len(s.prompt) for s in seqs)

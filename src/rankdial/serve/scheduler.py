@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 
 from ..config import is_positive_int
 from ..errors import ConfigError, RequestError
-
-WAITING, RUNNING, FINISHED, CANCELLED = "waiting", "running", "finished", "cancelled"
-
+from .request import CANCELLED, FINISHED, RUNNING, WAITING, Request  # noqa: F401 - the states: exported here too
 
 @dataclass(frozen=True)
 class SchedulerLimits:
@@ -40,27 +38,6 @@ class SchedulerLimits:
                     if not is_positive_int(value)]
         if problems:
             raise ConfigError("; ".join(problems))
-
-
-@dataclass
-class Request:
-    """One generation request, as the scheduler sees it: who it is, which adapter, how many tokens."""
-
-    id: str
-    adapter: str | None
-    prompt_tokens: int
-    max_tokens: int
-    generated: int = 0
-    state: str = WAITING
-
-    @property
-    def reserved(self) -> int:
-        """The most tokens this request can ever hold in the KV cache."""
-        return self.prompt_tokens + self.max_tokens
-
-    @property
-    def in_flight(self) -> int:
-        return self.prompt_tokens + self.generated
 
 
 @dataclass
@@ -103,8 +80,11 @@ class Scheduler:
         return bool(self._running or self._waiting)
 
     # -- requests in --------------------------------------------------------------------------------
-    def submit(self, request_id: str, adapter: str | None, prompt_tokens: int, max_tokens: int) -> Request:
-        """Queue a request; RequestError (nothing queued) if it could never run or its id is in use."""
+    def submit(self, request: Request) -> Request:
+        """Queue a request (the engine's record, serve.request.Request); RequestError (nothing queued) if it could
+        never run or its id is in use."""
+        request_id, adapter = request.id, request.adapter
+        prompt_tokens, max_tokens = request.prompt_tokens, request.max_tokens
         if not isinstance(request_id, str) or not request_id:
             raise RequestError(f"a request id is a non-empty string, got {request_id!r}")
         if request_id in self._waiting or request_id in self._running:
@@ -119,7 +99,7 @@ class Scheduler:
                 f"request {request_id!r} needs prompt_tokens + max_tokens = {prompt_tokens} + {max_tokens} = "
                 f"{prompt_tokens + max_tokens} tokens, more than this server holds at once "
                 f"(max_tokens_in_flight={self.limits.max_tokens_in_flight}); shorten the prompt or lower max_tokens")
-        request = Request(request_id, adapter, prompt_tokens, max_tokens)
+        request.state = WAITING
         queue = self._queues.setdefault(adapter, deque())
         if not queue:
             self._turn.append(adapter)
@@ -148,14 +128,14 @@ class Scheduler:
         return (len(self._running) < self.limits.max_batch_size
                 and self.reserved_tokens + request.reserved <= self.limits.max_tokens_in_flight)
 
-    def record(self, request_id: str, finished: bool = False) -> Request:
-        """One token was generated for a running request; it leaves when it reaches max_tokens or `finished`
-        (an end-of-sequence token or a stop sequence)."""
+    def record(self, request_id: str, token: int, finished: bool = False) -> Request:
+        """A running request's next token (appended to its tokens); it leaves when it reaches max_tokens or
+        `finished` (an end-of-sequence token or a stop sequence)."""
         request = self._running.get(request_id)
         if request is None:
             raise RequestError(f"record({request_id!r}): no running request has this id "
                                f"(running: {list(self._running) or 'none'})")
-        request.generated += 1
+        request.tokens.append(token)
         if finished or request.generated >= request.max_tokens:
             request.state = FINISHED
             del self._running[request_id]
