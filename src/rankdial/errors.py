@@ -64,6 +64,11 @@ class AdapterInUse(AdapterError):
     """An adapter cannot be unloaded now: running requests use it (unload it when they finish)."""
 
 
+class NameTaken(AdapterError):
+    """An adapter name already stands for other weights (loaded from another folder): unload it first or choose
+    another name. A server answers it with 409."""
+
+
 class Unavailable(RankdialError, RuntimeError):
     """The server cannot take this request now (it is shutting down, or the adapter budget stays full); retry later
     or on another replica. A server answers it with 503."""

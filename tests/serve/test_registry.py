@@ -426,3 +426,18 @@ def test_a_listing_takes_the_lock_once_not_per_adapter(registry):
     assert set(by_name) == set(registry.names())
     assert by_name["a0"][0] == registry.info("a0") and by_name["a1"][0] == registry.info("a1")
     assert by_name["a1"][0].loaded is False and by_name["a1"][0].rank == 4
+
+
+def test_two_loads_of_one_new_name_from_different_folders_never_rebind_it(registry, root):
+    """Two admins load the same new name by path at once: both pass the 'name exists' check, both read; the one
+    whose attach comes second must be refused (a 409 from the server), never answered with the other's weights."""
+    from rankdial.errors import NameTaken
+
+    first = registry.read("new", root / "a0", allow_any_path=True)
+    second = registry.read("new", root / "a1", allow_any_path=True)
+    registry.attach(first, by_path=True)
+    with pytest.raises(NameTaken, match="another folder"):
+        registry.attach(second, by_path=True)
+    assert registry.attach(registry.read("new", root / "a0", allow_any_path=True), by_path=True).loaded  # same one
+    with pytest.raises(NameTaken, match="already loaded"):
+        registry.load("new", root / "a2", allow_any_path=True)

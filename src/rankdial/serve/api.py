@@ -36,7 +36,7 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..errors import AdapterError, AdapterFileError, AdapterInUse, ConfigError, RankdialError, Unavailable, \
+from ..errors import AdapterError, AdapterFileError, AdapterInUse, ConfigError, NameTaken, RankdialError, Unavailable, \
     one_line, shorten
 from ..sampling import SamplingParams
 from .guard import ApiError, Guard, bearer_matches, error_body
@@ -211,7 +211,7 @@ def status_of(err: RankdialError) -> tuple[int, str]:
     """The HTTP status and OpenAI error type for a rankdial error, from its class."""
     if isinstance(err, Unavailable):  # shutting down, or the adapter budget stays full: retry later
         return 503, "server_error"
-    if isinstance(err, AdapterInUse):
+    if isinstance(err, (AdapterInUse, NameTaken)):
         return 409, "conflict_error"
     if isinstance(err, AdapterError):
         return 404, "not_found_error"
@@ -298,10 +298,11 @@ def _add_model_routes(app: FastAPI, engine, admin_key: str | None) -> None:
                            param="name")
         try:
             return await run_in_threadpool(_load, engine.registry, body, admin_key is not None)
-        except (AdapterError, AdapterFileError) as err:  # the name was checked above: a refusal or a full budget
-            status = 503 if isinstance(err, Unavailable) else 400
-            raise ApiError(status, one_line(err), kind="server_error" if status == 503 else "invalid_request_error",
-                           param="path" if body.path else "name") from None
+        except (AdapterError, AdapterFileError) as err:  # the name was checked above: a refusal, a full budget, or
+            # the name loaded from another folder meanwhile (a concurrent load); a broken folder is a 400 as vLLM's
+            status, kind = (503, "server_error") if isinstance(err, Unavailable) else (409, "conflict_error") \
+                if isinstance(err, NameTaken) else (400, "invalid_request_error")
+            raise ApiError(status, one_line(err), kind=kind, param="path" if body.path else "name") from None
 
     async def unload(name: str, request: Request, param: str) -> bool:
         """DELETE /v1/adapters/{name} (and vLLM's /v1/unload_lora_adapter, whose field is `param`): whether it was

@@ -34,7 +34,7 @@ from ..adapters import read_adapter_config, read_adapter_weights
 from ..adapters.io import check_tensor_shapes, check_adapter_tensors, check_servable, expected_shapes
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
 from ..config import LoraConfig, is_positive_int, lora_scaling
-from ..errors import AdapterError, AdapterFileError, AdapterInUse, RankdialError, one_line, shorten
+from ..errors import AdapterError, AdapterFileError, AdapterInUse, NameTaken, RankdialError, one_line, shorten
 from ..lora import LoraLayer
 from ..lora.inject import Plan, plan_targets, with_task_heads
 from .admission import AdapterWaits, BudgetFull
@@ -335,6 +335,9 @@ class AdapterRegistry:
         name = read.name
         with self.lock:
             if name in self._loaded:  # loaded meanwhile (two requests for the same new adapter)
+                if self._paths.get(name) != (read.path if by_path else None):  # ...from another folder: never
+                    raise NameTaken(f"adapter {name!r} was loaded from another folder meanwhile; unload it first "
+                                    "or choose another name")  # rebind a name to other weights
                 self._loaded.move_to_end(name)
                 self._pinned |= {name} if pin else set()
                 return self.info(name)
@@ -381,7 +384,7 @@ class AdapterRegistry:
                     self._pinned.add(name)
                 return self.info(name)
             if name in self._loaded:
-                raise AdapterError(f"adapter {name!r} is already loaded; unload it first to load another folder "
+                raise NameTaken(f"adapter {name!r} is already loaded; unload it first to load another folder "
                                    "under this name")
             self.misses += 1
         return self.attach(self.read(name, path, allow_any_path), pin=pin, by_path=path is not None)
