@@ -1,6 +1,7 @@
 """DESIGN.md's import directions, checked on the source: quant/ knows nothing of lora/, the neutral modules
 import nothing of the package's layers above them, nothing in the core imports the CLI, lora/ and adapters/
-never reach into train/, serve/ never imports train/, sampling (shared by generate and serve) imports neither."""
+never reach into train/, serve/ never imports train/, sampling (shared by generate and serve) imports neither,
+rank/ (the rank tools) knows nothing of claims/ (LoRA's case), claims/ nothing of serve/, train/ or the playground."""
 
 import ast
 from pathlib import Path
@@ -45,7 +46,8 @@ RULES = [
     (("models",), ("rankdial.train", "rankdial.lora", "rankdial.adapters", "rankdial.cli")),
     (("train",), ("rankdial.cli", "rankdial.serve")),
     (("serve",), ("rankdial.train", "rankdial.cli")),
-    (("rank",), ("rankdial.cli", "rankdial.serve")),
+    (("rank",), ("rankdial.cli", "rankdial.serve", "rankdial.claims")),
+    (("claims",), ("rankdial.cli", "rankdial.serve", "rankdial.train", "rankdial.playground")),
 ]
 
 

@@ -159,7 +159,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
-    from .rank.claims_report import write_report
+    from .claims import write_report
 
     write_report(args.out, quick=args.quick)
     print(f"report: {args.out}/report.md (figures in claims.json, one PNG per claim)")

@@ -185,7 +185,7 @@ def test_a_real_text_run_streams_losses_and_its_spectrum():
 
 
 def test_the_committed_steering_report_is_served_as_written(client):
-    from rankdial.playground.panels import CLAIMS_REPORT
+    from rankdial.playground.claims_and_serving import CLAIMS_REPORT
 
     d = client.get("/api/steering/report").json()
     if CLAIMS_REPORT.is_file():

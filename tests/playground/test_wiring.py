@@ -38,23 +38,21 @@ def test_the_scale_is_the_library_formula(client, monkeypatch):
 
 
 def test_the_synthetic_job_uses_the_claims_task(monkeypatch):
-    import rankdial.rank.claims as claims
-    import rankdial.rank.synthetic as synthetic
+    import rankdial.claims.capacity as capacity  # the task's one home: the job and the claim both read it there
     from rankdial.playground.jobs import run_synthetic_job
 
     small = dict(true_rank=2, d=8, n_train=96, n_eval=16, noise=0.1, seed=3)
-    monkeypatch.setattr(synthetic, "CLAIMS_TASK", small)
+    monkeypatch.setattr(capacity, "CLAIMS_TASK", small)
     job = Job("j", "c", {"examples": 24, "ranks": [2], "steps": 2, "alpha": None, "lr": 0.01})
     run_synthetic_job(job, lambda: None)
     task = job.events[0]
     assert (task["true_rank"], task["d"], task["n_train"], task["n_eval"], task["seed"]) == (2, 8, 24, 16, 3)
-    monkeypatch.setattr(claims, "CLAIMS_TASK", small)
-    assert claims.rank_as_capacity([2], steps=1)["task"]["d"] == 8
+    assert capacity.rank_as_capacity([2], steps=1)["task"]["d"] == 8
 
 
 def test_the_steering_job_is_the_claim_at_the_jobs_ranks_and_steps(monkeypatch):
-    import rankdial.rank.claims as claims
-    from rankdial.playground.panels import run_steering_job
+    import rankdial.claims.steering as steering
+    from rankdial.playground.claims_and_serving import run_steering_job
 
     seen = {}
 
@@ -62,7 +60,7 @@ def test_the_steering_job_is_the_claim_at_the_jobs_ranks_and_steps(monkeypatch):
         seen.update(ranks=ranks, steps=steps, device=device)
         return {"measured": True}
 
-    monkeypatch.setattr(claims, "steers_not_reeducates", fake)
+    monkeypatch.setattr(steering, "steers_not_reeducates", fake)
     job = Job("j", "c", {"task": "steering", "ranks": [1, 8], "steps": 7}, device="cpu")
     run_steering_job(job, lambda: None)
     assert seen == {"ranks": [1, 8], "steps": 7, "device": "cpu"}
@@ -70,26 +68,26 @@ def test_the_steering_job_is_the_claim_at_the_jobs_ranks_and_steps(monkeypatch):
 
 
 def test_the_playground_modules_import_without_a_cycle():
-    """panels imported jobs for its lock and jobs imported panels' steering runner: the lock is models.loading's
-    now, so each module imports on its own, in either order, in a fresh interpreter."""
+    """claims_and_serving (panels.py then) imported jobs for its lock and jobs imported its steering runner: the
+    lock is models.loading's now, so each module imports on its own, in either order, in a fresh interpreter."""
     import subprocess
     import sys
 
-    for first, second in (("jobs", "panels"), ("panels", "jobs")):
+    for first, second in (("jobs", "claims_and_serving"), ("claims_and_serving", "jobs")):
         code = f"import rankdial.playground.{first}, rankdial.playground.{second}"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
     import ast
 
-    import rankdial.playground.panels as panels
+    import rankdial.playground.claims_and_serving as module
 
-    tree = ast.parse(open(panels.__file__, encoding="utf-8").read())
+    tree = ast.parse(open(module.__file__, encoding="utf-8").read())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "jobs" not in imported and "rankdial.playground.jobs" not in imported  # one direction only: jobs -> panels
+    assert "jobs" not in imported and "rankdial.playground.jobs" not in imported  # jobs imports it, never the reverse
 
 
 def test_a_steering_request_runs_what_it_asks_and_refuses_what_it_would_ignore(client):
-    from rankdial.rank.claims import SETTINGS
+    from rankdial.claims.report import SETTINGS
 
     quick = SETTINGS[True]
     spec = client.post("/api/jobs", json={"task": "steering"}).json()["spec"]
@@ -107,7 +105,7 @@ def test_a_steering_request_runs_what_it_asks_and_refuses_what_it_would_ignore(c
 def test_jobs_and_the_serving_engine_take_the_library_device_choice(monkeypatch, tmp_path):
     import rankdial.models.loading as loading
     from rankdial.playground.jobs import _text_config
-    from rankdial.playground.panels import AdapterShelf
+    from rankdial.playground.claims_and_serving import AdapterShelf
     from rankdial.serve.engine import Engine
 
     asked = []

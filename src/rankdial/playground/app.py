@@ -2,7 +2,7 @@
 
 Every number the page shows comes from a route here, and every route is a call into rankdial (lora_params and
 estimate_memory from rankdial.memory, quantize_nf4 on a real weight of the default model, the training loop's
-stages, rankdial.rank's spectrum, rankdial.rank.claims' reports, the serving engine); the routes own no math.
+stages, rankdial.rank's spectrum, rankdial.claims' measurements, the serving engine); the routes own no math.
 Bad values get a 4xx whose body is {"error": message, "field": name}; nothing reaches a client as a trace.
 """
 
@@ -33,8 +33,8 @@ from starlette.exceptions import HTTPException
 
 from ..errors import RankdialError
 from ..serve.listen import listen_socket
+from .claims_and_serving import AdapterShelf, add_routes
 from .jobs import TASKS, BusyError, JobManager, Limits
-from .panels import AdapterShelf, add_routes
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "rankdial_client"
@@ -245,7 +245,7 @@ def check_train(body: TrainRequest, limits: Limits) -> dict:
 def _check_steering(body: TrainRequest, limits: Limits) -> dict:
     """Steering runs at the job's ranks and steps (the quick report's when not given); its own alpha (2r),
     learning-rate grids and data, so a request that sets those is refused rather than ignored."""
-    from ..rank.claims import SETTINGS
+    from ..claims.report import SETTINGS
 
     given = body.model_fields_set
     unused = [f for f in ("alpha", "lr", "examples") if f in given]

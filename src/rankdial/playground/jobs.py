@@ -4,7 +4,7 @@ Fair use: one job per client at a time, at most `max_running` jobs on the machin
 (`Limits`); a job can be cancelled, and a job nobody has listened to for `grace_s` seconds (the page was closed)
 cancels itself at its next step. A job that fails ends with an "error" event holding one line, never a trace.
 The math is the library's: `rankdial.train.loop`'s stages, `rankdial.rank.spectrum`, and (for the synthetic task)
-`rankdial.rank.synthetic.train_synthetic` on the claims report's task (`synthetic.CLAIMS_TASK`).
+`rankdial.claims.capacity.train_synthetic` on the claims report's task (`capacity.CLAIMS_TASK`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import RankdialError
-from .panels import run_steering_job
+from .claims_and_serving import run_steering_job
 
 TASKS = ("text", "synthetic", "steering")
 KEEP_FINISHED = 100  # finished jobs kept for their pages to read (the oldest go first)
@@ -227,12 +227,12 @@ def _text_run(job: Job, r: int, cfg, check: Callable[[], None]) -> None:
 
 
 def run_synthetic_job(job: Job, check: Callable[[], None]) -> None:
-    """The synthetic task with a known true rank (rankdial.rank.synthetic): LoRA at each rank learns a target
-    update of the claims report's true rank (synthetic.CLAIMS_TASK) from `examples` noisy pairs; what it learned
+    """The synthetic task with a known true rank (rankdial.claims.capacity): LoRA at each rank learns a target
+    update of the claims report's true rank (capacity.CLAIMS_TASK) from `examples` noisy pairs; what it learned
     is its ΔW's spectrum."""
+    from ..claims.capacity import CLAIMS_TASK, synthetic_task, train_synthetic
     from ..memory import lora_params
     from ..rank.spectrum import effective_rank
-    from ..rank.synthetic import CLAIMS_TASK, synthetic_task, train_synthetic
 
     spec = job.spec
     task = synthetic_task(**{**CLAIMS_TASK, "n_train": spec["examples"]})

@@ -1,10 +1,10 @@
-"""Rank as capacity on a synthetic task with a known true rank k (rank/synthetic.py)."""
+"""Rank as capacity on a synthetic task with a known true rank k (claims/capacity.py)."""
 
 import pytest
 import torch
 
 from rankdial import ConfigError
-from rankdial.rank import synthetic_task, train_synthetic
+from rankdial.claims import synthetic_task, train_synthetic
 
 
 def test_task_is_deterministic_and_its_update_has_the_stated_rank():

@@ -1,4 +1,4 @@
-"""rankdial claims: LoRA's case measured on this run, its report, and its refusals (rank/claims*.py)."""
+"""rankdial claims: LoRA's case measured on this run, its report, and its refusals (claims/)."""
 
 import json
 from pathlib import Path
@@ -7,8 +7,8 @@ import pytest
 
 from rankdial import OutputError
 from rankdial.cli import main
-from rankdial.rank.claims import merge_latency, parameter_arithmetic, rank_as_capacity
-from rankdial.rank.claims_report import PLOTS, write_report
+from rankdial.claims import merge_latency, parameter_arithmetic, rank_as_capacity
+from rankdial.claims.report import PLOTS, write_report
 
 
 def test_parameter_arithmetic_comes_from_the_planner():
@@ -104,7 +104,7 @@ def _rank_figures(evals: dict[int, tuple[float, float]]) -> dict:
 
 
 def test_the_rank_verdict_is_worded_from_the_figures_either_way():
-    from rankdial.rank.claims_text import _rank
+    from rankdial.claims.capacity import section as _rank
 
     usual = " ".join(_rank(_rank_figures({2: (0.5, 0.6), 4: (0.085, 0.095), 64: (0.03, 0.2)})))
     assert "eval loss stays up" in usual and "below the floor: it fits the noise" in usual and "eval rises to" in usual
@@ -115,7 +115,7 @@ def test_the_rank_verdict_is_worded_from_the_figures_either_way():
 
 
 def test_the_steering_verdict_says_from_r_up_only_when_every_higher_rank_does_as_well():
-    from rankdial.rank.claims_text import _steering_verdict
+    from rankdial.claims.steering import _steering_verdict
 
     full = {"eval_loss": 1.0}
     runs = lambda *losses: [{"rank": r, "eval_loss": x} for r, x in zip((1, 8, 64), losses)]  # noqa: E731

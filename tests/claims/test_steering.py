@@ -4,7 +4,7 @@ import pytest
 
 from rankdial import ConfigError, DataError
 from rankdial.models.loading import load_model, resolve_model
-from rankdial.rank import steering as st
+from rankdial.claims import steering as st
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Rank as capacity, on a task whose answer is known: y = (W₀ + ΔW*)x + noise with rank(ΔW*) = k.
+"""Claim 4, rank is capacity, on a task whose answer is known: y = (W₀ + ΔW*)x + noise with rank(ΔW*) = k.
 
 A frozen random map W₀ (d × d) plus a true update ΔW* = U·diag(σ)·Vᵀ of exact rank k (all k singular values
 equal, so each direction carries the same share 1/k of the signal). A LoRA layer over W₀ learns ΔW = s·B·A
@@ -12,12 +12,14 @@ from n_train noisy pairs. Its capacity is its rank r (Hu et al. 2021, arXiv:2106
 Losses are mean squared errors per output element; ‖ΔW*‖²_F = d, so the signal to learn has variance 1 per
 output element and the untrained loss is ≈ 1 + noise². `train_synthetic` calls `on_step(step, train, eval)`
 as it goes and stops early when `should_stop()` says so (the playground streams its curve this way).
+`rank_as_capacity` is the claim: LoRA at each rank on CLAIMS_TASK; `plot` and `section` draw and word it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,8 +27,11 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..lora.layer import LoraLayer
+from ..plotting import figure, save
+from .diverged import finite
 
-# The task of LoRA's case (claims.rank_as_capacity) and of the playground: true rank 4 in d = 64, 96 train pairs
+KEY, TITLE = "rank", "4. Rank is capacity (a synthetic task of known rank)"
+# The task of LoRA's case (rank_as_capacity) and of the playground: true rank 4 in d = 64, 96 train pairs
 # (a little above d, so a rank far above 4 can fit the noise), noise 0.3 (floor 0.09). Its one home.
 CLAIMS_TASK = dict(true_rank=4, d=64, n_train=96, n_eval=512, noise=0.3, seed=0)
 
@@ -189,3 +194,66 @@ def rank_capacity(task: SyntheticTask, ranks: list[int], **train_kwargs) -> dict
     """train_synthetic at each rank; figures per rank plus the task and the noise floor (for the report)."""
     runs = [train_synthetic(task, r, **train_kwargs) for r in ranks]
     return {"task": task.describe(), "runs": [run.to_dict() for run in runs]}
+
+
+def rank_as_capacity(ranks: list[int], steps: int) -> dict:
+    """The synthetic task (CLAIMS_TASK: true rank 4, d 64, 96 train pairs) learned by LoRA at each rank."""
+    return rank_capacity(synthetic_task(**CLAIMS_TASK), ranks, steps=steps)
+
+
+def plot(f: dict, png: Path) -> None:
+    fig, (curves, finals) = figure(2)
+    for run in f["runs"]:
+        line, = curves.plot(run["steps"], run["eval_loss"], label=f"r={run['rank']} eval")
+        curves.plot(run["steps"], run["train_loss"], linestyle=":", color=line.get_color())
+    floor = f["task"]["noise_floor"]
+    for ax in (curves, finals):
+        ax.axhline(floor, color="black", linewidth=0.8, linestyle="--", label="noise floor")
+        ax.set_yscale("log")
+        ax.set_ylabel("MSE per output")
+    curves.set_xlabel("step (dotted: train)")
+    curves.legend(fontsize=7)
+    ranks = [run["rank"] for run in f["runs"]]
+    finals.plot(ranks, [run["final_train"] for run in f["runs"]], "o:", label="train")
+    finals.plot(ranks, [run["final_eval"] for run in f["runs"]], "o-", label="eval")
+    finals.axvline(f["task"]["true_rank"], color="red", linewidth=0.8, label="true rank k")
+    finals.set_xscale("log", base=2)
+    finals.set_xlabel("LoRA rank")
+    finals.legend()
+    t = f["task"]
+    fig.suptitle(f"true update of rank {t['true_rank']}, d={t['d']}, {t['n_train']} train pairs")
+    save(fig, png)
+
+
+def section(f: dict) -> list[str]:
+    t = f["task"]
+    rows = [f"| {r['rank']} | {r['final_train']:.4f} | {r['final_eval']:.4f} | "
+            f"{r['final_eval'] - r['final_train']:+.4f} |" for r in f["runs"]]
+    k = t["true_rank"]
+    below = [r for r in f["runs"] if r["rank"] < k]
+    at = [r for r in f["runs"] if r["rank"] == k]
+    top = max(f["runs"], key=lambda r: r["rank"])
+    lines = [f"y = (W₀ + ΔW*)x + noise, rank(ΔW*) = {k}, d = {t['d']}, {t['n_train']} train and {t['n_eval']} eval "
+             f"pairs, noise² = {t['noise_floor']:.3f} (the best possible eval loss). MSE per output:", "",
+             "| LoRA rank | train loss | eval loss | eval − train |", "|---|---|---|---|", *rows, ""]
+    if below and at:
+        lines.append(_rank_verdict(below[-1], at[0], top, t["noise_floor"]))
+    return lines
+
+
+def _rank_verdict(below: dict, at: dict, top: dict, floor: float) -> str:
+    """What the runs show about rank as capacity, each clause chosen by the figures it states."""
+    gone = [r["rank"] for r in (below, at, top) if not finite(r["final_train"], r["final_eval"])]
+    if gone:
+        return (f"r = {', '.join(map(str, dict.fromkeys(gone)))} diverged, so these runs give no verdict on rank "
+                "as capacity.")
+    stays = "stays up" if below["final_eval"] > at["final_eval"] else "does not stay up"
+    fits = "reaches" if at["final_eval"] < 1.5 * floor else "only gets to"
+    parts = [f"Below k the eval loss {stays} (r = {below['rank']}: {below['final_eval']:.3f}, r = k: "
+             f"{at['final_eval']:.3f}); at r = k it {fits} {at['final_eval']:.3f} against the floor {floor:.3f}"]
+    if top["rank"] > at["rank"]:
+        noise = ("falls to {:.3f}, below the floor: it fits the noise" if top["final_train"] < floor
+                 else "stays at {:.3f}, not below the floor: it does not fit the noise").format(top["final_train"])
+        held = ("rises to" if top["final_eval"] > at["final_eval"] else "does not rise above r = k's, at")
+        parts.append(f"at r = {top['rank']} train {noise}, while eval {held} {top['final_eval']:.3f}")
+    return "; ".join(parts) + "."

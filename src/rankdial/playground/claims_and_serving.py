@@ -1,10 +1,10 @@
-"""The playground's panels that stand on LoRA's case (rankdial.rank.claims) and on the serving engine.
+"""The playground's panels that stand on LoRA's case (rankdial.claims) and on the serving engine.
 
-Merge: claims.merge_latency on the default model. Steer vs re-educate: claims.steers_not_reeducates at the
-job's ranks and steps (the page asks for the claims report's quick settings), run as a job (its log lines stream).
-One base, many adapters: the adapters this playground has trained, by any visitor (each finished text run is
-kept on one shared shelf, the newest MAX_ADAPTERS), answered side by side by rankdial.serve.Engine, and
-claims.adapters_vs_copies for the bytes.
+Merge: claims.merge_cost.merge_latency on the default model. Steer vs re-educate:
+claims.steering.steers_not_reeducates at the job's ranks and steps (the page asks for the claims report's quick
+settings), run as a job (its log lines stream). One base, many adapters: the adapters this playground has trained,
+by any visitor (each finished text run is kept on one shared shelf, the newest MAX_ADAPTERS), answered side by side
+by rankdial.serve.Engine, and claims.adapter_storage.adapters_vs_copies for the bytes.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def add_routes(app: FastAPI, shelf: AdapterShelf, errors) -> None:
 
     @app.post("/api/merge")
     def merge():
-        from ..rank.claims import merge_latency
+        from ..claims.merge_cost import merge_latency
 
         if not measuring.acquire(blocking=False):
             raise errors(429, "a latency measurement is already running; try again in a few seconds")
@@ -129,7 +129,7 @@ def committed_steering() -> dict | None:
 @lru_cache(maxsize=1)
 def adapter_bytes() -> dict:
     """One base + N adapters against N copies, in bytes of files written now (claims.adapters_vs_copies)."""
-    from ..rank.claims import adapters_vs_copies
+    from ..claims.adapter_storage import adapters_vs_copies
 
     return adapters_vs_copies([1, 2, 4, 8, 16, 32], rank=16)
 
@@ -137,7 +137,8 @@ def adapter_bytes() -> dict:
 def run_steering_job(job, check) -> None:
     """LoRA's case (claims.steers_not_reeducates): LoRA at the job's ranks vs full fine-tuning, style task and facts
     task, `steps` steps each, at the quick report's fact count and learning-rate grids."""
-    from ..rank.claims import SETTINGS, steers_not_reeducates
+    from ..claims.report import SETTINGS
+    from ..claims.steering import steers_not_reeducates
 
     quick = SETTINGS[True]
 
