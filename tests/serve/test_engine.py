@@ -606,3 +606,55 @@ def test_one_record_per_request_from_check_to_the_runner(adapters_dir):
         assert eng.registry._in_use == {}  # released
     finally:
         eng.shutdown(drain=False)
+
+
+def test_a_cancel_sent_while_the_request_is_still_in_the_inbox_is_kept():
+    """A request enqueued and cancelled while the step admits the others (its id is read before it arrives) ends
+    'cancelled', not after max_tokens (found by review; the old engine had the same gap)."""
+    eng = Engine.from_pretrained("default", None, device="cpu")
+    try:
+        eng.generate(PROMPTS[0], None, SamplingParams(max_tokens=1, temperature=0), timeout=60)
+        real_admit, late = eng.registry.admit, []
+
+        def admit(arrivals, *, running, ready, failed):  # a client enqueues and cancels while this step admits
+            if arrivals and not late:
+                h = eng.enqueue(eng.check(PROMPTS[1], None, SamplingParams(max_tokens=20, temperature=0)))
+                h.cancel()
+                late.append(h)
+            real_admit(arrivals, running=running, ready=ready, failed=failed)
+
+        eng.registry.admit = admit
+        eng.generate(PROMPTS[0], None, SamplingParams(max_tokens=1, temperature=0), timeout=60)
+        done = late[0].result(timeout=60)
+        assert done.finish_reason == "cancelled", (done.finish_reason, len(done.token_ids))
+    finally:
+        eng.shutdown(drain=False)
+
+
+def test_an_error_while_admitting_ends_the_arrivals_and_releases_what_they_held(adapters_dir):
+    """An unexpected error inside registry.admit (e.g. its reader gone) ends the requests of that step with an
+    error, releasing any adapter already acquired for them, and the engine goes on (found by review)."""
+    eng = Engine.from_pretrained("default", str(adapters_dir), device="cpu")
+    try:
+        real_admit, broken = eng.registry.admit, [True]
+
+        def admit(arrivals, *, running, ready, failed):
+            real_admit(arrivals, running=running, ready=ready, failed=failed)  # acquires ad0 for the arrival
+            if broken and arrivals:
+                broken.clear()
+                ready.clear()  # as if it failed before handing them back
+                for r in arrivals:
+                    r.state = "waiting"
+                raise RuntimeError("reader gone")
+
+        eng.registry.admit = admit
+        done = eng.generate(PROMPTS[0], "ad0", SamplingParams(max_tokens=2, temperature=0), timeout=60)
+        assert done.finish_reason == "error" and eng.registry._in_use == {}
+        assert eng.generate(PROMPTS[0], "ad0", SamplingParams(max_tokens=2, temperature=0), timeout=60).finish_reason \
+            in ("length", "stop")
+        request = eng.check(PROMPTS[0], None, SamplingParams(max_tokens=1))
+        eng.enqueue(request).result(timeout=60)
+        with pytest.raises(RequestError, match="queued already"):
+            eng.enqueue(request)
+    finally:
+        eng.shutdown(drain=False)

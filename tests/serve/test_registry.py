@@ -441,3 +441,54 @@ def test_two_loads_of_one_new_name_from_different_folders_never_rebind_it(regist
     assert registry.attach(registry.read("new", root / "a0", allow_any_path=True), by_path=True).loaded  # same one
     with pytest.raises(NameTaken, match="already loaded"):
         registry.load("new", root / "a2", allow_any_path=True)
+
+
+def test_an_adapter_for_another_base_is_named_once_in_its_refusal(registry, tmp_path):
+    """A folder whose A and B agree with each other but not with this base is refused at attach; the message names
+    the adapter once and its file once (it read "adapter 'x' refused: adapter 'x' (/path) does not fit ...")."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(tmp_path / "wide", seed=3, r=4)
+    weights = tmp_path / "wide" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: torch.zeros(v.shape[0], v.shape[1] + 2) if "lora_A" in k else torch.zeros(v.shape[0] + 2, v.shape[1])
+               for k, v in tensors.items()}, weights)
+    with pytest.raises(AdapterFileError) as err:
+        registry.load("wide", tmp_path / "wide", allow_any_path=True)
+    message = str(err.value)
+    assert "does not fit this model" in message and message.count("'wide'") == 1, message
+    assert message.count("adapter_model.safetensors") == 1, message
+
+
+@pytest.fixture
+def by_path_setup(tmp_path):
+    root = tmp_path / "adapters"
+    root.mkdir()
+    make_adapter(root / "a0", seed=0, r=4)
+    ext = tmp_path / "ext"
+    make_adapter(ext, seed=1, r=4)
+    model, _ = load_model(resolve_model("default"))
+    reg = AdapterRegistry(model, root)
+    yield reg, root, ext
+    reg.close()
+
+
+def test_two_by_name_loads_of_an_evicted_by_path_adapter_are_not_a_conflict(by_path_setup):
+    """Same folder read twice (the engine's load_async and an HTTP pin at once): no NameTaken (found by review)."""
+    reg, root, ext = by_path_setup
+    reg.attach(reg.read("ext", ext, allow_any_path=True), by_path=True)
+    with reg.lock:
+        reg._evict("ext")  # LRU eviction: the name stays known by its path
+    a, b = reg.read("ext"), reg.read("ext")  # e.g. engine load_async and an HTTP pin, at once
+    reg.attach(a)
+    reg.attach(b)  # same folder: must not be NameTaken
+
+
+def test_a_by_path_reload_racing_a_by_name_load_of_the_same_folder_is_not_a_conflict(by_path_setup):
+    reg, root, ext = by_path_setup
+    reg.attach(reg.read("ext", ext, allow_any_path=True), by_path=True)
+    with reg.lock:
+        reg._evict("ext")
+    engine_read = reg.read("ext")  # the engine's load_async (by name, resolved through _paths)
+    reg.attach(reg.read("ext", ext, allow_any_path=True), by_path=True)  # the admin reloads it by path meanwhile
+    reg.attach(engine_read)  # same folder: must not be NameTaken

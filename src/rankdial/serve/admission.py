@@ -18,6 +18,7 @@ import time
 from concurrent.futures import Future
 
 from ..errors import AdapterError, RankdialError, Unavailable
+from .request import PARKED
 
 log = logging.getLogger("rankdial.serve")
 
@@ -52,12 +53,12 @@ class AdapterWaits:
         """The adapters requests are parked for (a C-level copy of the keys: safe from other threads)."""
         return set(self._parked)
 
-    def admit(self, arrivals, running: bool) -> tuple[list, list]:
-        """Take the requests that arrived (each with .adapter, .ended, .holds_adapter), and look at the loads that
-        ended. Returns (ready: requests whose adapter is acquired, or None, in arrival order; failed: (request,
-        error) for the parked ones whose adapter cannot be loaded). `running`: requests are running or queued, so
-        releases may still free budget room (else a full budget gets one last try)."""
-        ready, failed = [], []
+    def admit(self, arrivals, running: bool, ready: list, failed: list) -> None:
+        """Take the requests that arrived (serve.request.Request), and look at the loads that ended. Appends to
+        `ready` the requests whose adapter is now acquired (or None), in arrival order, and to `failed` (request,
+        error) for the parked ones whose adapter cannot be loaded: the caller's lists, so that what was decided
+        before an unexpected error is not lost. `running`: requests are running or queued, so releases may still
+        free budget room (else a full budget gets one last try)."""
         idle = lambda: not running and not ready  # noqa: E731 - nothing runs: releases cannot free room any more
         for request in arrivals:
             if request.adapter is None or self._acquire(request, hit=True):
@@ -73,7 +74,6 @@ class AdapterWaits:
             if self.registry.freed != freed or now >= at or idle():
                 del self._budget_retry[name]
                 self._loads[name] = self.registry.load_async(name)
-        return ready, failed
 
     def _acquire(self, request, hit: bool = False) -> bool:
         request.holds_adapter = self.registry.try_acquire(request.adapter, hit=hit)
@@ -81,6 +81,7 @@ class AdapterWaits:
 
     def _park(self, request) -> None:
         name = request.adapter
+        request.state = PARKED
         self._parked.setdefault(name, []).append(request)
         self.parked_count += 1
         if name not in self._loads:

@@ -26,12 +26,12 @@ import time
 from collections import deque
 
 from ..config import is_positive_int
-from ..errors import AdapterError, AdapterFileError, ConfigError, RankdialError, Unavailable
+from ..errors import AdapterError, AdapterFileError, ConfigError, RankdialError, RequestError, Unavailable
 from ..sampling import SamplingParams, end_ids, make_generator
 from .detokenizer import Detokenizer, TextStream  # noqa: F401 - Detokenizer: exported
 from .handle import Completion, Handle, TokenEvent
 from .registry import AdapterRegistry
-from .request import Request, RequestChecks
+from .request import WAITING, Request, RequestChecks
 from .runner import Runner
 from .scheduler import Scheduler, SchedulerLimits
 
@@ -127,15 +127,16 @@ class Engine:
         request before it loads the request's adapter (prepare_async), then enqueue()s it."""
         if self._stopping:
             raise Unavailable("the engine is shutting down and takes no new requests; retry on another replica")
-        if not isinstance(params, SamplingParams):  # before the adapter is looked up on disk
-            return self.checks.check(prompt, adapter, params)
+        self.checks.params(params)  # the cheap checks first: nothing is looked up on disk for a refused request
         adapter = None if adapter in (None, self.base_name) else self.registry.check_known(adapter)
         return self.checks.check(prompt, adapter, params)
 
     def enqueue(self, request: Request) -> Handle:
         """Queue a request check() accepted; its Handle. Unavailable once shutdown() has begun."""
+        if request.id:
+            raise RequestError(f"request {request.id} was queued already; check() each request anew")
         request.id = f"req-{next(self._ids)}"
-        request.handle = Handle(request.id, self)
+        request.handle = Handle(request, self)
         request.generator = make_generator(request.params.seed, self.runner.device)
         request.text = TextStream(request.params.stop)
         with self._submit_lock:  # shutdown() sets _stopping under this lock: no request slips in after its count
@@ -183,8 +184,11 @@ class Engine:
         """The prompt for a chat, from the tokenizer's chat template (with the assistant's turn opened)."""
         return self.checks.chat_prompt(messages)
 
-    def _cancel(self, request_id: str) -> None:
-        self._cancels.append(request_id)
+    def _cancel(self, request: Request) -> None:
+        """Any thread: end `request` at the next step (flagged on its record first, so a cancel that comes while
+        the request is still in the inbox is seen when it arrives)."""
+        request.cancelled = True
+        self._cancels.append(request.id)
         self._wake.set()
 
     # -- the step -------------------------------------------------------------------------------------------
@@ -207,17 +211,25 @@ class Engine:
     def _admit(self) -> None:
         """Arrivals whose adapter is held go to the scheduler (the registry loads the others, off this thread);
         cancels leave."""
-        arrivals = []
+        arrivals, ready, failed = [], [], []
         while self._inbox:
             request = self._inbox.popleft()
             self._live[request.id] = request
             arrivals.append(request)
-        ready, failed = self.registry.admit(arrivals, running=self.scheduler.has_work())
+        try:
+            self.registry.admit(arrivals, running=self.scheduler.has_work(), ready=ready, failed=failed)
+        except Exception as err:  # noqa: BLE001 - the arrivals it had not placed end; the rest goes on
+            log.error("admitting requests failed", exc_info=err)
+            failed += [(r, AdapterError("internal error while loading this request's adapter; retry the request"))
+                       for r in arrivals if r.state == WAITING and not any(r is x for x in ready)]
         for request in ready:
             self.scheduler.submit(request)
         for request, err in failed:
             self._finish(request, "error", str(err), unavailable=isinstance(err, Unavailable),
                          refused=isinstance(err, AdapterFileError))
+        for request in arrivals:  # cancelled while it waited in the inbox (its id may have been read already)
+            if request.cancelled:
+                self._finish(request, "cancelled")
         while self._cancels:
             request = self._live.get(self._cancels.popleft())
             if request is not None:
@@ -312,8 +324,8 @@ class Engine:
         # the inbox first: a request the engine thread moves from the inbox to _live meanwhile is then in one of them
         inbox = list(self._inbox)
         left = {r.id: r for r in inbox + list(self._live.values()) if not r.ended}
-        for request_id in left:
-            self._cancel(request_id)
+        for request in left.values():
+            self._cancel(request)
         self._end_all_if_no_thread()
         end = time.monotonic() + 5
         while self._live and self._thread is not None and self._thread.is_alive() and time.monotonic() < end:

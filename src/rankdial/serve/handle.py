@@ -39,9 +39,9 @@ class Completion:
 class Handle:
     """One submitted request's results: iterate events() (threads) or aevents() (asyncio); cancel() to stop it."""
 
-    def __init__(self, request_id: str, engine):
-        self.id = request_id
-        self._engine = engine
+    def __init__(self, request, engine):
+        self.id = request.id
+        self._engine, self._request = engine, request  # its record (serve.request.Request), which cancel() flags
         self._queue: queue.Queue[TokenEvent] = queue.Queue()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -100,7 +100,7 @@ class Handle:
 
     def cancel(self) -> None:
         """Stop this request; its slot frees at the next step and a final "cancelled" event follows."""
-        self._engine._cancel(self.id)
+        self._engine._cancel(self._request)
 
     def result(self, timeout: float | None = None) -> Completion:
         """Wait for the whole completion (the text without any stop sequence); TimeoutError (the request is

@@ -129,6 +129,7 @@ class AdapterRegistry:
         self.freed = 0  # counts releases that left an adapter unused (the engine retries a full budget on a change)
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self._paths: dict[str, Path] = {}  # adapters loaded by an explicit path
+        self._folders: dict[str, Path] = {}  # loaded adapter -> the folder its weights were read from (resolved)
         self._pinned: set[str] = set()
         self._in_use: dict[str, int] = {}
         self._pending: dict[str, Future] = {}  # loads in progress (a done-callback removes each when it ends)
@@ -335,9 +336,9 @@ class AdapterRegistry:
         name = read.name
         with self.lock:
             if name in self._loaded:  # loaded meanwhile (two requests for the same new adapter)
-                if self._paths.get(name) != (read.path if by_path else None):  # ...from another folder: never
+                if self._folders.get(name) != read.path:  # ...from another folder: never rebind a name to other
                     raise NameTaken(f"adapter {name!r} was loaded from another folder meanwhile; unload it first "
-                                    "or choose another name")  # rebind a name to other weights
+                                    "or choose another name")  # weights (the same folder by name or path is fine)
                 self._loaded.move_to_end(name)
                 self._pinned |= {name} if pin else set()
                 return self.info(name)
@@ -348,7 +349,7 @@ class AdapterRegistry:
                                            f"{config.target_parameters}), which the engine does not serve; merge it "
                                            "into the base (rankdial merge) and serve the merged model")
                 plan = self._plan(config)
-                check_tensor_shapes(read.tensors, expected_shapes(self.model, plan), f"adapter {name!r} ({read.path})")
+                check_tensor_shapes(read.tensors, expected_shapes(self.model, plan), str(read.path / WEIGHTS_NAME))
             except RankdialError as err:
                 log.warning("adapter %r refused: %s", name, one_line(err))
                 message = self.public(f"adapter {name!r} refused: {one_line(err)}", read.path if by_path else None)
@@ -357,6 +358,7 @@ class AdapterRegistry:
                 raise AdapterFileError(message) from None
             minimal = self._make_room(name, plan)
             self._loaded[name] = self._store(name, config, plan, read.tensors, minimal)
+            self._folders[name] = read.path
             self._ranks[name] = max((t.r for t in plan.targets), default=0)
             if read.signature:
                 self._loaded_from[name], self._checked[name] = read.signature, time.monotonic()
@@ -389,10 +391,10 @@ class AdapterRegistry:
             self.misses += 1
         return self.attach(self.read(name, path, allow_any_path), pin=pin, by_path=path is not None)
 
-    def admit(self, arrivals, *, running: bool) -> tuple[list, list]:
+    def admit(self, arrivals, *, running: bool, ready: list, failed: list) -> None:
         """The engine's one call per step: acquire the arrivals' adapters (loading on the reader thread those that
-        are not loaded, their requests parked meanwhile), and hand back (ready, failed) - see serve.admission."""
-        return self.waits.admit(arrivals, running)
+        are not loaded, their requests parked meanwhile); appends to ready and failed (see serve.admission)."""
+        self.waits.admit(arrivals, running, ready, failed)
 
     def load_async(self, name: str) -> Future:
         """Start loading `name` on the reader thread (the engine's first use); the Future gives its AdapterInfo.
@@ -542,6 +544,7 @@ class AdapterRegistry:
             if not stacks.where:
                 self._unwrap(path)
         del self._loaded[name]
+        self._folders.pop(name, None)
         self._ranks.pop(name, None)
         self._pinned.discard(name)
         self._loaded_from.pop(name, None)

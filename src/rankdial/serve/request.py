@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # types only: importing this module imports no torch
     from .detokenizer import TextStream
     from .handle import Handle
 
-WAITING, RUNNING, FINISHED, CANCELLED = "waiting", "running", "finished", "cancelled"
+WAITING, PARKED, RUNNING, FINISHED, CANCELLED = "waiting", "parked", "running", "finished", "cancelled"
 
 
 @dataclass(eq=False)
@@ -43,6 +43,7 @@ class Request:
     text: TextStream | None = None  # its completion as text, stop sequences held back
     holds_adapter: bool = False  # its adapter is acquired in the registry (released when it ends)
     ended: bool = False  # its final event was sent: nothing more happens to it
+    cancelled: bool = False  # its client cancelled (Handle.cancel, any thread): it ends at the next step
 
     @property
     def prompt_tokens(self) -> int:
@@ -81,8 +82,8 @@ class RequestChecks:
         self.tokenizer, self.vocab_size, self.base_name = tokenizer, vocab_size, base_name
         self.max_prompt_tokens, self.max_new_tokens, self.max_total = max_prompt_tokens, max_new_tokens, max_total
 
-    def check(self, prompt: str | list[int], adapter: str | None, params: SamplingParams) -> Request:
-        """The request (no id yet) or a RequestError naming the field; `adapter` was looked up by the caller."""
+    def params(self, params: SamplingParams) -> None:
+        """The sampling settings' own checks (before anything is looked up on disk)."""
         from ..sampling import SamplingParams
 
         if not isinstance(params, SamplingParams):
@@ -90,6 +91,10 @@ class RequestChecks:
         if params.max_tokens > self.max_new_tokens:
             raise bad("max_tokens", f"max_tokens is {params.max_tokens}, more than this server's limit of "
                                     f"{self.max_new_tokens}; ask for fewer tokens")
+
+    def check(self, prompt: str | list[int], adapter: str | None, params: SamplingParams) -> Request:
+        """The request (no id yet) or a RequestError naming the field; `adapter` was looked up by the caller."""
+        self.params(params)
         ids = self.tokens(prompt)
         total = len(ids) + params.max_tokens
         if total > self.max_total:
@@ -144,4 +149,4 @@ def check_unicode(text: str, field: str) -> None:
         raise bad("prompt" if field == "prompt" else "messages", f"{field} {NOT_UTF8}")
 
 
-__all__ = ["Request", "RequestChecks", "WAITING", "RUNNING", "FINISHED", "CANCELLED"]
+__all__ = ["Request", "RequestChecks", "WAITING", "PARKED", "RUNNING", "FINISHED", "CANCELLED"]
