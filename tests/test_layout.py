@@ -46,6 +46,8 @@ RULES = [
     (("train",), ("rankdial.cli", "rankdial.serve")),
     (("serve",), ("rankdial.train", "rankdial.cli")),
     (("rank",), ("rankdial.cli", "rankdial.serve")),
+    (("local_server",), ("rankdial.lora", "rankdial.quant", "rankdial.adapters", "rankdial.train", "rankdial.models",
+                         "rankdial.serve", "rankdial.playground", "rankdial.rank", "rankdial.cli")),
 ]
 
 
