@@ -248,7 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for warning in app.state.startup_warnings:
         print(warning, file=sys.stderr, flush=True)
     # SIGTERM and Ctrl-C stop taking connections and begin the engine's drain at once: requests in flight finish,
-    # those still running after --drain-timeout are cancelled (their streams end with finish_reason "cancelled");
+    # those still running after --drain-timeout are cancelled (their streams end with OpenAI's finish_reason "length");
     # uvicorn waits for the connections no longer than that. SIGTERM then exits 0 with the line below, Ctrl-C
     # 130 (KeyboardInterrupt, as every verb), a second Ctrl-C 130 at once (rankdial.local_server).
     run(app, sock, name="rankdial serve", graceful_s=graceful_seconds(args.drain_timeout),

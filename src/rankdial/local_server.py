@@ -61,12 +61,14 @@ def make_server(app, *, name: str, graceful_s: float, on_first_signal: Callable[
     return _server_class()(config, name=name, on_first_signal=on_first_signal)
 
 
-def run(app, sock: socket.socket, **server_options) -> None:
-    """Serve `app` on the bound socket until a signal stops it (make_server's options); closes the socket.
+def run(app, sock: socket.socket, *, name: str, graceful_s: float, on_first_signal: Callable[[], None] | None = None,
+        log_level: str = "warning", access_log: bool = False) -> None:
+    """Serve `app` on the bound socket until a signal stops it (the options are make_server's); closes the socket.
 
     Returns after SIGTERM (or a stop from within); raises KeyboardInterrupt after Ctrl-C, once the server has
     stopped, so the verb ends as every verb does on Ctrl-C."""
-    server = make_server(app, **server_options)
+    server = make_server(app, name=name, graceful_s=graceful_s, on_first_signal=on_first_signal, log_level=log_level,
+                         access_log=access_log)
     try:
         server.run(sockets=[sock])
     finally:
