@@ -48,6 +48,8 @@ RULES = [
     (("serve",), ("rankdial.train", "rankdial.cli")),
     (("rank",), ("rankdial.cli", "rankdial.serve", "rankdial.claims")),
     (("claims",), ("rankdial.cli", "rankdial.serve", "rankdial.train", "rankdial.playground")),
+    (("local_server",), ("rankdial.lora", "rankdial.quant", "rankdial.adapters", "rankdial.train", "rankdial.models",
+                         "rankdial.serve", "rankdial.playground", "rankdial.rank", "rankdial.claims", "rankdial.cli")),
 ]
 
 

@@ -231,10 +231,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import signal
-
-    from .serve.launch import app_from_args, check_serve_flags, server_class, server_config
-    from .serve.listen import listen_socket
+    from .local_server import listen_socket, run
+    from .serve.launch import app_from_args, check_serve_flags, graceful_seconds
 
     check_serve_flags(args)
     # bound and listening before the model loads (a port in use fails at once); the address is printed only once
@@ -249,15 +247,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(line.format(url=f"http://{host}:{port}/v1"), flush=True)
     for warning in app.state.startup_warnings:
         print(warning, file=sys.stderr, flush=True)
-    # uvicorn turns SIGTERM and Ctrl-C into a graceful shutdown: no new connections, and the engine's drain begins
-    # at once (server_class): requests in flight finish, those still running after --drain-timeout are cancelled
-    # (their streams end with finish_reason "cancelled"); uvicorn waits for the connections no longer than that.
-    config = server_config(app, log_level=args.log_level, access_log=args.log_level == "debug",
-                           drain_timeout=args.drain_timeout)
-    # uvicorn re-raises the signal it caught once it has shut down; a handler here makes that a clean exit 0
-    # for SIGTERM (Ctrl-C still ends in KeyboardInterrupt, 130, as every verb does).
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    server_class()(config).run(sockets=[sock])  # a second Ctrl-C exits at once, 130
+    # SIGTERM and Ctrl-C stop taking connections and begin the engine's drain at once: requests in flight finish,
+    # those still running after --drain-timeout are cancelled (their streams end with OpenAI's finish_reason "length");
+    # uvicorn waits for the connections no longer than that. SIGTERM then exits 0 with the line below, Ctrl-C
+    # 130 (KeyboardInterrupt, as every verb), a second Ctrl-C 130 at once (rankdial.local_server).
+    run(app, sock, name="rankdial serve", graceful_s=graceful_seconds(args.drain_timeout),
+        on_first_signal=app.state.begin_drain, log_level=args.log_level, access_log=args.log_level == "debug")
     cancelled = app.state.cancelled_at_shutdown
     if cancelled is None:
         print("rankdial serve: stopped", flush=True)

@@ -1,5 +1,5 @@
-"""`rankdial serve`'s flags: the token limits reach the engine (one source of truth), the listening socket's
-errors name the flag, and the last line tells the truth about requests cancelled at shutdown."""
+"""`rankdial serve`'s flags: the token limits reach the engine (one source of truth), the listening socket is
+bound before the model loads, and the last line tells the truth about requests cancelled at shutdown."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 
 from rankdial.cli import build_parser, cmd_serve
 from rankdial.errors import ConfigError
+from rankdial.local_server import listen_socket
 from rankdial.serve.launch import app_from_args, check_serve_flags
-from rankdial.serve.listen import listen_socket
 
 
 def serve_args(*flags):
@@ -44,23 +44,6 @@ def test_token_limit_flags_reach_the_engine_and_are_enforced_once():
 def test_bad_flags_are_named_together():
     with pytest.raises(ConfigError, match="--drain-timeout must be positive.*--port must be in 0-65535"):
         check_serve_flags(serve_args("--drain-timeout", "0", "--port", "70000"))
-
-
-def test_listen_socket_names_the_flag():
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
-    try:
-        with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{port} .*choose another --port"):
-            listen_socket("127.0.0.1", port)
-        with pytest.raises(ConfigError, match="--web-port must be in 0-65535"):
-            listen_socket("127.0.0.1", 70000, port_flag="--web-port")
-        sock = listen_socket("127.0.0.1", 0)
-        assert sock.getsockname()[1] > 0
-        sock.close()
-    finally:
-        taken.close()
 
 
 @pytest.mark.parametrize("cancelled, says", [(0, "every request in flight was answered"),
@@ -121,17 +104,6 @@ def test_startup_warnings_and_a_budget_too_small_for_an_adapter(tmp_path):
     assert quiet.state.startup_warnings == []
 
 
-def test_listen_socket_can_bind_without_listening():
-    sock = listen_socket("127.0.0.1", 0, listen=False)
-    try:
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(sock.getsockname()[:2], timeout=2).close()
-        sock.listen()
-        socket.create_connection(sock.getsockname()[:2], timeout=2).close()
-    finally:
-        sock.close()
-
-
 @pytest.mark.slow
 def test_sigterm_cancels_a_stream_still_running_after_the_drain_timeout(tmp_path):
     """Over HTTP: the first signal starts the engine's drain; a stream still running after --drain-timeout ends
@@ -145,13 +117,15 @@ def test_sigterm_cancels_a_stream_still_running_after_the_drain_timeout(tmp_path
 
     from rankdial.serve.api import create_app
     from rankdial.serve.engine import Engine
-    from rankdial.serve.launch import server_class, server_config
+    from rankdial.local_server import make_server
+    from rankdial.serve.launch import graceful_seconds
 
     torch.set_num_threads(1)
     engine = Engine.from_pretrained("default", None, device="cpu", max_new_tokens=512)
     app = create_app(engine, drain_timeout=0.5)
     sock = listen_socket("127.0.0.1", 0, listen=False)
-    server = server_class()(server_config(app, drain_timeout=0.5))
+    server = make_server(app, name="rankdial serve", graceful_s=graceful_seconds(0.5),
+                         on_first_signal=app.state.begin_drain)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"

@@ -16,14 +16,12 @@ import json
 import math
 import secrets
 import shutil
-import signal
 import tempfile
 import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -32,7 +30,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from ..errors import RankdialError
-from ..serve.listen import listen_socket
+from ..local_server import listen_socket, run
 from .claims_and_serving import AdapterShelf, add_routes
 from .jobs import TASKS, BusyError, JobManager, Limits
 
@@ -380,23 +378,21 @@ def _error_handlers(app: FastAPI) -> None:
 
 
 def serve(port: int = 7860, host: str = "127.0.0.1", log=print) -> None:
-    """Run the playground with uvicorn until Ctrl-C; prints the address first. Local by default (127.0.0.1).
+    """Run the playground until SIGTERM or Ctrl-C (KeyboardInterrupt, as every verb); prints the address first.
+    Local by default (127.0.0.1).
 
     The socket is bound here and handed to uvicorn, so no other process can take the port between the check and
-    the serving (as `rankdial serve` does). Ctrl-C gives open requests (event streams) GRACE_S seconds, then
-    closes them; the lifespan then cancels the running jobs.
+    the serving (rankdial.local_server, as `rankdial serve`). The first signal ends the event streams and cancels
+    the running jobs (begin_shutdown), so uvicorn's graceful wait (GRACE_S at most) has nothing left to wait for.
     """
-    sock = listen_socket(host, port)  # rankdial.serve.listen: bound and listening before the models load
+    sock = listen_socket(host, port)  # bound and listening before the models load
     try:
         log(f"rankdial playground on http://{host}:{sock.getsockname()[1]}/  (Ctrl-C stops it)")
         app = create_app()
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACE_S)
-        server = PlaygroundServer(config, app)
-        server.run(sockets=[sock])
-    finally:
+    except BaseException:
         sock.close()
-    if server.stopped_by == signal.SIGINT:
-        raise KeyboardInterrupt  # Ctrl-C ends the verb as it ends every verb (exit code 130)
+        raise
+    run(app, sock, name="rankdial playground", graceful_s=GRACE_S, on_first_signal=lambda: begin_shutdown(app))
 
 
 def begin_shutdown(app: FastAPI) -> None:
@@ -404,34 +400,3 @@ def begin_shutdown(app: FastAPI) -> None:
     app.state.stopping.set()
     for job in app.state.jobs.running():
         job.cancel("the playground is shutting down")
-
-
-class PlaygroundServer(uvicorn.Server):
-    """uvicorn's server, which on Ctrl-C or SIGTERM first ends the playground's event streams and cancels its jobs
-    (begin_shutdown), so that its graceful shutdown has no open stream to wait for.
-
-    uvicorn re-raises the signal it caught from inside its event loop once it has shut down, which logs the
-    lifespan task's cancellation as a trace; this one records the signal instead (`stopped_by`) and restores the
-    previous handlers, and serve() turns a Ctrl-C into KeyboardInterrupt after the loop has ended.
-    """
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI):
-        super().__init__(config)
-        self.playground, self.stopped_by = app, None
-
-    def handle_exit(self, sig, frame) -> None:
-        self.stopped_by = self.stopped_by or sig
-        begin_shutdown(self.playground)
-        super().handle_exit(sig, frame)
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)

@@ -20,9 +20,10 @@
 
     api.py           create_app(engine): the OpenAI-compatible HTTP API (models, completions, chat, SSE
                      streaming, adapter load/unload, health, Prometheus metrics) that `rankdial serve` runs;
-                     guard.py (bearer keys, body limit), schemas.py (request models), metrics.py beside it.
-    launch.py        `rankdial serve`'s flags -> the app; listen.py listen_socket(host, port): the bound socket,
-                     a ConfigError naming --port / --host if it cannot be (for the playground too).
+                     access.py (bearer keys, body limit, per-request metrics), openai_errors.py (OpenAI's
+                     error object), schemas.py (request models), metrics.py beside it.
+    launch.py        `rankdial serve`'s flags -> the app; rankdial.local_server binds and runs it (as the
+                     playground's).
 """
 
 from .batched_lora import Routing, batched_lora, clear_route, reference_rows, route

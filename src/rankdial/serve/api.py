@@ -39,8 +39,9 @@ from starlette.exceptions import HTTPException
 from ..errors import AdapterError, AdapterFileError, AdapterInUse, ConfigError, NameTaken, RankdialError, Unavailable, \
     one_line, shorten
 from ..sampling import SamplingParams
-from .guard import ApiError, Guard, bearer_matches, error_body
+from .access import AccessMiddleware, bearer_matches
 from .metrics import Metrics
+from .openai_errors import ApiError, error_body
 from .registry import check_adapter_folder_name
 from .schemas import FIELD_HELP, AdapterLoad, ChatRequest, CompletionRequest, LoraLoad, LoraUnload
 from ..config import is_positive_int
@@ -100,7 +101,7 @@ def create_app(engine, *, api_keys=None, admin_key: str | None = None, limits: A
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
     app.state.cancelled_at_shutdown = None  # set once the lifespan has shut the engine down
     app.state.begin_drain = begin_drain
-    app.add_middleware(Guard, keys=keys + ([admin_key] if admin_key and keys else []),
+    app.add_middleware(AccessMiddleware, keys=keys + ([admin_key] if admin_key and keys else []),
                        max_body=limits.max_body_bytes, metrics=metrics)
     _add_error_handlers(app)
     _add_model_routes(app, engine, admin_key)

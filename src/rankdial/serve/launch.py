@@ -7,8 +7,6 @@ import argparse
 import ipaddress
 import math
 import os
-import signal
-import sys
 
 from ..errors import ConfigError
 
@@ -99,37 +97,11 @@ def _is_loopback(host: str) -> bool:
 _GRACE_MARGIN_S = 2.0  # uvicorn waits this much past --drain-timeout, so the engine's 'cancelled' events land first
 
 
-def server_config(app, *, log_level: str = "warning", drain_timeout: float = 30.0, access_log: bool = False):
-    """uvicorn's Config for `rankdial serve`: on SIGTERM / Ctrl-C uvicorn stops accepting, waits for the open
-    connections at most drain_timeout (plus a small margin), then cancels what is left, so --drain-timeout
-    bounds the shutdown over HTTP too; the engine's drain (begun on the same signal, server_class) ends the
-    requests still running at drain_timeout with a final 'cancelled' event first."""
-    import uvicorn
-
-    return uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
-                          timeout_graceful_shutdown=drain_timeout + _GRACE_MARGIN_S)
+def graceful_seconds(drain_timeout: float) -> float:
+    """How long uvicorn waits for open connections after the first signal: the engine's drain (begun on the same
+    signal) ends the requests still running at drain_timeout with a final 'cancelled' event first, so
+    --drain-timeout bounds the shutdown over HTTP too."""
+    return drain_timeout + _GRACE_MARGIN_S
 
 
-def server_class():
-    """uvicorn.Server whose second Ctrl-C exits at once with 130: uvicorn's own force-exit lets the interpreter tear
-    down while the engine's thread is inside torch, which aborts the process ('terminate called without an active
-    exception', exit 134) and hands clients a bare 500. The first Ctrl-C (or SIGTERM) still drains."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            if not self.should_exit:  # the first signal: the engine's drain starts now, beside uvicorn's wait
-                begin = getattr(getattr(self.config.app, "state", None), "begin_drain", None)
-                if begin is not None:
-                    begin()
-            if self.should_exit and sig == signal.SIGINT:
-                print("rankdial serve: second Ctrl-C: stopping now without draining; requests in flight are dropped",
-                      file=sys.stderr, flush=True)
-                sys.stdout.flush()
-                os._exit(130)
-            super().handle_exit(sig, frame)
-
-    return Server
-
-
-__all__ = ["check_serve_flags", "app_from_args", "serve_warnings", "server_class", "server_config"]
+__all__ = ["check_serve_flags", "app_from_args", "serve_warnings", "graceful_seconds"]

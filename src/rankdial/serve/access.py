@@ -1,6 +1,8 @@
-"""The server's front door: bearer keys, the request-body limit and per-request metrics, plus the error shape.
+"""Access to the server: who may call it (bearer keys), how much a request may send (the body limit) and what
+each request is counted as (per-request metrics), in one pure-ASGI middleware that every request passes.
 
-Errors reach clients as OpenAI's error object {"error": {"message", "type", "param", "code"}}, one line each.
+A refusal is OpenAI's error object (openai_errors.py): 401 for a missing or wrong key, 413 for a body over the
+limit, 400 for a Content-Length that is not a number.
 """
 
 from __future__ import annotations
@@ -9,25 +11,12 @@ import hmac
 import time
 
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
 
 from .metrics import Metrics
+from .openai_errors import ApiError, error_body
 
 
-class ApiError(HTTPException):
-    """An HTTP error with OpenAI's error fields (raised inside routes and the body reader)."""
-
-    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(status, message)
-        self.kind, self.param = kind, param
-
-
-def error_body(status: int, message: str, kind: str | None = None, param: str | None = None) -> JSONResponse:
-    kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
-
-
-class Guard:
+class AccessMiddleware:
     """Bearer keys, body size and request metrics, as pure ASGI so it also sees a streamed response end."""
 
     def __init__(self, app, *, keys: list[str], max_body: int, metrics: Metrics):
@@ -93,3 +82,6 @@ def bearer_matches(header: bytes, keys: list[str]) -> bool:
     token = token.strip()
     # compare_digest against every key, so timing does not tell which key or how much of it matched
     return scheme.lower() == b"bearer" and sum(hmac.compare_digest(token, k.encode("utf-8")) for k in keys) > 0
+
+
+__all__ = ["AccessMiddleware", "bearer_matches"]
