@@ -251,17 +251,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # those still running after --drain-timeout are cancelled (their streams end with OpenAI's finish_reason "length");
     # uvicorn waits for the connections no longer than that. SIGTERM then exits 0 with the line below, Ctrl-C
     # 130 (KeyboardInterrupt, as every verb), a second Ctrl-C 130 at once (rankdial.local_server).
-    run(app, sock, name="rankdial serve", graceful_s=graceful_seconds(args.drain_timeout),
-        on_first_signal=app.state.begin_drain, log_level=args.log_level, access_log=args.log_level == "debug")
-    cancelled = app.state.cancelled_at_shutdown
-    if cancelled is None:
-        print("rankdial serve: stopped", flush=True)
-    elif cancelled:
-        print(f"rankdial serve: stopped; {cancelled} request(s) still running after --drain-timeout "
-              f"{args.drain_timeout:g} s were cancelled", flush=True)
-    else:
-        print("rankdial serve: stopped; every request in flight was answered", flush=True)
+    try:
+        run(app, sock, name="rankdial serve", graceful_s=graceful_seconds(args.drain_timeout),
+            on_first_signal=app.state.begin_drain, log_level=args.log_level, access_log=args.log_level == "debug")
+    finally:  # after SIGTERM, and after Ctrl-C before its 'interrupted' line: what became of the requests in flight
+        print(_stopped_line(app.state.cancelled_at_shutdown, args.drain_timeout), flush=True)
     return 0
+
+
+def _stopped_line(cancelled: int | None, drain_timeout: float) -> str:
+    if cancelled is None:
+        return "rankdial serve: stopped"
+    if cancelled:
+        return (f"rankdial serve: stopped; {cancelled} request(s) still running after --drain-timeout "
+                f"{drain_timeout:g} s were cancelled")
+    return "rankdial serve: stopped; every request in flight was answered"
 
 
 def add_serve_parser(verbs, fmt) -> None:

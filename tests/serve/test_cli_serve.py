@@ -77,6 +77,31 @@ def test_the_last_line_tells_how_many_requests_were_cancelled(monkeypatch, capsy
     assert not seen["refused"] and 1.5 <= seen["grace"] <= 5  # uvicorn's wait for connections is bounded by the drain
 
 
+def test_ctrl_c_says_too_how_many_requests_were_cancelled(monkeypatch, capsys):
+    """Ctrl-C drains as SIGTERM does and then exits 130 (KeyboardInterrupt); the line saying what became of the
+    requests in flight is printed before (it was printed after SIGTERM only)."""
+    import uvicorn
+
+    seen = {}
+
+    def run(server, sockets):
+        seen["app"] = server.config.app
+        server.config.app.state.cancelled_at_shutdown = 3
+        [s.close() for s in sockets]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cmd_serve(serve_args("--drain-timeout", "2"))
+    finally:
+        gc.unfreeze()
+        seen["app"].state.engine.shutdown(drain=False)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == ("rankdial serve: stopped; 3 request(s) still running "
+                                                                "after --drain-timeout 2 s were cancelled")
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "0.0000001"])
 def test_a_budget_that_is_not_a_finite_positive_size_is_refused_naming_the_flag(value):
     with pytest.raises(ConfigError, match="--budget-mb"):
