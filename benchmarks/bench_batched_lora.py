@@ -10,6 +10,16 @@ round by round (ratios are medians of per-round ratios):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_batched_lora.py            # ~1 minute on one core
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_batched_lora.py --rounds 2 # a smoke run
 
+--decode: the serving runner's decode step instead (serve.runner.Runner, 64 rows each decoding one token from a
+prompt of 8 tokens, the slot KV cache; adapters r=8 on all linears), base rows against 1, 32 and 128 distinct
+adapters, interleaved step by step (ratios: medians of per-round ratios). --model 0.5b-4: the 0.5B shape of
+model_shapes.py with 4 of its 30 layers (per-layer costs are the same; random weights). --profile MIX: one
+torch.profiler table (self CPU time by op) over steps of that mix instead of the timing.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_batched_lora.py --decode                    # ~1 minute
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_batched_lora.py --decode --model 0.5b-4
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_batched_lora.py --decode --profile 32
+
 Ends with one JSON line of figures and ratios.
 """
 
@@ -52,10 +62,80 @@ def timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
+def decode_model(which: str, adapters: int) -> torch.nn.Module:
+    """The model for --decode: the default model, or the 0.5B shape cut to its first 4 layers; `adapters` r=8
+    adapters a0.. on all linears with non-zero A and B."""
+    import rankdial as rd
+    from rankdial.models import default_model_path, load_model
+
+    torch.manual_seed(0)
+    if which == "default":
+        model = load_model(default_model_path())[0]
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from model_shapes import SHAPE_500M
+
+        model = LlamaForCausalLM(LlamaConfig(**{**SHAPE_500M, "num_hidden_layers": 4}, max_position_embeddings=512,
+                                             tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    for k in range(adapters):
+        rd.inject(model, rd.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
+                  adapter=f"a{k}")
+    return model.eval()
+
+
+def decode_main(args) -> None:
+    """--decode: the runner's decode step, 64 rows, per mix of adapters (see the module's docstring)."""
+    from rankdial.sampling import SamplingParams
+    from rankdial.serve.runner import Runner, Sequence
+
+    rows, steps = 64, args.steps
+    mixes = {"base": 0, "1": 1, "32": 32, "128": 128}
+    model = decode_model(args.model, 128)
+    vocab = model.config.vocab_size
+
+    def runner_for(k: int):  # a runner past its prefill: every later step() is one decode forward of 64 rows
+        runner = Runner(model, 0, slots=rows, row_tokens=8 + steps * args.rounds + 4)
+        g = torch.Generator().manual_seed(k)
+        seqs = [Sequence(f"r{i}", None if k == 0 else f"a{i % k}", torch.randint(3, vocab, (8,), generator=g).tolist(),
+                         SamplingParams(max_tokens=10 ** 6, temperature=0)) for i in range(rows)]
+        runner.step(seqs)
+        return runner, seqs
+
+    runners = {m: runner_for(k) for m, k in mixes.items()}
+    if args.profile:
+        runner, seqs = runners[args.profile]
+        runner.step(seqs)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                runner.step(seqs)
+        print(f"profile: {args.model}, mix {args.profile}, {steps} decode steps of {rows} rows")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        return
+    times: dict[str, list[float]] = {m: [] for m in mixes}
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for m, (runner, seqs) in runners.items():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    runner.step(seqs)
+                times[m].append((time.perf_counter() - start) / steps)
+    ratio = lambda a: statistics.median(x / y for x, y in zip(times[a], times["base"]))  # noqa: E731
+    print(json.dumps({"model": args.model, "rows": rows, "steps_per_round": steps, "rounds": args.rounds,
+                      **{f"ms_step_{m}": round(1e3 * statistics.median(times[m]), 3) for m in mixes},
+                      **{f"ratio_{m}_vs_base": round(ratio(m), 3) for m in mixes if m != "base"}}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--decode", action="store_true", help="the serving runner's decode step, 64 rows")
+    parser.add_argument("--model", choices=("default", "0.5b-4"), default="default", help="for --decode")
+    parser.add_argument("--steps", type=int, default=4, help="decode steps per round (--decode)")
+    parser.add_argument("--profile", choices=("base", "1", "32", "128"), help="--decode: profile this mix")
     args = parser.parse_args()
+    if args.decode:
+        return decode_main(args)
 
     import rankdial as rd
     from rankdial.models import default_model_path, load_model
