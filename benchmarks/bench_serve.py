@@ -8,6 +8,10 @@ greedy) all submitted at once; tokens/s = completion tokens / wall time, latency
   peft_mixed    PEFT's mixed batch: peft_model.generate(..., adapter_names=[...]), one static batch, 32 adapters
   hf_generate   transformers' static-batch model.generate on the base (left-padded, one batch)
   hf_generate_batch  transformers' continuous batching (model.generate_batch) on the base
+Time to first token: a burst of 64 requests (the same prompts and max_tokens) submitted at once, on the base and
+with 32 adapters, each read through its Handle's events() by its own thread; TTFT = the request's submit() to the
+first token event that thread sees; p50 and p99 over the 64 (p99 of 64 is the slowest). One burst per mix,
+after the tokens/s rounds (the tokens/s runs use result(), which does not wake at every token).
 Loading: registry.load of a fresh adapter vs safetensors.load_file of its file (load_ratio_vs_raw_read).
 Memory: base + 32 adapters vs 32 merged copies, computed from the tensors' bytes (numel x element size of the
 base's parameters and of the adapters' A and B), not measured from the process.
@@ -74,6 +78,21 @@ Figures (2-core machine shared by 5 people; rounds of the same configuration dif
   past which the decode step ran eagerly. Eager: base 2,897, 32 adapters 1,979, 128 adapters 1,622,
   ratio_32_vs_base 0.68, ratio_128_vs_base 0.56, base_speedup_vs_transformers 1.21, load 2.9.
   No win from compile on this CPU: `rankdial serve` keeps it off by default (serve.runner.COMPILE_OFF_REASON).
+  `OMP_NUM_THREADS=1 heavy .venv/bin/python benchmarks/bench_serve.py --quick` before and after h-Q's in-place
+  groups in batched_lora (one adapter on every row, or groups in slot order: no gather of x, no index_add_), back to
+  back: before base 2,255 tok/s, 1 adapter 1,795 (0.80), 32 adapters 1,501 (ratio_32_vs_base 0.67), 128 adapters
+  1,372 (0.61), TTFT p50/p99 of a 64-request burst: base 134/193 ms, 32 adapters 156/209 ms; after base 2,147,
+  1 adapter 1,822 (0.85), 32 adapters 1,460 (0.68), 128 adapters 1,435 (0.67), TTFT base 129/150 ms, 32 adapters
+  156/206 ms. Per engine step (same process, stepped synchronously, best of 3; default model, 128 adapters
+  loaded): prefill of the 64 prompts base 109 ms, 1 adapter 138, 32 adapters 161; a decode step of 64 rows 19.1,
+  22.4, 26.5 ms (128 adapters: 28.3), of 16 rows 10.2, 12.3, 14.9 ms. 32 r=8 all-linear adapters of this model
+  hold 21 MB against the base's 17.8 MB, so a decode step that serves them all reads 2.2x the base's bytes.
+  `OMP_NUM_THREADS=1 heavy .venv/bin/python benchmarks/bench_serve.py --quick --model 0.5b` (h-Q, after; one round,
+  both cores busy): base 22.0 tok/s, 1 adapter 23.7, 8 adapters 23.6, 32 adapters 21.6 (ratio_32_vs_base 0.98: one
+  round, within its noise), static generate 20.9 (base_speedup_vs_transformers 1.06), speedup_vs_swap 5.1,
+  speedup_vs_peft_mixed 1.8, load_ratio_vs_raw_read 3.1 (37.5 vs 12.1 ms); TTFT p50/p99 of the 64-request burst:
+  base 10,110/10,126 ms, 32 adapters 10,998/11,010 ms: the 64 prompts are prefilled in one forward (~770 tokens
+  through 0.5B parameters on one core), so every request's first token comes at its end.
 """
 
 from __future__ import annotations
@@ -135,6 +154,32 @@ def run_engine(engine, reqs, adapters) -> dict:
     wall, tokens = time.perf_counter() - t0, sum(counts)
     return {"tps": tokens / wall, "tokens": tokens, "wall_s": wall, "p50_ms": 1000 * statistics.median(lat),
             "p99_ms": 1000 * sorted(lat)[min(len(lat) - 1, int(0.99 * len(lat)))]}
+
+
+def run_ttft(engine, reqs, adapters) -> dict:
+    """Submit the burst at once; the time from each request's submit() to its first token event as its reader sees
+    it (Handle.events()), and to its last."""
+    from rankdial.serve import SamplingParams
+
+    first, last = [], []
+
+    def read(h, t0):
+        seen = None
+        for event in h.events(timeout=600):
+            if seen is None:
+                seen = time.perf_counter() - t0
+        first.append(seen)
+        last.append(time.perf_counter() - t0)
+
+    submitted = []
+    for (p, m), a in zip(reqs, adapters):
+        submitted.append((time.perf_counter(), engine.submit(p, a, SamplingParams(max_tokens=m, temperature=0))))
+    readers = [threading.Thread(target=read, args=(h, t0)) for t0, h in submitted]
+    [r.start() for r in readers]
+    [r.join() for r in readers]
+    pct = lambda v, q: 1000 * sorted(v)[min(len(v) - 1, int(q * len(v)))]  # noqa: E731
+    return {"ttft_p50_ms": 1000 * statistics.median(first), "ttft_p99_ms": pct(first, 0.99),
+            "latency_p50_ms": 1000 * statistics.median(last), "requests": len(reqs)}
 
 
 def run_swap(engine, reqs, adapters) -> dict:
@@ -260,6 +305,10 @@ def main() -> None:
     res = {key: max(runs, key=lambda r: r["tps"]) for key, runs in rounds.items()}
     res["base_again"] = min(rounds["base"], key=lambda r: r["tps"])
     print(json.dumps({key: [round(r["tps"], 1) for r in runs] for key, runs in rounds.items()}))
+    burst = requests(64)
+    for key, rows in (("base", [None] * 64), ("32_adapters", [names[i % 32] for i in range(64)])):
+        res[f"ttft_{key}"] = run_ttft(engine, burst, rows)
+    print(json.dumps({k: res[k] for k in ("ttft_base", "ttft_32_adapters")}))
     n_swap = (4 if args.quick else 8) if big else (16 if args.quick else 32)
     for name in names:  # the classic swap holds one adapter at a time
         engine.registry.unload(name)
@@ -304,6 +353,11 @@ def main() -> None:
         "p50_ms_32_adapters": res["engine_32"]["p50_ms"], "p99_ms_32_adapters": res["engine_32"]["p99_ms"],
         "p99_ms_1_adapter": res["engine_1"]["p99_ms"], "p99_ms_8_adapters": res["engine_8"]["p99_ms"],
         "p99_ms_128_adapters": res["engine_128"]["p99_ms"] if "engine_128" in res else None,
+        "ttft_p50_ms_base": res["ttft_base"]["ttft_p50_ms"], "ttft_p99_ms_base": res["ttft_base"]["ttft_p99_ms"],
+        "ttft_p50_ms_32_adapters": res["ttft_32_adapters"]["ttft_p50_ms"],
+        "ttft_p99_ms_32_adapters": res["ttft_32_adapters"]["ttft_p99_ms"],
+        "ttft_basis": "a burst of 64 requests submitted at once, one burst per mix; submit to the first token "
+                      "event each request's reader sees (Handle.events())",
         **res["load"],
         "memory_basis": "computed from tensor bytes (numel x element size, float32), not measured",
         "tps_basis": f"every configuration: best of {ROUNDS} rounds (engine mixes and hf_generate interleaved)",

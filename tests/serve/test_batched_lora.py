@@ -343,3 +343,63 @@ def test_distinct_adapters_within_a_range_are_read_through_a_view_of_the_stack(t
         assert not plan.by_view and (model(x) - ref).abs().max().item() <= 1e-5
         route(model, ["ad0", "ad8"])  # a range of 9 for 2 adapters: copied, not viewed
         assert not model[0].routing.plans[0].by_view
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("rows", [["ad3"] * 6, ["ad1", "ad1", "ad5", "ad5"], ["ad0", "ad1", "ad2", "ad3"]])
+def test_groups_that_are_the_rows_in_order_add_in_place_like_the_reference(rows, tokens):
+    """One adapter on every row, equal runs in slot order, or every row its own adapter in slot order: the
+    grouped matmuls read x and write h directly (no gather of x, no index_add_), and still equal the reference;
+    the same rows in another order, or with a base row, take the copying path and equal it too."""
+    model = layer_model({n: 4 for n in NAMES}, 7)
+    g = torch.Generator().manual_seed(tokens)
+    for mix, direct in ((rows, True), (rows[::-1] if len(set(rows)) > 1 else rows[:-1] + [None], False),
+                        (rows + [None], False)):
+        x = torch.randn(len(mix), tokens, D_IN, generator=g)
+        with torch.no_grad():
+            ref = reference_rows(model[0], x, mix)
+            route(model, mix)
+            (plan,) = model[0].routing.plans
+            assert plan.grouped or plan.by_view
+            assert (plan.group_tensors()[1] is None) is direct, mix
+            assert (model(x) - ref).abs().max().item() <= 1e-6 * ref.abs().max().item(), mix  # fp32 rounding
+    clear_route(model)
+
+
+def test_in_place_groups_follow_stacks_that_change_between_steps():
+    """Adapters loaded and unloaded between two forwards of the same rows: each forward reads the stacks as they
+    are then (the rows' slots move), in place or not, equal to the reference."""
+    model = stacked_model({"a": 4, "b": 4}, 42)
+    stacks = model[0].stacks
+    x = torch.randn(4, 2, D_IN, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for step in range(4):
+            rows = ["a", "a", "b", "b"]
+            route(model, rows)
+            assert model[0].routing.plans[0].group_tensors()[1] is None or stacks.where["a"][1] > stacks.where["b"][1]
+            ref = reference_rows(model[0], x, rows)
+            assert (model(x) - ref).abs().max().item() <= 1e-6 * ref.abs().max().item(), step
+            stacks.remove("a")  # "a" comes back in another slot, with other weights
+            stacks.add("a", torch.randn(4, D_IN) * (step + 1), torch.randn(D_OUT, 4), 1.5)
+            if step == 1:
+                stacks.trim()
+
+
+def test_base_only_rows_do_no_adapter_work(monkeypatch):
+    """A batch of base rows computes the base alone (no plan, no adapter matmul), bitwise; base rows in a mixed
+    batch take no part in any plan."""
+    import importlib
+
+    bl = importlib.import_module("rankdial.serve.batched_lora")
+    model = layer_model({"a": 4, "b": 2}, 8)
+    x = torch.randn(3, 2, D_IN)
+    for name in ("batched_lora", "grouped_lora"):
+        monkeypatch.setattr(bl, name, lambda *a, name=name: pytest.fail(f"{name} ran for base rows"))
+    with torch.no_grad():
+        route(model, [None, None, None])
+        assert model[0].routing.plans == [] and torch.equal(model(x), model[0].base_layer(x))
+    monkeypatch.undo()
+    with torch.no_grad():
+        route(model, [None, "a", None, "b", "a"])
+        assert sorted(r for p in model[0].routing.plans for r in p.rows) == [1, 3, 4]
+    clear_route(model)

@@ -41,14 +41,19 @@ def batched_lora(h: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.T
     return h.baddbmm_(z, Bt)  # (N, L, d_out)
 
 
-def grouped_lora(h: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, scale: torch.Tensor,
-                 size: int, pos: torch.Tensor, valid: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """h[rows] += s_u·x[rows]·At[u]·Bt[u] per distinct adapter u:  At (U, d_in, r), Bt (U, r, d_out), scale (U,);
-    group u reads the rows pos[u·size:(u+1)·size] (padded with repeats); valid picks the unpadded results (None: no
-    padding), which index_add_ adds to `rows` (each row once). In place into h, which it returns."""
-    U, L = At.shape[0], x.shape[1]
-    xg = x.index_select(0, pos).view(U, size * L, x.shape[-1])
-    y = torch.bmm(torch.bmm(xg, At).mul_(scale[:, None, None]), Bt).view(U * size, L, Bt.shape[-1])
+def grouped_lora(h: torch.Tensor, xg: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, scale: torch.Tensor,
+                 size: int, valid: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
+    """h[rows] += s_u·xg[u]·At[u]·Bt[u] per distinct adapter u:  At (U, d_in, r), Bt (U, r, d_out), scale (U,);
+    xg (U·size, L, d_in) is x's rows grouped by adapter, group u at u·size..(u+1)·size-1 (padded with repeats);
+    valid picks the unpadded results (None: no padding), which index_add_ adds to `rows` (each row once).
+    rows None: xg is x itself (the groups are the batch's rows in order), so the terms go into h in place with
+    no copy. In place into h, which it returns."""
+    U, L = At.shape[0], xg.shape[1]
+    z = torch.bmm(xg.view(U, size * L, xg.shape[-1]), At).mul_(scale[:, None, None])
+    if rows is None:
+        h.view(U, size * L, h.shape[-1]).baddbmm_(z, Bt)
+        return h
+    y = torch.bmm(z, Bt).view(U * size, L, Bt.shape[-1])
     if valid is not None:
         y = y.index_select(0, valid)
     return h.index_add_(0, rows, y)
@@ -64,7 +69,7 @@ class _RankPlan:
     runs this way (`by_view`)."""
 
     def __init__(self, r: int, rows: list[int], slots: list[int], n_rows: int, device: torch.device):
-        self.r, self.rows, self.slots, self.device = r, rows, slots, device
+        self.r, self.rows, self.slots, self.device, self.n_rows = r, rows, slots, device, n_rows
         self.all_rows = len(rows) == n_rows  # rows are listed in order, so then they are 0..N-1
         groups: dict[int, list[int]] = {}
         for row, slot in zip(rows, slots):
@@ -85,16 +90,20 @@ class _RankPlan:
 
     def group_tensors(self) -> tuple:
         """(the span's slots as a slice or an index, the rows each slot of the span reads (padded with a row), the
-        valid positions (None without padding), the rows they add to)."""
+        valid positions (None without padding), the rows they add to). The last three are None when the groups
+        are the batch's rows in order (pos = rows = 0..N-1): grouped_lora then reads x and writes h directly."""
         if self._group is None:
             span, size, groups, pad = self.span, self.size, self.groups, [self.rows[0]]
             as_index = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
             pos = [g[i] if i < len(g) else g[0] for u in span for g in (groups.get(u, pad),) for i in range(size)]
             valid = [k * size + i for k, u in enumerate(span) for i in range(len(groups.get(u, ())))]
             contiguous = span == list(range(span[0], span[0] + len(span)))
-            self._group = (slice(span[0], span[0] + len(span)) if contiguous else as_index(span), as_index(pos),
-                           None if len(valid) == len(pos) else as_index(valid),
-                           as_index([row for u in span for row in groups.get(u, ())]))
+            uniq = slice(span[0], span[0] + len(span)) if contiguous else as_index(span)
+            rows = [row for u in span for row in groups.get(u, ())]
+            if pos == rows == list(range(self.n_rows)):  # no padding, every row, in order: no copy either way
+                self._group = (uniq, None, None, None)
+            else:
+                self._group = (uniq, as_index(pos), None if len(valid) == len(pos) else as_index(valid), as_index(rows))
         return self._group
 
 
@@ -171,7 +180,8 @@ class Routing:
                 uniq, pos, valid, rows = plan.group_tensors()
                 At, Bt = (stack.At[uniq], stack.Bt[uniq]) if isinstance(uniq, slice) else (
                     stack.At.index_select(0, uniq), stack.Bt.index_select(0, uniq))
-                grouped_lora(h3, x3, At, Bt, self._scale(plan, True), plan.size, pos, valid, rows)
+                xg = x3 if pos is None else x3.index_select(0, pos)
+                grouped_lora(h3, xg, At, Bt, self._scale(plan, True), plan.size, valid, rows)
                 continue
             slots, rows = plan.gather_tensors()
             At, Bt = stack.At.index_select(0, slots), stack.Bt.index_select(0, slots)
