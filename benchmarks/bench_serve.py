@@ -156,6 +156,14 @@ def run_engine(engine, reqs, adapters) -> dict:
             "p99_ms": 1000 * sorted(lat)[min(len(lat) - 1, int(0.99 * len(lat)))]}
 
 
+def _cpu() -> dict:
+    """What this machine runs the fp32 matmuls with (the kernels torch picks differ by CPU: AVX512 or not)."""
+    from rankdial.quant.kernels import has_avx512_bf16
+
+    return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "avx512_bf16": has_avx512_bf16(),
+            "torch": torch.__version__}
+
+
 def run_ttft(engine, reqs, adapters) -> dict:
     """Submit the burst at once; the time from each request's submit() to its first token event as its reader sees
     it (Handle.events()), and to its last."""
@@ -290,7 +298,8 @@ def main() -> None:
     print(json.dumps({"config": {"requests": n_req, "rank": RANK, "threads": args.threads, "max_batch_size": 64,
                                  "device": "cpu", "model": "0.5b (model_shapes.SHAPE_500M)" if big else "kjv-llama-tiny",
                                  "adapters": n_adapters, "rounds": ROUNDS, "quick": args.quick,
-                                 "compile": engine.runner.compile_status, "compile_warmup_s": engine.compile_seconds}}))
+                                 "compile": engine.runner.compile_status, "compile_warmup_s": engine.compile_seconds,
+                                 "cpu": _cpu()}}))
     for name in names:
         engine.registry.load(name)  # all resident, as a warm server holds them
     base, tok = load_model(resolve_model(model_path))  # transformers' own copy of the base, for hf_generate
