@@ -109,6 +109,7 @@ def test_a_second_ctrl_c_exits_at_once_with_130_naming_the_verb(monkeypatch, cap
     assert server.config.timeout_graceful_shutdown == 3
     server.handle_exit(signal.SIGINT, None)
     server.handle_exit(signal.SIGTERM, None)  # a second SIGTERM: still draining, nothing more
+    server.stop_thread.join(5)  # the callback runs on its own thread, never inside the signal handler
     assert (calls, exits, server.should_exit, server.stopped_by) == ([1], [], True, signal.SIGINT)
     with pytest.raises(SystemExit):
         server.handle_exit(signal.SIGINT, None)
@@ -123,3 +124,51 @@ def test_importing_it_does_not_import_uvicorn():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_arriving_inside_the_first_ones_handler_never_hangs(monkeypatch, second):
+    """`timeout` sends SIGTERM to the process and to its group: the second arrived while the first handler was
+    starting the drain (inside Thread.start's wait), called the drain again and blocked forever on its lock
+    (found by a hostile pass; only SIGKILL ended the server). The first signal is marked before anything runs,
+    and the callback, which takes locks, runs on its own thread."""
+    exits, calls, lock = [], [], threading.Lock()
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
+
+    def drain():  # like serve's begin_drain: under a lock that is not re-entrant
+        with lock:
+            calls.append(1)
+
+    server = make_server(started_app(threading.Event()), name="rankdial serve", graceful_s=1, on_first_signal=drain)
+    real_start = threading.Thread.start
+
+    def start_with_a_signal_inside(thread):  # the second signal lands while the first handler starts the thread
+        threading.Thread.start = real_start
+        server.handle_exit(second, None)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_with_a_signal_inside)
+    done = threading.Event()
+    with lock:  # the main thread holds the lock the callback needs, as code interrupted by a signal may
+        worker = threading.Thread(target=lambda: (server.handle_exit(signal.SIGTERM, None), done.set()), daemon=True)
+        real_start(worker)
+        assert done.wait(10), "the signal handler hung"
+    server.stop_thread.join(10)
+    assert calls == [1] and server.should_exit and server.stopped_by == signal.SIGTERM
+    assert exits == ([130] if second == signal.SIGINT else [])
+
+
+def test_an_ipv6_host_is_bracketed_in_urls_and_a_verb_without_host_flag_names_none():
+    from rankdial.local_server import url_host
+
+    assert (url_host("::1"), url_host("::"), url_host("127.0.0.1"), url_host("[::1]")) == ("[::1]", "[::]",
+                                                                                         "127.0.0.1", "[::1]")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(ConfigError) as err:  # the playground has --port but no --host
+            listen_socket("127.0.0.1", taken.getsockname()[1], host_flag=None)
+        assert "--port" in str(err.value) and "--host" not in str(err.value) and "check" not in str(err.value)
+    finally:
+        taken.close()

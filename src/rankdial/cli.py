@@ -231,7 +231,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .local_server import listen_socket, run
+    from .local_server import listen_socket, run, url_host
     from .serve.launch import app_from_args, check_serve_flags, graceful_seconds
 
     check_serve_flags(args)
@@ -244,7 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock.close()
         raise
     host, port = sock.getsockname()[:2]
-    print(line.format(url=f"http://{host}:{port}/v1"), flush=True)
+    print(line.format(url=f"http://{url_host(host)}:{port}/v1"), flush=True)
     for warning in app.state.startup_warnings:
         print(warning, file=sys.stderr, flush=True)
     # SIGTERM and Ctrl-C stop taking connections and begin the engine's drain at once: requests in flight finish,

@@ -26,7 +26,12 @@ from typing import Callable
 from .errors import ConfigError
 
 
-def listen_socket(host: str, port: int, *, port_flag: str = "--port", host_flag: str = "--host",
+def url_host(host: str) -> str:
+    """`host` as it stands in a URL: an IPv6 address in brackets (http://[::1]:8000/)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def listen_socket(host: str, port: int, *, port_flag: str = "--port", host_flag: str | None = "--host",
                   listen: bool = True) -> socket.socket:
     """A TCP socket bound to (host, port) and, with listen, listening (port 0: a free one; read it back with
     getsockname()). listen=False: bound only (connections are refused until the server listens, e.g. uvicorn's
@@ -45,8 +50,9 @@ def listen_socket(host: str, port: int, *, port_flag: str = "--port", host_flag:
     except OSError as err:
         sock.close()
         reason = err.strerror or type(err).__name__
+        check = f" or check {host_flag}" if host_flag else ""  # a verb without a host flag names none
         raise ConfigError(f"cannot listen on {host}:{port} ({reason}); choose another {port_flag} (0 picks a free "
-                          f"one) or check {host_flag}") from None
+                          f"one){check}") from None
     return sock
 
 
@@ -73,6 +79,8 @@ def run(app, sock: socket.socket, *, name: str, graceful_s: float, on_first_sign
         server.run(sockets=[sock])
     finally:
         sock.close()
+        if server.stop_thread is not None:
+            server.stop_thread.join(30)  # the callback started what the shutdown waited for: it has ended by now
     if server.stopped_by == signal.SIGINT:
         raise KeyboardInterrupt
 
@@ -88,9 +96,15 @@ def _server_class():
         def __init__(self, config, *, name: str, on_first_signal: Callable[[], None] | None = None):
             super().__init__(config)
             self.name, self.on_first_signal, self.stopped_by = name, on_first_signal, None
+            self.stop_thread: threading.Thread | None = None  # runs on_first_signal (run() waits for it)
 
         def handle_exit(self, sig, frame) -> None:
-            if self.should_exit and sig == signal.SIGINT:
+            # a signal handler runs on the main thread between two bytecodes, possibly inside the previous
+            # signal's handler (`timeout` sends SIGTERM to the process and its group: two at once) or inside code
+            # that holds a lock the callback needs: so the first signal is marked before anything else, and the
+            # callback runs on a thread of its own, never in the handler (it hung forever, found by a hostile pass)
+            first = self.stopped_by is None and not self.should_exit
+            if not first and sig == signal.SIGINT:
                 # uvicorn's own force-exit lets the interpreter tear down while a worker thread is inside torch,
                 # which aborts the process ('terminate called without an active exception', exit 134) and hands
                 # clients a bare 500: leave at once instead
@@ -98,10 +112,12 @@ def _server_class():
                       file=sys.stderr, flush=True)
                 sys.stdout.flush()
                 os._exit(130)
-            if not self.should_exit:
+            if first:
                 self.stopped_by = sig
                 if self.on_first_signal is not None:
-                    self.on_first_signal()
+                    self.stop_thread = threading.Thread(target=self.on_first_signal, name=f"{self.name}: stopping",
+                                                        daemon=True)
+                    self.stop_thread.start()
             super().handle_exit(sig, frame)
 
         @contextlib.contextmanager
@@ -120,4 +136,4 @@ def _server_class():
     return LocalServer
 
 
-__all__ = ["listen_socket", "make_server", "run"]
+__all__ = ["listen_socket", "make_server", "run", "url_host"]

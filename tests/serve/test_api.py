@@ -177,6 +177,8 @@ def test_adapter_names_must_be_plain_folder_names():
             assert "plain folder name" in error_of(c.delete(f"/v1/adapters/{name}"), 400), name
         # a '/' (even %2F) never reaches the route: the path has one more segment, so no route matches it
         assert "no route DELETE /v1/adapters/../etc" in error_of(c.delete("/v1/adapters/..%2Fetc"), 404)
+        # a trailing slash is no route either: the JSON 404, not a bodiless 307 redirect (found by a hostile pass)
+        assert "no route DELETE /v1/adapters/" in error_of(c.delete("/v1/adapters/", follow_redirects=False), 404)
 
 
 def test_the_schema_and_the_registry_share_one_adapter_name_rule():

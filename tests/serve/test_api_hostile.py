@@ -34,7 +34,9 @@ INTERNALS = ("stop.str", "list[int]", "list[str]", "list[TextPart]", "[A-Za-z", 
 
 @pytest.mark.parametrize("body, param, says", [
     ({"stop": 5}, "stop", "stop must be a string or a list of up to 4 non-empty strings"),
-    ({"stop": ["a"] * 5}, "stop", "stop must be a string or a list of up to 4"),
+    ({"stop": ["a"] * 5}, "stop", "stop must be a string or a list of up to 4 non-empty strings, got 5 stop sequences"),
+    ({"stop": ""}, "stop", "non-empty strings, got an empty string"),
+    ({"stop": ["a", ""]}, "stop", "got an empty string at stop[1]"),
     ({"prompt": None}, "prompt", "prompt must be a non-empty string, a list of token ids"),
     ({"prompt": [1, "a", 2.5]}, "prompt", "prompt must be"),
     ({"temperature": "hot"}, "temperature", "temperature must be a number from 0 to 2"),

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from ..errors import RankdialError
-from ..local_server import listen_socket, run
+from ..local_server import listen_socket, run, url_host
 from .claims_and_serving import AdapterShelf, add_routes
 from .jobs import TASKS, BusyError, JobManager, Limits
 
@@ -385,9 +385,9 @@ def serve(port: int = 7860, host: str = "127.0.0.1", log=print) -> None:
     the serving (rankdial.local_server, as `rankdial serve`). The first signal ends the event streams and cancels
     the running jobs (begin_shutdown), so uvicorn's graceful wait (GRACE_S at most) has nothing left to wait for.
     """
-    sock = listen_socket(host, port)  # bound and listening before the models load
+    sock = listen_socket(host, port, host_flag=None)  # bound and listening before the models load (no --host flag)
     try:
-        log(f"rankdial playground on http://{host}:{sock.getsockname()[1]}/  (Ctrl-C stops it)")
+        log(f"rankdial playground on http://{url_host(host)}:{sock.getsockname()[1]}/  (Ctrl-C stops it)")
         app = create_app()
     except BaseException:
         sock.close()

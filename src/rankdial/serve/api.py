@@ -97,7 +97,8 @@ def create_app(engine, *, api_keys=None, admin_key: str | None = None, limits: A
             await asyncio.to_thread(drain["thread"].join)
             app.state.cancelled_at_shutdown = drain["cancelled"]
 
-    app = FastAPI(title="rankdial", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="rankdial", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)  # /v1/adapters/ is no route (a JSON 404), not a bodiless 307
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
     app.state.cancelled_at_shutdown = None  # set once the lifespan has shut the engine down
     app.state.begin_drain = begin_drain

@@ -54,7 +54,7 @@ def app_from_args(args: argparse.Namespace, *, freeze_gc: bool = True):
     names = sorted(engine.registry.names())
     line = (f"rankdial serve: {engine.base_name} with {len(names)} adapter(s) ({', '.join(names) or 'none'}) on "
             f"{{url}}  (API keys: {'on' if keys else 'off'}, admin key: {'on' if admin else 'off'}, max_tokens "
-            f"<= {engine.max_new_tokens}, prompt <= {engine.max_prompt_tokens} tokens, batch <= "
+            f"<= {min(engine.max_new_tokens, engine.checks.max_total - 1)}, prompt <= {engine.max_prompt_tokens} tokens, batch <= "
             f"{engine.scheduler.limits.max_batch_size}, KV cache {engine.runner.cache.nbytes / 2**20:.0f} MiB, "
             f"{_compile_words(engine)})")
     app.state.startup_warnings = serve_warnings(args, engine, bool(keys))

@@ -102,8 +102,12 @@ class _Sampling(_Strict):
     @classmethod
     def _stop(cls, value):
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError(FIELD_HELP["stop"] + f", got {len(stops)} (or an empty one)")
+        if len(stops) > 4:
+            raise ValueError(FIELD_HELP["stop"] + f", got {len(stops)} stop sequences")
+        empty = [i for i, s in enumerate(stops) if not s]
+        if empty:
+            where = "" if isinstance(value, str) else f" at stop[{empty[0]}]"
+            raise ValueError(FIELD_HELP["stop"] + f", got an empty string{where}")
         return tuple(_unicode(stops, "stop"))
 
     @field_validator("presence_penalty", "frequency_penalty")
