@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
 from engine_helpers import make_adapter
+from rankdial.errors import AdapterFileError
 from rankdial.serve.api import create_app
 from rankdial.serve.engine import Engine
 
@@ -132,3 +133,28 @@ def test_no_client_sees_a_server_absolute_path_and_a_long_list_is_cut(served):
     for path in ("../outside", "good/../../outside", "linkout"):
         message = _error(c.post("/v1/adapters", json={"name": "x1", "path": path}), 400)["message"]
         assert "outside the adapters folder" in message and server_path not in message, message
+
+
+def test_broken_folders_are_found_at_start_up_and_listed_with_their_reason(tmp_path):
+    """A folder whose files, config or safetensors header are broken is said at start-up (check_folders, which
+    `rankdial serve` turns into one warning line) and /v1/models' card carries its reason before any request
+    asks for it (it looked loadable until the first request; found by a hostile pass). No tensor is read: NaN
+    weights or shapes that do not fit the base are still found at the first load."""
+    from rankdial.models import load_model, resolve_model
+    from rankdial.serve import AdapterRegistry
+
+    root = tmp_path / "adapters"
+    make_adapter(root / "good", seed=1, r=4, targets=["q_proj", "v_proj"])
+    make_adapter(root / "wideshape", seed=2, r=4)
+    _break(root, tmp_path)
+    registry = AdapterRegistry(load_model(resolve_model("default"))[0], root)
+    try:
+        failed = registry.check_folders()
+        assert {"pickleonly", "corrupt", "notjson", "listcfg", "noweights", "linkout"} <= set(failed)
+        assert not {"good", "nan", "othershape"} & set(failed) and registry.loaded() == []  # nothing loaded
+        cards = {info.name: error for info, error in registry.listing()}
+        assert cards["good"] is None and "pickle" in cards["pickleonly"] and str(root) not in cards["corrupt"]
+        with pytest.raises(AdapterFileError, match="adapter_config.json"):
+            registry.load("notjson")  # refused at once, from the remembered reason
+    finally:
+        registry.close()

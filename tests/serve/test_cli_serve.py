@@ -115,10 +115,13 @@ def test_startup_warnings_and_a_budget_too_small_for_an_adapter(tmp_path):
     from engine_helpers import make_adapter
 
     make_adapter(tmp_path / "ad0", seed=1, r=4)
+    (tmp_path / "half").mkdir()  # a folder with no adapter in it: said at start-up, not at the first request
+    (tmp_path / "half" / "adapter_config.json").write_text("{}")
     app, _ = app_from_args(serve_args("--adapters", str(tmp_path), "--budget-mb", "0.001", "--host", "0.0.0.0",
                                       "--max-tokens", "4096", "--max-prompt-tokens", "9000"), freeze_gc=False)
     warnings = app.state.startup_warnings
-    assert len(warnings) == 3 and all("\n" not in w for w in warnings)
+    assert len(warnings) == 4 and all("\n" not in w for w in warnings)
+    assert "1 adapter folder(s) cannot be served: half;" in warnings[3] and str(tmp_path) not in warnings[3]
     assert "--host 0.0.0.0" in warnings[0] and "open to the network" in warnings[0] and "--api-key" in warnings[0]
     assert "--max-tokens 4096" in warnings[1] and "context of 512" in warnings[1] and "--max-prompt-tokens" in warnings[2]
     with TestClient(app, raise_server_exceptions=False) as c:

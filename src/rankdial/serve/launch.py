@@ -58,6 +58,11 @@ def app_from_args(args: argparse.Namespace, *, freeze_gc: bool = True):
             f"{engine.scheduler.limits.max_batch_size}, KV cache {engine.runner.cache.nbytes / 2**20:.0f} MiB, "
             f"{_compile_words(engine)})")
     app.state.startup_warnings = serve_warnings(args, engine, bool(keys))
+    broken = engine.registry.check_folders()  # files, configs, safetensors headers: a broken folder is said now
+    if broken:
+        shown = ", ".join(broken[:8]) + (f" and {len(broken) - 8} more" if len(broken) > 8 else "")
+        app.state.startup_warnings.append(f"rankdial serve: warning: {len(broken)} adapter folder(s) cannot be "
+                                          f"served: {shown}; GET /v1/models says why (the log has each reason)")
     return app, line
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..adapters import read_adapter_config, read_adapter_weights
@@ -292,8 +293,32 @@ class AdapterRegistry:
         read.signature = signature
         return read
 
-    def _read_folder(self, name: str, folder: Path) -> _Read:
-        # checked here so that an error never lists a folder's contents (the caller may have named any folder)
+    def check_folders(self) -> list[str]:
+        """A cheap look at every folder under root, for start-up: its files, its config and its safetensors header
+        (no tensor is read). Failures are remembered as a failed load's are (GET /v1/models shows why before anyone
+        asks for it; a request is refused at once); returns the names that failed."""
+        failed = []
+        for name in self.names():
+            if name in self._paths or self.root is None:
+                continue
+            folder, signature = self.root / name, _signature(self.root / name)
+            try:
+                checked = self.resolve(name)  # the path rules of a load (a link out of root is refused)
+                self._check_folder(name, checked)
+                with safe_open(str(checked / WEIGHTS_NAME), "pt") as f:  # the header only: a corrupt file fails here
+                    list(f.keys())
+            except Exception as err:  # noqa: BLE001 - as read(): every failure of a file becomes its reason
+                if not _content_error(err):
+                    continue
+                message = one_line(err) if isinstance(err, RankdialError) else (
+                    f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {one_line(err)[:300]}")
+                log.warning("adapter %r: %s", name, message)
+                self._remember_failure(name, folder, self.public(message), signature)
+                failed.append(name)
+        return failed
+
+    def _check_folder(self, name: str, folder: Path) -> LoraConfig:
+        """The folder's files and its config, before its tensors are read (AdapterFileError, one line)."""
         if not (folder / WEIGHTS_NAME).is_file() and (folder / PICKLE_WEIGHTS_NAME).is_file():
             raise AdapterFileError(f"adapter {name!r} holds only {PICKLE_WEIGHTS_NAME}, a pickle file, which a server "
                                    f"never loads; convert it with `rankdial convert-bin {folder}`")
@@ -304,13 +329,18 @@ class AdapterRegistry:
             raise AdapterFileError(f"adapter {name!r}: the folder holds no {WEIGHTS_NAME}; save the adapter with "
                                    "rankdial.save_adapter (or PEFT's save_pretrained) into it")
         config = read_adapter_config(folder)
-        tensors = read_adapter_weights(folder, allow_pickle=False)
-        check_adapter_tensors(config, tensors, f"{name!r} ({folder})")
         check_servable(config, name)
         if config.modules_to_save:
             raise AdapterFileError(f"adapter {name!r} replaces whole modules ({config.modules_to_save}, "
                                    "modules_to_save), which cannot differ per request in a shared batch; merge it "
                                    "into its own model folder to serve it")
+        return config
+
+    def _read_folder(self, name: str, folder: Path) -> _Read:
+        # checked first so that an error never lists a folder's contents (the caller may have named any folder)
+        config = self._check_folder(name, folder)
+        tensors = read_adapter_weights(folder, allow_pickle=False)
+        check_adapter_tensors(config, tensors, f"{name!r} ({folder})")
         return _Read(name, folder, config, tensors)
 
     def failure(self, name: str) -> str | None:
