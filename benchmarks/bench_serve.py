@@ -271,6 +271,8 @@ def main() -> None:
     parser.add_argument("--model", choices=("default", "0.5b"), default="default",
                         help="default: the embedded kjv-llama-tiny; 0.5b: the ~0.5B Llama shape of model_shapes.py "
                              "(random weights; 32 requests (64 full), 32 adapters, 1 round, no generate_batch in quick)")
+    parser.add_argument("--max-prefill-tokens", type=int, default=None,
+                        help="the engine's prompt tokens prefilled per step (default: the engine's, 2048)")
     parser.add_argument("--compile", action="store_true",
                         help="the engine's decode step through torch.compile (Engine(compile=True), warmed up first)")
     args = parser.parse_args()
@@ -294,12 +296,13 @@ def main() -> None:
     names = make_adapters(root / "adapters", n_adapters, model_path)
     root = root / "adapters"
     engine = Engine.from_pretrained(model_path, str(root), device="cpu", max_batch_size=64, freeze_gc=True,
-                                    compile=args.compile)
+                                    compile=args.compile, **({"max_prefill_tokens": args.max_prefill_tokens}
+                                                             if args.max_prefill_tokens else {}))
     print(json.dumps({"config": {"requests": n_req, "rank": RANK, "threads": args.threads, "max_batch_size": 64,
                                  "device": "cpu", "model": "0.5b (model_shapes.SHAPE_500M)" if big else "kjv-llama-tiny",
                                  "adapters": n_adapters, "rounds": ROUNDS, "quick": args.quick,
                                  "compile": engine.runner.compile_status, "compile_warmup_s": engine.compile_seconds,
-                                 "cpu": _cpu()}}))
+                                 "max_prefill_tokens": engine.scheduler.limits.max_prefill_tokens, "cpu": _cpu()}}))
     for name in names:
         engine.registry.load(name)  # all resident, as a warm server holds them
     base, tok = load_model(resolve_model(model_path))  # transformers' own copy of the base, for hf_generate

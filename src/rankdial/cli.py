@@ -286,6 +286,9 @@ def add_serve_parser(verbs, fmt) -> None:
     p.add_argument("--max-tokens-in-flight", type=int,
                    help="most tokens held at once (prompt + max_tokens of each running request; also caps one row of "
                         "the KV cache; default: 16384)")
+    p.add_argument("--max-prefill-tokens", type=int,
+                   help="most prompt tokens prefilled in one step: a burst is prefilled over several steps, so the "
+                        "first requests answer sooner (a longer prompt runs alone; default: 2048)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body in KiB (default: 1024)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM / Ctrl-C, seconds to let requests in flight finish before cancelling them (default: 30)")

@@ -186,17 +186,19 @@ def test_batch_and_tokens_in_flight_flags_size_the_kv_cache_and_a_cache_too_larg
     import rankdial.serve.runner as runner_mod
     from rankdial.cli import main
 
-    app, line = app_from_args(serve_args("--max-batch", "3", "--max-tokens-in-flight", "100"), freeze_gc=False)
+    app, line = app_from_args(serve_args("--max-batch", "3", "--max-tokens-in-flight", "100", "--max-prefill-tokens",
+                                         "40"), freeze_gc=False)
     engine = app.state.engine
     try:
         limits = engine.scheduler.limits
-        assert (limits.max_batch_size, limits.max_tokens_in_flight) == (3, 100)
+        assert (limits.max_batch_size, limits.max_tokens_in_flight, limits.max_prefill_tokens) == (3, 100, 40)
         assert engine.runner.cache.shape[0] == 3 and engine.runner.cache.shape[2] == 100  # slots x tokens per row
         assert "batch <= 3" in line and "KV cache" in line
     finally:
         engine.shutdown(drain=False)
-    with pytest.raises(ConfigError, match="--max-batch must be positive.*--max-tokens-in-flight must be positive"):
-        check_serve_flags(serve_args("--max-batch", "0", "--max-tokens-in-flight", "-5"))
+    with pytest.raises(ConfigError, match="--max-batch must be positive.*--max-tokens-in-flight must be positive.*"
+                                          "--max-prefill-tokens must be positive"):
+        check_serve_flags(serve_args("--max-batch", "0", "--max-tokens-in-flight", "-5", "--max-prefill-tokens", "0"))
     monkeypatch.setattr(runner_mod, "available_bytes", lambda device: 2**20)
     assert main(["serve", "--port", "0", "--max-batch", "64"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # (a progress bar beside)

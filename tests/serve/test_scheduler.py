@@ -171,6 +171,8 @@ def test_a_reused_live_id_is_refused():
 def test_limits_are_validated():
     with pytest.raises(ConfigError, match=r"max_batch_size must be a positive integer, got 0.*max_tokens_in_flight"):
         SchedulerLimits(max_batch_size=0, max_tokens_in_flight=-5)
+    with pytest.raises(ConfigError, match=r"max_prefill_tokens must be a positive integer, got 0"):
+        SchedulerLimits(max_prefill_tokens=0)
 
 
 def test_the_scheduler_does_not_import_torch():
@@ -187,3 +189,32 @@ def test_the_scheduler_does_not_import_torch():
             "s.Scheduler().submit(Request('x', None, [0], types.SimpleNamespace(max_tokens=1)))\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_step_admits_at_most_max_prefill_tokens_of_new_prompts_but_always_one():
+    """A burst is prefilled over several steps (the first requests get their first token after a short prefill),
+    in admission order; a prompt longer than the budget still runs, alone; the other limits hold as before."""
+    s = Scheduler(SchedulerLimits(max_batch_size=64, max_tokens_in_flight=10_000, max_prefill_tokens=100))
+    for i in range(10):
+        s.submit(req(f"r{i}", None, 30, 5))
+    s.submit(req("long", None, 250, 5))
+    steps = []
+    while s.has_work() and len(steps) < 50:
+        batch = s.schedule()
+        steps.append([r.id for r in batch.new])
+        for r in batch.requests:
+            s.record(r.id, 0)
+    assert steps[:5] == [["r0", "r1", "r2"], ["r3", "r4", "r5"], ["r6", "r7", "r8"], ["r9"], ["long"]]
+    assert [r for step in steps for r in step] == [f"r{i}" for i in range(10)] + ["long"]
+
+
+def test_random_traces_hold_the_prefill_budget():
+    rng, s = random.Random(7), Scheduler(SchedulerLimits(max_batch_size=6, max_tokens_in_flight=200,
+                                                        max_prefill_tokens=50))
+    for n in range(300):
+        if rng.random() < 0.4:
+            s.submit(req(f"q{n}", rng.choice(["a", "b", None]), rng.randint(1, 60), rng.randint(1, 20)))
+        batch = s.schedule()
+        assert len(batch.new) <= 1 or sum(r.prompt_tokens for r in batch.new) <= 50
+        for r in batch.requests:
+            s.record(r.id, 0, finished=rng.random() < 0.05)

@@ -86,7 +86,8 @@ class Engine:
                         compile: bool = False, log=None, **limits) -> "Engine":
         """Load the base once (NF4 with qlora) and serve the adapter folders under adapters_dir.
 
-        limits: max_batch_size, max_tokens_in_flight (SchedulerLimits), max_prompt_tokens, max_new_tokens,
+        limits: max_batch_size, max_tokens_in_flight, max_prefill_tokens (SchedulerLimits), max_prompt_tokens,
+        max_new_tokens,
         budget_wait_s (how long a request waits for room in a full adapter budget before a 503-style error).
         freeze_gc: for a server process: once the base is loaded, collect and gc.freeze() every object alive
         (the model's hundreds of thousands of Python objects), so the cyclic collector's full passes, which
@@ -101,11 +102,13 @@ class Engine:
 
         path = resolve_model(base)
         model, tokenizer = (load_model_nf4 if qlora else load_model)(path, pick_device(device or "auto"))
-        sched = {k: limits.pop(k) for k in ("max_batch_size", "max_tokens_in_flight") if k in limits}
+        sched = {k: limits.pop(k) for k in ("max_batch_size", "max_tokens_in_flight", "max_prefill_tokens")
+                 if k in limits}
         limits = {k: v for k, v in limits.items() if v is not None}  # None: the default
         unknown = sorted(set(limits) - {"max_prompt_tokens", "max_new_tokens", "budget_wait_s"})
         if unknown:
             raise ConfigError(f"unknown engine option(s) {unknown}; use max_batch_size, max_tokens_in_flight, "
+                              "max_prefill_tokens, "
                               "max_prompt_tokens, max_new_tokens or budget_wait_s")
         registry = AdapterRegistry(model, adapters_dir, budget_bytes=budget_bytes)
         if freeze_gc:

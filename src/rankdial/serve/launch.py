@@ -16,7 +16,7 @@ def check_serve_flags(args: argparse.Namespace) -> None:
     bad = [f"{flag} must be positive, got {value}" for flag, value in (
         ("--max-tokens", args.max_tokens), ("--max-prompt-tokens", args.max_prompt_tokens),
         ("--max-body-kb", args.max_body_kb), ("--budget-mb", args.budget_mb), ("--max-batch", args.max_batch),
-        ("--max-tokens-in-flight", args.max_tokens_in_flight),
+        ("--max-tokens-in-flight", args.max_tokens_in_flight), ("--max-prefill-tokens", args.max_prefill_tokens),
         ("--drain-timeout", args.drain_timeout)) if value is not None and not value > 0]  # not >: NaN too
     bad += [f"{flag} must be a finite number, got {value}" for flag, value in (
         ("--budget-mb", args.budget_mb), ("--drain-timeout", args.drain_timeout))
@@ -48,7 +48,8 @@ def app_from_args(args: argparse.Namespace, *, freeze_gc: bool = True):
                                     compile=getattr(args, "compile", False),
                                     max_prompt_tokens=args.max_prompt_tokens, **{k: v for k, v in (
                                         ("max_batch_size", args.max_batch),
-                                        ("max_tokens_in_flight", args.max_tokens_in_flight)) if v is not None})
+                                        ("max_tokens_in_flight", args.max_tokens_in_flight),
+                                        ("max_prefill_tokens", args.max_prefill_tokens)) if v is not None})
     app = create_app(engine, api_keys=keys, admin_key=admin, limits=ApiLimits(max_body_bytes=args.max_body_kb * 1024),
                      drain_timeout=args.drain_timeout)
     names = sorted(engine.registry.names())

@@ -9,6 +9,10 @@ composes the two (schedule → route and forward the batch → record one token 
   for adapter A waits for at most one admission per other adapter ahead of it in the turn.
 - Admission stops at the first request that does not fit, so a large request is never overtaken forever by
   smaller ones behind it.
+- A step admits at most max_prefill_tokens of new prompts (but always one request, however long its prompt):
+  a burst of requests is prefilled over several steps, so the first of them get their first token after a
+  short prefill instead of all waiting for one forward over every prompt, and one prefill's activations stay
+  bounded (vLLM's max_num_batched_tokens, without splitting a prompt).
 - A request reserves prompt + max_tokens tokens when admitted, so the tokens in flight, Σ(prompt + generated)
   over running requests, can never pass `max_tokens_in_flight`, and no running request is ever preempted.
 - Finished and cancelled requests (a client that disconnects is a cancel) leave at once and free their slot
@@ -30,11 +34,13 @@ class SchedulerLimits:
 
     max_batch_size: int = 32
     max_tokens_in_flight: int = 16384
+    max_prefill_tokens: int = 2048  # prompt tokens admitted per step (one prompt longer than this runs alone)
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be a positive integer, got {value!r}"
                     for name, value in (("max_batch_size", self.max_batch_size),
-                                        ("max_tokens_in_flight", self.max_tokens_in_flight))
+                                        ("max_tokens_in_flight", self.max_tokens_in_flight),
+                                        ("max_prefill_tokens", self.max_prefill_tokens))
                     if not is_positive_int(value)]
         if problems:
             raise ConfigError("; ".join(problems))
@@ -110,8 +116,9 @@ class Scheduler:
     # -- the step -----------------------------------------------------------------------------------
     def schedule(self) -> Batch:
         """Admit waiting requests while the limits hold (adapters in turn), then return what runs this step."""
-        new = []
-        while self._turn and self._fits(self._queues[self._turn[0]][0]):
+        new, prefill = [], 0
+        while self._turn and self._fits(self._queues[self._turn[0]][0]) and (
+                not new or prefill + self._queues[self._turn[0]][0].prompt_tokens <= self.limits.max_prefill_tokens):
             adapter = self._turn.popleft()
             request = self._queues[adapter].popleft()
             if self._queues[adapter]:
@@ -122,6 +129,7 @@ class Scheduler:
             request.state = RUNNING
             self._running[request.id] = request
             new.append(request)
+            prefill += request.prompt_tokens
         return Batch(self.running, new)
 
     def _fits(self, request: Request) -> bool:
