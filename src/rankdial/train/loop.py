@@ -277,6 +277,8 @@ def compile_layers(model, say=print, fsdp: bool = False) -> int:
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         raise ConfigError(f"compile = true needs a model with decoder layers (model.model.layers); "
                           f"{type(model).__name__} has none; set compile = false")
+    # every layer shares one code object; warm_up_compiled makes 8 graphs of it and evaluation adds its own
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for layer in layers:
         layer.compile(dynamic=True)  # one graph for every sequence length (no recompile when the length changes)
     say(f"compile  {len(layers)} decoder layers through torch.compile (inductor, dynamic shapes)")
@@ -289,8 +291,9 @@ def warm_up_compiled(model, device, cfg: TrainConfig, say=print) -> float:
     tokens/s). A step's layers take one of several graphs: the first layer's input needs no gradient while the
     others' do; transformers hands the layers an attention mask only when the batch has padding (a packed batch
     has none); and a width equal to a static size of the model (max_length 64 = head_dim 64) is specialised, any
-    other width shares one dynamic graph. So: forward and backward of three synthetic batch_size-row batches,
-    max_length wide without and with padding, and an odd width with padding (6 graphs). The layers also choose
+    other width shares one dynamic graph. So: forward and backward of four synthetic batch_size-row batches,
+    max_length wide and an odd width, each without and with padding (8 graphs; compile_layers raises dynamo's
+    recompile limit from 8 to 16 so that evaluation's no-grad graphs still compile). The layers also choose
     their form from the row count (lora.layer.merge_first), so full-size batches. Gradients are dropped and the RNG
     state restored: the run is the same as without it. Returns the seconds taken."""
     t0 = time.perf_counter()
@@ -301,7 +304,7 @@ def warm_up_compiled(model, device, cfg: TrainConfig, say=print) -> float:
     was_training = model.training
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for w, padded in ((width, False), (width, True), (odd, True)):
+        for w, padded in ((width, False), (width, True), (odd, False), (odd, True)):
             ids = torch.randint(0, vocab, (rows, w), generator=torch.Generator().manual_seed(w)).to(device)
             mask = torch.ones_like(ids)
             if padded:
