@@ -26,6 +26,17 @@ Models:
 
 Ends with one JSON line of figures.
 
+Figures after h-T (merged-weight LoRA form for many rows, compile warm-up in setup), one core of the shared 2-core
+machine, quick (3 timed steps, 1 round: noisy, +-10% between runs):
+`BENCH_THREADS=1 heavy .venv/bin/python benchmarks/bench_train.py --quick --model default --modes rankdial-lora,
+peft-lora,rankdial-lora-compile,peft-lora-compile`, four runs: lora_compile_speedup_vs_peft 1.45, 1.47, 1.99 (PEFT
+eager was slowed by the machine in that run), 1.52 (target 1.3: met in each); lora_compile_speedup_vs_peft_compile
+1.23, 1.19, 1.05, 1.18; lora_speedup_vs_peft (eager) 1.28, 1.01, 1.55, 1.11. Same losses (8.408 -> 7.678) in all.
+`BENCH_THREADS=1 heavy .venv/bin/python benchmarks/bench_train.py --quick --model 0.5b` (~4 minutes):
+lora_speedup_vs_peft_0_5b 1.04, lora_compile_speedup_vs_peft_0_5b 1.10, lora_compile_speedup_vs_peft_compile_0_5b
+0.99, lora_compile_speedup_vs_lora_0_5b 1.05 (batch 2 x <=64 tokens: the 1024/4096-wide matmuls dominate, both
+libraries do the same ones); the same losses (8.628 -> 7.381). The figures below are from before h-T.
+
 Figures, `BENCH_THREADS=1 heavy .venv/bin/python benchmarks/bench_train.py --quick --model 0.5b` (h-S; one core of
 the shared 2-core machine, ~4 minutes; 5 steps, 2 timed, 1 round): rankdial-lora 38.0 tokens/s, peft-lora 36.9:
 lora_speedup_vs_peft_0_5b 1.03; peak RSS 2,953 vs 3,185 MB; the same losses (8.628 -> 7.381) in both.
