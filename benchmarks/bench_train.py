@@ -9,7 +9,7 @@ Modes (same loop, data, optimizer, loss and batch order; only the model preparat
     rankdial-full   every weight trains (AdamW)                                  (NF4, double quant) + PEFT
     rankdial-dora   our LoRA layers with use_dora (DoRA)          peft-dora    PEFT's get_peft_model(use_dora=True)
     rankdial-lora-compile / peft-lora-compile   the same two with compile = true (each decoder layer through
-                    torch.compile, inductor; the first steps compile, so skip covers them); default model only
+                    torch.compile, inductor; the first steps compile, so skip covers them); default and 0.5b
     floor           the frozen model's forward + backward through every layer with no adapter at all (only
                     the first 1-D weight, layer 0's input norm, trains): what any LoRA step costs at least
 Models:
@@ -17,14 +17,25 @@ Models:
     large     a Llama shape with hidden 1024, MLP 2816, 12 layers, 16 heads (random weights, 150M params,
               600 MB in fp32), same data, batch 4: weights, not activations, dominate memory
     0.5b      the ~0.5B Llama shape of model_shapes.py (hidden 1024, 30 layers, 16 heads, MLP 4096, vocab 4096,
-              508M params, 2 GB in fp32; random weights), batch 2, rankdial-lora and peft-lora only (a step
-              takes seconds on one core); run alone with --model 0.5b
+              508M params, 2 GB in fp32; random weights), batch 2, rankdial-lora and peft-lora with and without
+              compile (a step takes seconds on one core); run alone with --model 0.5b
 
     .venv/bin/python benchmarks/bench_train.py           # ~6 minutes on 2 CPU cores
     .venv/bin/python benchmarks/bench_train.py --quick   # a smoke run
     .venv/bin/python benchmarks/bench_train.py --quick --model 0.5b   # the realistic size alone, a few minutes
 
 Ends with one JSON line of figures.
+
+Figures after h-T (merged-weight LoRA form for many rows, compile warm-up in setup), one core of the shared 2-core
+machine, quick (3 timed steps, 1 round: noisy, +-10% between runs):
+`BENCH_THREADS=1 heavy .venv/bin/python benchmarks/bench_train.py --quick --model default --modes rankdial-lora,
+peft-lora,rankdial-lora-compile,peft-lora-compile`, four runs: lora_compile_speedup_vs_peft 1.45, 1.47, 1.99 (PEFT
+eager was slowed by the machine in that run), 1.52 (target 1.3: met in each); lora_compile_speedup_vs_peft_compile
+1.23, 1.19, 1.05, 1.18; lora_speedup_vs_peft (eager) 1.28, 1.01, 1.55, 1.11. Same losses (8.408 -> 7.678) in all.
+`BENCH_THREADS=1 heavy .venv/bin/python benchmarks/bench_train.py --quick --model 0.5b` (~4 minutes):
+lora_speedup_vs_peft_0_5b 1.04, lora_compile_speedup_vs_peft_0_5b 1.10, lora_compile_speedup_vs_peft_compile_0_5b
+0.99, lora_compile_speedup_vs_lora_0_5b 1.05 (batch 2 x <=64 tokens: the 1024/4096-wide matmuls dominate, both
+libraries do the same ones); the same losses (8.628 -> 7.381). The figures below are from before h-T.
 
 Figures, `BENCH_THREADS=1 heavy .venv/bin/python benchmarks/bench_train.py --quick --model 0.5b` (h-S; one core of
 the shared 2-core machine, ~4 minutes; 5 steps, 2 timed, 1 round): rankdial-lora 38.0 tokens/s, peft-lora 36.9:
@@ -63,7 +74,7 @@ COMPILE_MODES = ("rankdial-lora-compile", "peft-lora-compile")
 MODELS = {
     "default": dict(batch=16, steps=40, skip=5, modes=MODES + COMPILE_MODES),
     "large": dict(batch=4, steps=12, skip=3),
-    "0.5b": dict(batch=2, steps=8, skip=2, modes=("rankdial-lora", "peft-lora")),
+    "0.5b": dict(batch=2, steps=8, skip=2, modes=("rankdial-lora", "peft-lora") + COMPILE_MODES),
 }
 R = 16
 

@@ -187,3 +187,28 @@ def test_an_adapter_name_that_shadows_a_module_dict_attribute_gets_module_dicts_
     layer = LoraLayer(nn.Linear(4, 4))
     with pytest.raises(KeyError, match="already exists"):
         layer.add_adapter("keys", 2, 2.0, init=False)
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("conv1d,bias", [(False, True), (True, True), (False, False)])
+def test_fused_path_both_forms_equal_reference(rows, conv1d, bias):
+    """_FusedLora forms x·(W₀ + s·BA)ᵀ for many rows and adds s·(x·Aᵀ)·Bᵀ into x·W₀ᵀ for few: both equal the
+    reference, outputs and gradients."""
+    from rankdial.lora.layer import merge_first
+
+    assert merge_first(rows, 13, 11) == (rows == 40)  # 13·11 / 24 ≈ 6 rows: 3 stay unmerged, 40 merge
+    layer = make_layer(seed=rows, conv1d=conv1d, bias=bias)
+    nn.init.normal_(layer.lora_B["a"].weight)
+    x = torch.randn(rows, 13, generator=torch.Generator().manual_seed(rows), requires_grad=True)
+    grad_out = torch.randn(rows, 11)
+    fused = run_with_grads(layer, x, grad_out, layer)
+    reference = run_with_grads(layer, x, grad_out, lambda t: layer.reference_forward(t, ("a",)))
+    for f, r in zip(fused, reference):
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_first_threshold():
+    from rankdial.lora.layer import merge_first
+
+    assert merge_first(1024, 256, 768) and merge_first(200, 256, 768) and not merge_first(150, 256, 768)
+    assert not merge_first(128, 1024, 4096)  # the 0.5B shape at batch 2 x 64: the low-rank products are cheaper

@@ -38,3 +38,25 @@ def test_compiled_layers_train_to_the_same_losses_and_adapter(tiny_model_dir, tm
     assert a.keys() == b.keys()  # layer.compile() in place: the saved names have no _orig_mod
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
+
+
+def test_warm_up_leaves_no_trace_on_the_model_or_the_rng():
+    """warm_up_compiled (run before the first step with compile = true; here on an uncompiled model, the same
+    calls): no gradient left behind, weights and the RNG state as they were, the model's mode restored."""
+    from conftest import tiny_model
+    from rankdial import LoraConfig
+    from rankdial.lora import inject
+    from rankdial.train.loop import warm_up_compiled
+
+    model = tiny_model("llama")
+    inject(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", lora_dropout=0.1))
+    model.eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    said = []
+    warm_up_compiled(model, torch.device("cpu"), make_config(data="t.jsonl", batch_size=3, max_length=12), said.append)
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout drew inside the warm-up, on a forked RNG
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert said and "warm-up" in said[0]

@@ -461,8 +461,30 @@ class LoraLayer(nn.Module):
                 f"merged={self._merged}{dora_names}")
 
 
+def merge_first(n: int, d_in: int, d_out: int) -> bool:
+    """Whether _FusedLora computes x·(W₀ + s·BA)ᵀ rather than x·W₀ᵀ + s·(x·Aᵀ)·Bᵀ for n rows: forming the merged
+    weight costs r·d_in·d_out multiply-adds (plus one d_out × d_in buffer), the two low-rank products n·r·(d_in +
+    d_out) plus a pass over the (n, d_out) output (and in backward the same again for dL/dx); so merge once the
+    rows outnumber d_in·d_out / (d_in + d_out). On the default model's 256/768-wide layers and ~1000 rows a step
+    (threshold 128-192 rows) that is ~5% of a training step (bench_train.py); a 1024/4096-wide layer at 128 rows
+    stays unmerged."""
+    return n * (d_in + d_out) > d_in * d_out
+
+
+def _merged(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W₀ + s·B·A, (d_out, d_in), a new tensor (W₀ untouched)."""
+    return torch.addmm(weight, B, A, alpha=scale)
+
+
+def _linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+
+
 class _FusedLora(torch.autograd.Function):
     """h = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with W and b frozen, in one autograd node.
+
+    Two forms of the same sum, chosen by merge_first() from the row count: the low-rank term added in place into
+    x·Wᵀ (few rows), or one product with W + s·BA formed for the call (many rows; a dense base only).
 
     Shapes: x (N, d_in), W (d_out, d_in), A (r, d_in), B (d_out, r). The backward computes exactly
     dL/dx = g·W + s·(g·B)·A, dL/dA = s·(g·B)ᵀ·x, dL/dB = s·gᵀ·(x·Aᵀ), accumulating into one buffer
@@ -474,13 +496,14 @@ class _FusedLora(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, scale, nf4):
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
         xa = x2 @ A.t()  # (N, r)
-        if nf4 is not None:
-            h = nf4.matmul(x2)  # (N, d_out), bias included
+        merge = nf4 is None and merge_first(x2.shape[0], A.shape[1], B.shape[0])
+        if merge:  # many rows: one product with W₀ + s·BA (formed in one addmm) instead of adding s·(xAᵀ)Bᵀ
+            h = _linear(x2, _merged(weight, A, B, scale), bias)
         else:
-            h = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, d_out)
-        h.addmm_(xa, B.t(), alpha=scale)
+            h = nf4.matmul(x2) if nf4 is not None else _linear(x2, weight, bias)  # (N, d_out), bias included
+            h.addmm_(xa, B.t(), alpha=scale)
         ctx.save_for_backward(x2, xa, weight, A, B)
-        ctx.scale, ctx.nf4 = scale, nf4
+        ctx.scale, ctx.nf4, ctx.merge = scale, nf4, merge
         return h.view(x.shape[:-1] + h.shape[-1:])
 
     @staticmethod
@@ -491,8 +514,11 @@ class _FusedLora(torch.autograd.Function):
         g_xa = (g @ B).mul_(s)  # (N, r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            base_grad = ctx.nf4.matmul_grad_input(g) if ctx.nf4 is not None else g @ weight
-            grad_x = base_grad.addmm_(g_xa, A)  # (N, d_in)
+            if ctx.merge:  # g·(W₀ + s·BA), the merged weight formed again (not kept between forward and backward)
+                grad_x = g @ _merged(weight, A, B, s)
+            else:
+                base_grad = ctx.nf4.matmul_grad_input(g) if ctx.nf4 is not None else g @ weight
+                grad_x = base_grad.addmm_(g_xa, A)  # (N, d_in)
             grad_x = grad_x.view(grad.shape[:-1] + grad_x.shape[-1:])
         if ctx.needs_input_grad[3]:
             grad_A = g_xa.t() @ x2  # (r, d_in)

@@ -192,6 +192,7 @@ def setup(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, lo
         shard_model(net, dist_info, device, **fsdp_options)
     if cfg.compile:
         compile_layers(net, say, fsdp)
+        warm_up_compiled(net, device, cfg, say)
     named = {n: p for n, p in net.named_parameters() if p.requires_grad}
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train_data.examples)
                                                 / (cfg.batch_size * cfg.grad_accum * dist_info.world)))
@@ -276,10 +277,45 @@ def compile_layers(model, say=print, fsdp: bool = False) -> int:
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         raise ConfigError(f"compile = true needs a model with decoder layers (model.model.layers); "
                           f"{type(model).__name__} has none; set compile = false")
+    # every layer shares one code object; warm_up_compiled makes 8 graphs of it and evaluation adds its own
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for layer in layers:
-        layer.compile()
-    say(f"compile  {len(layers)} decoder layers through torch.compile (inductor); the first step compiles them")
+        layer.compile(dynamic=True)  # one graph for every sequence length (no recompile when the length changes)
+    say(f"compile  {len(layers)} decoder layers through torch.compile (inductor, dynamic shapes)")
     return len(layers)
+
+
+def warm_up_compiled(model, device, cfg: TrainConfig, say=print) -> float:
+    """Compile the graphs a training step needs now, before the first step, instead of at whichever later step first
+    needs one (~10 s each on the default model, more on a 0.5B one; measured in a run, that stall lands in its
+    tokens/s). A step's layers take one of several graphs: the first layer's input needs no gradient while the
+    others' do; transformers hands the layers an attention mask only when the batch has padding (a packed batch
+    has none); and a width equal to a static size of the model (max_length 64 = head_dim 64) is specialised, any
+    other width shares one dynamic graph. So: forward and backward of four synthetic batch_size-row batches,
+    max_length wide and an odd width, each without and with padding (8 graphs; compile_layers raises dynamo's
+    recompile limit from 8 to 16 so that evaluation's no-grad graphs still compile). The layers also choose
+    their form from the row count (lora.layer.merge_first), so full-size batches. Gradients are dropped and the RNG
+    state restored: the run is the same as without it. Returns the seconds taken."""
+    t0 = time.perf_counter()
+    vocab = model.get_input_embeddings().num_embeddings
+    rows, width = max(2, cfg.batch_size), max(4, cfg.max_length)
+    odd = width - 1 if (width - 1) % 2 else width - 2
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext
+    was_training = model.training
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for w, padded in ((width, False), (width, True), (odd, False), (odd, True)):
+            ids = torch.randint(0, vocab, (rows, w), generator=torch.Generator().manual_seed(w)).to(device)
+            mask = torch.ones_like(ids)
+            if padded:
+                mask[1:, w // 2:] = 0
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, -100)}
+            token_loss_sum(model, batch, autocast, cfg.loss_chunk).backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    seconds = time.perf_counter() - t0
+    say(f"compile  warm-up (the graphs a step needs) took {seconds:.1f} s")
+    return seconds
 
 
 def _trainable(model, cfg: TrainConfig, base_path: Path, say, processes: int = 1) -> tuple[int, int]:
