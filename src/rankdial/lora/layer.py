@@ -496,7 +496,8 @@ class _FusedLora(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, scale, nf4):
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
         xa = x2 @ A.t()  # (N, r)
-        merge = nf4 is None and merge_first(x2.shape[0], A.shape[1], B.shape[0])
+        # fp32 only: in bf16/fp16 W₀ + s·BA would round the small LoRA term away (merging in low precision)
+        merge = nf4 is None and weight.dtype == torch.float32 and merge_first(x2.shape[0], A.shape[1], B.shape[0])
         if merge:  # many rows: one product with W₀ + s·BA (formed in one addmm) instead of adding s·(xAᵀ)Bᵀ
             h = _linear(x2, _merged(weight, A, B, scale), bias)
         else:
