@@ -191,3 +191,20 @@ def test_adamw_8bit_with_fsdp_is_refused_as_train_refuses_it():
     with pytest.raises(ConfigError, match=r"optimizer='adamw-8bit' with sharding='fsdp'"):
         estimate_memory("llama-7b", processes=2, sharding="fsdp", optimizer="adamw-8bit")
     assert estimate_memory("llama-7b", processes=1, sharding="fsdp", optimizer="adamw").total_bytes > 0
+
+
+def test_the_workspace_holds_lora_s_merged_weight_only_where_training_forms_it():
+    """lora.layer._FusedLora forms W0 + s*BA (one d_out x d_in buffer) for float32 weights on many rows; the plan's
+    workspace counts the largest such target, and nothing for bf16 weights or few rows (the low-rank form)."""
+    from rankdial.lora.layer import merge_first as layer_choice
+    from rankdial.memory import merge_first
+
+    assert layer_choice is merge_first  # one rule: the planner's workspace follows the layer's choice
+    dims = dict(hidden=256, layers=2, heads=4, kv_heads=4, ffn=768, vocab=512)
+    many = estimate_memory(dims, "lora", batch_size=16, seq_len=64, dtype="fp32")
+    assert many.workspace == 256 * 768 * 4  # the MLP's 256 x 768 weights are the largest merged ones
+    assert estimate_memory(dims, "lora", batch_size=16, seq_len=64, dtype="bf16").workspace == 0
+    assert estimate_memory(dims, "lora", batch_size=1, seq_len=8, dtype="fp32").workspace == 0  # 8 rows: unmerged
+    attn_only = estimate_memory(dims, "lora", batch_size=16, seq_len=64, dtype="fp32", targets=["q_proj", "v_proj"])
+    assert attn_only.workspace == 256 * 256 * 4
+    assert estimate_memory(dims, "full", batch_size=16, seq_len=64, dtype="fp32").workspace == 0

@@ -2,8 +2,9 @@
 
 A Llama-shaped decoder (a preset, a config.json, or its dimensions) and a method (full, LoRA, QLoRA) give the
 bytes of the stored weights, the NF4 quantization constants, the adapters, their gradients, the optimizer state,
-the activations autograd keeps for backward, the logits and loss buffers (a term of their own), the NF4
-dequantization workspace, and which accelerator sizes
+the activations autograd keeps for backward, the logits and loss buffers (a term of their own), the
+workspace (QLoRA's one dequantized weight, or LoRA's one merged W₀ + s·BA in float32 training on many rows), and
+which accelerator sizes
 (16/24/40/48/80 GB) the peak fits. Sources: Hu et al. 2021 (LoRA, arXiv:2106.09685) for the adapter
 arithmetic r·(d_in + d_out); Dettmers et al. 2023 (QLoRA, arXiv:2305.14314) for NF4 at 4.127 bits per weight;
 Korthikanti et al. 2022 (arXiv:2205.05198) for counting activations tensor by tensor, here redone for what
@@ -100,6 +101,16 @@ class LlamaShape:
         """Embedding, decoder layers (linears + two RMSNorm weights), final norm, and an untied output head."""
         embed = self.vocab * self.hidden
         return embed * (1 if self.tied else 2) + self.linear_params + (2 * self.layers + 1) * self.hidden
+
+
+def merge_first(n: int, d_in: int, d_out: int) -> bool:
+    """Whether a LoRA layer in training (lora.layer._FusedLora, float32 weights) computes x·(W₀ + s·BA)ᵀ rather than
+    x·W₀ᵀ + s·(x·Aᵀ)·Bᵀ for n rows: forming the merged weight costs r·d_in·d_out multiply-adds (plus one d_out × d_in
+    buffer for the call: the plan's workspace), the two low-rank products n·r·(d_in + d_out) plus a pass over the
+    (n, d_out) output (and in backward the same again for dL/dx); so merge once the rows outnumber
+    d_in·d_out / (d_in + d_out). On the default model's 256/768-wide layers and ~1000 rows a step (threshold 128-192
+    rows) that is ~5% of a training step (bench_train.py); a 1024/4096-wide layer at 128 rows stays unmerged."""
+    return n * (d_in + d_out) > d_in * d_out
 
 
 def _divisor_near(n: int, k: int) -> int:
@@ -213,7 +224,7 @@ class MemoryPlan:
         """{term: bytes} in reading order (the peak is not their plain sum: see estimate_memory)."""
         return {"weights": self.weights, "quant constants": self.quant_constants, "adapters": self.adapters,
                 "gradients": self.gradients, "optimizer state": self.optimizer, "activations": self.activations,
-                "logits + loss": self.logits, "dequant workspace": self.workspace, "gathered (fsdp)": self.gathered}
+                "logits + loss": self.logits, "workspace": self.workspace, "gathered (fsdp)": self.gathered}
 
     def __str__(self) -> str:
         rows = list(self.terms().items())
@@ -351,7 +362,13 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     opt = 2 * trainable * p if optimizer == "adamw" else 2 * trainable + 8 * math.ceil(trainable / ADAM8_BLOCK) + 2048
     acts = batch_size * seq_len * _token_activation_bytes(shape, method, tgt, rank, e, a, gradient_checkpointing)
     logits = _logits_bytes(shape, batch_size * seq_len, e, loss_chunk)
-    workspace = max(i * o for i, o in dims.values()) * e if method == "qlora" else 0  # one weight dequantized
+    if method == "qlora":  # one weight dequantized at a time
+        workspace = max(i * o for i, o in dims.values()) * e
+    elif method == "lora" and dtype == "fp32" and adapter_dtype == "fp32":  # one merged W0 + s*BA at a time
+        workspace = max([i * o for t in tgt for i, o in [dims[t]] if merge_first(batch_size * seq_len, i, o)],
+                        default=0) * e
+    else:
+        workspace = 0
     first_grad = shape.vocab * shape.hidden * p if method == "full" else 0  # the output head's, written first
     adapters, unsharded = adapter_params * a, 0
     if sharding == "fsdp" and processes > 1:

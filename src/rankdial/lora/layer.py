@@ -22,6 +22,7 @@ from torch import nn
 from ..config import LoraConfig, adapter_value_problems, check_name, init_mutates_base, lora_scaling
 from ..errors import AdapterError, ConfigError, MergeError, TargetError
 from ..layers import conv1d_class, dense_weight, linear_dims, quantized_kind
+from ..memory import merge_first  # the form's choice, shared with the memory planner's workspace
 from ..quant.linear import NF4Linear
 from . import dora
 
@@ -459,16 +460,6 @@ class LoraLayer(nn.Module):
         dora_names = f", dora={list(self.lora_magnitude_vector)}" if len(self.lora_magnitude_vector) else ""
         return (f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self._active}, "
                 f"merged={self._merged}{dora_names}")
-
-
-def merge_first(n: int, d_in: int, d_out: int) -> bool:
-    """Whether _FusedLora computes x·(W₀ + s·BA)ᵀ rather than x·W₀ᵀ + s·(x·Aᵀ)·Bᵀ for n rows: forming the merged
-    weight costs r·d_in·d_out multiply-adds (plus one d_out × d_in buffer), the two low-rank products n·r·(d_in +
-    d_out) plus a pass over the (n, d_out) output (and in backward the same again for dL/dx); so merge once the
-    rows outnumber d_in·d_out / (d_in + d_out). On the default model's 256/768-wide layers and ~1000 rows a step
-    (threshold 128-192 rows) that is ~5% of a training step (bench_train.py); a 1024/4096-wide layer at 128 rows
-    stays unmerged."""
-    return n * (d_in + d_out) > d_in * d_out
 
 
 def _merged(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:

@@ -69,7 +69,7 @@ function linkSliders(prefix, fields, onChange) {
 // -------------------------------------------------------------------------- Will it fit?
 
 const TERM_COLORS = { "weights": "#64748b", "quant constants": "#a3a3a3", "adapters": "#2563eb", "gradients": "#f59e0b",
-  "optimizer state": "#dc2626", "activations": "#16a34a", "logits + loss": "#0891b2", "dequant workspace": "#9333ea" };
+  "optimizer state": "#dc2626", "activations": "#16a34a", "logits + loss": "#0891b2", "workspace": "#9333ea" };
 
 async function updatePlan() {
   const q = new URLSearchParams(["model", "rank", "batch_size", "seq_len"].map((f) => [f, $("plan-" + f).value.trim()]));
