@@ -59,7 +59,9 @@ class AdapterWaits:
         error) for the parked ones whose adapter cannot be loaded: the caller's lists, so that what was decided
         before an unexpected error is not lost. `running`: requests are running or queued, so releases may still
         free budget room (else a full budget gets one last try)."""
-        idle = lambda: not running and not ready  # noqa: E731 - nothing runs: releases cannot free room any more
+        def idle() -> bool:  # nothing runs or is about to (ready grows below): releases cannot free room any more
+            return not running and not ready
+
         for request in arrivals:
             if request.adapter is None or self._acquire(request, hit=True):
                 ready.append(request)

@@ -51,7 +51,7 @@ class Engine:
         if bad:
             raise ConfigError("; ".join(bad))
         self.max_new_tokens = max_new_tokens
-        registry.waits.budget_wait_s = budget_wait_s  # how long a request waits for room in a full adapter budget
+        registry.budget_wait_s = budget_wait_s  # how long a request waits for room in a full adapter budget
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.scheduler = Scheduler(limits)
         in_flight = self.scheduler.limits.max_tokens_in_flight  # the KV cache holds max_batch_size rows of at most
@@ -130,9 +130,8 @@ class Engine:
         request before it loads the request's adapter (prepare_async), then enqueue()s it."""
         if self._stopping:
             raise Unavailable("the engine is shutting down and takes no new requests; retry on another replica")
-        self.checks.params(params)  # the cheap checks first: nothing is looked up on disk for a refused request
-        adapter = None if adapter in (None, self.base_name) else self.registry.check_known(adapter)
-        return self.checks.check(prompt, adapter, params)
+        adapter = None if adapter in (None, self.base_name) else adapter
+        return self.checks.check(prompt, adapter, params, lookup=self.registry.check_known)
 
     def enqueue(self, request: Request) -> Handle:
         """Queue a request check() accepted; its Handle. Unavailable once shutdown() has begun."""
@@ -302,7 +301,7 @@ class Engine:
                 self._fail_running(err)
                 busy = False
             if not busy:
-                self._wake.wait(0.05 if (self._inbox or self.registry.waits.busy()) else 1.0)
+                self._wake.wait(0.05 if (self._inbox or self.registry.admission_busy()) else 1.0)
                 self._wake.clear()
 
     def _fail_running(self, err: Exception) -> None:
@@ -351,11 +350,10 @@ class Engine:
     def stats(self) -> dict:
         # read from HTTP threads while the engine thread changes things: only counters and len() of containers,
         # never an iteration over them (the parked requests are counted by the engine thread)
-        waits = self.registry.waits
-        waiting = len(self.scheduler.waiting) + waits.parked_count + len(self._inbox)
+        waiting = len(self.scheduler.waiting) + self.registry.parked_count + len(self._inbox)
         return {"running": len(self.scheduler.running), "waiting": waiting,
                 "last_batch_size": self.last_batch_size, "largest_batch": self.largest_batch, "steps": self.steps, "tokens_generated": self.tokens_generated,
-                "adapters_loaded": len(self.registry.loaded()), "adapters_loading": waits.loading,
+                "adapters_loaded": len(self.registry.loaded()), "adapters_loading": self.registry.loading,
                 "loaded_bytes": self.registry.loaded_bytes, "budget_bytes": self.registry.budget_bytes,
                 "hits": self.registry.hits, "misses": self.registry.misses, "evictions": self.registry.evictions}
 
@@ -364,7 +362,7 @@ class Engine:
         one per row), and the adapters of running and of waiting requests (distinct, sorted). Read from other
         threads: each container is copied by one C-level call (list of a dict's values, a dict's keys), as stats()."""
         running = {r.adapter for r in self.scheduler.running}
-        waiting = {r.adapter for r in self.scheduler.waiting} | self.registry.waits.adapters() | {
+        waiting = {r.adapter for r in self.scheduler.waiting} | self.registry.parked_adapters() | {
             r.adapter for r in list(self._inbox)}
         return {"max_lora": self.scheduler.limits.max_batch_size, "running": sorted(running - {None}),
                 "waiting": sorted(waiting - {None})}

@@ -99,6 +99,15 @@ def _content_error(err: BaseException) -> bool:
     return isinstance(err, (RankdialError, ValueError)) or type(err).__name__ == "SafetensorError"
 
 
+def _read_failure(name: str, folder: Path, err: BaseException) -> str:
+    """Why a folder failed to read, in one line (logged as a warning): rankdial's own message, or what the reading
+    library raised (a corrupt safetensors file, a config that is not a JSON object...)."""
+    message = one_line(err) if isinstance(err, RankdialError) else (
+        f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {one_line(err)[:300]}")
+    log.warning("adapter %r: %s", name, message)
+    return message
+
+
 def _signature(folder: Path) -> tuple:
     """What changes when a folder's files change (names, sizes, modification times), for remembered failures."""
     try:
@@ -147,7 +156,7 @@ class AdapterRegistry:
         self._repin: set[str] = set()  # pinned adapters dropped because their files changed: pinned when reloaded
         self.recheck_s = 1.0  # how often a loaded folder's files are compared with those it was loaded from
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankdial-adapter-read")
-        self.waits = AdapterWaits(self)  # requests parked while their adapter loads (admit)
+        self._waits = AdapterWaits(self)  # requests parked while their adapter loads (admit)
 
     # -- what is known -------------------------------------------------------------------------------
     @property
@@ -283,10 +292,7 @@ class AdapterRegistry:
         try:
             read = self._read_folder(name, folder)
         except (AdapterFileError, Exception) as err:  # noqa: BLE001 - every failure of a file becomes its reason
-            message = one_line(err) if isinstance(err, RankdialError) else (
-                f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {one_line(err)[:300]}")
-            log.warning("adapter %r: %s", name, message)
-            message = self.public(message, path or self._paths.get(name))
+            message = self.public(_read_failure(name, folder, err), path or self._paths.get(name))
             if path is None and name not in self._paths and _content_error(err):
                 self._remember_failure(name, folder, message, signature)
             raise AdapterFileError(message) from None
@@ -310,10 +316,7 @@ class AdapterRegistry:
             except Exception as err:  # noqa: BLE001 - as read(): every failure of a file becomes its reason
                 if not _content_error(err):
                     continue
-                message = one_line(err) if isinstance(err, RankdialError) else (
-                    f"adapter {name!r} cannot be read from {folder}: {type(err).__name__}: {one_line(err)[:300]}")
-                log.warning("adapter %r: %s", name, message)
-                self._remember_failure(name, folder, self.public(message), signature)
+                self._remember_failure(name, folder, self.public(_read_failure(name, folder, err)), signature)
                 failed.append(name)
         return failed
 
@@ -424,7 +427,34 @@ class AdapterRegistry:
     def admit(self, arrivals, *, running: bool, ready: list, failed: list) -> None:
         """The engine's one call per step: acquire the arrivals' adapters (loading on the reader thread those that
         are not loaded, their requests parked meanwhile); appends to ready and failed (see serve.admission)."""
-        self.waits.admit(arrivals, running, ready, failed)
+        self._waits.admit(arrivals, running, ready, failed)
+
+    @property
+    def budget_wait_s(self) -> float:
+        """How long a request waits for room in a full adapter budget before it fails (BudgetFull)."""
+        return self._waits.budget_wait_s
+
+    @budget_wait_s.setter
+    def budget_wait_s(self, seconds: float) -> None:
+        self._waits.budget_wait_s = seconds
+
+    @property
+    def parked_count(self) -> int:
+        """Requests parked while their adapter loads (a counter: safe to read from other threads)."""
+        return self._waits.parked_count
+
+    @property
+    def loading(self) -> int:
+        """Adapter loads in progress."""
+        return self._waits.loading
+
+    def admission_busy(self) -> bool:
+        """Loads in progress or budget retries due: admit() should be called again soon."""
+        return self._waits.busy()
+
+    def parked_adapters(self) -> set[str]:
+        """The adapters requests are parked for (safe from other threads)."""
+        return self._waits.adapters()
 
     def load_async(self, name: str) -> Future:
         """Start loading `name` on the reader thread (the engine's first use); the Future gives its AdapterInfo.

@@ -15,7 +15,7 @@ Plain Python: no torch import (the scheduler's tests hold it to that through thi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import NOT_UTF8, RequestError, not_utf8
 
@@ -92,9 +92,13 @@ class RequestChecks:
             raise bad("max_tokens", f"max_tokens is {params.max_tokens}, more than this server's limit of "
                                     f"{self.max_new_tokens}; ask for fewer tokens")
 
-    def check(self, prompt: str | list[int], adapter: str | None, params: SamplingParams) -> Request:
-        """The request (no id yet) or a RequestError naming the field; `adapter` was looked up by the caller."""
+    def check(self, prompt: str | list[int], adapter: str | None, params: SamplingParams,
+              lookup: Callable[[str], str] | None = None) -> Request:
+        """The request (no id yet) or a RequestError naming the field. The cheap checks come first: `lookup`
+        (the caller's adapter check, which may look on disk) runs only for a request whose settings pass."""
         self.params(params)
+        if adapter is not None and lookup is not None:
+            adapter = lookup(adapter)
         ids = self.tokens(prompt)
         total = len(ids) + params.max_tokens
         if total > self.max_total:
