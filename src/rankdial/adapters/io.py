@@ -165,13 +165,23 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
     return config_from_peft(data, str(file))
 
 
+def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, read now (safetensors' pread backend, 0.8+): about twice as fast as its default
+    mmap for an adapter-sized file, whose mapped pages would be faulted in by the first use anyway (the NaN check),
+    and the tensors never alias a file that may be rewritten while they are in use. Older safetensors: mmap."""
+    try:
+        return load_file(str(file), backend="pread")
+    except TypeError:  # safetensors < 0.8 has no backend argument
+        return load_file(str(file))
+
+
 def read_adapter_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of an adapter folder, from safetensors (or, only if allowed, a weights-only pickle)."""
     folder = _folder(path)
     file = folder / WEIGHTS_NAME
     if file.is_file():
         try:
-            return load_file(str(file))
+            return read_safetensors(file)
         except (SafetensorError, OSError, ValueError) as err:
             raise AdapterFileError(f"{file} is truncated or corrupt ({err}); save the adapter again or restore "
                                    "it from a copy") from err
