@@ -12,7 +12,8 @@ Time to first token: a burst of 64 requests (the same prompts and max_tokens) su
 with 32 adapters, each read through its Handle's events() by its own thread; TTFT = the request's submit() to the
 first token event that thread sees; p50 and p99 over the 64 (p99 of 64 is the slowest). One burst per mix,
 after the tokens/s rounds (the tokens/s runs use result(), which does not wake at every token).
-Loading: registry.load of a fresh adapter vs safetensors.load_file of its file (load_ratio_vs_raw_read).
+Loading: registry.load of a fresh adapter vs the faster of safetensors.load_file's readers of its file (mmap,
+pread; load_ratio_vs_raw_read), and vs the default mmap read alone (load_ratio_vs_mmap_read).
 Memory: base + 32 adapters vs 32 merged copies, computed from the tensors' bytes (numel x element size of the
 base's parameters and of the adapters' A and B), not measured from the process.
 Rounds: every configuration (engine mixes, base, swap, peft_mixed, hf_generate, hf_generate_batch) runs ROUNDS
