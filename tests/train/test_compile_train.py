@@ -31,7 +31,9 @@ def test_compiled_layers_train_to_the_same_losses_and_adapter(tiny_model_dir, tm
     args = dict(model=str(tiny_model_dir), data=str(data), steps=3, batch_size=4, lr=5e-3, max_length=48,
                 progress=False, log=lambda *a: None)
     eager = train(output_dir=str(tmp_path / "eager"), **args)
+    limit = torch._dynamo.config.recompile_limit
     compiled = train(output_dir=str(tmp_path / "compiled"), compile=True, **args)
+    assert torch._dynamo.config.recompile_limit == limit  # raised for the run only, not for the rest of the process
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
     a = load_file(str(tmp_path / "eager" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "compiled" / "adapter_model.safetensors"))

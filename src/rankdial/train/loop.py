@@ -136,6 +136,8 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
     """
     cfg = make_config(config, **overrides)  # every value checked (LoRA's too) before anything loads
     run = None
+    # compile = true raises dynamo's recompile limit for the run (compile_layers); the process's own comes back after
+    limit = torch._dynamo.config.recompile_limit if cfg.compile else None
     try:
         run = setup(cfg, resume=resume, overwrite=overwrite, log=log)
         with output_folder(run):
@@ -143,6 +145,9 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
             result = finish(run)
     except KeyboardInterrupt:
         raise interrupted(run) from None
+    finally:
+        if limit is not None:
+            torch._dynamo.config.recompile_limit = limit
     barrier(run.dist)
     return result
 
@@ -278,6 +283,7 @@ def compile_layers(model, say=print, fsdp: bool = False) -> int:
         raise ConfigError(f"compile = true needs a model with decoder layers (model.model.layers); "
                           f"{type(model).__name__} has none; set compile = false")
     # every layer shares one code object; warm_up_compiled makes 8 graphs of it and evaluation adds its own
+    # (train() puts the process's limit back when the run ends)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for layer in layers:
         layer.compile(dynamic=True)  # one graph for every sequence length (no recompile when the length changes)
