@@ -262,7 +262,7 @@ def load_figures(engine, root: Path, names: list[str], n: int) -> dict:
         for backend, times in reads.items():
             t0 = time.perf_counter()
             try:
-                load_file(file, backend=backend) if backend != "mmap" else load_file(file)
+                load_file(file, **({} if backend == "mmap" else {"backend": backend}))
             except TypeError:  # safetensors < 0.8: no pread backend
                 continue
             times.append(time.perf_counter() - t0)

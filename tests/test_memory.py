@@ -208,3 +208,7 @@ def test_the_workspace_holds_lora_s_merged_weight_only_where_training_forms_it()
     attn_only = estimate_memory(dims, "lora", batch_size=16, seq_len=64, dtype="fp32", targets=["q_proj", "v_proj"])
     assert attn_only.workspace == 256 * 256 * 4
     assert estimate_memory(dims, "full", batch_size=16, seq_len=64, dtype="fp32").workspace == 0
+    assert estimate_memory(dims, "lora", batch_size=16, seq_len=64, dtype="float32",  # aliases are the same dtype
+                           adapter_dtype="float32").workspace == many.workspace
+    assert estimate_memory(dims, "lora", batch_size=16, seq_len=64, dtype="fp32",  # dropout/autocast: unmerged
+                           merged_weight=False).workspace == 0

@@ -309,7 +309,7 @@ def layer_activation_bytes(s: LlamaShape, method: str, targets: tuple[str, ...],
 def estimate_memory(model="default", method: str = "lora", rank: int = 16, targets="all-linear",
                     batch_size: int = 1, seq_len: int = 512, dtype: str | None = None, adapter_dtype: str = "fp32",
                     gradient_checkpointing: bool | None = None, optimizer: str = "adamw", processes: int = 1,
-                    sharding: str = "ddp", loss_chunk: int = 0) -> MemoryPlan:
+                    sharding: str = "ddp", loss_chunk: int = 0, merged_weight: bool = True) -> MemoryPlan:
     """Plan the memory of fine-tuning a Llama-shaped model; returns a MemoryPlan (bytes per term).
 
     model: a preset ("llama-7b", "llama-13b", "llama-70b": Llama-2's shapes), "default" (the embedded model),
@@ -319,6 +319,9 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     gradient_checkpointing: None follows the method's recipe: on for QLoRA (Dettmers et al. train with it),
     off for full and LoRA. loss_chunk: rows of logits the loss computes at once (rankdial.train.loss, what
     `rankdial train` does by default with 1024); 0 plans the plain loss over the whole logits tensor.
+    merged_weight: whether LoRA's training forward may form W₀ + s·BA (float32 weights and adapters on many rows,
+    merge_first; rankdial's fused path, which LoRA dropout or autocast turn off): the workspace then holds the
+    largest such weight for the call. False plans none (`rankdial train` passes it for bf16 or dropout runs).
 
     total_bytes is the planned peak of the steady state (second step on): weights, constants, adapters and
     optimizer state stay; backward frees a layer's activations as it writes that layer's gradients, so the
@@ -364,8 +367,8 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     logits = _logits_bytes(shape, batch_size * seq_len, e, loss_chunk)
     if method == "qlora":  # one weight dequantized at a time
         workspace = max(i * o for i, o in dims.values()) * e
-    elif method == "lora" and dtype == "fp32" and adapter_dtype == "fp32":  # one merged W0 + s*BA at a time
-        workspace = max([i * o for t in tgt for i, o in [dims[t]] if merge_first(batch_size * seq_len, i, o)],
+    elif method == "lora" and merged_weight and e == a == 4:  # float32: one merged W0 + s*BA at a time
+        workspace = max((math.prod(dims[t]) for t in tgt if merge_first(batch_size * seq_len, *dims[t])),
                         default=0) * e
     else:
         workspace = 0

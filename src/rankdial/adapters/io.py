@@ -6,6 +6,7 @@ Loading reads only JSON and safetensors, so it never executes code from a file; 
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -169,10 +170,10 @@ def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors, read now (safetensors' pread backend, 0.8+): about twice as fast as its default
     mmap for an adapter-sized file, whose mapped pages would be faulted in by the first use anyway (the NaN check),
     and the tensors never alias a file that may be rewritten while they are in use. Older safetensors: mmap."""
-    try:
-        return load_file(str(file), backend="pread")
-    except TypeError:  # safetensors < 0.8 has no backend argument
-        return load_file(str(file))
+    return load_file(str(file), backend="pread") if _PREAD else load_file(str(file))
+
+
+_PREAD = "backend" in inspect.signature(load_file).parameters  # safetensors 0.8+
 
 
 def read_adapter_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -130,7 +130,8 @@ class Engine:
         request before it loads the request's adapter (prepare_async), then enqueue()s it."""
         if self._stopping:
             raise Unavailable("the engine is shutting down and takes no new requests; retry on another replica")
-        adapter = None if adapter in (None, self.base_name) else adapter
+        if adapter == self.base_name:
+            adapter = None
         return self.checks.check(prompt, adapter, params, lookup=self.registry.check_known)
 
     def enqueue(self, request: Request) -> Handle:

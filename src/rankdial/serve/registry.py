@@ -99,7 +99,7 @@ def _content_error(err: BaseException) -> bool:
     return isinstance(err, (RankdialError, ValueError)) or type(err).__name__ == "SafetensorError"
 
 
-def _read_failure(name: str, folder: Path, err: BaseException) -> str:
+def _log_read_failure(name: str, folder: Path, err: BaseException) -> str:
     """Why a folder failed to read, in one line (logged as a warning): rankdial's own message, or what the reading
     library raised (a corrupt safetensors file, a config that is not a JSON object...)."""
     message = one_line(err) if isinstance(err, RankdialError) else (
@@ -292,7 +292,7 @@ class AdapterRegistry:
         try:
             read = self._read_folder(name, folder)
         except (AdapterFileError, Exception) as err:  # noqa: BLE001 - every failure of a file becomes its reason
-            message = self.public(_read_failure(name, folder, err), path or self._paths.get(name))
+            message = self.public(_log_read_failure(name, folder, err), path or self._paths.get(name))
             if path is None and name not in self._paths and _content_error(err):
                 self._remember_failure(name, folder, message, signature)
             raise AdapterFileError(message) from None
@@ -316,7 +316,7 @@ class AdapterRegistry:
             except Exception as err:  # noqa: BLE001 - as read(): every failure of a file becomes its reason
                 if not _content_error(err):
                     continue
-                self._remember_failure(name, folder, self.public(_read_failure(name, folder, err)), signature)
+                self._remember_failure(name, folder, self.public(_log_read_failure(name, folder, err)), signature)
                 failed.append(name)
         return failed
 
@@ -449,7 +449,7 @@ class AdapterRegistry:
         return self._waits.loading
 
     def admission_busy(self) -> bool:
-        """Loads in progress or budget retries due: admit() should be called again soon."""
+        """Loads in progress or budget retries pending: admit() should be called again soon."""
         return self._waits.busy()
 
     def parked_adapters(self) -> set[str]:

@@ -94,8 +94,8 @@ class RequestChecks:
 
     def check(self, prompt: str | list[int], adapter: str | None, params: SamplingParams,
               lookup: Callable[[str], str] | None = None) -> Request:
-        """The request (no id yet) or a RequestError naming the field. The cheap checks come first: `lookup`
-        (the caller's adapter check, which may look on disk) runs only for a request whose settings pass."""
+        """The request (no id yet) or a RequestError naming the field. The sampling settings are checked first:
+        `lookup` (the caller's adapter check, which may look on disk) runs only for a request whose settings pass."""
         self.params(params)
         if adapter is not None and lookup is not None:
             adapter = lookup(adapter)

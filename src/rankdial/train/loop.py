@@ -300,7 +300,7 @@ def warm_up_compiled(model, device, cfg: TrainConfig, say=print) -> float:
     other width shares one dynamic graph. So: forward and backward of four synthetic batch_size-row batches,
     max_length wide and an odd width, each without and with padding (8 graphs; compile_layers raises dynamo's
     recompile limit from 8 to 16 so that evaluation's no-grad graphs still compile). The layers also choose
-    their form from the row count (lora.layer.merge_first), so full-size batches. Gradients are dropped and the RNG
+    their form from the row count (rankdial.memory.merge_first), so full-size batches. Gradients are dropped and the RNG
     state restored: the run is the same as without it. Returns the seconds taken."""
     t0 = time.perf_counter()
     vocab = model.get_input_embeddings().num_embeddings
@@ -375,7 +375,8 @@ def _memory_plan_line(cfg: TrainConfig, base_path: Path, processes: int = 1) -> 
                                batch_size=cfg.batch_size, seq_len=cfg.max_length, dtype="fp32",
                                gradient_checkpointing=cfg.gradient_checkpointing, processes=processes,
                                sharding="fsdp" if processes > 1 else "ddp", optimizer=cfg.optimizer,
-                               loss_chunk=cfg.loss_chunk)
+                               loss_chunk=cfg.loss_chunk,  # autocast and dropout keep LoRA's unmerged form
+                               merged_weight=not cfg.bf16 and cfg.lora.lora_dropout == 0)
     except RankdialError as err:  # a model that is not Llama-shaped, or targets given as a pattern
         return f"memory plan: not available for this model/targets ({_first_line(err)})"
     terms = ", ".join(f"{k} {v / MIB:.0f}" for k, v in plan.terms().items() if v)
