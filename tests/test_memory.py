@@ -212,3 +212,21 @@ def test_the_workspace_holds_lora_s_merged_weight_only_where_training_forms_it()
                            adapter_dtype="float32").workspace == many.workspace
     assert estimate_memory(dims, "lora", batch_size=16, seq_len=64, dtype="fp32",  # dropout/autocast: unmerged
                            merged_weight=False).workspace == 0
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(targets=None), "targets must be \"all-linear\" or a list"),
+    (dict(targets=5), "targets must be \"all-linear\" or a list"),
+    (dict(targets=[1]), "targets must be \"all-linear\" or a list"),
+    (dict(targets="q_proj,v_proj"), "is one string; give a list of names, e.g. \\['q_proj', 'v_proj'\\]"),
+    (dict(model=None), "model must be a preset name"),
+    (dict(merged_weight="no"), "merged_weight must be true or false, got 'no'"),
+    (dict(method="dora"), "DoRA is LoRA \\(use_dora\\)"),
+])
+def test_inputs_of_the_wrong_kind_are_named(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        estimate_memory(**kwargs)
+
+
+def test_adapter_dtype_is_reported_by_its_one_name():
+    assert estimate_memory("default", adapter_dtype="float32").settings["adapter_dtype"] == "fp32"

@@ -129,6 +129,9 @@ def model_shape(model: str | Path | dict | LlamaShape = "default") -> LlamaShape
     """A LlamaShape from a preset name, "default" (the embedded model), a config.json (or its folder), or dims."""
     if isinstance(model, LlamaShape):
         return model
+    if not isinstance(model, (str, Path, dict)):
+        raise ConfigError(f"model must be a preset name ({', '.join(PRESETS)}, \"default\"), a config.json path or "
+                          f"a dict of dims, got {type(model).__name__}")
     if isinstance(model, dict):
         fields = LlamaShape.__dataclass_fields__
         unknown = [k for k in model if k not in fields]
@@ -250,6 +253,13 @@ def _dtype(value: str, what: str) -> int:
 def _targets(targets) -> tuple[str, ...]:
     if targets == "all-linear":
         return LLAMA_LINEARS
+    if isinstance(targets, str) and "," in targets:
+        raise ConfigError(f"targets {targets!r} is one string; give a list of names, e.g. "
+                          f"{[t.strip() for t in targets.split(',') if t.strip()]}, or \"all-linear\"")
+    if not isinstance(targets, (str, list, tuple)) or not all(isinstance(t, str) for t in
+                                                               ([targets] if isinstance(targets, str) else targets)):
+        raise ConfigError(f"targets must be \"all-linear\" or a list of Llama linear names ({', '.join(LLAMA_LINEARS)}), "
+                          f"got {targets!r}")
     names = [targets] if isinstance(targets, str) else list(targets)
     bad = [t for t in names if t not in LLAMA_LINEARS]
     if bad or not names:
@@ -266,6 +276,9 @@ def _positive(name: str, value) -> None:
 
 
 def _choice(name: str, value, choices) -> None:
+    if name == "method" and value == "dora":
+        raise ConfigError("method 'dora' is not planned separately: DoRA is LoRA (use_dora) plus a magnitude vector "
+                          "per output and one more weight-sized pass; plan method='lora' for a close lower bound")
     if value not in choices:
         near = difflib.get_close_matches(str(value), choices, n=1)
         raise ConfigError(f"{name} {value!r} is unknown; give one of {', '.join(choices)}"
@@ -348,6 +361,8 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
     _positive("seq_len", seq_len)
     if not isinstance(loss_chunk, int) or isinstance(loss_chunk, bool) or loss_chunk < 0:
         raise ConfigError(f"loss_chunk must be 0 (the whole logits at once) or a positive number of rows, got {loss_chunk!r}")
+    if not isinstance(merged_weight, bool):
+        raise ConfigError(f"merged_weight must be true or false, got {merged_weight!r}")
     if gradient_checkpointing is None:
         gradient_checkpointing = method == "qlora"
     if sharding == "fsdp" and processes > 1:
@@ -383,6 +398,7 @@ def estimate_memory(model="default", method: str = "lora", rank: int = 16, targe
         total = weights + consts + adapters + opt + gradients + acts + logits + workspace + first_grad + unsharded
     else:
         total = weights + consts + adapters + opt + max(gradients, acts + logits + workspace + first_grad)
+    adapter_dtype = DTYPE_ALIASES.get(str(adapter_dtype), adapter_dtype)
     settings = dict(rank=None if method == "full" else rank, targets=None if method == "full" else targets,
                     batch_size=batch_size, seq_len=seq_len, dtype=dtype, adapter_dtype=adapter_dtype,
                     gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, processes=processes,

@@ -354,3 +354,36 @@ def test_fused_non_finite_check_equals_the_per_tensor_reference(seed):
         if tensors[k].is_floating_point() and tensors[k].numel():
             tensors[k].view(-1)[int(torch.randint(tensors[k].numel(), (1,), generator=g))] = bad
     assert _non_finite(tensors) == reference(tensors) != []
+
+
+def test_a_weights_path_that_is_not_a_regular_file_is_named_as_such(saved):
+    file = saved / "adapter_model.safetensors"
+    file.unlink()
+    file.mkdir()
+    load_fails(saved, "adapter_model.safetensors is not a regular file \\(a directory\\)")
+    file.rmdir()
+    file.symlink_to(saved / "nowhere")
+    load_fails(saved, "not a regular file \\(a broken link\\)")
+
+
+def test_a_file_that_cannot_be_opened_says_so_not_corrupt(saved, monkeypatch):
+    """safetensors reports a file it may not read as missing; rankdial opens it first and says why (root ignores
+    permissions, so the refusal is simulated)."""
+    import rankdial.adapters.io as io_mod
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(io_mod, "open", denied, raising=False)
+    load_fails(saved, "cannot be opened \\(Permission denied\\); make it readable")
+
+
+def test_pread_and_mmap_reads_give_the_same_tensors(saved, monkeypatch):
+    """Files up to PREAD_MAX_BYTES are read now, larger ones mapped: the same tensors either way."""
+    import rankdial.adapters.io as io_mod
+
+    file = saved / "adapter_model.safetensors"
+    read = io_mod.read_safetensors(file)
+    monkeypatch.setattr(io_mod, "PREAD_MAX_BYTES", 0)
+    mapped = io_mod.read_safetensors(file)
+    assert read.keys() == mapped.keys() and all(torch.equal(read[k], mapped[k]) for k in read)

@@ -658,3 +658,19 @@ def test_an_error_while_admitting_ends_the_arrivals_and_releases_what_they_held(
             eng.enqueue(request)
     finally:
         eng.shutdown(drain=False)
+
+
+def test_a_failed_request_s_completion_says_why(tmp_path):
+    """Engine.generate / Handle.result(): a request whose adapter cannot be loaded ends with finish_reason "error"
+    and the reason in Completion.error (the last event's), not an empty text alone."""
+    make_adapter(tmp_path / "broken", seed=1)
+    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"\xff" * 8 + b"not a header")
+    engine = Engine.from_pretrained("default", str(tmp_path), device="cpu", max_batch_size=2)
+    try:
+        out = engine.generate(PROMPTS[0], "broken", SamplingParams(max_tokens=3))
+        assert out.finish_reason == "error" and out.text == ""
+        assert "truncated or corrupt" in out.error
+        ok = engine.generate(PROMPTS[0], None, SamplingParams(max_tokens=3))
+        assert ok.finish_reason == "length" and ok.error is None
+    finally:
+        engine.shutdown()

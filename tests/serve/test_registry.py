@@ -492,3 +492,47 @@ def test_a_by_path_reload_racing_a_by_name_load_of_the_same_folder_is_not_a_conf
     engine_read = reg.read("ext")  # the engine's load_async (by name, resolved through _paths)
     reg.attach(reg.read("ext", ext, allow_any_path=True), by_path=True)  # the admin reloads it by path meanwhile
     reg.attach(engine_read)  # same folder: must not be NameTaken
+
+
+def test_a_file_that_cannot_be_opened_is_not_remembered_and_loads_once_readable(registry, monkeypatch):
+    """A permission problem is the machine's, not the files': fixed (chmod does not change the files' signature),
+    the next request loads the adapter."""
+    import rankdial.adapters.io as io_mod
+
+    registry.unload("a2") if registry.is_loaded("a2") else None
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(io_mod, "open", denied, raising=False)
+    with pytest.raises(AdapterFileError, match="cannot be opened \\(Permission denied\\)"):
+        registry.load("a2")
+    assert registry.failure("a2") is None
+    monkeypatch.undo()
+    assert registry.load("a2").loaded
+
+
+def test_a_weights_file_linked_out_of_the_adapters_folder_is_refused(root, tmp_path):
+    """As a folder linked out is: the file's bytes (or a parse error quoting them) never reach a client."""
+    model, _ = load_model(resolve_model("default"))
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    outside = tmp_path / "outside"
+    make_adapter(outside, seed=3, r=4)
+    (inner / "linked").mkdir()
+    shutil.copy(outside / "adapter_config.json", inner / "linked" / "adapter_config.json")
+    (inner / "linked" / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    reg = AdapterRegistry(model, inner)
+    try:
+        with pytest.raises(AdapterFileError, match="adapter_model.safetensors links outside the adapters folder"):
+            reg.load("linked")
+    finally:
+        reg.close()
+
+
+def test_an_unknown_adapter_lists_at_most_twenty_names(tmp_path):
+    from rankdial.serve.registry import _listing
+
+    names = [f"ad{k}" for k in range(25)]
+    assert _listing(names) == str(names[:20])[:-1] + ", ... 5 more]" and _listing([]) == "none"
+    assert _listing(names[:3]) == str(names[:3])

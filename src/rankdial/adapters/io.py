@@ -167,13 +167,27 @@ def read_adapter_config(path: str | Path) -> LoraConfig:
 
 
 def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, read now (safetensors' pread backend, 0.8+): about twice as fast as its default
-    mmap for an adapter-sized file, whose mapped pages would be faulted in by the first use anyway (the NaN check),
-    and the tensors never alias a file that may be rewritten while they are in use. Older safetensors: mmap."""
-    return load_file(str(file), backend="pread") if _PREAD else load_file(str(file))
+    """A safetensors file's tensors. Up to PREAD_MAX_BYTES they are read now (safetensors' pread backend, 0.8+):
+    about twice as fast as its default mmap for an adapter-sized file, whose mapped pages would be faulted in by the
+    first use anyway (the NaN check), and the tensors never alias a file that may be rewritten while they are in
+    use. A larger file (or older safetensors) is mapped: its bytes stay in the page cache, never all in the
+    process's own memory before the checks have looked at them."""
+    if _PREAD and os.path.getsize(file) <= PREAD_MAX_BYTES:
+        return load_file(str(file), backend="pread")
+    return load_file(str(file))
 
 
 _PREAD = "backend" in inspect.signature(load_file).parameters  # safetensors 0.8+
+PREAD_MAX_BYTES = 256 * 2 ** 20
+
+
+def _kind(path: Path) -> str:
+    """What a path that is not a regular file is, in a word or two."""
+    if not path.exists():
+        return "a broken link"
+    if path.is_dir():
+        return "a directory"
+    return "a FIFO" if path.is_fifo() else "a device" if path.is_char_device() or path.is_block_device() else "not a file"
 
 
 def read_adapter_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -181,11 +195,22 @@ def read_adapter_weights(path: str | Path, allow_pickle: bool = False) -> dict[s
     folder = _folder(path)
     file = folder / WEIGHTS_NAME
     if file.is_file():
+        try:  # opened first: safetensors reports a file it may not read as missing
+            with open(file, "rb"):
+                pass
+        except OSError as err:
+            raise AdapterFileError(f"{file} cannot be opened ({err.strerror or type(err).__name__}); make it "
+                                   "readable by this process") from err
         try:
             return read_safetensors(file)
-        except (SafetensorError, OSError, ValueError) as err:
+        except (SafetensorError, ValueError) as err:
             raise AdapterFileError(f"{file} is truncated or corrupt ({err}); save the adapter again or restore "
                                    "it from a copy") from err
+        except OSError as err:
+            raise AdapterFileError(f"{file} cannot be read ({err.strerror or err}); check the disk and the "
+                                   "file, then retry") from err
+    if file.exists() or file.is_symlink():
+        raise AdapterFileError(f"{file} is not a regular file ({_kind(file)}); put the saved weights file there")
     pickled = folder / PICKLE_WEIGHTS_NAME
     if pickled.is_file() and not allow_pickle:
         raise AdapterFileError(

@@ -34,6 +34,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: tuple[int, ...] = ()
+    error: str | None = None  # why the request failed (finish_reason "error"), as its last event says
 
 
 class Handle:
@@ -117,7 +118,8 @@ class Handle:
             text.append(last.text)
             if last.token_id is not None:
                 ids.append(last.token_id)
-        return Completion("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens, tuple(ids))
+        return Completion("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens, tuple(ids),
+                          last.error)
 
 
 __all__ = ["Handle", "TokenEvent", "Completion"]

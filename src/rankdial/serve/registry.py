@@ -91,11 +91,18 @@ def _on_disk(name: str, path: Path, pinned: bool) -> AdapterInfo:
     return AdapterInfo(name, str(path), rank, size, False, pinned)
 
 
+def _listing(names: list[str], most: int = 20) -> str:
+    """The adapters' names for an error message: at most `most` of them (an error stays one short line)."""
+    if not names:
+        return "none"
+    return str(names[:most])[:-1] + f", ... {len(names) - most} more]" if len(names) > most else str(names)
+
+
 def _content_error(err: BaseException) -> bool:
     """Whether a failed read says something about the files themselves (remembered until they change), not a
     transient failure of the machine (OSError, MemoryError: the next request reads again)."""
-    if isinstance(err, (OSError, MemoryError)):
-        return False
+    if isinstance(err, (OSError, MemoryError)) or isinstance(err.__cause__, (OSError, MemoryError)):
+        return False  # (adapters.io says why a file could not be opened or read, with the OSError as its cause)
     return isinstance(err, (RankdialError, ValueError)) or type(err).__name__ == "SafetensorError"
 
 
@@ -183,7 +190,7 @@ class AdapterRegistry:
     def check_known(self, name) -> str:
         """`name` if a request may use it, else AdapterError listing the adapters that exist."""
         if not self.exists(name):
-            raise AdapterError(f"unknown adapter {name!r}; the adapters are {self.names() or 'none'}")
+            raise AdapterError(f"unknown adapter {name!r}; the adapters are {_listing(self.names())}")
         return name
 
     def is_loaded(self, name: str) -> bool:
@@ -259,10 +266,15 @@ class AdapterRegistry:
                 raise AdapterFileError(f"adapter path {shorten(given)} resolves outside the adapters folder (../, an "
                                        "absolute path or a symlink out); only folders inside it may be loaded")
             folder = target
+            for file in (CONFIG_NAME, WEIGHTS_NAME):  # a file linked out of the folder is refused as a folder is
+                if (folder / file).is_symlink() and not (folder / file).resolve().is_relative_to(self.root):
+                    log.warning("adapter %r: %s links outside the adapters folder", name, folder / file)
+                    raise AdapterFileError(f"adapter {shorten(given)}: its {file} links outside the adapters "
+                                           "folder; only files inside it are read (copy the file in)")
         folder = folder.resolve()
         if not folder.is_dir():
             raise AdapterFileError(f"adapter {name!r}: {self.public(str(folder), path)} is not a folder; "
-                                   f"the adapters are {self.names() or 'none'}")
+                                   f"the adapters are {_listing(self.names())}")
         return folder
 
     def public(self, text: str, given: str | Path | None = None) -> str:
@@ -329,6 +341,9 @@ class AdapterRegistry:
             raise AdapterFileError(f"adapter {name!r}: the folder holds no {CONFIG_NAME}; a PEFT adapter folder holds "
                                    f"{CONFIG_NAME} and {WEIGHTS_NAME}")
         if not (folder / WEIGHTS_NAME).is_file():
+            if (folder / WEIGHTS_NAME).exists() or (folder / WEIGHTS_NAME).is_symlink():
+                raise AdapterFileError(f"adapter {name!r}: its {WEIGHTS_NAME} is not a regular file (a directory, "
+                                       "device or broken link); put the saved weights file there")
             raise AdapterFileError(f"adapter {name!r}: the folder holds no {WEIGHTS_NAME}; save the adapter with "
                                    "rankdial.save_adapter (or PEFT's save_pretrained) into it")
         config = read_adapter_config(folder)
