@@ -14,13 +14,17 @@ from rankdial.train import TrainingInterrupted, train
 
 def test_a_runs_peak_memory_is_its_own_not_the_processes_peak_so_far(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", qa_rows(8))
-    big = torch.ones(64 * 2**20)  # 256 MiB touched, then freed: the process's peak, not the run's
+    # 1 GiB touched, then freed: the process's peak, not the run's. The run's peak counts what is resident when
+    # it starts (late in a full suite that is gigabytes), so the spike stands well above anything a tiny run adds.
+    big = torch.ones(256 * 2**20)
     del big
     process_peak = process_status_bytes("VmHWM") / 2**20
+    resident = process_status_bytes("VmRSS") / 2**20
+    assert process_peak > resident + 768  # the spike is the process's peak (the test's premise)
     train(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "run"), steps=2, batch_size=2,
           max_length=48, progress=False, log=lambda *a: None)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert 0 < summary["peak_memory_mb"] < process_peak - 128
+    assert 0 < summary["peak_memory_mb"] < process_peak - 512
 
 
 def test_seconds_after_resume_cover_the_whole_run(tiny_model_dir, tmp_path, monkeypatch):
