@@ -107,6 +107,23 @@ def test_pickle_only_adapter_is_never_loaded(registry, root, tmp_path):
         shutil.rmtree(folder)
 
 
+def test_a_weights_path_that_is_not_a_file_is_named_for_what_it_is(registry, root):
+    folder = root / "weights-not-a-file"
+    shutil.copytree(root / "a0", folder)
+    weights = folder / "adapter_model.safetensors"
+    try:
+        weights.unlink()
+        weights.mkdir()
+        with pytest.raises(AdapterFileError, match="is not a regular file \\(a directory\\); put the saved"):
+            registry.load("weights-not-a-file")
+        weights.rmdir()
+        weights.symlink_to(folder / "nowhere")
+        with pytest.raises(AdapterFileError, match="is not a regular file \\(a broken link\\)"):
+            registry.load("weights-not-a-file")
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_adapter_for_another_base_is_refused_and_others_keep_serving(root, tmp_path):
     other = make_adapter(root / "other-base", seed=1, r=4, base=make_model_dir(tmp_path / "tiny"))
     wrong_targets = root / "wrong-targets"
