@@ -62,3 +62,25 @@ def test_warm_up_leaves_no_trace_on_the_model_or_the_rng():
     assert all(p.grad is None for p in model.parameters()) and not model.training
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert said and "warm-up" in said[0]
+
+
+def test_overlapping_compile_runs_keep_the_raised_limit_until_the_last_one_ends():
+    """Two compile runs in threads: the first to end must not lower the limit under the other, and the last puts
+    the process's own back."""
+    from rankdial.train.loop import _process_recompile_limit
+
+    own = torch._dynamo.config.recompile_limit
+    try:
+        first, second = _process_recompile_limit(True), _process_recompile_limit(True)
+        first.__enter__()
+        torch._dynamo.config.recompile_limit = own + 16  # what compile_layers does in the run
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert torch._dynamo.config.recompile_limit == own + 16  # the second run is still compiling
+        second.__exit__(None, None, None)
+        assert torch._dynamo.config.recompile_limit == own
+        with _process_recompile_limit(False):  # an eager run leaves it alone
+            torch._dynamo.config.recompile_limit = own + 1
+        assert torch._dynamo.config.recompile_limit == own + 1
+    finally:
+        torch._dynamo.config.recompile_limit = own

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,20 +137,41 @@ def train(config: Any = None, *, resume: bool = False, overwrite: bool = False, 
     """
     cfg = make_config(config, **overrides)  # every value checked (LoRA's too) before anything loads
     run = None
-    # compile = true raises dynamo's recompile limit for the run (compile_layers); the process's own comes back after
-    limit = torch._dynamo.config.recompile_limit if cfg.compile else None
     try:
-        run = setup(cfg, resume=resume, overwrite=overwrite, log=log)
-        with output_folder(run):
-            fit(run)
-            result = finish(run)
+        with _process_recompile_limit(cfg.compile):
+            run = setup(cfg, resume=resume, overwrite=overwrite, log=log)
+            with output_folder(run):
+                fit(run)
+                result = finish(run)
     except KeyboardInterrupt:
         raise interrupted(run) from None
-    finally:
-        if limit is not None:
-            torch._dynamo.config.recompile_limit = limit
     barrier(run.dist)
     return result
+
+
+_limit_lock = threading.Lock()
+_limit_holders: list = [0, None]  # compile runs in progress in this process, dynamo's recompile limit before them
+
+
+@contextlib.contextmanager
+def _process_recompile_limit(compiling: bool):
+    """compile = true raises dynamo's (process-wide) recompile limit for the run (compile_layers); the process's own
+    comes back when the last of the compile runs in progress ends, so runs in threads never lower it under each
+    other, and it is never left raised."""
+    if not compiling:
+        yield
+        return
+    with _limit_lock:
+        if _limit_holders[0] == 0:
+            _limit_holders[1] = torch._dynamo.config.recompile_limit
+        _limit_holders[0] += 1
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _limit_holders[0] -= 1
+            if _limit_holders[0] == 0:
+                torch._dynamo.config.recompile_limit = _limit_holders[1]
 
 
 # ---------------------------------------------------------------------------------------------------- setup
