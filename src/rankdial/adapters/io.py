@@ -181,13 +181,17 @@ _PREAD = "backend" in inspect.signature(load_file).parameters  # safetensors 0.8
 PREAD_MAX_BYTES = 256 * 2 ** 20
 
 
-def _kind(path: Path) -> str:
-    """What a path that is not a regular file is, in a word or two."""
+def path_kind(path: Path) -> str:
+    """What a path that is not a regular file is, in a word or two (for errors that name it)."""
     if not path.exists():
         return "a broken link"
     if path.is_dir():
         return "a directory"
-    return "a FIFO" if path.is_fifo() else "a device" if path.is_char_device() or path.is_block_device() else "not a file"
+    if path.is_fifo():
+        return "a FIFO"
+    if path.is_socket():
+        return "a socket"
+    return "a device" if path.is_char_device() or path.is_block_device() else "a special file"
 
 
 def read_adapter_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -210,7 +214,7 @@ def read_adapter_weights(path: str | Path, allow_pickle: bool = False) -> dict[s
             raise AdapterFileError(f"{file} cannot be read ({err.strerror or err}); check the disk and the "
                                    "file, then retry") from err
     if file.exists() or file.is_symlink():
-        raise AdapterFileError(f"{file} is not a regular file ({_kind(file)}); put the saved weights file there")
+        raise AdapterFileError(f"{file} is not a regular file ({path_kind(file)}); put the saved weights file there")
     pickled = folder / PICKLE_WEIGHTS_NAME
     if pickled.is_file() and not allow_pickle:
         raise AdapterFileError(

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..adapters import read_adapter_config, read_adapter_weights
-from ..adapters.io import _kind, check_tensor_shapes, check_adapter_tensors, check_servable, expected_shapes
+from ..adapters.io import check_tensor_shapes, check_adapter_tensors, check_servable, expected_shapes, path_kind
 from ..adapters.peft_format import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, lora_key
 from ..config import LoraConfig, is_positive_int, lora_scaling
 from ..errors import AdapterError, AdapterFileError, AdapterInUse, NameTaken, RankdialError, one_line, shorten
@@ -343,7 +343,7 @@ class AdapterRegistry:
         if not (folder / WEIGHTS_NAME).is_file():
             if (folder / WEIGHTS_NAME).exists() or (folder / WEIGHTS_NAME).is_symlink():
                 raise AdapterFileError(f"adapter {name!r}: its {WEIGHTS_NAME} is not a regular file "
-                                       f"({_kind(folder / WEIGHTS_NAME)}); put the saved weights file there")
+                                       f"({path_kind(folder / WEIGHTS_NAME)}); put the saved weights file there")
             raise AdapterFileError(f"adapter {name!r}: the folder holds no {WEIGHTS_NAME}; save the adapter with "
                                    "rankdial.save_adapter (or PEFT's save_pretrained) into it")
         config = read_adapter_config(folder)

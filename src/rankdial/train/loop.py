@@ -305,7 +305,7 @@ def compile_layers(model, say=print, fsdp: bool = False) -> int:
         raise ConfigError(f"compile = true needs a model with decoder layers (model.model.layers); "
                           f"{type(model).__name__} has none; set compile = false")
     # every layer shares one code object; warm_up_compiled makes 8 graphs of it and evaluation adds its own
-    # (train() puts the process's limit back when the run ends)
+    # (train() puts the process's own limit back when the last compile run in progress ends)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for layer in layers:
         layer.compile(dynamic=True)  # one graph for every sequence length (no recompile when the length changes)
